@@ -1,0 +1,84 @@
+// Public interface of the torch-free CPU kernels for the fused joint block:
+//
+//   t = mid_act(dw_scale * DW_kxk(x; stride, padding, dilation) + dw_shift)     per input channel
+//   y = out_act(pw_scale * PW_1x1(t) + pw_shift + residual)                      per output channel
+//
+// BatchNorm (inference) and conv biases are expressed as the per-channel scale/shift pairs, so the
+// pointwise weights can stay the user's raw parameters and be packed once (see PackedPointwise).
+// Raw pointers + sizes only: no torch, no Python. All tensors are dense in `layout`.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace lwk {
+
+enum class Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2 };
+
+// Instruction-set paths. kScalar builds everywhere; kAvx2 on x86-64 (AVX2 + FMA); kNeon on aarch64.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kNeon = 2 };
+
+// kNCHW: [N][C][H][W] contiguous. kNHWC: torch's channels_last, [N][H][W][C] contiguous.
+enum class Layout : int { kNCHW = 0, kNHWC = 1 };
+
+struct JointGeometry {
+  int64_t batch = 0, in_channels = 0, in_h = 0, in_w = 0;
+  int64_t out_channels = 0, out_h = 0, out_w = 0;
+  int64_t kernel_h = 3, kernel_w = 3;
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+  int64_t dil_h = 1, dil_w = 1;
+  Layout layout = Layout::kNCHW;
+};
+
+// Returns an empty string when `g` describes a computable block, else a message naming the problem
+// (the Python layer checks first; this is the last line of defence against out-of-bounds access).
+std::string validate(const JointGeometry& g);
+
+template <typename T>
+struct JointTensors {
+  const T* x = nullptr;         // [N, C_in, H, W]
+  const T* dw_weight = nullptr; // [C_in, kernel_h, kernel_w]  (PyTorch's [C_in, 1, kh, kw])
+  const T* dw_scale = nullptr;  // [C_in] or nullptr (= 1)
+  const T* dw_shift = nullptr;  // [C_in] or nullptr (= 0)
+  Activation mid_act = Activation::kNone;
+  const T* pw_scale = nullptr;  // [C_out] or nullptr (= 1)
+  const T* pw_shift = nullptr;  // [C_out] or nullptr (= 0)
+  const T* residual = nullptr;  // [N, C_out, H_out, W_out] or nullptr
+  Activation out_act = Activation::kNone;
+  T* y = nullptr;               // [N, C_out, H_out, W_out]
+};
+
+// Pointwise weights [C_out, C_in] repacked into the GEMM panels of one (ISA, layout) pair.
+// Built once per parameter version by the caller and reused across calls; immutable afterwards,
+// so one instance may serve concurrent calls.
+template <typename T>
+class PackedPointwise {
+ public:
+  virtual ~PackedPointwise() = default;
+  virtual Isa isa() const = 0;
+  virtual Layout layout() const = 0;
+  virtual int64_t out_channels() const = 0;
+  virtual int64_t in_channels() const = 0;
+};
+
+// Packs `weight` ([c_out][c_in], row-major) for `isa` and `layout`. Throws std::invalid_argument
+// for an ISA this build or CPU lacks. double always runs the scalar path (packed->isa() says so).
+template <typename T>
+std::shared_ptr<const PackedPointwise<T>> pack_pointwise(Isa isa, Layout layout, const T* weight,
+                                                         int64_t c_out, int64_t c_in);
+
+// Runs the fused block on up to `num_threads` threads (<= 1: the calling thread only).
+// `packed` must match g.layout, g.in_channels and g.out_channels. Throws std::invalid_argument on a
+// geometry that validate() rejects or on a mismatched packing.
+template <typename T>
+void joint_forward(const PackedPointwise<T>& packed, const JointGeometry& g,
+                   const JointTensors<T>& t, int num_threads);
+
+// CPU feature detection and naming.
+bool isa_supported(Isa isa);  // compiled in and supported by this CPU
+Isa best_isa();               // the fastest supported path
+const char* isa_name(Isa isa); // "scalar", "avx2", "neon"
+
+}  // namespace lwk
