@@ -1,0 +1,32 @@
+"""lwkernels: fused depthwise-separable joint blocks for PyTorch.
+
+    from lwkernels import JointBlock
+    block = JointBlock(32, 64, stride=1, dilation=3).eval()
+    y = block(x)            # one fused torch.ops.lwkernels.joint_block call
+
+See README.md for conventions (dilation, stride, padding) and the op's exact semantics.
+"""
+from . import autograd as _autograd  # noqa: F401  (registers the op's backward)
+from .block import JointBlock, check_joint_modules
+from .cpu_backend import PACK_CACHE, selected_isa
+from .ops import joint_block
+from .reference import JointBlockReference, joint_block_reference
+
+__version__ = "0.1.0"
+
+
+def clear_cache() -> None:
+    """Forget every packed weight (needed only after writing parameters through `.data`)."""
+    PACK_CACHE.clear()
+
+
+__all__ = [
+    "JointBlock",
+    "JointBlockReference",
+    "check_joint_modules",
+    "clear_cache",
+    "joint_block",
+    "joint_block_reference",
+    "selected_isa",
+    "__version__",
+]

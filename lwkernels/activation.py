@@ -1,0 +1,47 @@
+"""The activations the fused op knows, by name, and their nn.Module / functional forms."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+#: Names accepted wherever lwkernels takes an activation.
+ACTIVATIONS = ("none", "relu", "relu6")
+
+ActivationSpec = Union[str, None, nn.Module]
+
+
+def activation_name(spec: ActivationSpec) -> str:
+    """Normalise None / a name / an nn.ReLU, nn.ReLU6 or nn.Identity module to a name in ACTIVATIONS."""
+    if spec is None:
+        return "none"
+    if isinstance(spec, str):
+        name = spec.lower()
+        if name not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {spec!r}")
+        return name
+    if isinstance(spec, nn.ReLU6):  # checked before ReLU: ReLU6 is a Hardtanh, not a ReLU, but be explicit
+        return "relu6"
+    if isinstance(spec, nn.ReLU):
+        return "relu"
+    if isinstance(spec, nn.Identity):
+        return "none"
+    raise ValueError(f"unsupported activation module {type(spec).__name__}; expected ReLU, ReLU6 or Identity")
+
+
+def activation_module(name: str) -> nn.Module:
+    """A fresh nn.Module computing the named activation."""
+    return {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6}[activation_name(name)]()
+
+
+def apply_activation(t: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "relu":
+        return torch.relu(t)
+    if name == "relu6":
+        return torch.clamp(t, 0.0, 6.0)
+    if name == "none":
+        return t
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+

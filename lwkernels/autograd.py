@@ -1,0 +1,83 @@
+"""Backward of the fused op (inference form: per-channel affine epilogues, no batch statistics).
+
+The depthwise intermediate is not saved: backward recomputes it from x. The gradients use PyTorch
+ops (aten.convolution_backward, the same kernels autograd uses for nn.Conv2d); fused backward
+kernels are future work. Registered with torch.library.register_autograd, so it is
+torch.compile-safe.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .activation import apply_activation
+from .ops import joint_block
+
+
+def _act_grad_mask(activated: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+    """d act / d input, read off the activation's output (matches PyTorch's threshold/hardtanh
+    backward: zero at the kinks)."""
+    if name == "relu":
+        return activated > 0
+    if name == "relu6":
+        return (activated > 0) & (activated < 6)
+    return None
+
+
+def _masked(g: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return g if mask is None else g * mask
+
+
+def _channel_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=(0, 2, 3))
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(1, -1, 1, 1)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
+     stride, padding, dilation) = inputs
+    ctx.save_for_backward(x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, output)
+    ctx.acts = (mid_act, out_act)
+    ctx.conv = (list(stride), list(padding), list(dilation))
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad_y):
+    x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, y = ctx.saved_tensors
+    mid_act, out_act = ctx.acts
+    stride, padding, dilation = ctx.conv
+    needs = ctx.needs_input_grad
+    channels = x.shape[1]
+
+    # Recompute the intermediate instead of having stored it.
+    u = F.conv2d(x, dw_weight, None, stride, padding, dilation, groups=channels)
+    a = u if dw_scale is None else u * _per_channel(dw_scale)
+    if dw_shift is not None:
+        a = a + _per_channel(dw_shift)
+    t = apply_activation(a, mid_act)
+
+    g_b = _masked(grad_y, _act_grad_mask(y, out_act))  # grad of pre-activation output
+    g_pw_scale = _channel_sum(g_b * F.conv2d(t, pw_weight)) if needs[6] else None
+    g_pw_shift = _channel_sum(g_b) if needs[7] else None
+    g_v = g_b if pw_scale is None else g_b * _per_channel(pw_scale)
+    g_t, g_pw_weight, _ = torch.ops.aten.convolution_backward(
+        g_v, t, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[5], False])
+
+    g_a = _masked(g_t, _act_grad_mask(t, mid_act))
+    g_dw_scale = _channel_sum(g_a * u) if needs[2] else None
+    g_dw_shift = _channel_sum(g_a) if needs[3] else None
+    g_u = g_a if dw_scale is None else g_a * _per_channel(dw_scale)
+    g_x, g_dw_weight, _ = torch.ops.aten.convolution_backward(
+        g_u, x, dw_weight, None, stride, padding, dilation, False, [0, 0], channels, [needs[0], needs[1], False])
+
+    g_residual = g_b if needs[8] else None
+    return (g_x, g_dw_weight, g_dw_scale, g_dw_shift, None, g_pw_weight, g_pw_scale, g_pw_shift, g_residual,
+            None, None, None, None)
+
+
+joint_block.register_autograd(_backward, setup_context=_setup_context)

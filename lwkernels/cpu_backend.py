@@ -1,0 +1,154 @@
+"""The op's CPU implementation: chooses the instruction-set path, packs pointwise weights once per
+parameter version, lays tensors out densely and calls the C++ kernels in lwkernels._C."""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from .contract import empty_output, output_memory_format
+
+#: Environment variable that forces a CPU path ("scalar", "avx2", "neon"; "auto" or unset = best).
+ISA_ENV = "LWKERNELS_CPU_ISA"
+CPU_PATHS = ("scalar", "avx2", "neon")
+
+# Kernels exist for these dtypes; half/bfloat16 on the CPU are computed in float32.
+NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def native():
+    """The compiled kernels (lwkernels._C), with a clear error if the package was not built."""
+    try:
+        from . import _C
+    except ImportError as e:  # pragma: no cover - only on a broken install
+        raise RuntimeError(
+            "lwkernels' C++ extension (lwkernels._C) is missing or failed to load; "
+            "reinstall the package with `pip install .`"
+        ) from e
+    return _C
+
+
+def selected_isa() -> str:
+    """The CPU path the next call will use (honours LWKERNELS_CPU_ISA)."""
+    requested = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    _C = native()
+    if requested == "auto":
+        return _C.best_isa()
+    if requested not in CPU_PATHS:
+        raise ValueError(f"{ISA_ENV}={requested!r} is not a CPU path; choose one of {CPU_PATHS} or 'auto'")
+    if not _C.isa_supported(requested):
+        raise RuntimeError(f"{ISA_ENV}={requested!r}: this build or this CPU does not support that path")
+    return requested
+
+
+class _PackCache:
+    """Packed pointwise weights, one entry per weight tensor, valid while that tensor is alive and
+    unchanged.
+
+    An entry is found through the tensor's data address and checked against a weak reference to the
+    tensor it was packed from and that tensor's version counter (shared with its views and
+    detach()ed aliases), so an in-place update — optimizer step, load_state_dict, copy_ under
+    no_grad — repacks, and memory reused by a new tensor never matches a dead entry. (Writes through
+    the legacy `.data` attribute bypass version counters, as they do for autograd; call
+    lwkernels.clear_cache() after such writes.)
+    """
+
+    def __init__(self) -> None:
+        # Re-entrant: a weakref callback (garbage collection) may fire while this thread holds it.
+        self._lock = threading.RLock()
+        self._entries: Dict[Tuple, Tuple[weakref.ref, int, object]] = {}
+
+    def get(self, weight: torch.Tensor, isa: str, layout: str):
+        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, isa, layout)
+        version = weight._version
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                source, packed_version, packed = hit
+                owner = source()
+                if owner is not None and owner.data_ptr() == key[0] and packed_version == version:
+                    return packed
+        _C = native()
+        pack = _C.pack_pointwise_f32 if weight.dtype == torch.float32 else _C.pack_pointwise_f64
+        w = weight.detach().reshape(weight.shape[0], weight.shape[1]).contiguous()
+        packed = pack(isa, layout, w.data_ptr(), w.shape[0], w.shape[1])
+        source = weakref.ref(weight, lambda _ref, k=key: self._drop(k, _ref))
+        with self._lock:
+            self._entries[key] = (source, version, packed)
+        return packed
+
+    def _drop(self, key: Tuple, ref: weakref.ref) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._entries[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+PACK_CACHE = _PackCache()
+
+
+def _address(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def joint_block_cpu(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_scale: Optional[torch.Tensor],
+    dw_shift: Optional[torch.Tensor],
+    mid_act: str,
+    pw_weight: torch.Tensor,
+    pw_scale: Optional[torch.Tensor],
+    pw_shift: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    out_act: str,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    out_shape: Tuple[int, int, int, int],
+) -> torch.Tensor:
+    """Arguments already checked by contract.check_joint_args; `out_shape` is what it returned."""
+    if x.dtype not in NATIVE_DTYPES:
+        # No half-precision CPU kernel: compute in float32 and round once at the end.
+        f32 = [None if t is None else t.float() for t in (x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, pw_shift, residual)]
+        y = joint_block_cpu(*f32[:4], mid_act, *f32[4:7], f32[7], out_act, stride, padding, dilation, out_shape)
+        return y.to(x.dtype)
+
+    memory_format = output_memory_format(x)
+    layout = "nhwc" if memory_format == torch.channels_last else "nchw"
+    y = empty_output(x, out_shape)
+    if y.numel() == 0:
+        return y
+    isa = selected_isa()
+    packed = PACK_CACHE.get(pw_weight, isa, layout)
+
+    x = x.contiguous(memory_format=memory_format)
+    dw = dw_weight.contiguous()
+    vectors = [None if v is None else v.contiguous() for v in (dw_scale, dw_shift, pw_scale, pw_shift)]
+    if residual is not None:
+        residual = residual.contiguous(memory_format=memory_format)
+    n, c_in, h, w = x.shape
+    _C = native()
+    geometry = _C.JointGeometry(
+        batch=n, in_channels=c_in, in_h=h, in_w=w,
+        out_channels=out_shape[1], out_h=out_shape[2], out_w=out_shape[3],
+        kernel_h=dw.shape[2], kernel_w=dw.shape[3],
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
+        dil_h=dilation[0], dil_w=dilation[1], layout=layout,
+    )
+    _C.joint_forward(
+        packed, geometry, _address(x), _address(dw), _address(vectors[0]), _address(vectors[1]), mid_act,
+        _address(vectors[2]), _address(vectors[3]), _address(residual), out_act, _address(y),
+        torch.get_num_threads(),
+    )
+    return y

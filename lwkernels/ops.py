@@ -1,0 +1,59 @@
+"""The fused joint-block op, registered with torch.library as ``torch.ops.lwkernels.joint_block``.
+
+    t = mid_act(dw_scale * depthwise_conv(x; stride, padding, dilation) + dw_shift)
+    y = out_act(pw_scale * pointwise_conv(t) + pw_shift + residual)
+
+BatchNorm in inference and conv biases enter as per-channel scale/shift vectors (see folding.py),
+so the pointwise weight stays the raw parameter and its packed form can be cached across calls.
+
+Kernels: CPU -> C++ (cpu_backend.py). Any other device runs the reference composition until a
+fused kernel is registered for it (the Triton CUDA kernel registers itself with
+``joint_block.register_kernel("cuda")``). The fake implementation lets torch.compile and
+torch.export trace through the op.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .contract import check_joint_args, empty_output, output_memory_format
+from .cpu_backend import joint_block_cpu
+from .reference import joint_block_reference
+
+
+@torch.library.custom_op("lwkernels::joint_block", mutates_args=())
+def joint_block(
+    x: Tensor,
+    dw_weight: Tensor,
+    dw_scale: Optional[Tensor],
+    dw_shift: Optional[Tensor],
+    mid_act: str,
+    pw_weight: Tensor,
+    pw_scale: Optional[Tensor],
+    pw_shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    out_act: str,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+) -> Tensor:
+    """Fused dilated depthwise conv -> pointwise conv -> per-channel affine -> activation (+ residual).
+
+    Devices without a fused kernel get the reference composition (correct, not fused)."""
+    args = (x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
+            stride, padding, dilation)
+    check_joint_args(*args)
+    return joint_block_reference(*args).contiguous(memory_format=output_memory_format(x))
+
+
+# The kernels below take exactly joint_block's arguments, in its order.
+@joint_block.register_kernel("cpu")
+def _joint_block_cpu(*args):
+    return joint_block_cpu(*args, out_shape=check_joint_args(*args))
+
+
+@joint_block.register_fake
+def _joint_block_fake(*args):
+    return empty_output(args[0], check_joint_args(*args))

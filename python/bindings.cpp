@@ -1,0 +1,134 @@
+// pybind11 binding of the torch-free CPU kernels (module lwkernels._C).
+//
+// Tensors cross this boundary as raw data addresses (Python ints, 0 for "absent"): the Python
+// layer (lwkernels/cpu_backend.py) owns validation, memory layout and lifetime, so this file only
+// converts arguments, releases the GIL and calls csrc/.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "../csrc/joint_block.h"
+
+namespace py = pybind11;
+
+namespace {
+
+lwk::Isa isa_from_name(const std::string& name) {
+  if (name == "scalar") return lwk::Isa::kScalar;
+  if (name == "avx2") return lwk::Isa::kAvx2;
+  if (name == "neon") return lwk::Isa::kNeon;
+  throw std::invalid_argument("unknown CPU path '" + name + "' (expected scalar, avx2 or neon)");
+}
+
+lwk::Layout layout_from_name(const std::string& name) {
+  if (name == "nchw") return lwk::Layout::kNCHW;
+  if (name == "nhwc") return lwk::Layout::kNHWC;
+  throw std::invalid_argument("unknown layout '" + name + "' (expected nchw or nhwc)");
+}
+
+lwk::Activation activation_from_name(const std::string& name) {
+  if (name == "none") return lwk::Activation::kNone;
+  if (name == "relu") return lwk::Activation::kRelu;
+  if (name == "relu6") return lwk::Activation::kRelu6;
+  throw std::invalid_argument("unknown activation '" + name + "' (expected none, relu or relu6)");
+}
+
+template <typename T>
+const T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<const T*>(address);
+}
+
+template <typename T>
+void bind_dtype(py::module_& m, const char* suffix) {
+  using Packed = lwk::PackedPointwise<T>;
+  const std::string packed_name = std::string("PackedPointwise") + suffix;
+  py::class_<Packed, std::shared_ptr<const Packed>>(m, packed_name.c_str())
+      .def_property_readonly("isa", [](const Packed& p) { return lwk::isa_name(p.isa()); })
+      .def_property_readonly("layout", [](const Packed& p) {
+        return p.layout() == lwk::Layout::kNHWC ? "nhwc" : "nchw";
+      })
+      .def_property_readonly("out_channels", &Packed::out_channels)
+      .def_property_readonly("in_channels", &Packed::in_channels);
+
+  // One name per dtype; joint_forward below is overloaded on the packed type instead.
+  m.def(
+      (std::string("pack_pointwise_") + suffix).c_str(),
+      [](const std::string& isa,
+         const std::string& layout, std::uintptr_t weight, int64_t c_out, int64_t c_in) {
+        const T* w = as_ptr<T>(weight);
+        py::gil_scoped_release release;
+        return lwk::pack_pointwise<T>(isa_from_name(isa), layout_from_name(layout), w, c_out, c_in);
+      },
+      py::arg("isa"), py::arg("layout"), py::arg("weight"),
+      py::arg("out_channels"), py::arg("in_channels"));
+
+  m.def(
+      "joint_forward",
+      [](const Packed& packed, const lwk::JointGeometry& geometry, std::uintptr_t x,
+         std::uintptr_t dw_weight, std::uintptr_t dw_scale, std::uintptr_t dw_shift,
+         const std::string& mid_act, std::uintptr_t pw_scale, std::uintptr_t pw_shift,
+         std::uintptr_t residual, const std::string& out_act, std::uintptr_t y, int num_threads) {
+        lwk::JointTensors<T> t;
+        t.x = as_ptr<T>(x);
+        t.dw_weight = as_ptr<T>(dw_weight);
+        t.dw_scale = as_ptr<T>(dw_scale);
+        t.dw_shift = as_ptr<T>(dw_shift);
+        t.mid_act = activation_from_name(mid_act);
+        t.pw_scale = as_ptr<T>(pw_scale);
+        t.pw_shift = as_ptr<T>(pw_shift);
+        t.residual = as_ptr<T>(residual);
+        t.out_act = activation_from_name(out_act);
+        t.y = reinterpret_cast<T*>(y);
+        py::gil_scoped_release release;
+        lwk::joint_forward<T>(packed, geometry, t, num_threads);
+      },
+      py::arg("packed"), py::arg("geometry"), py::arg("x"), py::arg("dw_weight"),
+      py::arg("dw_scale"), py::arg("dw_shift"), py::arg("mid_act"), py::arg("pw_scale"),
+      py::arg("pw_shift"), py::arg("residual"), py::arg("out_act"), py::arg("y"),
+      py::arg("num_threads"));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lwkernels CPU kernels (torch-free); use through lwkernels, not directly.";
+
+  py::class_<lwk::JointGeometry>(m, "JointGeometry")
+      .def(py::init([](int64_t batch, int64_t in_channels, int64_t in_h, int64_t in_w,
+                       int64_t out_channels, int64_t out_h, int64_t out_w, int64_t kernel_h,
+                       int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                       int64_t pad_w, int64_t dil_h, int64_t dil_w, const std::string& layout) {
+             lwk::JointGeometry g;
+             g.batch = batch;
+             g.in_channels = in_channels;
+             g.in_h = in_h;
+             g.in_w = in_w;
+             g.out_channels = out_channels;
+             g.out_h = out_h;
+             g.out_w = out_w;
+             g.kernel_h = kernel_h;
+             g.kernel_w = kernel_w;
+             g.stride_h = stride_h;
+             g.stride_w = stride_w;
+             g.pad_h = pad_h;
+             g.pad_w = pad_w;
+             g.dil_h = dil_h;
+             g.dil_w = dil_w;
+             g.layout = layout_from_name(layout);
+             return g;
+           }),
+           py::kw_only(), py::arg("batch"), py::arg("in_channels"), py::arg("in_h"),
+           py::arg("in_w"), py::arg("out_channels"), py::arg("out_h"), py::arg("out_w"),
+           py::arg("kernel_h"), py::arg("kernel_w"), py::arg("stride_h"), py::arg("stride_w"),
+           py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"),
+           py::arg("layout"))
+      .def("validate", [](const lwk::JointGeometry& g) { return lwk::validate(g); });
+
+  bind_dtype<float>(m, "f32");
+  bind_dtype<double>(m, "f64");
+
+  m.def("isa_supported", [](const std::string& name) { return lwk::isa_supported(isa_from_name(name)); });
+  m.def("best_isa", []() { return std::string(lwk::isa_name(lwk::best_isa())); });
+}
