@@ -1,0 +1,63 @@
+"""The canonical joint-block shapes (../NETWORKS.md): the single source for models, benchmarks and
+the `lwkernels bench` command."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    in_channels: int
+    out_channels: int
+    stride: int
+    size: int  # input H = W
+    dilation: int = 3
+    kernel_size: int = 3
+
+    @property
+    def out_size(self) -> int:
+        pad = self.dilation * (self.kernel_size - 1) // 2
+        return (self.size + 2 * pad - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.in_channels}->{self.out_channels} s{self.stride} {self.size}"
+
+    def flops(self, batch: int) -> int:
+        """Multiply-adds x 2 of the depthwise and pointwise convs (BN/act are not counted)."""
+        pixels = batch * self.out_size * self.out_size
+        return 2 * pixels * self.in_channels * (self.kernel_size ** 2 + self.out_channels)
+
+    def bytes_moved(self, batch: int, itemsize: int = 4) -> int:
+        """The fused block's compulsory traffic: read x and the weights, write y once."""
+        x = batch * self.in_channels * self.size * self.size
+        y = batch * self.out_channels * self.out_size * self.out_size
+        w = self.in_channels * (self.kernel_size ** 2 + self.out_channels)
+        return (x + y + w) * itemsize
+
+
+#: NETWORKS.md §2: the MobileNet-style joint blocks at 224 input, dilation 3.
+BENCHMARK_BLOCKS: Tuple[BlockShape, ...] = tuple(
+    BlockShape(ci, co, s, hw)
+    for ci, co, s, hw in [
+        (32, 64, 1, 112), (64, 128, 2, 112), (128, 128, 1, 56), (128, 256, 2, 56), (256, 256, 1, 28),
+        (256, 512, 2, 28), (512, 512, 1, 14), (512, 1024, 2, 14), (1024, 1024, 1, 7),
+    ]
+)
+
+#: NETWORKS.md §1: LightweightNet's nine joint blocks (C_in, C_out, stride) at width 1.0.
+LIGHTWEIGHTNET_CONFIG: Tuple[Tuple[int, int, int], ...] = (
+    (3, 32, 2), (32, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2),
+    (512, 512, 1), (512, 1024, 2), (1024, 1024, 1), (1024, 1024, 1),
+)
+
+
+def lightweightnet_blocks(input_size: int = 224, dilation: int = 3) -> List[BlockShape]:
+    """LightweightNet's nine blocks with their input sizes for a square input of `input_size`."""
+    blocks, size = [], input_size
+    for ci, co, s in LIGHTWEIGHTNET_CONFIG:
+        block = BlockShape(ci, co, s, size, dilation)
+        blocks.append(block)
+        size = block.out_size
+    return blocks
