@@ -1,0 +1,1 @@
+"""Subcommands of the `lwkernels` command line; each module exposes register(subparsers)."""
