@@ -1,0 +1,117 @@
+"""What the microbenchmarks and `lwkernels bench` share: building a block of a given shape with
+realistic parameters, the providers compared side by side, and a median timer."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .block import JointBlock, as_reference
+from .shapes import BlockShape
+
+#: Providers, in the order tables show them. "eager" is the plain PyTorch composition (NCHW, BN as
+#: a separate op): the baseline speedups are quoted against.
+PROVIDERS = ("eager", "eager_channels_last", "compile", "lwkernels", "lwkernels_channels_last")
+
+
+def randomize_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters (fresh BN is an
+    identity, which would hide folding mistakes and flatter no one)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return module
+
+
+def make_block(shape: BlockShape, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> JointBlock:
+    torch.manual_seed(seed)
+    block = JointBlock(shape.in_channels, shape.out_channels, stride=shape.stride, dilation=shape.dilation,
+                       kernel_size=shape.kernel_size)
+    return randomize_batchnorm(block, seed).to(device=device, dtype=dtype).eval()
+
+
+def make_input(shape: BlockShape, batch: int, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, shape.in_channels, shape.size, shape.size, generator=g).to(device=device, dtype=dtype)
+
+
+def make_provider(name: str, module: nn.Module, x: torch.Tensor, reference: Optional[nn.Module] = None,
+                  compile_mode: Optional[str] = None) -> Callable[[], torch.Tensor]:
+    """A no-argument callable running `module`'s computation on `x` the way provider `name` does.
+
+    `module` is the fused model (JointBlocks); `reference` its plain-PyTorch twin (as_reference()
+    when omitted)."""
+    if reference is None:
+        reference = as_reference(module)
+    reference = reference.eval()
+    if name == "eager":
+        fn, arg = reference, x
+    elif name == "eager_channels_last":
+        fn, arg = reference.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    elif name == "compile":
+        fn, arg = torch.compile(reference, mode=compile_mode), x
+    elif name == "lwkernels":
+        fn, arg = module.eval(), x
+    elif name == "lwkernels_channels_last":
+        fn, arg = module.eval(), x.contiguous(memory_format=torch.channels_last)
+    else:
+        raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            y = fn(arg)
+        sync()
+        return y
+
+    return run
+
+
+def median_time(fn: Callable[[], object], min_time: float = 0.2, max_reps: int = 200, warmup: int = 2) -> float:
+    """Median seconds per call over repetitions lasting at least `min_time` (after `warmup` calls)."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def environment(device: str = "cpu") -> Dict[str, str]:
+    """Device and versions for extra_info / report headers."""
+    import platform
+
+    from . import __version__
+    from .cpu_backend import selected_isa
+
+    info = {"torch": torch.__version__, "lwkernels": __version__, "threads": str(torch.get_num_threads())}
+    if device.startswith("cuda"):
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        info["device"] = _cpu_name() or platform.processor() or platform.machine()
+        info["cpu_path"] = selected_isa()
+    return info
+
+
+def _cpu_name() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
