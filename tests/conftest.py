@@ -1,0 +1,53 @@
+"""Shared fixtures of the test suite (no autouse fixtures: every test opts in by name)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lwkernels.cpu_backend as cpu_backend
+from lwkernels.contract import empty_output
+
+
+def cpu_paths_here():
+    """The CPU paths this machine can run (LWKERNELS_CPU_ISA values), read from lwkernels._C.
+
+    Without a built extension there is nothing to choose from: "scalar" is returned so that the
+    tests that need the kernels fail loudly (cpu_backend.native() says what is missing)."""
+    try:
+        from lwkernels import _C
+    except ImportError:
+        return ["scalar"]
+    return [p for p in cpu_backend.CPU_PATHS if _C.isa_supported(p)]
+
+
+@pytest.fixture(params=cpu_paths_here())
+def cpu_isa(request, monkeypatch):
+    """Runs the test once per CPU path available here, forced through LWKERNELS_CPU_ISA."""
+    monkeypatch.setenv(cpu_backend.ISA_ENV, request.param)
+    return request.param
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def num_threads(request):
+    """Runs the test with torch.set_num_threads(1) and (2); restores the previous setting."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Outputs the CPU backend allocates come pre-filled with NaN, so a kernel that skips a tile
+    (or accumulates into its output instead of writing it) fails loudly (DESIGN.md section 5)."""
+
+    def poisoned(x, shape):
+        y = empty_output(x, shape)
+        if y.dtype.is_floating_point:
+            y.fill_(math.nan)
+        return y
+
+    monkeypatch.setattr(cpu_backend, "empty_output", poisoned)  # raises if the backend renamed it
+    return poisoned
