@@ -1,0 +1,332 @@
+"""lwkernels.fuse: finds the depthwise-separable chains of models written the way model libraries
+write them, replaces them by JointBlocks sharing their parameters, and changes nothing else."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lwkernels import JointBlock, JointBlockReference
+from lwkernels.fuse import FuseReport, fuse, to_reference
+from lwkernels.models import LightweightNet
+
+
+# -- model-library-style test models ---------------------------------------------------------------
+
+class ConvNormActivation(nn.Sequential):
+    """torchvision's Conv2dNormActivation pattern: a Sequential subclass with only an __init__."""
+
+    def __init__(self, cin, cout, kernel_size=3, stride=1, groups=1, activation=nn.ReLU6, dilation=1):
+        padding = (kernel_size - 1) // 2 * dilation
+        layers = [nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation=dilation, groups=groups, bias=False),
+                  nn.BatchNorm2d(cout)]
+        if activation is not None:
+            layers.append(activation(inplace=True))
+        super().__init__(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet-V2's block: [expand 1x1] -> depthwise ConvNormActivation -> linear 1x1 + BN, and a
+    residual add in forward."""
+
+    def __init__(self, cin, cout, stride, expand_ratio, dilation=1):
+        super().__init__()
+        hidden = cin * expand_ratio
+        self.use_res_connect = stride == 1 and cin == cout
+        layers = []
+        if expand_ratio != 1:
+            layers.append(ConvNormActivation(cin, hidden, kernel_size=1))
+        layers += [ConvNormActivation(hidden, hidden, stride=stride, groups=hidden, dilation=dilation),
+                   nn.Conv2d(hidden, cout, 1, 1, 0, bias=False),
+                   nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2Like(nn.Module):
+    def __init__(self, num_classes=5):
+        super().__init__()
+        settings = [(1, 8, 1, 1), (6, 12, 2, 2), (6, 16, 2, 2)]  # t, c, n, s (small)
+        features = [ConvNormActivation(3, 8, stride=2)]
+        cin = 8
+        for t, c, n, s in settings:
+            for i in range(n):
+                features.append(InvertedResidual(cin, c, s if i == 0 else 1, t, dilation=1 + i))
+                cin = c
+        features.append(ConvNormActivation(cin, 32, kernel_size=1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def conv_bn(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def conv_dw(cin, cout, stride):
+    """The common MobileNet-V1 reimplementation: one flat Sequential per block."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+def conv_dw_split(cin, cout, stride):
+    """timm-style: the depthwise and the pointwise halves in two nested Sequentials."""
+    return nn.Sequential(
+        ConvNormActivation(cin, cin, stride=stride, groups=cin, activation=nn.ReLU),
+        ConvNormActivation(cin, cout, kernel_size=1, activation=nn.ReLU),
+    )
+
+
+class MobileNetV1Like(nn.Module):
+    def __init__(self, num_classes=7):
+        super().__init__()
+        self.model = nn.Sequential(conv_bn(3, 8, 2), conv_dw(8, 16, 1), conv_dw_split(16, 24, 2), conv_dw(24, 24, 1),
+                                   nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.model(x).flatten(1))
+
+
+class ResidualDSBlock(nn.Module):
+    """A ResNet-style block: a Sequential with a (biased) dw-separable chain, the add in forward."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=2, dilation=2, groups=c),  # bias=True
+                                  nn.Conv2d(c, c, 1), nn.BatchNorm2d(c))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.body(x) + x)
+
+
+class Plain(nn.Module):
+    """Chains wired in forward (not in a Sequential) are not fused."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.pw(self.dw(x)))
+
+
+class WeirdConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def dw(c, **kw):
+    return nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False, **kw)
+
+
+def pw(cin, cout, bias=False):
+    return nn.Conv2d(cin, cout, 1, bias=bias)
+
+
+def near_miss_model():
+    """Sequentials of which some chains fuse and some are near-misses (index -> expected reason)."""
+    c = 8
+    hooked_bn = nn.BatchNorm2d(c)
+    hooked_bn.register_forward_hook(lambda m, i, o: None)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(c), pw(c, c),
+                      nn.BatchNorm2d(c), nn.ReLU()),                                           # 0 grouped
+        nn.Sequential(dw(c), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)),  # 1 3x3
+        nn.Sequential(dw(c), nn.Dropout(0.1), pw(c, c), nn.BatchNorm2d(c)),                      # 2 dropout
+        nn.Sequential(dw(c), nn.BatchNorm2d(c), nn.ReLU(), nn.Hardswish(), pw(c, c), nn.BatchNorm2d(c)),  # 3 extra op
+        nn.Sequential(dw(c), pw(c, c), nn.ReLU()),                                               # 4 no BN
+        nn.Sequential(WeirdConv(c, c, 3, padding=1, groups=c), pw(c, c), nn.BatchNorm2d(c)),     # 5 subclass
+        nn.Sequential(dw(c), pw(c, c), hooked_bn),                                               # 6 hooks
+        nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, padding_mode="reflect"), pw(c, c),
+                      nn.BatchNorm2d(c)),                                                        # 7 reflect
+        nn.Sequential(nn.Conv2d(c, 2 * c, 3, padding=1, groups=c), pw(2 * c, c), nn.BatchNorm2d(c)),  # 8 multiplier
+        # fusable ones
+        nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=True), nn.BatchNorm2d(c), nn.ReLU6(),
+                      pw(c, c, bias=True), nn.BatchNorm2d(c), nn.Hardswish()),                   # 9 biases, no act
+        nn.Sequential(nn.Conv2d(c, c, 5, stride=2, padding=4, dilation=2, groups=c), nn.Identity(),
+                      pw(c, 12), nn.BatchNorm2d(12), nn.ReLU()),                                 # 10 k5 s2 d2
+        ResidualDSBlock(12),                                                                     # 11 residual
+        Plain(12),                                                                               # 12 forward-wired
+    )
+
+
+NEAR_MISS_REASONS = {
+    "0.0": "grouped conv",
+    "1.0": "is not a 1x1 pointwise conv",
+    "2.0": "followed by Dropout",
+    "3.0": "followed by Hardswish",
+    "4.0": "not a BatchNorm2d",
+    "5.0": "overrides Conv2d.forward",
+    "6.0": "hooks",
+    "7.0": "zero padding",
+    "8.0": "channel multiplier",
+}
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so that folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model
+
+
+def n_joint_blocks(model):
+    return sum(isinstance(m, JointBlock) for m in model.modules())
+
+
+def module_paths(model):
+    return {name: m for name, m in model.named_modules()}
+
+
+def assert_nothing_else_changed(original, fused, report: FuseReport):
+    """Keys outside fused chains keep their names and values; fused keys moved per key_map."""
+    before, after = original.state_dict(), fused.state_dict()
+    key_map = report.key_map()
+    assert set(after) == {key_map.get(k, k) for k in before}
+    for k, v in before.items():
+        assert torch.equal(after[key_map.get(k, k)], v), k
+    # Every module outside a fused chain is still at its path (same type; same object when inplace).
+    consumed = {p for chain in report.fused for p in chain.modules.values()}
+    fused_paths = module_paths(fused)
+    for path, m in module_paths(original).items():
+        if path and path not in consumed and not any(path.startswith(c + ".") for c in consumed):
+            assert type(fused_paths[path]) is type(m), path
+
+
+# -- tests -----------------------------------------------------------------------------------------------
+
+def test_mobilenet_v1_library_style_fuses_every_block():
+    model = randomize(MobileNetV1Like()).eval()
+    fused, report = fuse(model)
+    assert [c.path for c in report.fused] == ["model.1.0", "model.2.0.0", "model.3.0"]
+    assert report.skipped == []
+    assert report.fused[1].modules == {"depthwise": "model.2.0.0", "mid_bn": "model.2.0.1", "mid_act": "model.2.0.2",
+                                       "pointwise": "model.2.1.0", "bn": "model.2.1.1", "act": "model.2.1.2"}
+    blocks = [m for m in fused.modules() if isinstance(m, JointBlock)]
+    assert len(blocks) == 3 and all(b.mid_bn is not None for b in blocks)
+    assert n_joint_blocks(model) == 0  # the original is untouched
+    assert_nothing_else_changed(model, fused, report)
+    x = torch.randn(2, 3, 17, 19)
+    with torch.no_grad():
+        torch.testing.assert_close(to_reference(fused)(x), model(x), rtol=0, atol=0)  # same function, unfused
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_mobilenet_v2_inverted_residuals():
+    model = randomize(MobileNetV2Like(), seed=1).eval()
+    fused, report = fuse(model)
+    # The depthwise ConvNormActivation + linear 1x1 + BN of each of the 5 inverted residuals.
+    assert len(report.fused) == 5 and report.skipped == []
+    for chain in report.fused:
+        assert set(chain.modules) == {"depthwise", "mid_bn", "mid_act", "pointwise", "bn"}  # linear bottleneck
+    block = fused.features[2].conv[1][0]
+    assert isinstance(block, JointBlock) and block.act.__class__ is nn.Identity
+    assert isinstance(fused.features[2].conv[0], ConvNormActivation)  # the expand conv is untouched
+    assert fused.features[2].conv[0][0] is not model.features[2].conv[0][0]  # a deep copy...
+    assert_nothing_else_changed(model, fused, report)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+        fused64, model64 = fused.double(), model.double()
+        torch.testing.assert_close(fused64(x.double()), model64(x.double()), rtol=1e-10, atol=1e-12)
+
+
+def test_near_misses_are_reported_and_left_alone():
+    model = randomize(near_miss_model(), seed=2).eval()
+    original = copy.deepcopy(model)
+    fused, report = fuse(model, inplace=True)
+    assert fused is model
+    assert [c.path for c in report.fused] == ["9.0", "10.0", "11.body.0"]
+    skipped = {s.path: s.reason for s in report.skipped}
+    assert set(skipped) == set(NEAR_MISS_REASONS), report
+    for path, fragment in NEAR_MISS_REASONS.items():
+        assert fragment in skipped[path], (path, skipped[path])
+    assert isinstance(model[9][5], nn.Hardswish) and model[9][0].act.__class__ is nn.Identity
+    assert isinstance(model[12].dw, nn.Conv2d)  # forward-wired: not touched
+    # Skipped chains: same module objects in place.
+    for i in range(9):
+        assert not any(isinstance(m, JointBlock) for m in model[i].modules())
+    assert_nothing_else_changed(original, model, report)
+    x = torch.randn(2, 8, 11, 11)
+    with torch.no_grad():
+        expected = original(x)
+        torch.testing.assert_close(to_reference(model)(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_inplace_shares_parameters_and_keeps_other_modules():
+    model = randomize(MobileNetV2Like(), seed=3)
+    before = module_paths(model)
+    params_before = {id(p) for p in model.parameters()}
+    _, report = fuse(model, inplace=True)
+    after = module_paths(model)
+    consumed = {p for chain in report.fused for p in chain.modules.values()}
+    for path, m in before.items():
+        if path not in consumed:
+            assert after[path] is m, path  # identical objects
+    assert {id(p) for p in model.parameters()} == params_before  # shared, not copied
+    chain = report.fused[0]
+    block = after[chain.path]
+    assert block.depthwise is before[chain.modules["depthwise"]] and block.bn is before[chain.modules["bn"]]
+    for role, path in list(chain.modules.items())[1:]:
+        assert isinstance(after[path], nn.Identity), (role, path)
+
+
+def test_train_mode_matches_and_gradients_flow():
+    torch.manual_seed(0)
+    model = MobileNetV1Like()
+    fused, _ = fuse(model)
+    x = torch.randn(4, 3, 16, 16)
+    y_ref, y = model(x), fused(x)  # batch statistics: the reference composition inside JointBlock
+    torch.testing.assert_close(y, y_ref)
+    y.sum().backward()
+    y_ref.sum().backward()
+    grads = dict(model.named_parameters())
+    key_map = fuse(model)[1].key_map()
+    old_name = {new: old for old, new in key_map.items()}
+    assert len(list(fused.parameters())) == len(grads)
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[old_name.get(name, name)].grad, rtol=1e-5, atol=1e-6)
+    # Running statistics were updated identically.
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key_map.get(k, k)], v)
+
+
+def test_refuse_and_reference_roundtrip():
+    model = LightweightNet(width_mult=0.25).eval()
+    again, report = fuse(model)
+    assert report.fused == [] and n_joint_blocks(again) == 9  # already fused: nothing to do
+    ref = to_reference(model)
+    assert n_joint_blocks(ref) == 0 and sum(type(m) is JointBlockReference for m in ref.modules()) == 9
+    assert not ref.training and not ref.features[0].training
+    back, report = fuse(ref)
+    assert n_joint_blocks(back) == 9 and len(report.fused) == 9
+    assert back.state_dict().keys() == model.state_dict().keys()
+    single, _ = fuse(JointBlockReference(dw(4), pw(4, 4), nn.BatchNorm2d(4), nn.ReLU()))
+    assert isinstance(single, JointBlock)
+
+
+def test_fuse_rejects_non_modules():
+    with pytest.raises(TypeError, match="nn.Module"):
+        fuse(lambda x: x)
