@@ -1,0 +1,118 @@
+// Internal interface between the ISA-independent driver (joint_block.cpp) and the per-ISA
+// translation units (isa_scalar.cpp, isa_avx2.cpp, isa_neon.cpp). Not part of the public API.
+//
+// Split of responsibilities:
+//   joint_block.cpp  validation, CPU feature detection, weight packing (a pure layout transform),
+//                    per-call preparation (Plan: folded depthwise weights, border tables, tiling,
+//                    work decomposition), scratch memory and the thread dispatch;
+//   kernel_impl.h    the fused tile computation (depthwise tile -> register-blocked GEMM ->
+//                    epilogue), written once as templates over a small vector-traits struct and
+//                    instantiated in each ISA translation unit with that unit's compiler flags.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "joint_block.h"
+
+namespace lwk {
+namespace detail {
+
+constexpr std::size_t kScratchAlign = 64;
+
+// 64-byte aligned allocation; throws std::bad_alloc.
+void* aligned_alloc_bytes(std::size_t bytes);
+void aligned_free_bytes(void* p) noexcept;
+
+// Pointwise weights packed as panels of `panel()` output channels: panel p holds
+// W[p*panel + j][k] at data()[(p * in_channels + k) * panel + j], zero for channels past c_out.
+// NHWC packs panels of the micro-kernel's column count (output channels run along vectors);
+// NCHW packs panels of its row count (output channels are broadcast rows).
+template <typename T>
+class PackedImpl final : public PackedPointwise<T> {
+ public:
+  PackedImpl(Isa isa, Layout layout, int64_t c_out, int64_t c_in, int panel);
+  ~PackedImpl() override;
+  PackedImpl(const PackedImpl&) = delete;
+  PackedImpl& operator=(const PackedImpl&) = delete;
+
+  Isa isa() const override { return isa_; }
+  Layout layout() const override { return layout_; }
+  int64_t out_channels() const override { return c_out_; }
+  int64_t in_channels() const override { return c_in_; }
+
+  int panel() const { return panel_; }
+  int64_t num_panels() const { return (c_out_ + panel_ - 1) / panel_; }
+  const T* data() const { return data_; }
+  T* mutable_data() { return data_; }
+
+ private:
+  Isa isa_;
+  Layout layout_;
+  int64_t c_out_, c_in_;
+  int panel_;
+  T* data_ = nullptr;
+};
+
+// Everything one fused call needs, prepared once per call by the driver. All pointers are valid
+// for the duration of the call; per-ISA code only reads it.
+template <typename T>
+struct Plan {
+  // Geometry.
+  int64_t C = 0, H = 0, W = 0, CO = 0, OH = 0, OW = 0;
+  int64_t KH = 0, KW = 0, SH = 1, SW = 1, PH = 0, PW = 0, DH = 1, DW = 1;
+  Layout layout = Layout::kNCHW;
+
+  // Tensors.
+  const T* x = nullptr;
+  const T* residual = nullptr;  // may be null
+  T* y = nullptr;
+  const T* dw_w = nullptr;      // dw_scale folded in; NCHW: [C][KH*KW], NHWC: [KH*KW][C]
+  const T* dw_b = nullptr;      // [C] (dw_shift or 0)
+  const T* pw_scale = nullptr;  // [CO] (pw_scale or 1)
+  const T* pw_shift = nullptr;  // [CO] (pw_shift or 0)
+  Activation mid_act = Activation::kNone;
+  Activation out_act = Activation::kNone;
+  const PackedImpl<T>* packed = nullptr;
+
+  // Border tables: for output row oy the taps ky in [ky_lo[oy], ky_hi[oy]) read inside the image
+  // (similarly kx for output column ox). Columns in [ox_in_lo, ox_in_hi) have every kx inside.
+  const int64_t* ky_lo = nullptr;
+  const int64_t* ky_hi = nullptr;
+  const int64_t* kx_lo = nullptr;
+  const int64_t* kx_hi = nullptr;
+  int64_t ox_in_lo = 0, ox_in_hi = 0;
+
+  // Work decomposition: item = (n * n_tiles + tile) * n_co + co_block. A tile is tile_px
+  // consecutive output pixels (raster order) of one image; a co block is co_chunk output channels
+  // (a multiple of the packed panel width).
+  int64_t tile_px = 0, n_tiles = 0, co_chunk = 0, n_co = 0, n_items = 0;
+  int64_t ldt = 0;                 // leading dimension of the depthwise tile buffer (elements)
+  std::size_t scratch_bytes = 0;   // per worker
+};
+
+// Per-ISA entry points.
+template <typename T>
+struct IsaOps {
+  Isa isa;
+  int mr;  // micro-kernel rows
+  int nr;  // micro-kernel columns (a multiple of the vector width)
+  // Runs work items [begin, end) of `plan` using `scratch` (plan.scratch_bytes, 64-byte aligned).
+  void (*run_items)(const Plan<T>& plan, int64_t begin, int64_t end, void* scratch);
+};
+
+const IsaOps<float>* scalar_ops_f32();
+const IsaOps<double>* scalar_ops_f64();
+#if defined(LWK_HAVE_AVX2)
+const IsaOps<float>* avx2_ops_f32();
+#endif
+#if defined(LWK_HAVE_NEON)
+const IsaOps<float>* neon_ops_f32();
+#endif
+
+// Test/benchmark hook: byte budget of the per-worker depthwise tile (0 = built-in default).
+void set_tile_budget_bytes(std::size_t bytes);
+std::size_t tile_budget_bytes();
+
+}  // namespace detail
+}  // namespace lwk

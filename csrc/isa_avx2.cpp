@@ -1,0 +1,45 @@
+// AVX2 + FMA path (x86-64 only). This translation unit alone is compiled with -mavx2 -mfma; it is
+// only entered after isa_supported(Isa::kAvx2) confirmed the CPU has both.
+#include <immintrin.h>
+
+#include "kernel_impl.h"
+
+namespace lwk {
+namespace detail {
+namespace {
+
+struct Avx2F32 {
+  using T = float;
+  using reg = __m256;
+  static constexpr int W = 8;
+  static constexpr int MR = 6;  // 6 x 16 micro-kernel: 12 accumulators + 2 B + 1 broadcast
+  static constexpr int NV = 2;
+  static constexpr int NR = NV * W;
+  static LWK_INLINE reg zero() { return _mm256_setzero_ps(); }
+  static LWK_INLINE reg set1(T v) { return _mm256_set1_ps(v); }
+  static LWK_INLINE reg load(const T* p) { return _mm256_loadu_ps(p); }
+  static LWK_INLINE void store(T* p, reg v) { _mm256_storeu_ps(p, v); }
+  static LWK_INLINE reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static LWK_INLINE reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  // maxps/minps return the second operand when either is NaN.
+  static LWK_INLINE reg max_keep(reg lo, reg v) { return _mm256_max_ps(lo, v); }
+  static LWK_INLINE reg min_keep(reg hi, reg v) { return _mm256_min_ps(hi, v); }
+  // p[0], p[2], ..., p[14] from two loads covering exactly p[0..14].
+  static LWK_INLINE reg load_s2(const T* p) {
+    const __m256 a = _mm256_loadu_ps(p);      // 0 1 2 3 | 4 5 6 7
+    const __m256 b = _mm256_loadu_ps(p + 7);  // 7 8 9 10 | 11 12 13 14
+    const __m256 s = _mm256_shuffle_ps(a, b, 0xD8);  // 0 2 8 10 | 4 6 12 14
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8));
+  }
+};
+
+}  // namespace
+
+const IsaOps<float>* avx2_ops_f32() {
+  using V = Avx2F32;
+  static const IsaOps<float> ops{Isa::kAvx2, V::MR, V::NR, &run_items<V>};
+  return &ops;
+}
+
+}  // namespace detail
+}  // namespace lwk

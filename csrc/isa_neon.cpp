@@ -1,0 +1,45 @@
+// NEON path (aarch64 only, where Advanced SIMD is baseline: no extra flags needed).
+#include <arm_neon.h>
+
+#include "kernel_impl.h"
+
+namespace lwk {
+namespace detail {
+namespace {
+
+struct NeonF32 {
+  using T = float;
+  using reg = float32x4_t;
+  static constexpr int W = 4;
+  static constexpr int MR = 8;  // 8 x 12 micro-kernel: 24 accumulators + 3 B + 1 broadcast of 32
+  static constexpr int NV = 3;
+  static constexpr int NR = NV * W;
+  static LWK_INLINE reg zero() { return vdupq_n_f32(0.0f); }
+  static LWK_INLINE reg set1(T v) { return vdupq_n_f32(v); }
+  static LWK_INLINE reg load(const T* p) { return vld1q_f32(p); }
+  static LWK_INLINE void store(T* p, reg v) { vst1q_f32(p, v); }
+  static LWK_INLINE reg fma(reg a, reg b, reg c) { return vfmaq_f32(c, a, b); }
+  static LWK_INLINE reg add(reg a, reg b) { return vaddq_f32(a, b); }
+  // FMAX/FMIN propagate NaN from either operand.
+  static LWK_INLINE reg max_keep(reg lo, reg v) { return vmaxq_f32(lo, v); }
+  static LWK_INLINE reg min_keep(reg hi, reg v) { return vminq_f32(hi, v); }
+  // p[0], p[2], p[4], p[6] from two loads covering exactly p[0..6].
+  static LWK_INLINE reg load_s2(const T* p) {
+    const float32x4_t a = vld1q_f32(p);      // 0 1 2 3
+    const float32x4_t b = vld1q_f32(p + 3);  // 3 4 5 6
+    const float32x4_t lo = vuzp1q_f32(a, a);  // 0 2 0 2
+    const float32x4_t hi = vuzp2q_f32(b, b);  // 4 6 4 6
+    return vcombine_f32(vget_low_f32(lo), vget_low_f32(hi));
+  }
+};
+
+}  // namespace
+
+const IsaOps<float>* neon_ops_f32() {
+  using V = NeonF32;
+  static const IsaOps<float> ops{Isa::kNeon, V::MR, V::NR, &run_items<V>};
+  return &ops;
+}
+
+}  // namespace detail
+}  // namespace lwk

@@ -1,0 +1,526 @@
+// ISA-independent part of the CPU kernels: validation, feature detection, packing, per-call
+// preparation (Plan), work decomposition and thread dispatch. Compiled with baseline flags only.
+#include "joint_block.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "internal.h"
+#include "thread_pool.h"
+
+namespace lwk {
+namespace detail {
+
+void* aligned_alloc_bytes(std::size_t bytes) {
+  if (bytes == 0) bytes = kScratchAlign;
+  void* p = ::operator new(bytes, std::align_val_t(kScratchAlign));
+  return p;
+}
+
+void aligned_free_bytes(void* p) noexcept {
+  if (p) ::operator delete(p, std::align_val_t(kScratchAlign));
+}
+
+template <typename T>
+PackedImpl<T>::PackedImpl(Isa isa, Layout layout, int64_t c_out, int64_t c_in, int panel)
+    : isa_(isa), layout_(layout), c_out_(c_out), c_in_(c_in), panel_(panel) {
+  const std::size_t n = static_cast<std::size_t>(num_panels() * c_in_ * panel_);
+  data_ = static_cast<T*>(aligned_alloc_bytes(n * sizeof(T)));
+}
+
+template <typename T>
+PackedImpl<T>::~PackedImpl() {
+  aligned_free_bytes(data_);
+}
+
+template class PackedImpl<float>;
+template class PackedImpl<double>;
+
+namespace {
+std::atomic<std::size_t> g_tile_budget{0};
+}  // namespace
+
+void set_tile_budget_bytes(std::size_t bytes) { g_tile_budget.store(bytes); }
+std::size_t tile_budget_bytes() {
+  const std::size_t b = g_tile_budget.load();
+  return b ? b : std::size_t(96) * 1024;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch tables.
+
+template <typename T>
+const IsaOps<T>* ops_for(Isa isa);
+
+template <>
+const IsaOps<float>* ops_for<float>(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return scalar_ops_f32();
+#if defined(LWK_HAVE_AVX2)
+    case Isa::kAvx2:
+      return avx2_ops_f32();
+#endif
+#if defined(LWK_HAVE_NEON)
+    case Isa::kNeon:
+      return neon_ops_f32();
+#endif
+    default:
+      return nullptr;
+  }
+}
+
+template <>
+const IsaOps<double>* ops_for<double>(Isa) {
+  return scalar_ops_f64();  // double always runs the scalar path
+}
+
+bool valid_isa(Isa isa) {
+  return isa == Isa::kScalar || isa == Isa::kAvx2 || isa == Isa::kNeon;
+}
+bool valid_layout(Layout l) { return l == Layout::kNCHW || l == Layout::kNHWC; }
+bool valid_act(Activation a) {
+  return a == Activation::kNone || a == Activation::kRelu || a == Activation::kRelu6;
+}
+
+const char* layout_name(Layout l) { return l == Layout::kNHWC ? "NHWC" : "NCHW"; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+// Leading dimension (elements) of a scratch row of n elements: whole cache lines, and an odd
+// number of them once rows are long, so that walking a column does not alias cache sets.
+int64_t padded_ld(int64_t n, int64_t elem_size) {
+  const int64_t line = 64 / elem_size;
+  int64_t ld = round_up(std::max<int64_t>(n, 1), line);
+  if (ld / line >= 4 && (ld / line) % 2 == 0) ld += line;
+  return ld;
+}
+
+// Thread-local scratch of the calling thread: reused across calls, so steady-state calls do not
+// allocate. Each calling thread has its own, so concurrent calls never share scratch.
+struct ScratchBuf {
+  void* p = nullptr;
+  std::size_t size = 0;
+  ~ScratchBuf() { aligned_free_bytes(p); }
+  void* get(std::size_t bytes) {
+    if (bytes > size) {
+      aligned_free_bytes(p);
+      p = nullptr;
+      size = 0;
+      p = aligned_alloc_bytes(bytes);
+      size = bytes;
+    }
+    return p;
+  }
+};
+
+thread_local ScratchBuf t_scratch;
+
+template <typename T>
+struct DispatchCtx {
+  const Plan<T>* plan;
+  const IsaOps<T>* ops;
+  char* scratch;
+  std::size_t stride;  // bytes of scratch per task
+  int tasks;
+};
+
+template <typename T>
+void run_task(void* p, int task) {
+  const auto& c = *static_cast<const DispatchCtx<T>*>(p);
+  const int64_t n = c.plan->n_items;
+  const int64_t begin = n * task / c.tasks;
+  const int64_t end = n * (task + 1) / c.tasks;
+  if (begin < end) c.ops->run_items(*c.plan, begin, end, c.scratch + c.stride * task);
+}
+
+// Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:
+// depthwise work (recomputed once per output-channel block), pointwise work on padded tiles,
+// streaming the packed weights once per tile, and a fixed per-item overhead. The makespan is what
+// the busiest worker does under the static contiguous partition used by run_task.
+struct Tiling {
+  int64_t tile_px, n_tiles, co_chunk, n_co;
+};
+
+Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, int64_t gran, int64_t panel,
+                     int threads) {
+  const int64_t npix = g.out_h * g.out_w;
+  const int64_t C = g.in_channels, CO = g.out_channels;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t budget = static_cast<int64_t>(tile_budget_bytes());
+  int64_t pmax = budget / std::max<int64_t>(1, C * elem_size);
+  pmax = std::max(gran, pmax / gran * gran);
+  pmax = std::min(pmax, round_up(npix, gran));
+  const int64_t base_tiles = ceil_div(npix, pmax);
+  const int64_t npanels = ceil_div(CO, panel);
+
+  Tiling best{0, 0, 0, 0};
+  double best_cost = std::numeric_limits<double>::infinity();
+  // Re-tiling only matters when there are too few items to balance; otherwise keep the largest
+  // tiles that fit the budget.
+  const bool few = g.batch * base_tiles < 8 * int64_t(threads);
+  const int64_t max_tiles =
+      few ? std::min<int64_t>(npix, base_tiles * std::max(1, threads) * 2) : base_tiles;
+  for (int64_t nt = base_tiles; nt <= max_tiles; ++nt) {
+    const int64_t p = round_up(ceil_div(npix, nt), gran);
+    const int64_t tiles = ceil_div(npix, p);
+    if (tiles != nt) continue;  // same as a smaller count
+    const int64_t max_co = (threads > 1 && few) ? std::min<int64_t>(npanels, 2 * threads) : 1;
+    for (int64_t nco = 1; nco <= max_co; ++nco) {
+      const int64_t chunk_panels = ceil_div(npanels, nco);
+      if (ceil_div(npanels, chunk_panels) != nco) continue;
+      const int64_t co_eff = chunk_panels * panel;
+      const int64_t items = g.batch * tiles * nco;
+      const int64_t per_worker = ceil_div(items, std::max(1, threads));
+      const double dw = double(p) * C * taps / 8.0;
+      const double pw = double(p) * co_eff * C / 16.0;
+      const double stream = double(co_eff) * C * 0.25;
+      const double item_cost = dw + pw + stream + 2000.0;
+      const double cost = double(per_worker) * item_cost;
+      if (cost < best_cost * 0.999) {
+        best_cost = cost;
+        best = Tiling{p, tiles, std::min(CO, co_eff), nco};
+      }
+    }
+  }
+  if (best.tile_px == 0) best = Tiling{pmax, ceil_div(npix, pmax), CO, 1};
+  return best;
+}
+
+template <typename T>
+std::shared_ptr<const PackedPointwise<T>> pack_impl(Isa isa, Layout layout, const T* weight,
+                                                    int64_t c_out, int64_t c_in) {
+  if (!valid_isa(isa)) throw std::invalid_argument("pack_pointwise: unknown ISA value");
+  if (!valid_layout(layout)) throw std::invalid_argument("pack_pointwise: unknown layout value");
+  if (!isa_supported(isa)) {
+    throw std::invalid_argument(std::string("pack_pointwise: the '") + isa_name(isa) +
+                                "' path is not supported by this build or this CPU");
+  }
+  if (c_out < 1 || c_in < 1) {
+    throw std::invalid_argument("pack_pointwise: out_channels and in_channels must be >= 1, got " +
+                                std::to_string(c_out) + " and " + std::to_string(c_in));
+  }
+  if (c_out > (int64_t(1) << 31) || c_in > (int64_t(1) << 31)) {
+    throw std::invalid_argument("pack_pointwise: channel count too large");
+  }
+  if (weight == nullptr) throw std::invalid_argument("pack_pointwise: weight is null");
+  const IsaOps<T>* ops = ops_for<T>(isa);
+  if (ops == nullptr) throw std::invalid_argument("pack_pointwise: no kernel for this ISA");
+  const int panel = layout == Layout::kNHWC ? ops->nr : ops->mr;
+  auto packed = std::make_shared<PackedImpl<T>>(ops->isa, layout, c_out, c_in, panel);
+  T* dst = packed->mutable_data();
+  const int64_t np = packed->num_panels();
+  for (int64_t p = 0; p < np; ++p) {
+    for (int64_t k = 0; k < c_in; ++k) {
+      T* row = dst + (p * c_in + k) * panel;
+      for (int j = 0; j < panel; ++j) {
+        const int64_t co = p * panel + j;
+        row[j] = co < c_out ? weight[co * c_in + k] : T(0);
+      }
+    }
+  }
+  return packed;
+}
+
+template <typename T>
+void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
+                  const JointTensors<T>& t, int num_threads) {
+  const std::string err = validate(g);
+  if (!err.empty()) throw std::invalid_argument("joint_forward: " + err);
+  const auto* packed = dynamic_cast<const PackedImpl<T>*>(&packed_base);
+  if (packed == nullptr) {
+    throw std::invalid_argument("joint_forward: packed weights must come from pack_pointwise");
+  }
+  if (packed->layout() != g.layout) {
+    throw std::invalid_argument(std::string("joint_forward: weights were packed for layout ") +
+                                layout_name(packed->layout()) + " but the geometry says " +
+                                layout_name(g.layout));
+  }
+  if (packed->in_channels() != g.in_channels || packed->out_channels() != g.out_channels) {
+    throw std::invalid_argument(
+        "joint_forward: weights were packed for " + std::to_string(packed->out_channels()) +
+        " x " + std::to_string(packed->in_channels()) + " (out x in) channels but the geometry has " +
+        std::to_string(g.out_channels) + " x " + std::to_string(g.in_channels));
+  }
+  if (!valid_act(t.mid_act)) throw std::invalid_argument("joint_forward: unknown mid_act value");
+  if (!valid_act(t.out_act)) throw std::invalid_argument("joint_forward: unknown out_act value");
+  const IsaOps<T>* ops = ops_for<T>(packed->isa());
+  if (ops == nullptr || !isa_supported(packed->isa())) {
+    throw std::invalid_argument("joint_forward: the packed weights' ISA is not supported here");
+  }
+  if (g.batch == 0) return;
+  if (t.x == nullptr) throw std::invalid_argument("joint_forward: x is null");
+  if (t.dw_weight == nullptr) throw std::invalid_argument("joint_forward: dw_weight is null");
+  if (t.y == nullptr) throw std::invalid_argument("joint_forward: y is null");
+
+  const int64_t C = g.in_channels, CO = g.out_channels;
+  const int64_t KH = g.kernel_h, KW = g.kernel_w, taps = KH * KW;
+  const bool nhwc = g.layout == Layout::kNHWC;
+  const int threads = std::max(1, num_threads);
+
+  const int64_t gran = nhwc ? ops->mr : ops->nr;
+  const int64_t panel = packed->panel();
+  const Tiling tl = choose_tiling(g, sizeof(T), gran, panel, threads);
+
+  Plan<T> plan;
+  plan.C = C;
+  plan.H = g.in_h;
+  plan.W = g.in_w;
+  plan.CO = CO;
+  plan.OH = g.out_h;
+  plan.OW = g.out_w;
+  plan.KH = KH;
+  plan.KW = KW;
+  plan.SH = g.stride_h;
+  plan.SW = g.stride_w;
+  plan.PH = g.pad_h;
+  plan.PW = g.pad_w;
+  plan.DH = g.dil_h;
+  plan.DW = g.dil_w;
+  plan.layout = g.layout;
+  plan.x = t.x;
+  plan.residual = t.residual;
+  plan.y = t.y;
+  plan.mid_act = t.mid_act;
+  plan.out_act = t.out_act;
+  plan.packed = packed;
+  plan.tile_px = tl.tile_px;
+  plan.n_tiles = tl.n_tiles;
+  plan.co_chunk = tl.co_chunk;
+  plan.n_co = tl.n_co;
+  plan.n_items = g.batch * tl.n_tiles * tl.n_co;
+  if (nhwc) {
+    plan.ldt = padded_ld(C, sizeof(T));
+    plan.scratch_bytes = static_cast<std::size_t>(tl.tile_px * plan.ldt) * sizeof(T);
+  } else {
+    plan.ldt = padded_ld(round_up(tl.tile_px, ops->nr), sizeof(T));
+    plan.scratch_bytes = static_cast<std::size_t>(C * plan.ldt) * sizeof(T);
+  }
+  plan.scratch_bytes = static_cast<std::size_t>(round_up(plan.scratch_bytes, kScratchAlign));
+
+  const int tasks = static_cast<int>(std::min<int64_t>(threads, plan.n_items));
+
+  // Per-call tables and folded parameters live in the head of the calling thread's scratch;
+  // the per-task depthwise tiles follow.
+  const int64_t OH = g.out_h, OW = g.out_w;
+  auto bytes_of = [](int64_t n, std::size_t es) {
+    return static_cast<std::size_t>(round_up(static_cast<int64_t>(n * es), kScratchAlign));
+  };
+  const std::size_t b_dw = bytes_of(C * taps, sizeof(T));
+  const std::size_t b_c = bytes_of(C, sizeof(T));
+  const std::size_t b_co = bytes_of(CO, sizeof(T));
+  const std::size_t b_oh = bytes_of(OH, sizeof(int64_t));
+  const std::size_t b_ow = bytes_of(OW, sizeof(int64_t));
+  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow;
+  char* base = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
+  char* cur = base;
+  auto take = [&cur](std::size_t b) {
+    char* p = cur;
+    cur += b;
+    return p;
+  };
+  T* dw_w = reinterpret_cast<T*>(take(b_dw));
+  T* dw_b = reinterpret_cast<T*>(take(b_c));
+  T* sc = reinterpret_cast<T*>(take(b_co));
+  T* sh = reinterpret_cast<T*>(take(b_co));
+  int64_t* ky_lo = reinterpret_cast<int64_t*>(take(b_oh));
+  int64_t* ky_hi = reinterpret_cast<int64_t*>(take(b_oh));
+  int64_t* kx_lo = reinterpret_cast<int64_t*>(take(b_ow));
+  int64_t* kx_hi = reinterpret_cast<int64_t*>(take(b_ow));
+  char* tiles = cur;
+
+  for (int64_t c = 0; c < C; ++c) {
+    const T s = t.dw_scale ? t.dw_scale[c] : T(1);
+    for (int64_t k = 0; k < taps; ++k) {
+      const T w = t.dw_weight[c * taps + k] * s;
+      if (nhwc) {
+        dw_w[k * C + c] = w;
+      } else {
+        dw_w[c * taps + k] = w;
+      }
+    }
+    dw_b[c] = t.dw_shift ? t.dw_shift[c] : T(0);
+  }
+  for (int64_t o = 0; o < CO; ++o) {
+    sc[o] = t.pw_scale ? t.pw_scale[o] : T(1);
+    sh[o] = t.pw_shift ? t.pw_shift[o] : T(0);
+  }
+  // Valid tap ranges: the input coordinate of tap k is o*S - P + k*D, inside when in [0, size).
+  auto tap_range = [](int64_t o, int64_t S, int64_t P, int64_t D, int64_t K, int64_t size,
+                      int64_t* lo, int64_t* hi) {
+    const int64_t i0 = o * S - P;
+    int64_t l = i0 >= 0 ? 0 : ceil_div(-i0, D);
+    int64_t h = i0 > size - 1 ? 0 : std::min(K, floor_div(size - 1 - i0, D) + 1);
+    l = std::min(l, K);
+    if (h < l) h = l;
+    *lo = l;
+    *hi = h;
+  };
+  for (int64_t oy = 0; oy < OH; ++oy) {
+    tap_range(oy, g.stride_h, g.pad_h, g.dil_h, KH, g.in_h, &ky_lo[oy], &ky_hi[oy]);
+  }
+  int64_t in_lo = OW, in_hi = OW;
+  for (int64_t ox = 0; ox < OW; ++ox) {
+    tap_range(ox, g.stride_w, g.pad_w, g.dil_w, KW, g.in_w, &kx_lo[ox], &kx_hi[ox]);
+    const bool inside = kx_lo[ox] == 0 && kx_hi[ox] == KW;
+    if (inside && in_lo == OW) in_lo = ox;
+    if (inside) in_hi = ox + 1;
+  }
+  if (in_lo == OW) in_hi = OW;
+  plan.dw_w = dw_w;
+  plan.dw_b = dw_b;
+  plan.pw_scale = sc;
+  plan.pw_shift = sh;
+  plan.ky_lo = ky_lo;
+  plan.ky_hi = ky_hi;
+  plan.kx_lo = kx_lo;
+  plan.kx_hi = kx_hi;
+  plan.ox_in_lo = in_lo;
+  plan.ox_in_hi = in_hi;
+
+  DispatchCtx<T> ctx{&plan, ops, tiles, plan.scratch_bytes, tasks};
+  parallel_run(tasks, &run_task<T>, &ctx);
+}
+
+}  // namespace
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Public API.
+
+std::string validate(const JointGeometry& g) {
+  auto s = [](int64_t v) { return std::to_string(v); };
+  if (g.layout != Layout::kNCHW && g.layout != Layout::kNHWC) return "layout must be NCHW or NHWC";
+  if (g.batch < 0) return "batch must be >= 0, got " + s(g.batch);
+  if (g.in_channels < 1) return "in_channels must be >= 1, got " + s(g.in_channels);
+  if (g.out_channels < 1) return "out_channels must be >= 1, got " + s(g.out_channels);
+  if (g.in_h < 1 || g.in_w < 1) {
+    return "input height and width must be >= 1, got " + s(g.in_h) + " x " + s(g.in_w);
+  }
+  if (g.kernel_h < 1 || g.kernel_w < 1) {
+    return "kernel size must be >= 1, got " + s(g.kernel_h) + " x " + s(g.kernel_w);
+  }
+  if (g.stride_h < 1 || g.stride_w < 1) {
+    return "stride must be >= 1, got " + s(g.stride_h) + " x " + s(g.stride_w);
+  }
+  if (g.dil_h < 1 || g.dil_w < 1) {
+    return "dilation must be >= 1, got " + s(g.dil_h) + " x " + s(g.dil_w);
+  }
+  if (g.pad_h < 0 || g.pad_w < 0) {
+    return "padding must be >= 0, got " + s(g.pad_h) + " x " + s(g.pad_w);
+  }
+  // Keep every index computation far from int64 overflow.
+  constexpr int64_t kDimMax = int64_t(1) << 30;
+  for (int64_t v : {g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.kernel_h, g.kernel_w,
+                    g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, g.out_h, g.out_w}) {
+    if (v > kDimMax) return "a size, stride, padding or dilation exceeds 2^30";
+  }
+  const int64_t ext_h = g.dil_h * (g.kernel_h - 1) + 1, ext_w = g.dil_w * (g.kernel_w - 1) + 1;
+  if (ext_h > g.in_h + 2 * g.pad_h || ext_w > g.in_w + 2 * g.pad_w) {
+    return "dilated kernel (" + s(ext_h) + " x " + s(ext_w) + ") is larger than the padded input (" +
+           s(g.in_h + 2 * g.pad_h) + " x " + s(g.in_w + 2 * g.pad_w) + ")";
+  }
+  const int64_t oh = (g.in_h + 2 * g.pad_h - ext_h) / g.stride_h + 1;
+  const int64_t ow = (g.in_w + 2 * g.pad_w - ext_w) / g.stride_w + 1;
+  if (g.out_h != oh || g.out_w != ow) {
+    return "output size " + s(g.out_h) + " x " + s(g.out_w) + " does not match the convolution (" +
+           s(oh) + " x " + s(ow) + ")";
+  }
+  // Element counts of x, y and the per-call tables must fit comfortably in int64.
+  auto fits = [](std::initializer_list<int64_t> dims) {
+    int64_t p = 1;
+    for (int64_t d : dims) {
+      if (d != 0 && p > (int64_t(1) << 60) / d) return false;
+      p *= d;
+    }
+    return true;
+  };
+  if (!fits({g.batch, g.in_channels, g.in_h, g.in_w}) ||
+      !fits({g.batch, g.out_channels, g.out_h, g.out_w}) ||
+      !fits({g.in_channels, g.kernel_h, g.kernel_w})) {
+    return "tensor sizes overflow 64-bit indexing";
+  }
+  return std::string();
+}
+
+template <typename T>
+std::shared_ptr<const PackedPointwise<T>> pack_pointwise(Isa isa, Layout layout, const T* weight,
+                                                         int64_t c_out, int64_t c_in) {
+  return detail::pack_impl<T>(isa, layout, weight, c_out, c_in);
+}
+
+template <typename T>
+void joint_forward(const PackedPointwise<T>& packed, const JointGeometry& g,
+                   const JointTensors<T>& t, int num_threads) {
+  detail::forward_impl<T>(packed, g, t, num_threads);
+}
+
+template std::shared_ptr<const PackedPointwise<float>> pack_pointwise<float>(Isa, Layout,
+                                                                             const float*, int64_t,
+                                                                             int64_t);
+template std::shared_ptr<const PackedPointwise<double>> pack_pointwise<double>(Isa, Layout,
+                                                                               const double*,
+                                                                               int64_t, int64_t);
+template void joint_forward<float>(const PackedPointwise<float>&, const JointGeometry&,
+                                   const JointTensors<float>&, int);
+template void joint_forward<double>(const PackedPointwise<double>&, const JointGeometry&,
+                                    const JointTensors<double>&, int);
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return true;
+    case Isa::kAvx2:
+#if defined(LWK_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+    {
+      static const bool ok = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+      }();
+      return ok;
+    }
+#else
+      return false;
+#endif
+    case Isa::kNeon:
+#if defined(LWK_HAVE_NEON)
+      return true;  // Advanced SIMD is part of the aarch64 baseline
+#else
+      return false;
+#endif
+  }
+  return false;
+}
+
+Isa best_isa() {
+  if (isa_supported(Isa::kAvx2)) return Isa::kAvx2;
+  if (isa_supported(Isa::kNeon)) return Isa::kNeon;
+  return Isa::kScalar;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kNeon:
+      return "neon";
+  }
+  return "unknown";
+}
+
+}  // namespace lwk

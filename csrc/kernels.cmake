@@ -1,0 +1,34 @@
+# The torch-free kernel library (static, position-independent), included by the top-level
+# CMakeLists.txt and by csrc/tests/CMakeLists.txt. One translation unit per instruction set, each
+# with its own flags; nothing is compiled for the build machine's CPU (-march=native is never used).
+set(LWK_CSRC_DIR ${CMAKE_CURRENT_LIST_DIR})
+
+add_library(lwkernels_core STATIC
+  ${LWK_CSRC_DIR}/joint_block.cpp
+  ${LWK_CSRC_DIR}/thread_pool.cpp
+  ${LWK_CSRC_DIR}/isa_scalar.cpp)
+set_target_properties(lwkernels_core PROPERTIES POSITION_INDEPENDENT_CODE ON)
+target_compile_features(lwkernels_core PUBLIC cxx_std_17)
+target_include_directories(lwkernels_core PUBLIC ${LWK_CSRC_DIR})
+
+find_package(Threads REQUIRED)
+target_link_libraries(lwkernels_core PUBLIC Threads::Threads)
+
+string(TOLOWER "${CMAKE_SYSTEM_PROCESSOR}" LWK_ARCH)
+if(LWK_ARCH MATCHES "^(x86_64|amd64|x64)$")
+  target_sources(lwkernels_core PRIVATE ${LWK_CSRC_DIR}/isa_avx2.cpp)
+  if(MSVC)
+    set_source_files_properties(${LWK_CSRC_DIR}/isa_avx2.cpp PROPERTIES COMPILE_OPTIONS "/arch:AVX2")
+  else()
+    set_source_files_properties(${LWK_CSRC_DIR}/isa_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma")
+  endif()
+  target_compile_definitions(lwkernels_core PRIVATE LWK_HAVE_AVX2=1)
+elseif(LWK_ARCH MATCHES "^(aarch64|arm64)$")
+  target_sources(lwkernels_core PRIVATE ${LWK_CSRC_DIR}/isa_neon.cpp)
+  target_compile_definitions(lwkernels_core PRIVATE LWK_HAVE_NEON=1)
+endif()
+
+if(NOT MSVC)
+  # Kernels are hot loops: build them optimised even in Debug configurations of a parent project.
+  target_compile_options(lwkernels_core PRIVATE $<$<CONFIG:Debug>:-O2> -fno-math-errno)
+endif()

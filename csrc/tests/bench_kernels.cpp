@@ -1,0 +1,138 @@
+// Standalone micro-benchmark of the fused CPU kernel on the seed network's joint blocks
+// (batch 1, k = 3, dilation 3, padding 3), both layouts, plus the 9-block LightweightNet chain.
+//
+//   bench_kernels [--threads N] [--isa scalar|avx2|neon] [--reps R] [--layout nchw|nhwc]
+//                 [--budget BYTES] [--batch N]
+// Prints the median time of R repetitions per shape (after warm-up) and GFLOP/s.
+#include <algorithm>
+#include <cmath>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "internal.h"
+#include "joint_block.h"
+
+namespace {
+
+struct Shape {
+  int64_t cin, cout, stride, hw;
+};
+
+struct Block {
+  lwk::JointGeometry g;
+  std::vector<float> x, dw, w, sc, sh, y;
+  std::shared_ptr<const lwk::PackedPointwise<float>> packed;
+  lwk::JointTensors<float> t;
+  double flops = 0;
+};
+
+void make_block(Block& b, const Shape& s, int64_t batch, lwk::Layout layout, lwk::Isa isa,
+                std::mt19937& gen) {
+  std::uniform_real_distribution<float> u(-1, 1);
+  auto& g = b.g;
+  g.batch = batch;
+  g.in_channels = s.cin;
+  g.in_h = g.in_w = s.hw;
+  g.out_channels = s.cout;
+  g.kernel_h = g.kernel_w = 3;
+  g.stride_h = g.stride_w = s.stride;
+  g.pad_h = g.pad_w = 3;
+  g.dil_h = g.dil_w = 3;
+  g.out_h = g.out_w = (s.hw + 6 - 6 - 1) / s.stride + 1;
+  g.layout = layout;
+  const int64_t npix = g.out_h * g.out_w;
+  b.x.resize(batch * s.cin * s.hw * s.hw);
+  b.dw.resize(s.cin * 9);
+  b.w.resize(s.cout * s.cin);
+  b.sc.resize(s.cout);
+  b.sh.resize(s.cout);
+  b.y.resize(batch * s.cout * npix);
+  for (auto* v : {&b.x, &b.dw, &b.w, &b.sc, &b.sh}) {
+    for (auto& e : *v) e = u(gen);
+  }
+  b.packed = lwk::pack_pointwise<float>(isa, layout, b.w.data(), s.cout, s.cin);
+  b.t.x = b.x.data();
+  b.t.dw_weight = b.dw.data();
+  b.t.pw_scale = b.sc.data();
+  b.t.pw_shift = b.sh.data();
+  b.t.out_act = lwk::Activation::kRelu;
+  b.t.y = b.y.data();
+  b.flops = 2.0 * batch * npix * s.cin * (s.cout + 9);
+}
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+template <typename Fn>
+double median_ms(int reps, Fn&& fn) {
+  for (int i = 0; i < 3; ++i) fn();
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    const double a = now_ms();
+    fn();
+    t.push_back(now_ms() - a);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 2, reps = 50;
+  int64_t batch = 1;
+  lwk::Isa isa = lwk::best_isa();
+  std::vector<lwk::Layout> layouts = {lwk::Layout::kNCHW, lwk::Layout::kNHWC};
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i], v = argv[i + 1];
+    if (k == "--threads") threads = std::atoi(v.c_str());
+    else if (k == "--reps") reps = std::atoi(v.c_str());
+    else if (k == "--batch") batch = std::atoll(v.c_str());
+    else if (k == "--budget") lwk::detail::set_tile_budget_bytes(std::strtoull(v.c_str(), nullptr, 10));
+    else if (k == "--isa") isa = v == "scalar" ? lwk::Isa::kScalar : v == "neon" ? lwk::Isa::kNeon : lwk::Isa::kAvx2;
+    else if (k == "--layout") layouts = {v == "nhwc" ? lwk::Layout::kNHWC : lwk::Layout::kNCHW};
+  }
+  std::printf("isa=%s threads=%d batch=%lld reps=%d\n", lwk::isa_name(isa), threads,
+              (long long)batch, reps);
+  const std::vector<Shape> shapes = {{32, 64, 1, 112},   {64, 128, 2, 112}, {128, 128, 1, 56},
+                                     {128, 256, 2, 56},  {256, 256, 1, 28}, {256, 512, 2, 28},
+                                     {512, 512, 1, 14},  {512, 1024, 2, 14}, {1024, 1024, 1, 7}};
+  const std::vector<Shape> chain = {{3, 32, 2, 224},    {32, 64, 1, 112},  {64, 128, 2, 112},
+                                    {128, 256, 2, 56},  {256, 512, 2, 28}, {512, 512, 1, 14},
+                                    {512, 1024, 2, 14}, {1024, 1024, 1, 7}, {1024, 1024, 1, 7}};
+  std::mt19937 gen(1);
+  for (lwk::Layout layout : layouts) {
+    const char* ln = layout == lwk::Layout::kNCHW ? "nchw" : "nhwc";
+    double logsum = 0;
+    for (const Shape& s : shapes) {
+      Block b;
+      make_block(b, s, batch, layout, isa, gen);
+      const double ms = median_ms(reps, [&] { lwk::joint_forward<float>(*b.packed, b.g, b.t, threads); });
+      logsum += std::log(ms);
+      std::printf("%s %4lld->%-4lld s%lld %3lld : %8.3f ms  %6.1f GFLOP/s\n", ln, (long long)s.cin,
+                  (long long)s.cout, (long long)s.stride, (long long)s.hw, ms, b.flops / ms * 1e-6);
+    }
+    std::printf("%s geomean of 9 shapes: %.3f ms\n", ln, std::exp(logsum / shapes.size()));
+    std::vector<Block> blocks(chain.size());
+    double flops = 0;
+    for (size_t i = 0; i < chain.size(); ++i) {
+      make_block(blocks[i], chain[i], batch, layout, isa, gen);
+      flops += blocks[i].flops;
+    }
+    const double ms = median_ms(reps, [&] {
+      for (auto& b : blocks) lwk::joint_forward<float>(*b.packed, b.g, b.t, threads);
+    });
+    std::printf("%s chain (9 blocks, 224 input): %8.3f ms  %6.1f GFLOP/s\n", ln, ms,
+                flops / ms * 1e-6);
+  }
+  return 0;
+}
