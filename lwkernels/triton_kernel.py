@@ -1,0 +1,308 @@
+"""The fused joint block as one Triton kernel (the op's CUDA implementation).
+
+One program computes an output tile of BLOCK_P pixels x BLOCK_CO output channels:
+
+    for each chunk of BLOCK_CI input channels:
+        t[P, CI] = sum over the kh x kw dilated taps of x[P, CI] * dw_weight[CI]    (fp32, masked at borders)
+        t = mid_act(t * dw_scale + dw_shift)                                       (fp32)
+        acc[P, CO] += dot(t as the compute dtype, pw_weight[CI, CO])               (fp32 accumulator)
+    y = out_act(acc * pw_scale + pw_shift + residual)  -> stored in x's dtype
+
+The depthwise intermediate lives only in registers; HBM sees x (plus halo re-reads, which hit L1/L2),
+the weights, the optional residual, and y once.
+
+Pixels are the GEMM's M dimension, flattened over (n, oh, ow). Every tensor is addressed through its
+own strides, so NCHW, channels_last and non-contiguous views need no copies; the output follows the
+input's memory format (contract.output_memory_format). All address arithmetic that can exceed 2^31
+is done in int64: the pixel index, and every product of an index with a stride.
+
+Precision: fp16/bf16 load and store in their own dtype and accumulate in fp32; the dot's operands are
+the compute dtype. fp32 uses TF32 in the dot exactly when the caller says so (cuda_backend decides it
+from PyTorch's cuDNN conv setting); otherwise "ieee" (full fp32).
+
+Under TRITON_INTERPRET=1 the same kernel runs on CPU tensors with one pinned config (no autotuning),
+which is how its logic is tested without a GPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .contract import check_joint_args, empty_output
+
+#: Interpreter mode is fixed when @triton.jit runs (at import), so read it the same way here.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+#: dtypes the kernel computes in (anything else is the caller's business, see cuda_backend).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_ACT_CODES = {"none": 0, "relu": 1, "relu6": 2}
+
+#: The one config used under the interpreter (and a good default for explicit launches). Every dot
+#: dimension is >= 16, the GPU compiler's minimum, so the interpreter tests the tiling the GPU runs.
+PINNED_CONFIG: Dict[str, int] = {"BLOCK_P": 16, "BLOCK_CO": 16, "BLOCK_CI": 16, "num_warps": 4, "num_stages": 1}
+
+
+@triton.jit
+def _activation(v, ACT: tl.constexpr):
+    # tl.where keeps NaN (NaN < 0 is false), matching torch.relu / torch.clamp; tl.maximum might not.
+    if ACT == 1:
+        v = tl.where(v < 0.0, 0.0, v)
+    elif ACT == 2:
+        v = tl.where(v < 0.0, 0.0, v)
+        v = tl.where(v > 6.0, 6.0, v)
+    return v
+
+
+@triton.jit
+def _joint_block_kernel(
+    x_ptr, dw_w_ptr, dw_scale_ptr, dw_shift_ptr, pw_w_ptr, pw_scale_ptr, pw_shift_ptr, res_ptr, y_ptr,
+    M, OHW, C_IN, C_OUT, H, W, OW,
+    sxn, sxc, sxh, sxw,          # x strides (elements)
+    sdc, sdh, sdw,               # dw_weight strides: channel, kernel row, kernel column
+    spo, spc,                    # pw_weight strides: out channel, in channel
+    srn, src, srh, srw,          # residual strides (unused without residual)
+    syn, syc, syh, syw,          # y strides
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    M_BUCKET, CHANNELS_LAST,     # autotune key only (not read)
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_DW_SCALE: tl.constexpr, HAS_DW_SHIFT: tl.constexpr, MID_ACT: tl.constexpr,
+    HAS_PW_SCALE: tl.constexpr, HAS_PW_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_ACT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    # Output-channel tiles of one pixel tile are neighbours in launch order, so when C_out is split
+    # the input tile they all re-read (and recompute the depthwise part from) is still in L2.
+    pid = tl.program_id(0)
+    num_co = tl.cdiv(C_OUT, BLOCK_CO)
+    pid_co = pid % num_co
+    pid_m = pid // num_co
+
+    # Pixel coordinates, int64 from the start: M = N * OH * OW may exceed 2^31 and so may any
+    # index * stride below.
+    offs_m = pid_m.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_mask = offs_m < M
+    n = offs_m // OHW
+    r = offs_m - n * OHW
+    oh = r // OW
+    ow = r - oh * OW
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    x_pix = n * sxn  # [P] int64
+
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_mask = offs_co < C_OUT
+    offs_co64 = offs_co.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    for c0 in range(0, C_IN, BLOCK_CI):
+        offs_ci = c0 + tl.arange(0, BLOCK_CI)
+        ci_mask = offs_ci < C_IN
+        offs_ci64 = offs_ci.to(tl.int64)
+        x_chan = offs_ci64 * sxc  # [CI] int64
+
+        # Depthwise: k x k dilated taps, fp32 multiply-accumulate. Out-of-image taps and channels
+        # past C_IN load 0 (zero padding), so they contribute nothing.
+        t = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
+        for kh in tl.static_range(KH):
+            ih = ih0 + kh * DIL_H
+            row_ok = m_mask & (ih >= 0) & (ih < H)
+            x_row = x_pix + ih * sxh
+            for kw in tl.static_range(KW):
+                iw = iw0 + kw * DIL_W
+                ok = row_ok & (iw >= 0) & (iw < W)
+                x_off = (x_row + iw * sxw)[:, None] + x_chan[None, :]
+                xv = tl.load(x_ptr + x_off, mask=ok[:, None] & ci_mask[None, :], other=0.0)
+                wv = tl.load(dw_w_ptr + offs_ci64 * sdc + (kh * sdh + kw * sdw), mask=ci_mask, other=0.0)
+                t += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        # Masked channels stay exactly 0 through the affine (scale/shift load 0 there) and the
+        # activation, and their pointwise rows load 0 too.
+        if HAS_DW_SCALE:
+            t = t * tl.load(dw_scale_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_DW_SHIFT:
+            t = t + tl.load(dw_shift_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)[None, :]
+        t = _activation(t, MID_ACT)
+
+        # Pointwise: [P, CI] x [CI, CO] on the tensor cores, operands in the compute dtype.
+        w_off = offs_ci64[:, None] * spc + offs_co64[None, :] * spo
+        pw = tl.load(pw_w_ptr + w_off, mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
+        acc = tl.dot(t.to(pw.dtype), pw, acc, input_precision=DOT_PRECISION)
+
+    # Epilogue: per-channel affine (folded BN + bias), residual, activation, one store.
+    if HAS_PW_SCALE:
+        acc = acc * tl.load(pw_scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_PW_SHIFT:
+        acc = acc + tl.load(pw_shift_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_mask[:, None] & co_mask[None, :]
+    if HAS_RESIDUAL:
+        r_off = (n * srn + oh * srh + ow * srw)[:, None] + (offs_co64 * src)[None, :]
+        acc = acc + tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
+    acc = _activation(acc, OUT_ACT)
+    y_off = (n * syn + oh * syh + ow * syw)[:, None] + (offs_co64 * syc)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# -- autotuning ----------------------------------------------------------------------------------
+
+def _candidate_configs() -> List[triton.Config]:
+    """Tiles: pixels {64, 128} x out channels {32, 64, 128, 256} x in-channel chunk {16, 32, 64};
+    `_prune` keeps at most 8 of them for a given shape."""
+    configs = []
+    for block_p in (64, 128):
+        for block_co in (32, 64, 128, 256):
+            for block_ci in (16, 32, 64):
+                acc_per_thread = block_p * block_co // 128  # fp32 accumulator elements per thread at 4 warps
+                warps = 4 if acc_per_thread <= 64 else 8
+                configs.append(triton.Config({"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci},
+                                             num_warps=warps, num_stages=2))
+    return configs
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def select_configs(c_in: int, c_out: int) -> Tuple[Tuple[int, int, int], ...]:
+    """The (BLOCK_P, BLOCK_CO, BLOCK_CI) tiles worth timing for a shape (at most 8).
+
+    BLOCK_CO: the smallest power of two covering C_out (capped at 256, floor 32), so the input is read
+    and the depthwise part computed once per pixel tile when C_out <= 256, plus half of it (more
+    programs when the pixel count is small). BLOCK_CI: 16 for C_in <= 16 (the dot's minimum K),
+    else 32 and, for C_in >= 64, 64."""
+    co_full = min(256, max(32, _next_pow2(c_out)))
+    co_tiles = (co_full,) if co_full == 32 else (co_full, co_full // 2)
+    if c_in <= 16:
+        ci_tiles: Tuple[int, ...] = (16,)
+    elif c_in < 64:
+        ci_tiles = (32,)
+    else:
+        ci_tiles = (32, 64)
+    return tuple((p, co, ci) for p in (64, 128) for co in co_tiles for ci in ci_tiles)
+
+
+def _prune(configs, named_args, **kwargs):
+    wanted = set(select_configs(named_args["C_IN"], named_args["C_OUT"]))
+    kept = [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_CI"]) in wanted]
+    return kept or configs[:1]
+
+
+_joint_block_autotuned = triton.autotune(
+    configs=_candidate_configs(),
+    key=["C_IN", "C_OUT", "KH", "KW", "STRIDE_H", "STRIDE_W", "M_BUCKET", "CHANNELS_LAST"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_joint_block_kernel)
+
+
+# -- launcher ------------------------------------------------------------------------------------
+
+def _pair(v: Sequence[int]) -> Tuple[int, int]:
+    a, b = v
+    return int(a), int(b)
+
+
+def joint_block_triton(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_scale: Optional[torch.Tensor],
+    dw_shift: Optional[torch.Tensor],
+    mid_act: str,
+    pw_weight: torch.Tensor,
+    pw_scale: Optional[torch.Tensor],
+    pw_shift: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    out_act: str,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    *,
+    allow_tf32: bool = False,
+    config: Optional[Dict[str, int]] = None,
+) -> torch.Tensor:
+    """Run the fused Triton kernel: joint_block's arguments, in its order.
+
+    allow_tf32: fp32 inputs use TF32 in the pointwise dot (ignored for fp16/bf16).
+    config: {"BLOCK_P", "BLOCK_CO", "BLOCK_CI"[, "num_warps", "num_stages"]} to bypass autotuning
+    (tests use it to check every tile shape); under TRITON_INTERPRET=1 the pinned config is the default.
+
+    CUDA tensors normally; CPU tensors only under TRITON_INTERPRET=1.
+    """
+    out_shape = check_joint_args(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift,
+                                 residual, out_act, stride, padding, dilation)
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernel computes in {KERNEL_DTYPES}, got x of dtype {x.dtype}")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"the Triton kernel needs CUDA tensors (x is on {x.device}); "
+                         "CPU tensors run it only under TRITON_INTERPRET=1")
+    y = empty_output(x, out_shape)
+    if y.numel() == 0:
+        return y
+
+    n, c_in, h, w = x.shape
+    _, c_out, out_h, out_w = out_shape
+    kh, kw = int(dw_weight.shape[2]), int(dw_weight.shape[3])
+    stride_h, stride_w = _pair(stride)
+    pad_h, pad_w = _pair(padding)
+    dil_h, dil_w = _pair(dilation)
+    m = n * out_h * out_w
+
+    # Per-channel vectors are tiny: make them dense so the kernel indexes them with stride 1.
+    vectors = [None if v is None else v.contiguous() for v in (dw_scale, dw_shift, pw_scale, pw_shift)]
+    dummy = y  # any pointer of the right device for absent operands (never dereferenced)
+    res = residual if residual is not None else dummy
+    channels_last = int(x.dim() == 4 and x.stride(1) == 1 and c_in > 1)
+    dot_precision = "tf32" if (x.dtype != torch.float32 or allow_tf32) else "ieee"
+    # fp16/bf16 dots ignore input_precision; "tf32" there is Triton's default, i.e. the usual path.
+
+    args = (
+        x, dw_weight, *(v if v is not None else dummy for v in vectors[:2]), pw_weight,
+        *(v if v is not None else dummy for v in vectors[2:]), res, y,
+        m, out_h * out_w, c_in, c_out, h, w, out_w,
+        *x.stride(),
+        dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3),
+        pw_weight.stride(0), pw_weight.stride(1),
+        *(res.stride() if residual is not None else (0, 0, 0, 0)),
+        *y.stride(),
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        _next_pow2(m), channels_last,
+    )
+    meta = dict(
+        KH=kh, KW=kw,
+        HAS_DW_SCALE=vectors[0] is not None, HAS_DW_SHIFT=vectors[1] is not None, MID_ACT=_ACT_CODES[mid_act],
+        HAS_PW_SCALE=vectors[2] is not None, HAS_PW_SHIFT=vectors[3] is not None,
+        HAS_RESIDUAL=residual is not None, OUT_ACT=_ACT_CODES[out_act],
+        DOT_PRECISION=dot_precision,
+    )
+
+    if config is None and INTERPRET:
+        config = PINNED_CONFIG
+    if config is not None:
+        cfg = {"num_warps": 4, "num_stages": 2, **config}
+        for key in ("BLOCK_P", "BLOCK_CO", "BLOCK_CI"):
+            if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
+                raise ValueError(f"{key} must be a power of two >= 16, got {cfg[key]}")
+        programs = triton.cdiv(m, cfg["BLOCK_P"]) * triton.cdiv(c_out, cfg["BLOCK_CO"])
+        _check_grid(programs)
+        launch = lambda: _joint_block_kernel[(programs,)](*args, **meta, **cfg)  # noqa: E731
+    else:
+        _check_grid(triton.cdiv(m, 64) * triton.cdiv(c_out, 256))
+
+        def grid(meta_):
+            return (triton.cdiv(m, meta_["BLOCK_P"]) * triton.cdiv(c_out, meta_["BLOCK_CO"]),)
+
+        launch = lambda: _joint_block_autotuned[grid](*args, **meta)  # noqa: E731
+
+    if x.device.type == "cuda":
+        with torch.cuda.device(x.device):  # Triton launches on the current device's current stream
+            launch()
+    else:
+        launch()
+    return y
+
+
+def _check_grid(programs: int) -> None:
+    if programs >= 2 ** 31:
+        raise ValueError(f"output too large for one launch ({programs} tiles; the grid limit is 2^31 - 1)")
