@@ -44,7 +44,8 @@ template <typename T>
 void bind_dtype(py::module_& m, const char* suffix) {
   using Packed = lwk::PackedPointwise<T>;
   const std::string packed_name = std::string("PackedPointwise") + suffix;
-  py::class_<Packed, std::shared_ptr<const Packed>>(m, packed_name.c_str())
+  // pybind11 holders cannot be shared_ptr<const T>; the object is immutable all the same.
+  py::class_<Packed, std::shared_ptr<Packed>>(m, packed_name.c_str())
       .def_property_readonly("isa", [](const Packed& p) { return lwk::isa_name(p.isa()); })
       .def_property_readonly("layout", [](const Packed& p) {
         return p.layout() == lwk::Layout::kNHWC ? "nhwc" : "nchw";
@@ -58,8 +59,12 @@ void bind_dtype(py::module_& m, const char* suffix) {
       [](const std::string& isa,
          const std::string& layout, std::uintptr_t weight, int64_t c_out, int64_t c_in) {
         const T* w = as_ptr<T>(weight);
-        py::gil_scoped_release release;
-        return lwk::pack_pointwise<T>(isa_from_name(isa), layout_from_name(layout), w, c_out, c_in);
+        std::shared_ptr<const Packed> packed;
+        {
+          py::gil_scoped_release release;
+          packed = lwk::pack_pointwise<T>(isa_from_name(isa), layout_from_name(layout), w, c_out, c_in);
+        }
+        return std::const_pointer_cast<Packed>(packed);
       },
       py::arg("isa"), py::arg("layout"), py::arg("weight"),
       py::arg("out_channels"), py::arg("in_channels"));
