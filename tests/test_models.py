@@ -192,3 +192,16 @@ def test_mobilenet_v1_blocks_have_mid_norm():
     blocks = [m for m in model.modules() if isinstance(m, JointBlock)]
     assert len(blocks) == 13 and all(b.mid_bn is not None and isinstance(b.mid_act, nn.ReLU) for b in blocks)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_model_bench_rows():
+    from lwkernels.model_bench import format_rows, run_model_bench
+
+    rows = run_model_bench("lightweightnet", batch=1, input_size=32, width_mult=0.25, repeats=2, warmup=1,
+                           threads=1, train=True)
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        ("inference", "reference"), ("inference", "lwkernels"), ("train", "reference"), ("train", "lwkernels")]
+    assert all(r["median_ms"] > 0 and r["repeats"] >= 2 and r["threads"] == 1 for r in rows)
+    assert rows[0]["speedup"] == 1.0 and rows[2]["batch"] == 2  # training needs >= 2 values per BN channel
+    assert rows[1]["max_rel_error"] < 1e-4
+    assert "lwkernels" in format_rows(rows)

@@ -1,0 +1,201 @@
+"""Whole-model throughput, reference vs fused, measured side by side in one process.
+
+    rows = run_model_bench("lightweightnet", batch=1, device="cpu", input_size=224, train=True)
+    print(format_rows(rows))
+
+`lwkernels bench --model NAME` calls :func:`print_model_bench`. For each mode (inference, and a
+training step when asked) the plain-PyTorch twin of the model (every JointBlock replaced by
+JointBlockReference, same weights) and the fused model are timed alternately, call after call, so
+that drifting machine load hits both; the rows give medians. Inference is checked first (fused
+logits against the reference) and the error is reported in the rows.
+
+A training step (forward, cross-entropy, backward, SGD step) of a fused model currently runs the
+reference composition inside each JointBlock (batch statistics; fused training kernels are future
+work), so expect a speedup near 1 there: the row is there to show it honestly.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import build_model, to_reference
+
+PROVIDERS = ("reference", "lwkernels")
+
+
+def default_input_size(model_name: str) -> int:
+    """224 (the papers' ImageNet-size input) except for the 32 x 32 multi-scale network."""
+    return 32 if model_name.lower().replace("-", "").replace("_", "") == "multiscalenet" else 224
+
+
+def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
+    from .benchmarking import randomize_batchnorm
+
+    randomize_batchnorm(model, seed)
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _inference_step(model: nn.Module, x: torch.Tensor, sync) -> Callable[[], None]:
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(x)
+        sync()
+
+    return step
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sync) -> Callable[[], None]:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+        sync()
+
+    return step
+
+
+def _time_side_by_side(steps: Dict[str, Callable[[], None]], repeats: int, warmup: int,
+                       min_time: Optional[float], max_repeats: int = 1000) -> Dict[str, List[float]]:
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    while True:
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+        n = len(next(iter(times.values())))
+        if n >= max_repeats:
+            break
+        enough_time = min_time is None or all(sum(t) >= min_time for t in times.values())
+        if n >= repeats and enough_time:
+            break
+    return times
+
+
+def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.dtype = torch.float32,
+                    threads: Optional[int] = None, train: bool = False, input_size: Optional[int] = None,
+                    repeats: int = 20, warmup: int = 3, min_time: Optional[float] = None, width_mult: float = 1.0,
+                    num_classes: int = 10, channels_last: bool = False, seed: int = 0) -> List[Dict]:
+    """Median time per call of `model_name` (see lwkernels.models.MODELS), reference vs fused.
+
+    Returns one row per (mode, provider): mode "inference" (and "train" when `train`; batch at least 2
+    there, as BatchNorm in training needs it), provider
+    "reference" or "lwkernels", with median/min ms, images/s, speedup over the reference, and (for
+    inference) the fused model's max error relative to the largest reference logit."""
+    device = torch.device(device)
+    if batch < 1 or repeats < 1:
+        raise ValueError("batch and repeats must be positive")
+    input_size = input_size or default_input_size(model_name)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        fused = build_model(model_name, num_classes=num_classes, width_mult=width_mult)
+        _randomize_batchnorm(fused, seed)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        fused = fused.to(device=device, dtype=dtype, memory_format=memory_format).eval()
+        reference = to_reference(fused)
+        models = {"reference": reference, "lwkernels": fused}
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, 3, input_size, input_size, generator=g).to(device=device, dtype=dtype)
+        x = x.contiguous(memory_format=memory_format)
+        y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+        sync = _sync(device)
+
+        with torch.inference_mode():
+            expected, got = reference(x).double(), fused(x).double()
+        scale = expected.abs().max().item() or 1.0
+        error = (got - expected).abs().max().item() / scale
+
+        base = {"model": model_name, "batch": batch, "input_size": input_size, "device": str(device),
+                "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                "width_mult": width_mult, "channels_last": channels_last}
+        rows: List[Dict] = []
+        modes = ["inference"] + (["train"] if train else [])
+        for mode in modes:
+            if mode == "inference":
+                steps = {p: _inference_step(m, x, sync) for p, m in models.items()}
+            else:  # separate copies: the optimizer steps must not leak into the other provider's weights
+                # BatchNorm needs 2 values per channel in training: batch 1 with a 1x1 final map would fail.
+                xt, yt = (x, y) if batch > 1 else (x.expand(2, -1, -1, -1).contiguous(memory_format=memory_format),
+                                                   y.expand(2).contiguous())
+                steps = {p: _train_step(to_reference(m) if p == "reference" else _copy(m), xt, yt, sync)
+                         for p, m in models.items()}
+            times = _time_side_by_side(steps, repeats, warmup, min_time)
+            ref_median = statistics.median(times["reference"])
+            n = batch if mode == "inference" else max(batch, 2)
+            for provider in PROVIDERS:
+                median = statistics.median(times[provider])
+                rows.append(dict(base, batch=n, mode=mode, provider=provider, median_ms=median * 1e3,
+                                 min_ms=min(times[provider]) * 1e3, repeats=len(times[provider]),
+                                 images_per_s=n / median, speedup=ref_median / median,
+                                 max_rel_error=error if mode == "inference" and provider == "lwkernels" else None))
+        return rows
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def format_rows(rows: List[Dict]) -> str:
+    headers = ["model", "mode", "provider", "batch", "input", "median ms", "min ms", "images/s", "speedup"]
+    table = [[r["model"], r["mode"], r["provider"], str(r["batch"]), str(r["input_size"]), f"{r['median_ms']:.3f}",
+              f"{r['min_ms']:.3f}", f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}x"] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in table)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    for line in table:
+        lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    return "\n".join(lines)
+
+
+def print_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.dtype = torch.float32,
+                      min_time: float = 0.3, json_path: Optional[str] = None, threads: Optional[int] = None,
+                      train: bool = True, input_size: Optional[int] = None, width_mult: float = 1.0,
+                      repeats: int = 5) -> int:
+    """`lwkernels bench --model NAME`: print the side-by-side table (and write JSON); 1 on a mismatch."""
+    from .benchmarking import environment
+
+    rows = run_model_bench(model_name, batch=batch, device=device, dtype=dtype, threads=threads, train=train,
+                           input_size=input_size, repeats=repeats, min_time=min_time, width_mult=width_mult)
+    env = environment(str(device))
+    print(f"lwkernels bench --model {model_name}: {env['device']}, {device}, {rows[0]['dtype']}, batch {batch}, "
+          f"input {rows[0]['input_size']}, threads {rows[0]['threads']}, torch {env['torch']}")
+    print(format_rows(rows))
+    error = next(r["max_rel_error"] for r in rows if r["max_rel_error"] is not None)
+    tol = {torch.float32: 1e-3, torch.float64: 1e-9}.get(dtype, 5e-2)
+    print(f"fused vs reference logits: max error {error:.2e} of the largest logit (tolerance {tol:g}); "
+          "speedup = reference median / median (same process, alternating calls)")
+    if train:
+        print("train: a training step of a fused model runs the reference composition in each JointBlock "
+              "(batch statistics), so its speedup is ~1 until fused training kernels exist")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=2)
+    if not error <= tol:
+        print(f"MISMATCH: the fused model differs from the reference by {error:.2e}", file=sys.stderr)
+        return 1
+    return 0
