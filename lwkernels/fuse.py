@@ -288,8 +288,11 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
         raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    order = {path: i for i, (path, _) in enumerate(model.named_modules(remove_duplicate=False))}
     fuser = _Fuser()
     model = fuser.visit(None, "", model, "")
+    fuser.report.fused.sort(key=lambda c: order.get(c.path, len(order)))  # in the model's module order
+    fuser.report.skipped.sort(key=lambda c: order.get(c.path, len(order)))
     return model, fuser.report
 
 

@@ -160,6 +160,7 @@ def near_miss_model():
                       pw(c, 12), nn.BatchNorm2d(12), nn.ReLU()),                                 # 10 k5 s2 d2
         ResidualDSBlock(12),                                                                     # 11 residual
         Plain(12),                                                                               # 12 forward-wired
+        nn.Sequential(dw(12), nn.ReLU6(), pw(12, 8), nn.BatchNorm2d(8), nn.ReLU()),             # 13 mid act, no mid BN
     )
 
 
@@ -257,7 +258,8 @@ def test_near_misses_are_reported_and_left_alone():
     original = copy.deepcopy(model)
     fused, report = fuse(model, inplace=True)
     assert fused is model
-    assert [c.path for c in report.fused] == ["9.0", "10.0", "11.body.0"]
+    assert [c.path for c in report.fused] == ["9.0", "10.0", "11.body.0", "13.0"]
+    assert set(report.fused[3].modules) == {"depthwise", "mid_act", "pointwise", "bn", "act"}
     skipped = {s.path: s.reason for s in report.skipped}
     assert set(skipped) == set(NEAR_MISS_REASONS), report
     for path, fragment in NEAR_MISS_REASONS.items():
