@@ -31,6 +31,11 @@ def cudnn_conv_uses_tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
+def _has_tf32(device: torch.device) -> bool:
+    """TF32 tensor cores exist from Ampere (sm_80) on; before that the dot is plain fp32."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def joint_block_cuda(
     x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
     stride, padding, dilation, *, allow_tf32: Optional[bool] = None,
@@ -45,7 +50,7 @@ def joint_block_cuda(
     if x.dtype not in KERNEL_DTYPES:
         return joint_block_reference(*args).contiguous(memory_format=output_memory_format(x))
     if allow_tf32 is None:
-        allow_tf32 = x.dtype == torch.float32 and cudnn_conv_uses_tf32()
+        allow_tf32 = x.dtype == torch.float32 and cudnn_conv_uses_tf32() and _has_tf32(x.device)
     return joint_block_triton(*args, allow_tf32=allow_tf32)
 
 

@@ -31,9 +31,16 @@ from lwkernels import triton_kernel  # noqa: E402
 from lwkernels.reference import joint_block_reference  # noqa: E402
 from lwkernels.triton_kernel import PINNED_CONFIG, joint_block_triton  # noqa: E402
 from triton_helpers import (INTERPRETER_CASES, INTERPRETER_VIEW_CASES, assert_matches_lowp_rule,  # noqa: E402
-                            make_case_args, transposed_pointwise)
+                            make_case_args, poison_kernel_outputs, transposed_pointwise)
 
-pytestmark = pytest.mark.interpreter
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """The launcher's outputs start as NaN: an unwritten element fails the comparison."""
+    poison_kernel_outputs(monkeypatch)
+
+
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("nan_outputs")]
 
 DTYPES = [torch.float32, torch.float16]
 DENSE_LAYOUTS = ["nchw", "nhwc"]
