@@ -83,12 +83,33 @@ struct Plan {
   const int64_t* kx_hi = nullptr;
   int64_t ox_in_lo = 0, ox_in_hi = 0;
 
+  // NCHW depthwise through a zero-padded, stride-deinterleaved copy of the input rows a tile needs
+  // (the "plane"): padded row j = x[iy][j - PW] (0 outside the image, and whole zero rows for iy
+  // outside it), split into SW phases of lp elements, phase r holding padded elements r, r + SW,
+  // r + 2*SW, ... Tap (ky, kx) of output (oy, ox) then reads plane element
+  // (oy*SH - PH - iy_base) * SW*lp + tap_off[ky*KW + kx] + ox, where iy_base is the tile's first
+  // plane row: unit-stride vector loads, no border cases, no branches. plane_rows bounds the rows
+  // of one tile. When the plane would be too large (huge padding or dilation) use_plane is false
+  // and the direct path (border columns scalar) runs instead.
+  bool use_plane = false;
+  int64_t lp = 0, plane_rows = 0;
+  const int64_t* tap_off = nullptr;  // [KH*KW]
+  // A tile's output-row segments (at most max_segs), computed once per tile at seg_offset.
+  int64_t max_segs = 0;
+  std::size_t seg_offset = 0;
+  const T* x_end = nullptr;  // one past the last element of x (vector reads never reach it)
+
   // Work decomposition: item = (n * n_tiles + tile) * n_co + co_block. A tile is tile_px
   // consecutive output pixels (raster order) of one image; a co block is co_chunk output channels
   // (a multiple of the packed panel width).
   int64_t tile_px = 0, n_tiles = 0, co_chunk = 0, n_co = 0, n_items = 0;
-  int64_t ldt = 0;                 // leading dimension of the depthwise tile buffer (elements)
-  std::size_t scratch_bytes = 0;   // per worker
+  // Per-worker scratch. NHWC: the depthwise tile [tile_px][ldt] at offset 0. NCHW: the depthwise
+  // tile in column blocks of NR pixels, block b holding [C][NR] (so the micro-kernel reads it as a
+  // packed panel) at offset 0; one channel's row of the tile (ldt elements, with slack for whole
+  // vectors) at row_offset; the plane at plane_offset.
+  int64_t ldt = 0;
+  std::size_t row_offset = 0, plane_offset = 0;
+  std::size_t scratch_bytes = 0;   // per worker, total
 };
 
 // Per-ISA entry points.
@@ -97,6 +118,7 @@ struct IsaOps {
   Isa isa;
   int mr;  // micro-kernel rows
   int nr;  // micro-kernel columns (a multiple of the vector width)
+  int vw;  // vector width (elements)
   // Runs work items [begin, end) of `plan` using `scratch` (plan.scratch_bytes, 64-byte aligned).
   void (*run_items)(const Plan<T>& plan, int64_t begin, int64_t end, void* scratch);
 };

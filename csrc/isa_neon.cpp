@@ -37,7 +37,7 @@ struct NeonF32 {
 
 const IsaOps<float>* neon_ops_f32() {
   using V = NeonF32;
-  static const IsaOps<float> ops{Isa::kNeon, V::MR, V::NR, &run_items<V>};
+  static const IsaOps<float> ops{Isa::kNeon, V::MR, V::NR, V::W, &run_items<V>};
   return &ops;
 }
 

@@ -292,6 +292,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.DW = g.dil_w;
   plan.layout = g.layout;
   plan.x = t.x;
+  plan.x_end = t.x + g.batch * C * g.in_h * g.in_w;
   plan.residual = t.residual;
   plan.y = t.y;
   plan.mid_act = t.mid_act;
@@ -302,14 +303,32 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.co_chunk = tl.co_chunk;
   plan.n_co = tl.n_co;
   plan.n_items = g.batch * tl.n_tiles * tl.n_co;
+  auto aligned = [](int64_t bytes) {
+    return static_cast<std::size_t>(round_up(bytes, static_cast<int64_t>(kScratchAlign)));
+  };
   if (nhwc) {
     plan.ldt = padded_ld(C, sizeof(T));
-    plan.scratch_bytes = static_cast<std::size_t>(tl.tile_px * plan.ldt) * sizeof(T);
+    plan.scratch_bytes = aligned(tl.tile_px * plan.ldt * int64_t(sizeof(T)));
   } else {
-    plan.ldt = padded_ld(round_up(tl.tile_px, ops->nr), sizeof(T));
-    plan.scratch_bytes = static_cast<std::size_t>(C * plan.ldt) * sizeof(T);
+    const int64_t nr = ops->nr;
+    plan.row_offset = aligned(ceil_div(tl.tile_px, nr) * C * nr * int64_t(sizeof(T)));
+    // Row slack of one micro-tile: the depthwise writes whole vectors past a segment's end.
+    plan.ldt = round_up(tl.tile_px, nr) + nr;
+    plan.plane_offset = plan.row_offset + aligned(plan.ldt * int64_t(sizeof(T)));
+    plan.scratch_bytes = plan.plane_offset;
+    const int64_t S = g.stride_w;
+    const int64_t qmax = (KW - 1) * g.dil_w / S;
+    plan.lp = round_up(g.out_w + ops->vw + qmax + 1, ops->vw);
+    const int64_t rows_out = std::min(g.out_h, ceil_div(tl.tile_px, g.out_w) + 1);
+    plan.plane_rows = (rows_out - 1) * g.stride_h + (KH - 1) * g.dil_h + 1;
+    const int64_t plane_elems = plan.plane_rows * S * plan.lp + ops->vw;  // + store slack
+    plan.use_plane = plane_elems <= (int64_t(1) << 16);
+    if (plan.use_plane) {
+      plan.max_segs = rows_out;
+      plan.seg_offset = plan.scratch_bytes + aligned(plane_elems * int64_t(sizeof(T)));
+      plan.scratch_bytes = plan.seg_offset + aligned(rows_out * 3 * int64_t(sizeof(int64_t)));
+    }
   }
-  plan.scratch_bytes = static_cast<std::size_t>(round_up(plan.scratch_bytes, kScratchAlign));
 
   const int tasks = static_cast<int>(std::min<int64_t>(threads, plan.n_items));
 
@@ -324,7 +343,8 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   const std::size_t b_co = bytes_of(CO, sizeof(T));
   const std::size_t b_oh = bytes_of(OH, sizeof(int64_t));
   const std::size_t b_ow = bytes_of(OW, sizeof(int64_t));
-  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow;
+  const std::size_t b_kw = bytes_of(taps, sizeof(int64_t));
+  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw;
   char* base = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
   char* cur = base;
   auto take = [&cur](std::size_t b) {
@@ -340,6 +360,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   int64_t* ky_hi = reinterpret_cast<int64_t*>(take(b_oh));
   int64_t* kx_lo = reinterpret_cast<int64_t*>(take(b_ow));
   int64_t* kx_hi = reinterpret_cast<int64_t*>(take(b_ow));
+  int64_t* tap_off = reinterpret_cast<int64_t*>(take(b_kw));
   char* tiles = cur;
 
   for (int64_t c = 0; c < C; ++c) {
@@ -390,6 +411,14 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.kx_hi = kx_hi;
   plan.ox_in_lo = in_lo;
   plan.ox_in_hi = in_hi;
+  for (int64_t ky = 0; ky < KH; ++ky) {
+    for (int64_t kx = 0; kx < KW; ++kx) {
+      const int64_t j = kx * g.dil_w;
+      tap_off[ky * KW + kx] = ky * g.dil_h * g.stride_w * plan.lp +
+                              (j % g.stride_w) * plan.lp + j / g.stride_w;
+    }
+  }
+  plan.tap_off = tap_off;
 
   DispatchCtx<T> ctx{&plan, ops, tiles, plan.scratch_bytes, tasks};
   parallel_run(tasks, &run_task<T>, &ctx);

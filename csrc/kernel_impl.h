@@ -142,8 +142,10 @@ LWK_INLINE void store_full(const typename V::reg (&acc)[MR_][NV_], const Epi<typ
 
 // The micro-kernel: acc[MR_ x NV_*W] = sum_k A(i, k) * B(k, j), then the epilogue for `cols` valid
 // columns (rows are always all valid: callers pick MR_ = remaining rows).
-//   kNCHW: A is a packed panel, A(i, k) = A[k * V::MR + i]; B(k, j) = B[k * ld + j] (tile rows).
-//   NHWC:  A(i, k) = A[i * ld + k] (tile rows);  B is a packed panel, B(k, j) = B[k * V::NR + j].
+// B is always a packed panel, B(k, j) = B[k * V::NR + j] (NHWC: pointwise weights; NCHW: a column
+// block of the depthwise tile).
+//   kNCHW: A is a packed pointwise panel, A(i, k) = A[k * V::MR + i] (ld unused).
+//   NHWC:  A(i, k) = A[i * ld + k] (depthwise tile rows).
 template <class V, int MR_, int NV_, bool kNCHW>
 void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T* LWK_RESTRICT B,
              int64_t ld, const Epi<typename V::T>& e, int64_t r0, int64_t c0, int cols) {
@@ -163,7 +165,7 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
         LWK_UNROLL for (int j = 0; j < NV_; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
       }
       A += V::MR;
-      B += ld;
+      B += V::NR;
     }
   } else {
     for (int64_t k = 0; k < K; ++k) {
@@ -292,27 +294,208 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
   }
 }
 
-// Fills tile[c * ldt + j], j < np (zero up to the next multiple of W), for pixels p0 + j of image n.
+// Moves one channel's depthwise row (np pixels) into the column-blocked tile: block b holds
+// [C][NR], so tile[(b * C + c) * NR + j] = row[b * NR + j]; columns past np are zero.
+template <class V>
+LWK_INLINE void scatter_row(typename V::T* row, int64_t np, int64_t C, int64_t c,
+                            typename V::T* tile) {
+  using T = typename V::T;
+  constexpr int NR = V::NR, W = V::W;
+  const int64_t nb = iceil_div(np, NR);
+  for (int64_t j = np; j < nb * NR; ++j) row[j] = T(0);
+  for (int64_t b = 0; b < nb; ++b) {
+    T* dst = tile + (b * C + c) * NR;
+    LWK_UNROLL for (int v = 0; v < V::NV; ++v) V::store(dst + v * W, V::load(row + b * NR + v * W));
+  }
+}
+
+// Depthwise output of the tile's pixels p0 .. p0+np-1 of image n into the column-blocked tile.
 template <class V, int kS>
 void dw_tile_nchw(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
-                  typename V::T* tile) {
+                  typename V::T* tile, typename V::T* row) {
   using T = typename V::T;
   const int64_t HW = pl.H * pl.W, taps = pl.KH * pl.KW;
-  const int64_t npad = iceil_div(np, V::W) * V::W;
   for (int64_t c = 0; c < pl.C; ++c) {
     const T* xc = pl.x + (n * pl.C + c) * HW;
     const T* wc = pl.dw_w + c * taps;
     const T bias = pl.dw_b[c];
-    T* out = tile + c * pl.ldt;
     int64_t p = p0;
     const int64_t pend = p0 + np;
     while (p < pend) {
       const int64_t oy = p / pl.OW, ox0 = p - oy * pl.OW;
       const int64_t ox1 = imin(pl.OW, ox0 + (pend - p));
-      dw_row_nchw<V, kS>(pl, xc, wc, bias, oy, ox0, ox1, out + (p - p0));
+      dw_row_nchw<V, kS>(pl, xc, wc, bias, oy, ox0, ox1, row + (p - p0));
       p += ox1 - ox0;
     }
-    for (int64_t j = np; j < npad; ++j) out[j] = T(0);
+    scatter_row<V>(row, np, pl.C, c, tile);
+  }
+}
+
+// NCHW through the plane (see Plan::use_plane). Builds plane rows for input rows
+// iy_base .. iy_base + rows - 1 of one channel: phase r of row iy is
+// plane[(iy - iy_base) * SW * lp + r * lp + m] = x[iy][m * SW + r - PW], 0 outside the image.
+// Everything is written with whole vectors in increasing address order: a data run may spill up
+// to W-1 junk elements past its end, which the following zero run (or data run) overwrites.
+template <class V, int kS>
+void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, int64_t iy_base,
+                int64_t rows, typename V::T* plane) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const int64_t S = pl.SW, lp = pl.lp, Win = pl.W, P = pl.PW;
+  const typename V::reg z = V::zero();
+  T* zero_from = plane;  // [zero_from, next data run) must become zero
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t iy = iy_base + i;
+    if (iy < 0 || iy >= pl.H) continue;  // the whole row stays in the zero run
+    const T* src = xc + iy * Win;
+    T* row = plane + i * S * lp;
+    for (int64_t r = 0; r < S; ++r) {
+      // m is inside the image iff 0 <= m*S + r - P < Win.
+      int64_t ma = P - r <= 0 ? 0 : (P - r + S - 1) / S;
+      int64_t mb = Win - 1 + P - r < 0 ? 0 : (Win - 1 + P - r) / S + 1;
+      ma = imin(ma, lp);
+      mb = imin(mb, lp);
+      if (ma >= mb) continue;
+      T* d = row + r * lp;
+      for (T* q = zero_from; q < d + ma; q += W) V::store(q, z);
+      const T* s0 = src + (ma * S + r - P);
+      const int64_t n = mb - ma, nv = iceil_div(n, W);
+      if (s0 + (nv * W - 1) * S < pl.x_end) {
+        for (int64_t v = 0; v < nv; ++v) {
+          V::store(d + ma + v * W, load_strided<V, kS>(s0 + v * W * S, S));
+        }
+      } else {  // the last row of x: no vector may read past its end
+        int64_t m = 0;
+        for (; m + W <= n; m += W) V::store(d + ma + m, load_strided<V, kS>(s0 + m * S, S));
+        for (; m < n; ++m) d[ma + m] = s0[m * S];
+      }
+      zero_from = d + mb;
+    }
+  }
+  T* const end = plane + rows * S * lp;
+  for (T* q = zero_from; q < end; q += W) V::store(q, z);
+}
+
+// N output vectors (N*W columns) of one output row: base points at the row's plane origin plus
+// the first column; taps at base + off[t]. kTaps > 0: tap count known at compile time, weights
+// preloaded in wv; kTaps == 0: any tap count, weights broadcast from wc.
+template <class V, int N, int kTaps>
+LWK_INLINE void dw_group_plane(const typename V::T* base, const int64_t* off, int64_t taps,
+                               const typename V::reg* wv, const typename V::T* wc,
+                               typename V::reg vb, Activation act, typename V::T* out) {
+  using R = typename V::reg;
+  constexpr int W = V::W;
+  R acc[N];
+  LWK_UNROLL for (int u = 0; u < N; ++u) acc[u] = vb;
+  if constexpr (kTaps > 0) {
+    (void)taps;
+    (void)wc;
+    LWK_UNROLL for (int t = 0; t < kTaps; ++t) {
+      LWK_UNROLL for (int u = 0; u < N; ++u) {
+        acc[u] = V::fma(wv[t], V::load(base + off[t] + u * W), acc[u]);
+      }
+    }
+  } else {
+    (void)wv;
+    for (int64_t t = 0; t < taps; ++t) {
+      const R w = V::set1(wc[t]);
+      LWK_UNROLL for (int u = 0; u < N; ++u) {
+        acc[u] = V::fma(w, V::load(base + off[t] + u * W), acc[u]);
+      }
+    }
+  }
+  LWK_UNROLL for (int u = 0; u < N; ++u) V::store(out + u * W, act_vec<V>(acc[u], act));
+}
+
+// A tile's output-row segments: plane offset of the segment's first output (row origin plus
+// first column), its offset in the tile's row buffer, and its length.
+struct Segment {
+  int64_t plane, out, len;
+};
+
+// One channel: the tile's depthwise outputs into row[0 .. np) (whole vectors, so up to W-1
+// elements past a segment's end are written too; they belong to the next segment, written
+// afterwards, or to the row's slack).
+template <class V, int kTaps>
+void dw_channel_plane(const Plan<typename V::T>& pl, const typename V::T* plane,
+                      const Segment* segs, int64_t nsegs, const typename V::T* wc,
+                      typename V::T bias, typename V::T* row) {
+  using R = typename V::reg;
+  constexpr int W = V::W;
+  constexpr int U = 4;
+  static_assert(U == 4, "the remainder switch below covers U == 4");
+  const Activation act = pl.mid_act;
+  const int64_t taps = pl.KH * pl.KW;
+  constexpr int kWv = kTaps > 0 ? kTaps : 1;
+  R wv[kWv];
+  int64_t off_local[kWv];
+  const int64_t* off = pl.tap_off;
+  if constexpr (kTaps > 0) {
+    LWK_UNROLL for (int t = 0; t < kTaps; ++t) {
+      wv[t] = V::set1(wc[t]);
+      off_local[t] = pl.tap_off[t];
+    }
+    off = off_local;
+  } else {
+    wv[0] = V::zero();
+    off_local[0] = 0;
+  }
+  const R vb = V::set1(bias);
+  for (int64_t s = 0; s < nsegs; ++s) {
+    const auto* base = plane + segs[s].plane;
+    auto* out = row + segs[s].out;
+    const int64_t len = segs[s].len;
+    int64_t j = 0;
+    for (; j + U * W <= len; j += U * W) {
+      dw_group_plane<V, U, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
+    }
+    switch (iceil_div(len - j, W)) {
+      case 1:
+        dw_group_plane<V, 1, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
+        break;
+      case 2:
+        dw_group_plane<V, 2, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
+        break;
+      case 3:
+        dw_group_plane<V, 3, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
+        break;
+      case 4:
+        dw_group_plane<V, 4, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
+        break;
+      default:  // nothing left
+        break;
+    }
+  }
+}
+
+template <class V, int kS>
+void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
+                        typename V::T* tile, typename V::T* row, typename V::T* plane,
+                        Segment* segs) {
+  using T = typename V::T;
+  const int64_t HW = pl.H * pl.W, taps = pl.KH * pl.KW;
+  const int64_t oy_a = p0 / pl.OW, oy_b = (p0 + np - 1) / pl.OW;
+  const int64_t iy_base = oy_a * pl.SH - pl.PH;
+  const int64_t rows = (oy_b - oy_a) * pl.SH + (pl.KH - 1) * pl.DH + 1;
+  const int64_t rowsz = pl.SW * pl.lp;
+  int64_t nsegs = 0;
+  for (int64_t p = p0, pend = p0 + np; p < pend;) {
+    const int64_t oy = p / pl.OW, ox0 = p - oy * pl.OW;
+    const int64_t len = imin(pl.OW - ox0, pend - p);
+    segs[nsegs++] = Segment{(oy * pl.SH - pl.PH - iy_base) * rowsz + ox0, p - p0, len};
+    p += len;
+  }
+  const bool k3 = taps == 9;
+  for (int64_t c = 0; c < pl.C; ++c) {
+    const T* xc = pl.x + (n * pl.C + c) * HW;
+    fill_plane<V, kS>(pl, xc, iy_base, rows, plane);
+    const T* wc = pl.dw_w + c * taps;
+    if (k3) {
+      dw_channel_plane<V, 9>(pl, plane, segs, nsegs, wc, pl.dw_b[c], row);
+    } else {
+      dw_channel_plane<V, 0>(pl, plane, segs, nsegs, wc, pl.dw_b[c], row);
+    }
+    scatter_row<V>(row, np, pl.C, c, tile);
   }
 }
 
@@ -404,13 +587,24 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
     const int64_t p0 = (nt % pl.n_tiles) * pl.tile_px;
     const int64_t np = imin(pl.tile_px, npix - p0);
     if (nt != last) {  // consecutive items of one tile share its depthwise output
-      if (nchw) {
+      T* row = reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.row_offset);
+      if (nchw && pl.use_plane) {
+        T* plane = reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.plane_offset);
+        Segment* segs = reinterpret_cast<Segment*>(static_cast<char*>(scratch) + pl.seg_offset);
         if (pl.SW == 1) {
-          dw_tile_nchw<V, 1>(pl, n, p0, np, tile);
+          dw_tile_nchw_plane<V, 1>(pl, n, p0, np, tile, row, plane, segs);
         } else if (pl.SW == 2) {
-          dw_tile_nchw<V, 2>(pl, n, p0, np, tile);
+          dw_tile_nchw_plane<V, 2>(pl, n, p0, np, tile, row, plane, segs);
         } else {
-          dw_tile_nchw<V, 0>(pl, n, p0, np, tile);
+          dw_tile_nchw_plane<V, 0>(pl, n, p0, np, tile, row, plane, segs);
+        }
+      } else if (nchw) {
+        if (pl.SW == 1) {
+          dw_tile_nchw<V, 1>(pl, n, p0, np, tile, row);
+        } else if (pl.SW == 2) {
+          dw_tile_nchw<V, 2>(pl, n, p0, np, tile, row);
+        } else {
+          dw_tile_nchw<V, 0>(pl, n, p0, np, tile, row);
         }
       } else {
         dw_tile_nhwc<V>(pl, n, p0, np, tile);
@@ -428,7 +622,8 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
         const T* A = packed + (co / MR) * C * MR;
         for (int64_t c0 = 0; c0 < np; c0 += NR) {
           const int cols = static_cast<int>(imin(NR, np - c0));
-          kern[rows - 1][(cols + W - 1) / W - 1](C, A, tile + c0, pl.ldt, e, co, c0, cols);
+          const T* B = tile + (c0 / NR) * C * NR;
+          kern[rows - 1][(cols + W - 1) / W - 1](C, A, B, 0, e, co, c0, cols);
         }
       }
     } else {

@@ -92,28 +92,44 @@ int main(int argc, char** argv) {
   int64_t batch = 1;
   lwk::Isa isa = lwk::best_isa();
   std::vector<lwk::Layout> layouts = {lwk::Layout::kNCHW, lwk::Layout::kNHWC};
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
+  std::vector<Shape> only;
+  bool chain_only = false;
+  for (int i = 1; i < argc; i += 2) {
+    const std::string k = argv[i], v = i + 1 < argc ? argv[i + 1] : "";
+    if (k == "--chain-only") {
+      chain_only = true;
+      --i;
+      continue;
+    }
     if (k == "--threads") threads = std::atoi(v.c_str());
     else if (k == "--reps") reps = std::atoi(v.c_str());
     else if (k == "--batch") batch = std::atoll(v.c_str());
     else if (k == "--budget") lwk::detail::set_tile_budget_bytes(std::strtoull(v.c_str(), nullptr, 10));
     else if (k == "--isa") isa = v == "scalar" ? lwk::Isa::kScalar : v == "neon" ? lwk::Isa::kNeon : lwk::Isa::kAvx2;
     else if (k == "--layout") layouts = {v == "nhwc" ? lwk::Layout::kNHWC : lwk::Layout::kNCHW};
+    else if (k == "--shape") {  // cin,cout,stride,hw: time just this block
+      Shape s{};
+      if (std::sscanf(v.c_str(), "%lld,%lld,%lld,%lld", (long long*)&s.cin, (long long*)&s.cout,
+                      (long long*)&s.stride, (long long*)&s.hw) == 4) {
+        only.push_back(s);
+      }
+    }
   }
   std::printf("isa=%s threads=%d batch=%lld reps=%d\n", lwk::isa_name(isa), threads,
               (long long)batch, reps);
-  const std::vector<Shape> shapes = {{32, 64, 1, 112},   {64, 128, 2, 112}, {128, 128, 1, 56},
+  const std::vector<Shape> all_shapes = {{32, 64, 1, 112},   {64, 128, 2, 112}, {128, 128, 1, 56},
                                      {128, 256, 2, 56},  {256, 256, 1, 28}, {256, 512, 2, 28},
                                      {512, 512, 1, 14},  {512, 1024, 2, 14}, {1024, 1024, 1, 7}};
   const std::vector<Shape> chain = {{3, 32, 2, 224},    {32, 64, 1, 112},  {64, 128, 2, 112},
                                     {128, 256, 2, 56},  {256, 512, 2, 28}, {512, 512, 1, 14},
                                     {512, 1024, 2, 14}, {1024, 1024, 1, 7}, {1024, 1024, 1, 7}};
+  const std::vector<Shape>& shapes = only.empty() ? all_shapes : only;
   std::mt19937 gen(1);
   for (lwk::Layout layout : layouts) {
     const char* ln = layout == lwk::Layout::kNCHW ? "nchw" : "nhwc";
     double logsum = 0;
     for (const Shape& s : shapes) {
+      if (chain_only) break;
       Block b;
       make_block(b, s, batch, layout, isa, gen);
       const double ms = median_ms(reps, [&] { lwk::joint_forward<float>(*b.packed, b.g, b.t, threads); });
@@ -121,7 +137,9 @@ int main(int argc, char** argv) {
       std::printf("%s %4lld->%-4lld s%lld %3lld : %8.3f ms  %6.1f GFLOP/s\n", ln, (long long)s.cin,
                   (long long)s.cout, (long long)s.stride, (long long)s.hw, ms, b.flops / ms * 1e-6);
     }
-    std::printf("%s geomean of 9 shapes: %.3f ms\n", ln, std::exp(logsum / shapes.size()));
+    if (!chain_only) std::printf("%s geomean of %zu shapes: %.3f ms\n", ln, shapes.size(),
+                std::exp(logsum / shapes.size()));
+    if (!only.empty()) continue;
     std::vector<Block> blocks(chain.size());
     double flops = 0;
     for (size_t i = 0; i < chain.size(); ++i) {
@@ -131,8 +149,12 @@ int main(int argc, char** argv) {
     const double ms = median_ms(reps, [&] {
       for (auto& b : blocks) lwk::joint_forward<float>(*b.packed, b.g, b.t, threads);
     });
-    std::printf("%s chain (9 blocks, 224 input): %8.3f ms  %6.1f GFLOP/s\n", ln, ms,
+    std::printf("%s chain (9 blocks, 224 input): %8.3f ms  %6.1f GFLOP/s\n  per block:", ln, ms,
                 flops / ms * 1e-6);
+    for (auto& b : blocks) {
+      std::printf(" %.3f", median_ms(reps, [&] { lwk::joint_forward<float>(*b.packed, b.g, b.t, threads); }));
+    }
+    std::printf("\n");
   }
   return 0;
 }
