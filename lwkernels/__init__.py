@@ -9,6 +9,7 @@ See README.md for conventions (dilation, stride, padding) and the op's exact sem
 from . import autograd as _autograd  # noqa: F401  (registers the op's backward)
 from .block import JointBlock, check_joint_modules
 from .cpu_backend import PACK_CACHE, selected_isa
+from .fuse import FuseReport, fuse, to_reference
 from .ops import joint_block
 from .reference import JointBlockReference, joint_block_reference
 
@@ -22,11 +23,14 @@ def clear_cache() -> None:
 
 __all__ = [
     "JointBlock",
+    "FuseReport",
     "JointBlockReference",
     "check_joint_modules",
     "clear_cache",
+    "fuse",
     "joint_block",
     "joint_block_reference",
     "selected_isa",
+    "to_reference",
     "__version__",
 ]

@@ -45,8 +45,8 @@ def selected_isa() -> str:
 
 
 class _PackCache:
-    """Packed pointwise weights, one entry per weight tensor, valid while that tensor is alive and
-    unchanged.
+    """Packed pointwise weights, one entry per weight tensor (see cacheable()), valid while that
+    tensor is alive and unchanged.
 
     An entry is found through the tensor's data address and checked against a weak reference to the
     tensor it was packed from and that tensor's version counter (shared with its views and
@@ -61,7 +61,18 @@ class _PackCache:
         self._lock = threading.RLock()
         self._entries: Dict[Tuple, Tuple[weakref.ref, int, object]] = {}
 
+    @staticmethod
+    def cacheable(weight: torch.Tensor) -> bool:
+        """Parameters and tensors outside autograd are cached. Inference tensors have no version
+        counter; other tensors that require grad are usually recomputed every call, and tools such
+        as gradcheck perturb them through `.data`, which no version counter sees."""
+        if weight.is_inference():
+            return False
+        return isinstance(weight, torch.nn.Parameter) or not weight.requires_grad
+
     def get(self, weight: torch.Tensor, isa: str, layout: str):
+        if not self.cacheable(weight):
+            return self._pack(weight, isa, layout)
         key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, isa, layout)
         version = weight._version
         with self._lock:
@@ -71,14 +82,18 @@ class _PackCache:
                 owner = source()
                 if owner is not None and owner.data_ptr() == key[0] and packed_version == version:
                     return packed
-        _C = native()
-        pack = _C.pack_pointwise_f32 if weight.dtype == torch.float32 else _C.pack_pointwise_f64
-        w = weight.detach().reshape(weight.shape[0], weight.shape[1]).contiguous()
-        packed = pack(isa, layout, w.data_ptr(), w.shape[0], w.shape[1])
+        packed = self._pack(weight, isa, layout)
         source = weakref.ref(weight, lambda _ref, k=key: self._drop(k, _ref))
         with self._lock:
             self._entries[key] = (source, version, packed)
         return packed
+
+    @staticmethod
+    def _pack(weight: torch.Tensor, isa: str, layout: str):
+        _C = native()
+        pack = _C.pack_pointwise_f32 if weight.dtype == torch.float32 else _C.pack_pointwise_f64
+        w = weight.detach().reshape(weight.shape[0], weight.shape[1]).contiguous()
+        return pack(isa, layout, w.data_ptr(), w.shape[0], w.shape[1])
 
     def _drop(self, key: Tuple, ref: weakref.ref) -> None:
         with self._lock:
@@ -122,7 +137,7 @@ def joint_block_cpu(
         # No half-precision CPU kernel: compute in float32 and round once at the end.
         f32 = [None if t is None else t.float() for t in (x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, pw_shift, residual)]
         y = joint_block_cpu(*f32[:4], mid_act, *f32[4:7], f32[7], out_act, stride, padding, dilation, out_shape)
-        return y.to(x.dtype)
+        return y.to(dtype=x.dtype, memory_format=output_memory_format(x))  # .float() may re-lay a strided x
 
     memory_format = output_memory_format(x)
     layout = "nhwc" if memory_format == torch.channels_last else "nchw"
