@@ -212,7 +212,7 @@ def test_training_gradients_equal_reference():
         m.zero_grad()
         m(x).square().sum().backward()
     for (name, p), q in zip(block.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, **F64, msg=name)
+        torch.testing.assert_close(p.grad, q.grad, **F64, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
