@@ -120,7 +120,10 @@ struct IsaOps {
   int nr;  // micro-kernel columns (a multiple of the vector width)
   int vw;  // vector width (elements)
   // Runs work items [begin, end) of `plan` using `scratch` (plan.scratch_bytes, 64-byte aligned).
-  void (*run_items)(const Plan<T>& plan, int64_t begin, int64_t end, void* scratch);
+  // *dw_tile names the (image, tile) whose depthwise output the scratch holds (-1: none); it is
+  // reused when the next item has the same tile, and updated.
+  void (*run_items)(const Plan<T>& plan, int64_t begin, int64_t end, void* scratch,
+                    int64_t* dw_tile);
 };
 
 const IsaOps<float>* scalar_ops_f32();

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -50,7 +51,7 @@ std::atomic<std::size_t> g_tile_budget{0};
 void set_tile_budget_bytes(std::size_t bytes) { g_tile_budget.store(bytes); }
 std::size_t tile_budget_bytes() {
   const std::size_t b = g_tile_budget.load();
-  return b ? b : std::size_t(96) * 1024;
+  return b ? b : std::size_t(256) * 1024;
 }
 
 namespace {
@@ -129,6 +130,16 @@ struct ScratchBuf {
 
 thread_local ScratchBuf t_scratch;
 
+// Work sharing between the tasks of one call: task t owns items [next, end) of its static range
+// (contiguous, so consecutive output-channel blocks of one tile reuse its depthwise output) and
+// claims them one at a time; when its range is empty it claims from the other ranges. On an idle
+// machine every task just runs its own range; on a busy one a descheduled worker's items are
+// taken over instead of delaying the call.
+struct alignas(64) Claim {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
 template <typename T>
 struct DispatchCtx {
   const Plan<T>* plan;
@@ -136,15 +147,22 @@ struct DispatchCtx {
   char* scratch;
   std::size_t stride;  // bytes of scratch per task
   int tasks;
+  Claim* claims;       // [tasks]
 };
 
 template <typename T>
 void run_task(void* p, int task) {
   const auto& c = *static_cast<const DispatchCtx<T>*>(p);
-  const int64_t n = c.plan->n_items;
-  const int64_t begin = n * task / c.tasks;
-  const int64_t end = n * (task + 1) / c.tasks;
-  if (begin < end) c.ops->run_items(*c.plan, begin, end, c.scratch + c.stride * task);
+  void* scratch = c.scratch + c.stride * task;
+  int64_t dw_tile = -1;
+  for (int k = 0; k < c.tasks; ++k) {
+    Claim& cl = c.claims[(task + k) % c.tasks];
+    for (;;) {
+      const int64_t i = cl.next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= cl.end) break;
+      c.ops->run_items(*c.plan, i, i + 1, scratch, &dw_tile);
+    }
+  }
 }
 
 // Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:
@@ -420,7 +438,17 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   }
   plan.tap_off = tap_off;
 
-  DispatchCtx<T> ctx{&plan, ops, tiles, plan.scratch_bytes, tasks};
+  if (tasks == 1) {
+    int64_t dw_tile = -1;
+    ops->run_items(plan, 0, plan.n_items, tiles, &dw_tile);
+    return;
+  }
+  std::unique_ptr<Claim[]> claims(new Claim[tasks]);
+  for (int i = 0; i < tasks; ++i) {
+    claims[i].next.store(plan.n_items * i / tasks, std::memory_order_relaxed);
+    claims[i].end = plan.n_items * (i + 1) / tasks;
+  }
+  DispatchCtx<T> ctx{&plan, ops, tiles, plan.scratch_bytes, tasks, claims.get()};
   parallel_run(tasks, &run_task<T>, &ctx);
 }
 

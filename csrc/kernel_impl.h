@@ -565,7 +565,8 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
 // Work items.
 
 template <class V>
-void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* scratch) {
+void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* scratch,
+               int64_t* dw_tile) {
   using T = typename V::T;
   constexpr int MR = V::MR, NR = V::NR, W = V::W;
   const bool nchw = pl.layout == Layout::kNCHW;
@@ -579,7 +580,7 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
   const T* packed = pl.packed->data();
   const int64_t npix = pl.OH * pl.OW;
   const int64_t C = pl.C, CO = pl.CO;
-  int64_t last = -1;
+  int64_t last = *dw_tile;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t cob = item % pl.n_co;
     const int64_t nt = item / pl.n_co;
@@ -641,6 +642,7 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
       }
     }
   }
+  *dw_tile = last;
 }
 
 }  // namespace

@@ -49,15 +49,16 @@ class ThreadPool {
     }
     ensure_workers(n - 1);
     error_ = nullptr;
+    const uint64_t gen = ++gen_;
     pending_.store(n - 1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lk(m_);
       for (int w = 0; w < n - 1; ++w) {
         Worker& wk = *workers_[w];
-        wk.fn = fn;
-        wk.ctx = ctx;
-        wk.task = w + 1;
-        wk.gen.fetch_add(1, std::memory_order_release);
+        wk.fn.store(fn, std::memory_order_relaxed);
+        wk.ctx.store(ctx, std::memory_order_relaxed);
+        wk.task.store(w + 1, std::memory_order_relaxed);
+        wk.word.store(gen << 2 | kPosted, std::memory_order_release);
       }
     }
     cv_.notify_all();
@@ -68,8 +69,18 @@ class ThreadPool {
     } catch (...) {
       mine = std::current_exception();
     }
+    // Tasks are expected to share their work dynamically (see joint_block.cpp), so by now every
+    // task that has not started has nothing left to do: cancel those instead of waiting for a
+    // worker that may not even be scheduled yet.
+    for (int w = 0; w < n - 1; ++w) {
+      uint64_t expected = gen << 2 | kPosted;
+      if (workers_[w]->word.compare_exchange_strong(expected, gen << 2 | kCancelled,
+                                                    std::memory_order_acq_rel)) {
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
 
-    // Wait for the workers: spin, then block.
+    // Wait for the workers that did start: spin, then block.
     const auto deadline = std::chrono::steady_clock::now() + kSpin;
     int polls = 0;
     while (pending_.load(std::memory_order_acquire) != 0) {
@@ -87,11 +98,16 @@ class ThreadPool {
   }
 
  private:
+  // Worker::word = generation << 2 | state. The caller posts (gen, kPosted) after writing the
+  // task fields; a worker claims it by CAS to kRunning, the caller may instead cancel it by CAS
+  // to kCancelled. A worker that lost the race never touches the (possibly gone) task context.
+  static constexpr uint64_t kPosted = 0, kRunning = 1, kCancelled = 2, kStateMask = 3;
+
   struct Worker {
-    std::atomic<uint64_t> gen{0};  // bumped by the caller for each new task
-    TaskFn fn = nullptr;           // written before gen is bumped, read after it is seen
-    void* ctx = nullptr;
-    int task = 0;
+    std::atomic<uint64_t> word{kCancelled};
+    std::atomic<TaskFn> fn{nullptr};
+    std::atomic<void*> ctx{nullptr};
+    std::atomic<int> task{0};
     std::thread thread;
   };
 
@@ -104,23 +120,35 @@ class ThreadPool {
     }
   }
 
+  static bool posted(uint64_t word, uint64_t seen_gen) {
+    return (word & kStateMask) == kPosted && (word >> 2) != seen_gen;
+  }
+
   void loop(Worker* w) {
-    uint64_t seen = 0;
+    uint64_t seen_gen = 0;
     for (;;) {
-      // Spin for a while, then sleep until the caller bumps our generation.
+      // Spin for a while, then sleep until the caller posts a task for us.
       const auto deadline = std::chrono::steady_clock::now() + kSpin;
       int polls = 0;
-      while (w->gen.load(std::memory_order_acquire) == seen) {
+      uint64_t word;
+      while (!posted(word = w->word.load(std::memory_order_acquire), seen_gen)) {
         cpu_relax();
         if ((++polls & 63) == 0 && std::chrono::steady_clock::now() > deadline) {
           std::unique_lock<std::mutex> lk(m_);
-          cv_.wait(lk, [&] { return w->gen.load(std::memory_order_acquire) != seen; });
-          break;
+          cv_.wait(lk, [&] { return posted(w->word.load(std::memory_order_acquire), seen_gen); });
+          polls = 0;
         }
       }
-      seen = w->gen.load(std::memory_order_acquire);
+      const TaskFn fn = w->fn.load(std::memory_order_relaxed);
+      void* const ctx = w->ctx.load(std::memory_order_relaxed);
+      const int task = w->task.load(std::memory_order_relaxed);
+      if (!w->word.compare_exchange_strong(word, (word & ~kStateMask) | kRunning,
+                                           std::memory_order_acq_rel)) {
+        continue;  // cancelled (or re-posted): the fields read above are stale, drop them
+      }
+      seen_gen = word >> 2;
       try {
-        w->fn(w->ctx, w->task);
+        fn(ctx, task);
       } catch (...) {
         std::lock_guard<std::mutex> lk(done_m_);
         if (!error_) error_ = std::current_exception();
@@ -138,6 +166,7 @@ class ThreadPool {
   std::mutex done_m_;
   std::condition_variable done_cv_;
   std::atomic<int> pending_{0};
+  uint64_t gen_ = 0;  // only touched by the busy_ owner
   std::exception_ptr error_;
   std::vector<std::unique_ptr<Worker>> workers_;  // only touched by the busy_ owner
 };

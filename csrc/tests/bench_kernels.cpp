@@ -72,6 +72,10 @@ double now_ms() {
       .count();
 }
 
+double g_last_min = 0;  // minimum of the last median_ms() call
+
+// Median wall time of `reps` calls after warm-up (the minimum goes to g_last_min: on a shared,
+// noisy machine it is the better estimate of undisturbed speed).
 template <typename Fn>
 double median_ms(int reps, Fn&& fn) {
   for (int i = 0; i < 3; ++i) fn();
@@ -82,6 +86,7 @@ double median_ms(int reps, Fn&& fn) {
     t.push_back(now_ms() - a);
   }
   std::sort(t.begin(), t.end());
+  g_last_min = t.front();
   return t[t.size() / 2];
 }
 
@@ -127,18 +132,20 @@ int main(int argc, char** argv) {
   std::mt19937 gen(1);
   for (lwk::Layout layout : layouts) {
     const char* ln = layout == lwk::Layout::kNCHW ? "nchw" : "nhwc";
-    double logsum = 0;
+    double logsum = 0, logmin = 0;
     for (const Shape& s : shapes) {
       if (chain_only) break;
       Block b;
       make_block(b, s, batch, layout, isa, gen);
       const double ms = median_ms(reps, [&] { lwk::joint_forward<float>(*b.packed, b.g, b.t, threads); });
       logsum += std::log(ms);
-      std::printf("%s %4lld->%-4lld s%lld %3lld : %8.3f ms  %6.1f GFLOP/s\n", ln, (long long)s.cin,
-                  (long long)s.cout, (long long)s.stride, (long long)s.hw, ms, b.flops / ms * 1e-6);
+      std::printf("%s %4lld->%-4lld s%lld %3lld : %8.3f ms (min %.3f)  %6.1f GFLOP/s (at min %.1f)\n",
+                  ln, (long long)s.cin, (long long)s.cout, (long long)s.stride, (long long)s.hw,
+                  ms, g_last_min, b.flops / ms * 1e-6, b.flops / g_last_min * 1e-6);
+      logmin += std::log(g_last_min);
     }
-    if (!chain_only) std::printf("%s geomean of %zu shapes: %.3f ms\n", ln, shapes.size(),
-                std::exp(logsum / shapes.size()));
+    if (!chain_only) std::printf("%s geomean of %zu shapes: %.3f ms (of minima %.3f)\n", ln, shapes.size(),
+                std::exp(logsum / shapes.size()), std::exp(logmin / shapes.size()));
     if (!only.empty()) continue;
     std::vector<Block> blocks(chain.size());
     double flops = 0;
@@ -149,8 +156,8 @@ int main(int argc, char** argv) {
     const double ms = median_ms(reps, [&] {
       for (auto& b : blocks) lwk::joint_forward<float>(*b.packed, b.g, b.t, threads);
     });
-    std::printf("%s chain (9 blocks, 224 input): %8.3f ms  %6.1f GFLOP/s\n  per block:", ln, ms,
-                flops / ms * 1e-6);
+    std::printf("%s chain (9 blocks, 224 input): %8.3f ms (min %.3f)  %6.1f GFLOP/s\n  per block:",
+                ln, ms, g_last_min, flops / ms * 1e-6);
     for (auto& b : blocks) {
       std::printf(" %.3f", median_ms(reps, [&] { lwk::joint_forward<float>(*b.packed, b.g, b.t, threads); }));
     }
