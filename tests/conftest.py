@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 import lwkernels.cpu_backend as cpu_backend
+from helpers import torch_threads
 from lwkernels.contract import empty_output
 
 
@@ -32,10 +32,16 @@ def cpu_isa(request, monkeypatch):
 @pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
 def num_threads(request):
     """Runs the test with torch.set_num_threads(1) and (2); restores the previous setting."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
+    with torch_threads(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def single_thread():
+    """torch.set_num_threads(1) for one test (restored afterwards): PyTorch's own small convs, used
+    as references, slow down by orders of magnitude when OpenMP threads compete for shared cores."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

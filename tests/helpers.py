@@ -8,14 +8,12 @@ from its test id alone.
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lwkernels.cpu_backend import ISA_ENV
@@ -159,9 +157,24 @@ def as_float64(args: Sequence) -> List:
     return [a.detach().double() if isinstance(a, torch.Tensor) else a for a in args]
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch.set_num_threads(n) for the duration; restores the previous setting."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def reference64(args: Sequence) -> torch.Tensor:
-    """joint_block_reference computed in float64 from the (possibly low-precision) arguments."""
-    return joint_block_reference(*as_float64(args))
+    """joint_block_reference computed in float64 from the (possibly low-precision) arguments.
+
+    Single-threaded: PyTorch's OpenMP convolutions on small tensors gain nothing from threads and
+    slow down by orders of magnitude when the cores are shared with other work."""
+    with torch_threads(1):
+        return joint_block_reference(*as_float64(args))
 
 
 def call_op(args: Sequence) -> torch.Tensor:
@@ -291,6 +304,11 @@ def plain_modules(c_in: int, c_out: int, *, kernel: int = 3, stride: IntPair = 1
 def plain_forward(mods: nn.ModuleDict, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                   mid_act: str = "none", act: str = "relu") -> torch.Tensor:
     """The joint block spelled out with PyTorch's modules, in the order DESIGN.md defines it."""
+    with torch_threads(1):  # see reference64
+        return _plain_forward(mods, x, residual, mid_act, act)
+
+
+def _plain_forward(mods, x, residual, mid_act, act):
     t = mods["depthwise"](x)
     if "mid_bn" in mods:
         t = mods["mid_bn"](t)

@@ -10,8 +10,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import ACT_MODULES, plain_forward, plain_modules, randomize_
+from helpers import plain_forward, plain_modules, randomize_
 from lwkernels import JointBlock, JointBlockReference
+
+# PyTorch's own convolutions (the references, the backward) on one thread: see conftest.single_thread.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 F32 = dict(rtol=1e-5, atol=1e-4)  # float32 block vs float64 reference: accumulation lengths here are < 100
@@ -143,6 +146,18 @@ def test_eval_fused_equals_reference(variant, residual, layout):
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=fmt)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.double(), expected, **F32)
+
+
+def test_eval_under_inference_mode():
+    block = make_block(seed=23, mid_norm=True, dilation=2).eval()
+    x = rand(2, 6, 9, 9, seed=24, fmt=torch.channels_last)
+    with torch.no_grad():
+        expected = block(x)
+    with torch.inference_mode():
+        y = block(x)
+        y_again = block(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(y_again, expected, rtol=0, atol=0)
 
 
 def test_eval_float64_block():

@@ -17,7 +17,7 @@ from torch import nn
 import lwkernels
 import lwkernels.contract as contract
 import lwkernels.cpu_backend as cpu_backend
-from helpers import (ACTIVATIONS, Case, assert_matches_reference, call_op, conv_out, make_args, reference64,
+from helpers import (ACTIVATIONS, Case, assert_matches_reference, call_op, make_args, reference64,
                      randomize_)
 
 pytestmark = pytest.mark.usefixtures("nan_outputs")
@@ -332,13 +332,13 @@ def test_views_with_different_strides_at_one_address(cpu_isa):
         _check_with(args, w)
 
 
-def test_layouts_and_paths_share_one_weight(cpu_isa, monkeypatch):
-    """One weight used with NCHW and channels_last inputs and on every CPU path: each combination
-    gets a packing for its own (path, layout)."""
+def test_layouts_and_paths_share_one_weight(monkeypatch):
+    """One weight used with NCHW and channels_last inputs and on every CPU path, back and forth:
+    each combination gets a packing for its own (path, layout)."""
     from conftest import cpu_paths_here
     args = make_args(CACHE_CASE, seed=23)
     weight = args[5]
-    for isa in cpu_paths_here() + [cpu_isa]:
+    for isa in cpu_paths_here() * 2:
         monkeypatch.setenv(cpu_backend.ISA_ENV, isa)
         for fmt in (torch.channels_last, torch.contiguous_format, torch.channels_last):
             new = list(args)
@@ -367,6 +367,13 @@ def test_steady_state_packs_once(cpu_isa, monkeypatch):
     for _ in range(3):
         _check_with(args, weight)
     assert len(calls) == 2
+    # An eval JointBlock, whose pointwise weight is an nn.Parameter that requires grad.
+    block = randomize_(lwkernels.JointBlock(8, 12, dilation=2), seed=6).eval()
+    x = make_args(CACHE_CASE, seed=25)[0]
+    expected = block(x)
+    for _ in range(3):
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+    assert len(calls) == 3
 
 
 def test_cache_drops_dead_weights(cpu_isa):

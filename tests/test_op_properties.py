@@ -8,10 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import cpu_paths_here
-from helpers import ACTIVATIONS, X_LAYOUTS, Case, assert_matches_reference, call_op, conv_out, forced_isa, make_args
+from helpers import (ACTIVATIONS, X_LAYOUTS, Case, assert_matches_reference, call_op, conv_out, forced_isa, make_args,
+                     torch_threads)
 
-# The NaN-poisoning fixture is shared by all examples of a test, which is what we want here.
-PROPERTY_SETTINGS = settings(max_examples=250, deadline=None, derandomize=False,
+# A few ms an example: about 10 s for the file on an idle 2-core machine. The NaN-poisoning fixture
+# is shared by all examples of a test, which is what we want here.
+PROPERTY_SETTINGS = settings(max_examples=1500, deadline=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -46,23 +48,23 @@ def cases(draw, dtypes=(torch.float32, torch.float64)):
 
 @pytest.mark.usefixtures("nan_outputs")
 @PROPERTY_SETTINGS
-@given(case=cases(), isa=st.sampled_from(cpu_paths_here()), seed=st.integers(0, 2 ** 16))
-def test_fused_op_equals_reference(case, isa, seed):
+@given(case=cases(), isa=st.sampled_from(cpu_paths_here()), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 16))
+def test_fused_op_equals_reference(case, isa, threads, seed):
     args = make_args(case, seed)
-    with forced_isa(isa):
+    with forced_isa(isa), torch_threads(threads):
         y = call_op(args)
     assert_matches_reference(y, args, accumulation_length=case.accumulation_length)
 
 
 @pytest.mark.usefixtures("nan_outputs")
-@settings(PROPERTY_SETTINGS, max_examples=60)
+@settings(PROPERTY_SETTINGS, max_examples=300)
 @given(case=cases(dtypes=(torch.float16, torch.bfloat16)), seed=st.integers(0, 2 ** 16))
 def test_low_precision_equals_reference(case, seed):
     args = make_args(case, seed)
     assert_matches_reference(call_op(args), args, accumulation_length=case.accumulation_length)
 
 
-@settings(PROPERTY_SETTINGS, max_examples=60)
+@settings(PROPERTY_SETTINGS, max_examples=300)
 @given(case=cases(), seed=st.integers(0, 2 ** 16))
 def test_fake_implementation_agrees_with_the_kernel(case, seed):
     """The meta/fake implementation predicts the CPU output's shape, dtype and strides."""

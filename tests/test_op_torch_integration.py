@@ -12,6 +12,9 @@ import lwkernels
 from helpers import ACTIVATIONS, Case, as_float64, call_op, make_args, randomize_, reference64
 from lwkernels.activation import apply_activation
 
+# PyTorch's own convolutions (the references, the backward) on one thread: see conftest.single_thread.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 OP = torch.ops.lwkernels.joint_block.default
 DIFFERENTIABLE = {"x": 0, "dw_weight": 1, "dw_scale": 2, "dw_shift": 3, "pw_weight": 5, "pw_scale": 6,
                   "pw_shift": 7, "residual": 8}
@@ -84,6 +87,17 @@ def test_compile_fullgraph_block_eval(layout):
         got = compiled(x)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert got.is_contiguous(memory_format=fmt)
+
+
+def test_export_block_eval():
+    """torch.export sees the op through its fake implementation; the exported program runs it."""
+    block = randomize_(lwkernels.JointBlock(4, 8, dilation=3, bias=True), seed=6).eval()
+    x = torch.randn(2, 4, 9, 7, generator=torch.Generator().manual_seed(7))
+    res = torch.randn(2, 8, 9, 7, generator=torch.Generator().manual_seed(8))
+    exported = torch.export.export(block, (x, res))
+    assert any(node.target is OP for node in exported.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x, res), block(x, res), rtol=1e-6, atol=1e-6)
 
 
 # -- gradcheck ---------------------------------------------------------------------------------------------
