@@ -3,6 +3,7 @@ registration, AOT dispatch), torch.compile(fullgraph=True), gradcheck of every d
 input in float64, and JointBlock gradients against JointBlockReference."""
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -85,8 +86,13 @@ def test_compile_fullgraph_block_eval(layout):
     with torch.no_grad():
         expected = block(x)
         got = compiled(x)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    assert got.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        assert got.is_contiguous(memory_format=fmt)
+        # New weights loaded in place: the compiled block computes with them too.
+        block.load_state_dict(randomize_(copy.deepcopy(block), seed=5).state_dict())
+        expected_new = block(x)
+        assert not torch.allclose(expected_new, expected)
+        torch.testing.assert_close(compiled(x), expected_new, rtol=1e-6, atol=1e-6)
 
 
 def test_export_block_eval():
