@@ -148,45 +148,46 @@ def _joint_block_kernel(
 
 # -- autotuning ----------------------------------------------------------------------------------
 
+def tile_config(block_p: int, block_co: int, block_ci: int, num_stages: int) -> triton.Config:
+    """A launch config: 4 warps while the fp32 accumulator is <= 64 elements per thread, else 8."""
+    warps = 4 if block_p * block_co // 128 <= 64 else 8
+    return triton.Config({"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci},
+                         num_warps=warps, num_stages=num_stages)
+
+
 def _candidate_configs() -> List[triton.Config]:
-    """Tiles: pixels {64, 128} x out channels {32, 64, 128, 256} x in-channel chunk {16, 32, 64};
-    `_prune` keeps at most 8 of them for a given shape."""
-    configs = []
-    for block_p in (64, 128):
-        for block_co in (32, 64, 128, 256):
-            for block_ci in (16, 32, 64):
-                acc_per_thread = block_p * block_co // 128  # fp32 accumulator elements per thread at 4 warps
-                warps = 4 if acc_per_thread <= 64 else 8
-                configs.append(triton.Config({"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci},
-                                             num_warps=warps, num_stages=2))
-    return configs
+    """Tiles: pixels {64, 128} x out channels {32, 64, 128, 256} x in-channel chunk {16, 32} x
+    stages {1, 2}. `select_configs` keeps at most 8 of them for a given shape.
+
+    num_stages=2 lets Triton's pipeliner turn the tap loads into cp.async copies through shared
+    memory (about (KH*KW*BLOCK_P*BLOCK_CI + 2*BLOCK_CI*BLOCK_CO) elements), prefetching the next
+    channel chunk at the cost of occupancy; num_stages=1 keeps plain vectorised loads and little shared
+    memory. Which wins is a measurement; configs that do not fit in shared memory are discarded by
+    the autotuner (OutOfResources)."""
+    return [tile_config(p, co, ci, st) for p in (64, 128) for co in (32, 64, 128, 256) for ci in (16, 32)
+            for st in (1, 2)]
 
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
-def select_configs(c_in: int, c_out: int) -> Tuple[Tuple[int, int, int], ...]:
-    """The (BLOCK_P, BLOCK_CO, BLOCK_CI) tiles worth timing for a shape (at most 8).
+def select_configs(c_in: int, c_out: int) -> Tuple[Tuple[int, int, int, int], ...]:
+    """The (BLOCK_P, BLOCK_CO, BLOCK_CI, num_stages) worth timing for a shape (at most 8).
 
     BLOCK_CO: the smallest power of two covering C_out (capped at 256, floor 32), so the input is read
-    and the depthwise part computed once per pixel tile when C_out <= 256, plus half of it (more
-    programs when the pixel count is small). BLOCK_CI: 16 for C_in <= 16 (the dot's minimum K),
-    else 32 and, for C_in >= 64, 64."""
+    and the depthwise part computed once per pixel tile when C_out <= 256, plus half of it (twice the
+    programs, for shapes with few pixels). BLOCK_CI: 16 for C_in <= 16 (the dot's minimum K), else 32."""
     co_full = min(256, max(32, _next_pow2(c_out)))
     co_tiles = (co_full,) if co_full == 32 else (co_full, co_full // 2)
-    if c_in <= 16:
-        ci_tiles: Tuple[int, ...] = (16,)
-    elif c_in < 64:
-        ci_tiles = (32,)
-    else:
-        ci_tiles = (32, 64)
-    return tuple((p, co, ci) for p in (64, 128) for co in co_tiles for ci in ci_tiles)
+    ci = 16 if c_in <= 16 else 32
+    return tuple((p, co, ci, st) for p in (64, 128) for co in co_tiles for st in (1, 2))
 
 
 def _prune(configs, named_args, **kwargs):
     wanted = set(select_configs(named_args["C_IN"], named_args["C_OUT"]))
-    kept = [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_CI"]) in wanted]
+    kept = [c for c in configs
+            if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_CI"], c.num_stages) in wanted]
     return kept or configs[:1]
 
 
@@ -226,6 +227,7 @@ def joint_block_triton(
 
     allow_tf32: fp32 inputs use TF32 in the pointwise dot (ignored for fp16/bf16).
     config: {"BLOCK_P", "BLOCK_CO", "BLOCK_CI"[, "num_warps", "num_stages"]} to bypass autotuning
+    (tile_config(...).all_kwargs() gives one)
     (tests use it to check every tile shape); under TRITON_INTERPRET=1 the pinned config is the default.
 
     CUDA tensors normally; CPU tensors only under TRITON_INTERPRET=1.
