@@ -94,6 +94,9 @@ struct Plan {
   bool use_plane = false;
   int64_t lp = 0, plane_rows = 0;
   const int64_t* tap_off = nullptr;  // [KH*KW]
+  // Phase r's elements inside the image: [phase_lo[r], phase_hi[r]) (0 <= m*SW + r - PW < W).
+  const int64_t* phase_lo = nullptr;  // [SW]
+  const int64_t* phase_hi = nullptr;  // [SW]
   // A tile's output-row segments (at most max_segs), computed once per tile at seg_offset.
   int64_t max_segs = 0;
   std::size_t seg_offset = 0;
@@ -107,8 +110,12 @@ struct Plan {
   // tile in column blocks of NR pixels, block b holding [C][NR] (so the micro-kernel reads it as a
   // packed panel) at offset 0; one channel's row of the tile (ldt elements, with slack for whole
   // vectors) at row_offset; the plane at plane_offset.
+  // NCHW double-buffers the row and the plane (channel c's buffers are written while channel
+  // c-1's are read), so loads never wait on stores still in flight (store-forwarding stalls):
+  // buffer i of each starts i * row_stride / plane_stride elements after its offset.
   int64_t ldt = 0;
   std::size_t row_offset = 0, plane_offset = 0;
+  int64_t row_stride = 0, plane_stride = 0;
   std::size_t scratch_bytes = 0;   // per worker, total
 };
 

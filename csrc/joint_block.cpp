@@ -332,7 +332,8 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
     plan.row_offset = aligned(ceil_div(tl.tile_px, nr) * C * nr * int64_t(sizeof(T)));
     // Row slack of one micro-tile: the depthwise writes whole vectors past a segment's end.
     plan.ldt = round_up(tl.tile_px, nr) + nr;
-    plan.plane_offset = plan.row_offset + aligned(plan.ldt * int64_t(sizeof(T)));
+    plan.row_stride = static_cast<int64_t>(aligned(plan.ldt * int64_t(sizeof(T))) / sizeof(T));
+    plan.plane_offset = plan.row_offset + 2 * plan.row_stride * sizeof(T);  // two rows
     plan.scratch_bytes = plan.plane_offset;
     const int64_t S = g.stride_w;
     const int64_t qmax = (KW - 1) * g.dil_w / S;
@@ -342,8 +343,10 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
     const int64_t plane_elems = plan.plane_rows * S * plan.lp + ops->vw;  // + store slack
     plan.use_plane = plane_elems <= (int64_t(1) << 16);
     if (plan.use_plane) {
+      plan.plane_stride =
+          static_cast<int64_t>(aligned(plane_elems * int64_t(sizeof(T))) / sizeof(T));
       plan.max_segs = rows_out;
-      plan.seg_offset = plan.scratch_bytes + aligned(plane_elems * int64_t(sizeof(T)));
+      plan.seg_offset = plan.scratch_bytes + 2 * plan.plane_stride * sizeof(T);  // two planes
       plan.scratch_bytes = plan.seg_offset + aligned(rows_out * 3 * int64_t(sizeof(int64_t)));
     }
   }
@@ -362,7 +365,8 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   const std::size_t b_oh = bytes_of(OH, sizeof(int64_t));
   const std::size_t b_ow = bytes_of(OW, sizeof(int64_t));
   const std::size_t b_kw = bytes_of(taps, sizeof(int64_t));
-  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw;
+  const std::size_t b_ph = bytes_of(plan.use_plane ? g.stride_w : 0, sizeof(int64_t));
+  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 2 * b_ph;
   char* base = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
   char* cur = base;
   auto take = [&cur](std::size_t b) {
@@ -379,6 +383,8 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   int64_t* kx_lo = reinterpret_cast<int64_t*>(take(b_ow));
   int64_t* kx_hi = reinterpret_cast<int64_t*>(take(b_ow));
   int64_t* tap_off = reinterpret_cast<int64_t*>(take(b_kw));
+  int64_t* phase_lo = reinterpret_cast<int64_t*>(take(b_ph));
+  int64_t* phase_hi = reinterpret_cast<int64_t*>(take(b_ph));
   char* tiles = cur;
 
   for (int64_t c = 0; c < C; ++c) {
@@ -437,6 +443,19 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
     }
   }
   plan.tap_off = tap_off;
+  if (plan.use_plane) {
+    const int64_t S = g.stride_w, P = g.pad_w, Win = g.in_w;
+    for (int64_t r = 0; r < S; ++r) {
+      int64_t lo = P - r <= 0 ? 0 : ceil_div(P - r, S);
+      int64_t hi = Win - 1 + P - r < 0 ? 0 : (Win - 1 + P - r) / S + 1;
+      lo = std::min(lo, plan.lp);
+      hi = std::min(hi, plan.lp);
+      phase_lo[r] = lo;
+      phase_hi[r] = std::max(lo, hi);
+    }
+  }
+  plan.phase_lo = phase_lo;
+  plan.phase_hi = phase_hi;
 
   if (tasks == 1) {
     int64_t dw_tile = -1;

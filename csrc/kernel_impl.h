@@ -37,6 +37,21 @@
 #define LWK_RESTRICT
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define LWK_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define LWK_PREFETCH(p) ((void)0)
+#endif
+
+// Marks a loop body as opaque to the compiler's idiom recognition: the short zero-fill and copy
+// loops below must stay inline vector stores, not become memset/memcpy calls (each call costs
+// more than the loop, plus a vzeroupper on x86).
+#if defined(__GNUC__) || defined(__clang__)
+#define LWK_NO_IDIOM() __asm__ __volatile__("" ::: "memory")
+#else
+#define LWK_NO_IDIOM() ((void)0)
+#endif
+
 #if defined(__clang__)
 #define LWK_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)
@@ -302,10 +317,14 @@ LWK_INLINE void scatter_row(typename V::T* row, int64_t np, int64_t C, int64_t c
   using T = typename V::T;
   constexpr int NR = V::NR, W = V::W;
   const int64_t nb = iceil_div(np, NR);
-  for (int64_t j = np; j < nb * NR; ++j) row[j] = T(0);
+  for (int64_t j = np; j < nb * NR; ++j) {
+    row[j] = T(0);
+    LWK_NO_IDIOM();
+  }
   for (int64_t b = 0; b < nb; ++b) {
     T* dst = tile + (b * C + c) * NR;
     LWK_UNROLL for (int v = 0; v < V::NV; ++v) V::store(dst + v * W, V::load(row + b * NR + v * W));
+    LWK_NO_IDIOM();
   }
 }
 
@@ -321,14 +340,16 @@ void dw_tile_nchw(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
     const T bias = pl.dw_b[c];
     int64_t p = p0;
     const int64_t pend = p0 + np;
+    T* const cur_row = row + (c & 1) * pl.row_stride;  // see dw_tile_nchw_plane
     while (p < pend) {
       const int64_t oy = p / pl.OW, ox0 = p - oy * pl.OW;
       const int64_t ox1 = imin(pl.OW, ox0 + (pend - p));
-      dw_row_nchw<V, kS>(pl, xc, wc, bias, oy, ox0, ox1, row + (p - p0));
+      dw_row_nchw<V, kS>(pl, xc, wc, bias, oy, ox0, ox1, cur_row + (p - p0));
       p += ox1 - ox0;
     }
-    scatter_row<V>(row, np, pl.C, c, tile);
+    if (c > 0) scatter_row<V>(row + ((c - 1) & 1) * pl.row_stride, np, pl.C, c - 1, tile);
   }
+  scatter_row<V>(row + ((pl.C - 1) & 1) * pl.row_stride, np, pl.C, pl.C - 1, tile);
 }
 
 // NCHW through the plane (see Plan::use_plane). Builds plane rows for input rows
@@ -350,30 +371,40 @@ void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, int64_t 
     const T* src = xc + iy * Win;
     T* row = plane + i * S * lp;
     for (int64_t r = 0; r < S; ++r) {
-      // m is inside the image iff 0 <= m*S + r - P < Win.
-      int64_t ma = P - r <= 0 ? 0 : (P - r + S - 1) / S;
-      int64_t mb = Win - 1 + P - r < 0 ? 0 : (Win - 1 + P - r) / S + 1;
-      ma = imin(ma, lp);
-      mb = imin(mb, lp);
+      // Phase elements m in [ma, mb) are inside the image (0 <= m*S + r - P < Win).
+      const int64_t ma = pl.phase_lo[r], mb = pl.phase_hi[r];
       if (ma >= mb) continue;
       T* d = row + r * lp;
-      for (T* q = zero_from; q < d + ma; q += W) V::store(q, z);
+      for (T* q = zero_from; q < d + ma; q += W) {
+        V::store(q, z);
+        LWK_NO_IDIOM();
+      }
       const T* s0 = src + (ma * S + r - P);
       const int64_t n = mb - ma, nv = iceil_div(n, W);
       if (s0 + (nv * W - 1) * S < pl.x_end) {
         for (int64_t v = 0; v < nv; ++v) {
           V::store(d + ma + v * W, load_strided<V, kS>(s0 + v * W * S, S));
+          LWK_NO_IDIOM();
         }
       } else {  // the last row of x: no vector may read past its end
         int64_t m = 0;
-        for (; m + W <= n; m += W) V::store(d + ma + m, load_strided<V, kS>(s0 + m * S, S));
-        for (; m < n; ++m) d[ma + m] = s0[m * S];
+        for (; m + W <= n; m += W) {
+          V::store(d + ma + m, load_strided<V, kS>(s0 + m * S, S));
+          LWK_NO_IDIOM();
+        }
+        for (; m < n; ++m) {
+          d[ma + m] = s0[m * S];
+          LWK_NO_IDIOM();
+        }
       }
       zero_from = d + mb;
     }
   }
   T* const end = plane + rows * S * lp;
-  for (T* q = zero_from; q < end; q += W) V::store(q, z);
+  for (T* q = zero_from; q < end; q += W) {
+    V::store(q, z);
+    LWK_NO_IDIOM();
+  }
 }
 
 // N output vectors (N*W columns) of one output row: base points at the row's plane origin plus
@@ -486,17 +517,26 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
     p += len;
   }
   const bool k3 = taps == 9;
+  // Software pipeline over channels: fill the plane of c+1, compute c, scatter c-1, with two
+  // planes and two rows, so every load reads data stored one channel earlier.
+  const T* const xn = pl.x + n * pl.C * HW;
+  fill_plane<V, kS>(pl, xn, iy_base, rows, plane);
   for (int64_t c = 0; c < pl.C; ++c) {
-    const T* xc = pl.x + (n * pl.C + c) * HW;
-    fill_plane<V, kS>(pl, xc, iy_base, rows, plane);
+    T* const cur_plane = plane + (c & 1) * pl.plane_stride;
+    T* const cur_row = row + (c & 1) * pl.row_stride;
+    if (c + 1 < pl.C) {
+      fill_plane<V, kS>(pl, xn + (c + 1) * HW, iy_base, rows,
+                        plane + ((c + 1) & 1) * pl.plane_stride);
+    }
     const T* wc = pl.dw_w + c * taps;
     if (k3) {
-      dw_channel_plane<V, 9>(pl, plane, segs, nsegs, wc, pl.dw_b[c], row);
+      dw_channel_plane<V, 9>(pl, cur_plane, segs, nsegs, wc, pl.dw_b[c], cur_row);
     } else {
-      dw_channel_plane<V, 0>(pl, plane, segs, nsegs, wc, pl.dw_b[c], row);
+      dw_channel_plane<V, 0>(pl, cur_plane, segs, nsegs, wc, pl.dw_b[c], cur_row);
     }
-    scatter_row<V>(row, np, pl.C, c, tile);
+    if (c > 0) scatter_row<V>(row + ((c - 1) & 1) * pl.row_stride, np, pl.C, c - 1, tile);
   }
+  scatter_row<V>(row + ((pl.C - 1) & 1) * pl.row_stride, np, pl.C, pl.C - 1, tile);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -514,9 +554,12 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
   const int64_t C = pl.C;
   const T* xn = pl.x + n * pl.H * pl.W * C;
   const Activation act = pl.mid_act;
-  for (int64_t j = 0; j < np; ++j) {
-    const int64_t p = p0 + j;
-    const int64_t oy = p / pl.OW, ox = p - oy * pl.OW;
+  int64_t oy = p0 / pl.OW, ox = p0 - oy * pl.OW;  // advanced incrementally (no division per pixel)
+  for (int64_t j = 0; j < np; ++j, ++ox) {
+    if (ox == pl.OW) {
+      ox = 0;
+      ++oy;
+    }
     const int64_t kyl = pl.ky_lo[oy], kyh = pl.ky_hi[oy];
     const int64_t kxl = pl.kx_lo[ox], kxh = pl.kx_hi[ox];
     const int64_t iy0 = oy * pl.SH - pl.PH, ix0 = ox * pl.SW - pl.PW;
