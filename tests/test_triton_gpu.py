@@ -93,6 +93,79 @@ def test_tf32_follows_pytorch_conv_setting(cudnn_tf32):
         assert cudnn_conv_uses_tf32() is True
 
 
+def _compile_offline(dtype: str, arch: int, dot_precision: str, tile, channels_last: bool):
+    """Compile the kernel for sm_<arch> without a GPU (Triton's own ptxas), specialised the way a
+    runtime call would be: 32 -> 64 channels, 56 x 56, 3x3 dilation 3, aligned pointers, ints
+    divisible by 16 marked so and ints equal to 1 folded to constants. Returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lwkernels import triton_kernel
+
+    fn = triton_kernel._joint_block_kernel
+    c_in, c_out, hw, n = 32, 64, 56, 128
+    values = dict(M=n * hw * hw, OHW=hw * hw, C_IN=c_in, C_OUT=c_out, H=hw, W=hw, OW=hw, sdc=9, sdh=3, sdw=1,
+                  spo=c_in, spc=1, srn=0, src=0, srh=0, srw=0, STRIDE_H=1, STRIDE_W=1, PAD_H=3, PAD_W=3,
+                  DIL_H=3, DIL_W=3, M_BUCKET=1 << 19, CHANNELS_LAST=int(channels_last))
+    if channels_last:
+        values.update(sxn=hw * hw * c_in, sxc=1, sxh=hw * c_in, sxw=c_in, syn=hw * hw * c_out, syc=1,
+                      syh=hw * c_out, syw=c_out)
+    else:
+        values.update(sxn=hw * hw * c_in, sxc=hw * hw, sxh=hw, sxw=1, syn=hw * hw * c_out, syc=hw * hw,
+                      syh=hw, syw=1)
+    block_p, block_co, block_ci, stages = tile
+    constexprs = dict(KH=3, KW=3, HAS_DW_SCALE=True, HAS_DW_SHIFT=True, MID_ACT=1, HAS_PW_SCALE=True,
+                      HAS_PW_SHIFT=True, HAS_RESIDUAL=True, OUT_ACT=2, DOT_PRECISION=dot_precision,
+                      BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name.endswith("_ptr"):
+            signature[name] = "*" + dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        elif values[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    config = triton_kernel.tile_config(*tile)
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps, "num_stages": stages})
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("dtype,arch,precision,tile,channels_last", [
+    ("fp16", 90, "tf32", (64, 32, 16, 1), True),
+    ("bf16", 90, "tf32", (64, 32, 16, 1), True),
+    ("fp32", 90, "tf32", (64, 32, 16, 1), True),
+    ("fp32", 90, "ieee", (64, 32, 16, 1), False),
+    ("fp16", 90, "tf32", (64, 32, 16, 2), False),
+    ("fp16", 80, "tf32", (64, 32, 16, 1), True),
+], ids=str)
+def test_compiles_for_gpu_targets_without_a_gpu(dtype, arch, precision, tile, channels_last):
+    """The GPU compiler's own checks (dot tiles >= 16, dtype casts, int64 address arithmetic, shared
+    memory) that the interpreter skips, run on any Linux machine: the kernel lowers to PTX with
+    tensor-core MMAs (fp16/bf16/TF32) or FMAs (full fp32) and assembles for sm_80/sm_90."""
+    from lwkernels import triton_kernel
+
+    if triton_kernel.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 in this process: the kernel is an interpreted function")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource/GPUTarget ahead-of-time API")
+    kernel = _compile_offline(dtype, arch, precision, tile, channels_last)
+    ptx = kernel.asm["ptx"]
+    assert "mma" in ptx if precision == "tf32" else "mma" not in ptx
+    if channels_last:
+        assert "ld.global.v" in ptx or "cp.async" in ptx, "channels_last tap loads are not vectorised"
+
+
 # -- on the GPU --------------------------------------------------------------------------------------
 def _launch(args, config=None):
     from lwkernels.triton_kernel import joint_block_triton
