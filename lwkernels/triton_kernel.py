@@ -226,9 +226,9 @@ def joint_block_triton(
     """Run the fused Triton kernel: joint_block's arguments, in its order.
 
     allow_tf32: fp32 inputs use TF32 in the pointwise dot (ignored for fp16/bf16).
-    config: {"BLOCK_P", "BLOCK_CO", "BLOCK_CI"[, "num_warps", "num_stages"]} to bypass autotuning
-    (tile_config(...).all_kwargs() gives one)
-    (tests use it to check every tile shape); under TRITON_INTERPRET=1 the pinned config is the default.
+    config: {"BLOCK_P", "BLOCK_CO", "BLOCK_CI"[, "num_warps", "num_stages"]} to bypass autotuning, e.g.
+    tile_config(...).all_kwargs() (tests use it to check every tile); under TRITON_INTERPRET=1 the
+    pinned config is the default.
 
     CUDA tensors normally; CPU tensors only under TRITON_INTERPRET=1.
     """
@@ -282,7 +282,7 @@ def joint_block_triton(
     if config is None and INTERPRET:
         config = PINNED_CONFIG
     if config is not None:
-        cfg = {"num_warps": 4, "num_stages": 2, **config}
+        cfg = {"num_warps": 4, "num_stages": 1, **config}
         for key in ("BLOCK_P", "BLOCK_CO", "BLOCK_CI"):
             if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
                 raise ValueError(f"{key} must be a power of two >= 16, got {cfg[key]}")
@@ -290,7 +290,7 @@ def joint_block_triton(
         _check_grid(programs)
         launch = lambda: _joint_block_kernel[(programs,)](*args, **meta, **cfg)  # noqa: E731
     else:
-        _check_grid(triton.cdiv(m, 64) * triton.cdiv(c_out, 256))
+        _check_grid(triton.cdiv(m, 64) * triton.cdiv(c_out, 32))  # the candidates' largest grid
 
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_P"]) * triton.cdiv(c_out, meta_["BLOCK_CO"]),)
