@@ -108,7 +108,7 @@ def environment() -> Dict[str, str]:
 
 def measure(args) -> Dict:
     from lwkernels.benchmarking import make_block, make_input, make_provider
-    from lwkernels.block import as_reference
+    from lwkernels.fuse import to_reference
     from lwkernels.cuda_backend import cudnn_conv_uses_tf32, register_cuda_kernel
     from lwkernels.shapes import BENCHMARK_BLOCKS
 
@@ -133,7 +133,7 @@ def measure(args) -> Dict:
             bound_s = max(nbytes / bandwidth, flops / rates[dtype_name])
             baseline = None
             for provider in args.providers:
-                run = make_provider(provider, block, x, as_reference(block), compile_mode=args.compile_mode)
+                run = make_provider(provider, block, x, to_reference(block), compile_mode=args.compile_mode)
                 run()  # compilation / autotuning / algorithm choice outside the measurement
                 seconds = bench_ms(run, args.rep_ms) * 1e-3
                 if provider == "eager":

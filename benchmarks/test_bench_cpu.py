@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lwkernels.benchmarking import environment, make_block, make_input, make_provider
-from lwkernels.block import as_reference
+from lwkernels.fuse import to_reference
 from lwkernels.shapes import BENCHMARK_BLOCKS, lightweightnet_blocks
 
 SHAPES = (
@@ -25,7 +25,7 @@ def test_block(benchmark, timing_enabled, shape_set, shape, batch, provider):
         pytest.skip("torch.compile is timed only under --benchmark-only")
     block = make_block(shape, torch.float32, "cpu")
     x = make_input(shape, batch)
-    run = make_provider(provider, block, x, as_reference(block))
+    run = make_provider(provider, block, x, to_reference(block))
     benchmark.group = f"{shape_set} {shape.name} batch {batch}"
     benchmark.extra_info.update(environment("cpu"))
     run()  # warm-up (and compilation) outside the timed region
@@ -46,7 +46,7 @@ def test_lightweightnet_chain(benchmark, timing_enabled, input_size, provider):
     shapes = lightweightnet_blocks(input_size)
     chain = torch.nn.Sequential(*(make_block(s, seed=k) for k, s in enumerate(shapes))).eval()
     x = make_input(shapes[0], 1)
-    run = make_provider(provider, chain, x, as_reference(chain))
+    run = make_provider(provider, chain, x, to_reference(chain))
     benchmark.group = f"lightweightnet chain {input_size} batch 1"
     benchmark.extra_info.update(environment("cpu"))
     run()

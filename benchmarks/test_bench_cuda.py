@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lwkernels.benchmarking import environment, make_block, make_input, make_provider
-from lwkernels.block import as_reference
+from lwkernels.fuse import to_reference
 from lwkernels.shapes import BENCHMARK_BLOCKS
 
 BATCH = 128
@@ -59,7 +59,7 @@ def test_block(benchmark, timing_enabled, shape, dtype_name, provider):
     dtype = DTYPES[dtype_name]
     block = make_block(shape, dtype, "cuda")
     x = make_input(shape, BATCH, dtype, "cuda")
-    run = make_provider(provider, block, x, as_reference(block), compile_mode="max-autotune")
+    run = make_provider(provider, block, x, to_reference(block), compile_mode="max-autotune")
     benchmark.group = f"{shape.name} batch {BATCH} {dtype_name}"
     benchmark.extra_info.update(cuda_environment(dtype))
     benchmark.extra_info.update(batch=BATCH, dtype=dtype_name, provider=provider)

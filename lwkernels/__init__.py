@@ -6,14 +6,22 @@
 
 See README.md for conventions (dilation, stride, padding) and the op's exact semantics.
 """
+import torch
+
 from . import autograd as _autograd  # noqa: F401  (registers the op's backward)
 from .block import JointBlock, check_joint_modules
 from .cpu_backend import PACK_CACHE, selected_isa
+from .cuda_backend import register_cuda_kernel
 from .fuse import FuseReport, fuse, to_reference
 from .ops import joint_block
 from .reference import JointBlockReference, joint_block_reference
 
 __version__ = "0.1.0"
+
+# The Triton kernel becomes the op's CUDA implementation where a GPU and Triton are present; without
+# them CUDA tensors (if any) get the reference composition. Triton is imported only then.
+if torch.cuda.is_available():
+    register_cuda_kernel()
 
 
 def clear_cache() -> None:

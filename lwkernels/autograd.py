@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .activation import apply_activation
+from .cpu_backend import PACK_CACHE
 from .ops import joint_block
 
 
@@ -42,6 +43,9 @@ def _setup_context(ctx, inputs, output):
     (x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
      stride, padding, dilation) = inputs
     ctx.save_for_backward(x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, output)
+    # A recorded call's weights may next be perturbed through `.data` (gradcheck does): keep no
+    # packing of them that a version counter could not invalidate.
+    PACK_CACHE.discard(pw_weight)
     ctx.acts = (mid_act, out_act)
     ctx.conv = (list(stride), list(padding), list(dilation))
     ctx.has_residual = residual is not None

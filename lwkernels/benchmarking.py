@@ -9,7 +9,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .block import JointBlock, as_reference
+from .block import JointBlock
+from .fuse import to_reference
 from .shapes import BlockShape
 
 #: Providers, in the order tables show them. "eager" is the plain PyTorch composition (NCHW, BN as
@@ -49,10 +50,10 @@ def make_provider(name: str, module: nn.Module, x: torch.Tensor, reference: Opti
                   compile_mode: Optional[str] = None) -> Callable[[], torch.Tensor]:
     """A no-argument callable running `module`'s computation on `x` the way provider `name` does.
 
-    `module` is the fused model (JointBlocks); `reference` its plain-PyTorch twin (as_reference()
+    `module` is the fused model (JointBlocks); `reference` its plain-PyTorch twin (to_reference()
     when omitted)."""
     if reference is None:
-        reference = as_reference(module)
+        reference = to_reference(module)
     reference = reference.eval()
     if name == "eager":
         fn, arg = reference, x

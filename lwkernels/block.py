@@ -139,15 +139,3 @@ def check_joint_modules(depthwise, pointwise, bn, act=None, mid_bn=None, mid_act
     activation_name(act)
     activation_name(mid_act)
 
-
-def as_reference(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` with every JointBlock replaced by its plain-PyTorch composition
-    (same parameters, same outputs): the model lwkernels is compared against."""
-    if isinstance(model, JointBlock):
-        return model.to_reference()
-    model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, JointBlock):
-                setattr(parent, name, child.to_reference())
-    return model

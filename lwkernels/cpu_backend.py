@@ -45,15 +45,16 @@ def selected_isa() -> str:
 
 
 class _PackCache:
-    """Packed pointwise weights, one entry per weight tensor (see cacheable()), valid while that
-    tensor is alive and unchanged.
+    """Packed pointwise weights, one entry per weight tensor, valid while that tensor is alive and
+    unchanged.
 
     An entry is found through the tensor's data address and checked against a weak reference to the
     tensor it was packed from and that tensor's version counter (shared with its views and
     detach()ed aliases), so an in-place update — optimizer step, load_state_dict, copy_ under
-    no_grad — repacks, and memory reused by a new tensor never matches a dead entry. (Writes through
-    the legacy `.data` attribute bypass version counters, as they do for autograd; call
-    lwkernels.clear_cache() after such writes.)
+    no_grad — repacks, and memory reused by a new tensor never matches a dead entry. Writes through
+    the legacy `.data` attribute bypass version counters; gradcheck perturbs inputs that way, so a
+    call that autograd records drops its packing again (autograd.py) — weights that require grad
+    change every step anyway. Other `.data` writes need lwkernels.clear_cache().
     """
 
     def __init__(self) -> None:
@@ -61,17 +62,8 @@ class _PackCache:
         self._lock = threading.RLock()
         self._entries: Dict[Tuple, Tuple[weakref.ref, int, object]] = {}
 
-    @staticmethod
-    def cacheable(weight: torch.Tensor) -> bool:
-        """Parameters and tensors outside autograd are cached. Inference tensors have no version
-        counter; other tensors that require grad are usually recomputed every call, and tools such
-        as gradcheck perturb them through `.data`, which no version counter sees."""
-        if weight.is_inference():
-            return False
-        return isinstance(weight, torch.nn.Parameter) or not weight.requires_grad
-
     def get(self, weight: torch.Tensor, isa: str, layout: str):
-        if not self.cacheable(weight):
+        if weight.is_inference():  # inference tensors have no version counter: pack every call
             return self._pack(weight, isa, layout)
         key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, isa, layout)
         version = weight._version
@@ -99,6 +91,16 @@ class _PackCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry[0] is ref:
+                del self._entries[key]
+
+    def discard(self, weight: torch.Tensor) -> None:
+        """Drop every packing of `weight` (all paths and layouts)."""
+        try:
+            ptr = weight.data_ptr()
+        except RuntimeError:  # a fake/functional tensor while tracing: it has no packing
+            return
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == ptr]:
                 del self._entries[key]
 
     def clear(self) -> None:

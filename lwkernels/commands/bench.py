@@ -69,7 +69,7 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
     import torch
 
     from ..benchmarking import environment, make_block, make_input, make_provider, median_time
-    from ..block import as_reference
+    from ..fuse import to_reference
     from ..shapes import BENCHMARK_BLOCKS, lightweightnet_blocks
 
     shapes = {
@@ -99,7 +99,7 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
         _progress(i, total, shape.name)
         block = make_block(shape, dtype, device)
         x = make_input(shape, batch, dtype, device)
-        reference = as_reference(block)
+        reference = to_reference(block)
         times = {p: median_time(make_provider(p, block, x, reference), args.min_time) for p in providers}
         rows.append(_row(shape.name, times, shape.flops(batch)))
 
@@ -107,7 +107,7 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
     _progress(total, total, "LightweightNet 9-block chain")
     chain = torch.nn.Sequential(*(make_block(s, dtype, device, seed=k) for k, s in enumerate(chain_shapes))).eval()
     x = make_input(chain_shapes[0], batch, dtype, device)
-    reference = as_reference(chain)
+    reference = to_reference(chain)
     times = {p: median_time(make_provider(p, chain, x, reference), args.min_time) for p in providers}
     chain_row = _row(f"chain ({chain_shapes[0].size} input)", times, sum(s.flops(batch) for s in chain_shapes))
     _done_progress()
@@ -129,7 +129,7 @@ def _check(shapes, device: str, dtype) -> List[str]:
     import torch
 
     from ..benchmarking import make_block, make_input
-    from ..block import as_reference
+    from ..fuse import to_reference
 
     failures = []
     tol = {torch.float32: 1e-4, torch.float64: 1e-10}.get(dtype, 2e-2)
@@ -137,7 +137,7 @@ def _check(shapes, device: str, dtype) -> List[str]:
         block = make_block(shape, dtype, device)
         x = make_input(shape, 2, dtype, device)
         with torch.inference_mode():
-            expected = as_reference(block).double()(x.double())
+            expected = to_reference(block).double()(x.double())
             got = block(x).double()
         scale = expected.abs().max().item() or 1.0
         err = (got - expected).abs().max().item() / scale
