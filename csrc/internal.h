@@ -142,9 +142,13 @@ const IsaOps<float>* avx2_ops_f32();
 const IsaOps<float>* neon_ops_f32();
 #endif
 
-// Test/benchmark hook: byte budget of the per-worker depthwise tile (0 = built-in default).
+// Test/benchmark hooks: byte budget of the per-worker depthwise tile (0 = built-in default), and
+// the largest NCHW plane (elements) before the direct depthwise path is used instead
+// (negative = built-in default; 0 forces the direct path).
 void set_tile_budget_bytes(std::size_t bytes);
 std::size_t tile_budget_bytes();
+void set_plane_limit_elems(int64_t elems);
+int64_t plane_limit_elems();
 
 }  // namespace detail
 }  // namespace lwk

@@ -46,7 +46,14 @@ template class PackedImpl<double>;
 
 namespace {
 std::atomic<std::size_t> g_tile_budget{0};
+std::atomic<int64_t> g_plane_limit{-1};
 }  // namespace
+
+void set_plane_limit_elems(int64_t elems) { g_plane_limit.store(elems); }
+int64_t plane_limit_elems() {
+  const int64_t v = g_plane_limit.load();
+  return v >= 0 ? v : (int64_t(1) << 16);
+}
 
 void set_tile_budget_bytes(std::size_t bytes) { g_tile_budget.store(bytes); }
 std::size_t tile_budget_bytes() {
@@ -341,7 +348,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
     const int64_t rows_out = std::min(g.out_h, ceil_div(tl.tile_px, g.out_w) + 1);
     plan.plane_rows = (rows_out - 1) * g.stride_h + (KH - 1) * g.dil_h + 1;
     const int64_t plane_elems = plan.plane_rows * S * plan.lp + ops->vw;  // + store slack
-    plan.use_plane = plane_elems <= (int64_t(1) << 16);
+    plan.use_plane = plane_elems <= plane_limit_elems();
     if (plan.use_plane) {
       plan.plane_stride =
           static_cast<int64_t>(aligned(plane_elems * int64_t(sizeof(T))) / sizeof(T));

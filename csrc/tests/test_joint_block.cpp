@@ -623,6 +623,10 @@ int main(int argc, char** argv) {
     test_grid(quick);
     test_random(quick ? 40 : 300);
     test_tiling(quick);
+    // The NCHW direct depthwise path (used when the padded plane would be too large).
+    lwk::detail::set_plane_limit_elems(0);
+    test_random(quick ? 20 : 100);
+    lwk::detail::set_plane_limit_elems(-1);
     test_large(quick);
     test_concurrency(quick);
   } catch (const std::exception& e) {
