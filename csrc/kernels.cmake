@@ -6,7 +6,8 @@ set(LWK_CSRC_DIR ${CMAKE_CURRENT_LIST_DIR})
 add_library(lwkernels_core STATIC
   ${LWK_CSRC_DIR}/joint_block.cpp
   ${LWK_CSRC_DIR}/thread_pool.cpp
-  ${LWK_CSRC_DIR}/isa_scalar.cpp)
+  ${LWK_CSRC_DIR}/isa_scalar.cpp
+  ${LWK_CSRC_DIR}/train_kernels.cpp)
 set_target_properties(lwkernels_core PROPERTIES POSITION_INDEPENDENT_CODE ON)
 target_compile_features(lwkernels_core PUBLIC cxx_std_17)
 target_include_directories(lwkernels_core PUBLIC ${LWK_CSRC_DIR})
@@ -23,6 +24,13 @@ if(LWK_ARCH MATCHES "^(x86_64|amd64|x64)$")
     set_source_files_properties(${LWK_CSRC_DIR}/isa_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma")
   endif()
   target_compile_definitions(lwkernels_core PRIVATE LWK_HAVE_AVX2=1)
+  # Training kernels: the same flags for their AVX2 variant.
+  target_sources(lwkernels_core PRIVATE ${LWK_CSRC_DIR}/train_kernels_avx2.cpp)
+  if(MSVC)
+    set_source_files_properties(${LWK_CSRC_DIR}/train_kernels_avx2.cpp PROPERTIES COMPILE_OPTIONS "/arch:AVX2")
+  else()
+    set_source_files_properties(${LWK_CSRC_DIR}/train_kernels_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma")
+  endif()
 elseif(LWK_ARCH MATCHES "^(aarch64|arm64)$")
   target_sources(lwkernels_core PRIVATE ${LWK_CSRC_DIR}/isa_neon.cpp)
   target_compile_definitions(lwkernels_core PRIVATE LWK_HAVE_NEON=1)

@@ -9,6 +9,7 @@ See README.md for conventions (dilation, stride, padding) and the op's exact sem
 import torch
 
 from . import autograd as _autograd  # noqa: F401  (registers the op's backward)
+from . import training as _training  # noqa: F401  (registers the training ops)
 from .block import JointBlock, check_joint_modules
 from .cpu_backend import PACK_CACHE, selected_isa
 from .cuda_backend import register_cuda_kernel

@@ -11,6 +11,7 @@ from .activation import ActivationSpec, activation_module, activation_name
 from .folding import fold_batchnorm, uses_running_stats
 from .ops import joint_block
 from .reference import JointBlockReference
+from .training import joint_block_training, uses_batch_stats
 
 
 class JointBlock(JointBlockReference):
@@ -34,8 +35,11 @@ class JointBlock(JointBlockReference):
     Forward: ``block(x)`` or ``block(x, residual)`` (residual of the output's shape, added before the
     output activation). With BatchNorm in eval mode (running statistics) the whole block is one
     fused ``torch.ops.lwkernels.joint_block`` call with BN folded into per-channel scale/shift;
-    gradients flow through it. In training mode (batch statistics), the block runs the reference
-    composition — fused training kernels are future work — so it is correct, not yet faster.
+    gradients flow through it. With batch statistics (training mode, or track_running_stats=False)
+    it is one ``torch.ops.lwkernels.joint_block_train`` call (training.py) with its own backward,
+    updating running statistics exactly as nn.BatchNorm2d; the depthwise output is recomputed in
+    backward rather than saved. A mid BatchNorm in a different mode from ``bn`` runs the reference
+    composition.
     """
 
     def __init__(
@@ -107,7 +111,9 @@ class JointBlock(JointBlockReference):
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not (uses_running_stats(self.bn) and uses_running_stats(self.mid_bn)):
-            return super().forward(x, residual)  # batch statistics: reference composition
+            if uses_batch_stats(self.bn) and (self.mid_bn is None or uses_batch_stats(self.mid_bn)) and x.shape[0] > 0:
+                return joint_block_training(self, x, residual)
+            return super().forward(x, residual)  # mixed BN modes or an empty batch: reference composition
         dw, pw = self.depthwise, self.pointwise
         dw_scale, dw_shift = fold_batchnorm(self.mid_bn, dw.bias)
         pw_scale, pw_shift = fold_batchnorm(self.bn, pw.bias)

@@ -13,6 +13,8 @@
 
 namespace py = pybind11;
 
+void bind_training(py::module_& m);  // train_bindings.cpp
+
 namespace {
 
 lwk::Isa isa_from_name(const std::string& name) {
@@ -136,4 +138,5 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("isa_supported", [](const std::string& name) { return lwk::isa_supported(isa_from_name(name)); });
   m.def("best_isa", []() { return std::string(lwk::isa_name(lwk::best_isa())); });
+  bind_training(m);
 }

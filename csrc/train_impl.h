@@ -1,0 +1,616 @@
+// Loop bodies of the training kernels (train_kernels.h), written once as plain C++ that the
+// compiler vectorises, and compiled in one translation unit per instruction set: each includes
+// this file with LWK_TRAIN_NS set to its own namespace (train_kernels.cpp: baseline,
+// train_kernels_avx2.cpp: -mavx2 -mfma). Not part of the public API.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "thread_pool.h"
+#include "train_kernels.h"
+
+#ifndef LWK_TRAIN_NS
+#error "define LWK_TRAIN_NS before including train_impl.h"
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define LWK_TR_RESTRICT __restrict__
+#else
+#define LWK_TR_RESTRICT
+#endif
+
+namespace lwk {
+namespace train {
+
+// One instruction-set variant's kernels (tables built at the end of this file).
+template <typename T>
+struct TrainOps {
+  void (*dw_forward)(const DwGeometry&, const DwForwardArgs<T>&, int);
+  void (*dw_backward)(const DwGeometry&, const T*, const T*, const T*, T*, T*, int);
+  void (*channel_stats)(const ChannelGeometry&, const T*, double*, double*, int);
+  void (*affine_act)(const ChannelGeometry&, const T*, const T*, const T*, const T*, Activation, T*,
+                     int);
+  void (*act_backward_reduce)(const ChannelGeometry&, const T*, const T*, Activation, const T*,
+                              const T*, T*, double*, double*, int);
+  void (*affine_backward_apply)(const ChannelGeometry&, const T*, const T*, const T*, const T*,
+                                const T*, T*, int);
+};
+
+const TrainOps<float>* baseline_train_ops_f32();
+const TrainOps<double>* baseline_train_ops_f64();
+#if defined(LWK_HAVE_AVX2)
+const TrainOps<float>* avx2_train_ops_f32();
+#endif
+
+namespace LWK_TRAIN_NS {
+
+// ---- work sharing ----------------------------------------------------------------------------
+// Tasks claim chunks of `grain` items from a shared counter until none are left (the thread pool
+// cancels tasks that have not started once task 0 is done, so every task must be able to finish
+// the whole range alone). body(task, begin, end).
+template <typename F>
+struct ParallelCtx {
+  std::atomic<int64_t> next{0};
+  int64_t n = 0, grain = 1;
+  const F* body = nullptr;
+};
+
+template <typename F>
+void parallel_task(void* p, int task) {
+  auto* ctx = static_cast<ParallelCtx<F>*>(p);
+  for (;;) {
+    const int64_t b = ctx->next.fetch_add(ctx->grain, std::memory_order_relaxed);
+    if (b >= ctx->n) return;
+    (*ctx->body)(task, b, std::min(ctx->n, b + ctx->grain));
+  }
+}
+
+inline int num_tasks(int64_t n, int64_t grain, int threads) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(threads, 1), chunks)));
+}
+
+template <typename F>
+void parallel_items(int64_t n, int64_t grain, int tasks, const F& body) {
+  if (n <= 0) return;
+  ParallelCtx<F> ctx;
+  ctx.n = n;
+  ctx.grain = std::max<int64_t>(1, grain);
+  ctx.body = &body;
+  lwk::detail::parallel_run(tasks, &parallel_task<F>, &ctx);
+}
+
+// Per-task double accumulators [tasks][len], summed into out[len] at the end.
+struct Partials {
+  int tasks;
+  int64_t len;
+  std::vector<double> data;
+  Partials(int t, int64_t l) : tasks(t), len(l), data(static_cast<size_t>(t) * l, 0.0) {}
+  double* of(int task) { return data.data() + static_cast<size_t>(task) * len; }
+  void reduce_into(double* out) const {
+    for (int64_t i = 0; i < len; ++i) out[i] = 0.0;
+    for (int t = 0; t < tasks; ++t)
+      for (int64_t i = 0; i < len; ++i) out[i] += data[static_cast<size_t>(t) * len + i];
+  }
+};
+
+template <typename T>
+inline T activate(T v, Activation act) {
+  if (act == Activation::kRelu) return v > T(0) ? v : T(0);
+  if (act == Activation::kRelu6) return v > T(0) ? (v < T(6) ? v : T(6)) : T(0);
+  return v;
+}
+
+// Sum of a[i] and of a[i]^2 in double, 8 independent lanes (vectorisable without reassociation).
+template <typename T>
+inline void span_stats(const T* LWK_TR_RESTRICT a, int64_t n, double& s, double& ss) {
+  double ls[8] = {0}, lq[8] = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const double v = static_cast<double>(a[i + l]);
+      ls[l] += v;
+      lq[l] += v * v;
+    }
+  double rs = 0, rq = 0;
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(a[i]);
+    rs += v;
+    rq += v * v;
+  }
+  for (int l = 0; l < 8; ++l) {
+    rs += ls[l];
+    rq += lq[l];
+  }
+  s += rs;
+  ss += rq;
+}
+
+// sum a[i] * b[i * sb] with T lanes.
+template <typename T>
+inline T dot_strided(const T* LWK_TR_RESTRICT a, const T* LWK_TR_RESTRICT b, int64_t n, int64_t sb) {
+  T lanes[8] = {0};
+  int64_t i = 0;
+  if (sb == 1) {
+    for (; i + 8 <= n; i += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] += a[i + l] * b[i + l];
+  } else {
+    for (; i + 8 <= n; i += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] += a[i + l] * b[(i + l) * sb];
+  }
+  T r = 0;
+  for (; i < n; ++i) r += a[i] * b[i * sb];
+  for (int l = 0; l < 8; ++l) r += lanes[l];
+  return r;
+}
+
+// Output columns [lo, hi) whose tap kx reads inside the row: 0 <= ox*SW - PW + kx*DW < W.
+inline void tap_range(int64_t k, int64_t S, int64_t P, int64_t D, int64_t in, int64_t out,
+                      int64_t& lo, int64_t& hi) {
+  const int64_t off = k * D - P;  // input index = o * S + off
+  // o*S + off >= 0  <=>  o >= ceil(-off / S)
+  lo = off >= 0 ? 0 : (-off + S - 1) / S;
+  // o*S + off <= in - 1  <=>  o <= floor((in - 1 - off) / S)
+  hi = (in - 1 - off) < 0 ? 0 : (in - 1 - off) / S + 1;
+  lo = std::min(lo, out);
+  hi = std::min(std::max(hi, lo), out);
+}
+
+// ---- depthwise forward -------------------------------------------------------------------------
+template <typename T>
+void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
+  const int64_t K = g.KH * g.KW, OHW = g.OH * g.OW, HW = g.H * g.W, C = g.C;
+  std::vector<int64_t> kx_lo(g.KW), kx_hi(g.KW);
+  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.SW, g.PW, g.DW, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
+  const bool stats = a.sum != nullptr;
+
+  if (g.layout == Layout::kNCHW) {
+    const int64_t n_items = g.N * C;
+    const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, OHW));
+    const int tasks = num_tasks(n_items, grain, threads);
+    Partials ps(tasks, stats ? 2 * C : 0);
+    auto body = [&](int task, int64_t b, int64_t e) {
+      std::vector<T> row(static_cast<size_t>(g.OW));
+      double* part = stats ? ps.of(task) : nullptr;
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t c = item % C;
+        const T* xp = a.x + item * HW;
+        const T* wp = a.w + c * K;
+        const T sc = a.scale ? a.scale[c] : T(1), sh = a.shift ? a.shift[c] : T(0);
+        double s = 0, ss = 0;
+        for (int64_t oy = 0; oy < g.OH; ++oy) {
+          T* LWK_TR_RESTRICT r = row.data();
+          std::fill(r, r + g.OW, T(0));
+          for (int64_t ky = 0; ky < g.KH; ++ky) {
+            const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+            if (iy < 0 || iy >= g.H) continue;
+            const T* xr = xp + iy * g.W;
+            for (int64_t kx = 0; kx < g.KW; ++kx) {
+              const T wv = wp[ky * g.KW + kx];
+              const int64_t off = kx * g.DW - g.PW;
+              const int64_t lo = kx_lo[kx], hi = kx_hi[kx];
+              if (g.SW == 1) {
+                const T* LWK_TR_RESTRICT src = xr + off;
+                for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * src[ox];
+              } else {
+                for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * xr[ox * g.SW + off];
+              }
+            }
+          }
+          const int64_t o = item * OHW + oy * g.OW;
+          if (a.raw) std::copy(r, r + g.OW, a.raw + o);
+          if (stats) span_stats(r, g.OW, s, ss);
+          if (a.out) {
+            T* LWK_TR_RESTRICT dst = a.out + o;
+            for (int64_t ox = 0; ox < g.OW; ++ox) dst[ox] = activate(r[ox] * sc + sh, a.act);
+          }
+        }
+        if (stats) {
+          part[c] += s;
+          part[C + c] += ss;
+        }
+      }
+    };
+    parallel_items(n_items, grain, tasks, body);
+    if (stats) {
+      std::vector<double> out(2 * C);
+      ps.reduce_into(out.data());
+      std::copy(out.begin(), out.begin() + C, a.sum);
+      std::copy(out.begin() + C, out.end(), a.sumsq);
+    }
+    return;
+  }
+
+  // NHWC: item = one output row of one image; channels run along vectors.
+  std::vector<T> wt(static_cast<size_t>(K * C));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < K; ++k) wt[k * C + c] = a.w[c * K + k];
+  std::vector<T> scale(C, T(1)), shift(C, T(0));
+  if (a.scale) std::copy(a.scale, a.scale + C, scale.begin());
+  if (a.shift) std::copy(a.shift, a.shift + C, shift.begin());
+  const int64_t n_items = g.N * g.OH;
+  const int tasks = num_tasks(n_items, 1, threads);
+  Partials ps(tasks, stats ? 2 * C : 0);
+  auto body = [&](int task, int64_t b, int64_t e) {
+    std::vector<T> acc(static_cast<size_t>(C));
+    double* part = stats ? ps.of(task) : nullptr;
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / g.OH, oy = item % g.OH;
+      for (int64_t ox = 0; ox < g.OW; ++ox) {
+        T* LWK_TR_RESTRICT ac = acc.data();
+        std::fill(ac, ac + C, T(0));
+        for (int64_t ky = 0; ky < g.KH; ++ky) {
+          const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+          if (iy < 0 || iy >= g.H) continue;
+          for (int64_t kx = 0; kx < g.KW; ++kx) {
+            const int64_t ix = ox * g.SW - g.PW + kx * g.DW;
+            if (ix < 0 || ix >= g.W) continue;
+            const T* LWK_TR_RESTRICT xp = a.x + ((n * g.H + iy) * g.W + ix) * C;
+            const T* LWK_TR_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;
+            for (int64_t c = 0; c < C; ++c) ac[c] += wp[c] * xp[c];
+          }
+        }
+        const int64_t o = ((n * g.OH + oy) * g.OW + ox) * C;
+        if (a.raw) std::copy(ac, ac + C, a.raw + o);
+        if (stats) {
+          double* LWK_TR_RESTRICT s = part;
+          double* LWK_TR_RESTRICT ss = part + C;
+          for (int64_t c = 0; c < C; ++c) {
+            const double v = static_cast<double>(ac[c]);
+            s[c] += v;
+            ss[c] += v * v;
+          }
+        }
+        if (a.out) {
+          T* LWK_TR_RESTRICT dst = a.out + o;
+          const T* LWK_TR_RESTRICT sc = scale.data();
+          const T* LWK_TR_RESTRICT sh = shift.data();
+          for (int64_t c = 0; c < C; ++c) dst[c] = activate(ac[c] * sc[c] + sh[c], a.act);
+        }
+      }
+    }
+  };
+  parallel_items(n_items, 1, tasks, body);
+  if (stats) {
+    std::vector<double> out(2 * C);
+    ps.reduce_into(out.data());
+    std::copy(out.begin(), out.begin() + C, a.sum);
+    std::copy(out.begin() + C, out.end(), a.sumsq);
+  }
+}
+
+// ---- depthwise backward ------------------------------------------------------------------------
+template <typename T>
+void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* grad_x, T* grad_w,
+                 int threads) {
+  const int64_t K = g.KH * g.KW, OHW = g.OH * g.OW, HW = g.H * g.W, C = g.C;
+  std::vector<int64_t> kx_lo(g.KW), kx_hi(g.KW);
+  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.SW, g.PW, g.DW, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
+
+  if (g.layout == Layout::kNCHW) {
+    // One channel per item (all images): grad_w[c] needs no merging, grad_x planes are disjoint.
+    const int tasks = num_tasks(C, 1, threads);
+    auto body = [&](int, int64_t b, int64_t e) {
+      std::vector<double> gw(static_cast<size_t>(K));
+      for (int64_t c = b; c < e; ++c) {
+        std::fill(gw.begin(), gw.end(), 0.0);
+        const T* wp = w + c * K;
+        for (int64_t n = 0; n < g.N; ++n) {
+          const T* xp = x + (n * C + c) * HW;
+          const T* gp = grad + (n * C + c) * OHW;
+          T* gx = grad_x ? grad_x + (n * C + c) * HW : nullptr;
+          if (gx) std::fill(gx, gx + HW, T(0));
+          for (int64_t oy = 0; oy < g.OH; ++oy) {
+            const T* LWK_TR_RESTRICT gr = gp + oy * g.OW;
+            for (int64_t ky = 0; ky < g.KH; ++ky) {
+              const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+              if (iy < 0 || iy >= g.H) continue;
+              for (int64_t kx = 0; kx < g.KW; ++kx) {
+                const int64_t off = kx * g.DW - g.PW;
+                const int64_t lo = kx_lo[kx], hi = kx_hi[kx];
+                if (hi <= lo) continue;
+                const int64_t k = ky * g.KW + kx;
+                if (grad_w) gw[k] += static_cast<double>(
+                    dot_strided(gr + lo, xp + iy * g.W + lo * g.SW + off, hi - lo, g.SW));
+                if (gx) {
+                  const T wv = wp[k];
+                  T* LWK_TR_RESTRICT dst = gx + iy * g.W + off;
+                  if (g.SW == 1) {
+                    for (int64_t ox = lo; ox < hi; ++ox) dst[ox] += wv * gr[ox];
+                  } else {
+                    for (int64_t ox = lo; ox < hi; ++ox) dst[ox * g.SW] += wv * gr[ox];
+                  }
+                }
+              }
+            }
+          }
+        }
+        if (grad_w)
+          for (int64_t k = 0; k < K; ++k) grad_w[c * K + k] = static_cast<T>(gw[k]);
+      }
+    };
+    parallel_items(C, 1, tasks, body);
+    return;
+  }
+
+  // NHWC. grad_w: item = output row; per-row T accumulators flushed to per-task doubles.
+  if (grad_w) {
+    const int64_t n_items = g.N * g.OH;
+    const int tasks = num_tasks(n_items, 1, threads);
+    Partials ps(tasks, K * C);
+    auto body = [&](int task, int64_t b, int64_t e) {
+      std::vector<T> rowacc(static_cast<size_t>(K * C));
+      double* part = ps.of(task);
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t n = item / g.OH, oy = item % g.OH;
+        std::fill(rowacc.begin(), rowacc.end(), T(0));
+        bool any = false;
+        for (int64_t ky = 0; ky < g.KH; ++ky) {
+          const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+          if (iy < 0 || iy >= g.H) continue;
+          for (int64_t kx = 0; kx < g.KW; ++kx) {
+            const int64_t off = kx * g.DW - g.PW;
+            T* LWK_TR_RESTRICT ra = rowacc.data() + (ky * g.KW + kx) * C;
+            for (int64_t ox = kx_lo[kx]; ox < kx_hi[kx]; ++ox) {
+              const T* LWK_TR_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
+              const T* LWK_TR_RESTRICT xp = x + ((n * g.H + iy) * g.W + ox * g.SW + off) * C;
+              for (int64_t c = 0; c < C; ++c) ra[c] += gp[c] * xp[c];
+              any = true;
+            }
+          }
+        }
+        if (any) {
+          double* LWK_TR_RESTRICT pp = part;
+          const T* LWK_TR_RESTRICT ra = rowacc.data();
+          for (int64_t i = 0; i < K * C; ++i) pp[i] += static_cast<double>(ra[i]);
+        }
+      }
+    };
+    parallel_items(n_items, 1, tasks, body);
+    std::vector<double> out(static_cast<size_t>(K * C));
+    ps.reduce_into(out.data());
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t k = 0; k < K; ++k) grad_w[c * K + k] = static_cast<T>(out[k * C + c]);
+  }
+  // grad_x: gather per input row.
+  if (grad_x) {
+    std::vector<T> wt(static_cast<size_t>(K * C));
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t k = 0; k < K; ++k) wt[k * C + c] = w[c * K + k];
+    const int64_t n_items = g.N * g.H;
+    const int tasks = num_tasks(n_items, 1, threads);
+    auto body = [&](int, int64_t b, int64_t e) {
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t n = item / g.H, iy = item % g.H;
+        for (int64_t ix = 0; ix < g.W; ++ix) {
+          T* LWK_TR_RESTRICT dst = grad_x + ((n * g.H + iy) * g.W + ix) * C;
+          std::fill(dst, dst + C, T(0));
+          for (int64_t ky = 0; ky < g.KH; ++ky) {
+            const int64_t ty = iy + g.PH - ky * g.DH;
+            if (ty < 0 || ty % g.SH != 0) continue;
+            const int64_t oy = ty / g.SH;
+            if (oy >= g.OH) continue;
+            for (int64_t kx = 0; kx < g.KW; ++kx) {
+              const int64_t tx = ix + g.PW - kx * g.DW;
+              if (tx < 0 || tx % g.SW != 0) continue;
+              const int64_t ox = tx / g.SW;
+              if (ox >= g.OW) continue;
+              const T* LWK_TR_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
+              const T* LWK_TR_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;
+              for (int64_t c = 0; c < C; ++c) dst[c] += wp[c] * gp[c];
+            }
+          }
+        }
+      }
+    };
+    parallel_items(n_items, 1, tasks, body);
+  }
+}
+
+// ---- per-channel elementwise passes ------------------------------------------------------------
+// NCHW: item = one (image, channel) plane of HW elements. NHWC: item = one pixel of C elements.
+inline int64_t elementwise_grain(const ChannelGeometry& g) {
+  const int64_t per_item = g.layout == Layout::kNCHW ? g.HW : g.C;
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_item));
+}
+inline int64_t elementwise_items(const ChannelGeometry& g) {
+  return g.layout == Layout::kNCHW ? g.N * g.C : g.N * g.HW;
+}
+
+template <typename T>
+void channel_stats(const ChannelGeometry& g, const T* z, double* sum, double* sumsq, int threads) {
+  const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
+  const int tasks = num_tasks(n_items, grain, threads);
+  Partials ps(tasks, 2 * C);
+  auto body = [&](int task, int64_t b, int64_t e) {
+    double* part = ps.of(task);
+    if (g.layout == Layout::kNCHW) {
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t c = item % C;
+        span_stats(z + item * g.HW, g.HW, part[c], part[C + c]);
+      }
+    } else {
+      double* LWK_TR_RESTRICT s = part;
+      double* LWK_TR_RESTRICT ss = part + C;
+      for (int64_t item = b; item < e; ++item) {
+        const T* LWK_TR_RESTRICT zp = z + item * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const double v = static_cast<double>(zp[c]);
+          s[c] += v;
+          ss[c] += v * v;
+        }
+      }
+    }
+  };
+  parallel_items(n_items, grain, tasks, body);
+  std::vector<double> out(2 * C);
+  ps.reduce_into(out.data());
+  std::copy(out.begin(), out.begin() + C, sum);
+  std::copy(out.begin() + C, out.end(), sumsq);
+}
+
+template <typename T>
+void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* shift,
+                const T* residual, Activation act, T* y, int threads) {
+  const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
+  const int tasks = num_tasks(n_items, grain, threads);
+  auto body = [&](int, int64_t b, int64_t e) {
+    if (g.layout == Layout::kNCHW) {
+      for (int64_t item = b; item < e; ++item) {
+        const T sc = scale[item % C], sh = shift[item % C];
+        const T* LWK_TR_RESTRICT zp = z + item * g.HW;
+        T* LWK_TR_RESTRICT yp = y + item * g.HW;
+        if (residual) {
+          const T* LWK_TR_RESTRICT rp = residual + item * g.HW;
+          for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate(zp[i] * sc + sh + rp[i], act);
+        } else {
+          for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate(zp[i] * sc + sh, act);
+        }
+      }
+    } else {
+      const T* LWK_TR_RESTRICT sc = scale;
+      const T* LWK_TR_RESTRICT sh = shift;
+      for (int64_t item = b; item < e; ++item) {
+        const T* LWK_TR_RESTRICT zp = z + item * C;
+        T* LWK_TR_RESTRICT yp = y + item * C;
+        if (residual) {
+          const T* LWK_TR_RESTRICT rp = residual + item * C;
+          for (int64_t c = 0; c < C; ++c) yp[c] = activate(zp[c] * sc[c] + sh[c] + rp[c], act);
+        } else {
+          for (int64_t c = 0; c < C; ++c) yp[c] = activate(zp[c] * sc[c] + sh[c], act);
+        }
+      }
+    }
+  };
+  parallel_items(n_items, grain, tasks, body);
+}
+
+template <typename T>
+inline T act_grad(T g, T out, Activation act) {
+  if (act == Activation::kRelu) return out > T(0) ? g : T(0);
+  if (act == Activation::kRelu6) return (out > T(0) && out < T(6)) ? g : T(0);
+  return g;
+}
+
+template <typename T>
+void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_out, Activation act,
+                         const T* z, const T* center, T* gb, double* sum_g, double* sum_gz,
+                         int threads) {
+  const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
+  const int tasks = num_tasks(n_items, grain, threads);
+  if (act_out == nullptr) act = Activation::kNone;
+  Partials ps(tasks, 2 * C);
+  auto body = [&](int task, int64_t b, int64_t e) {
+    double* part = ps.of(task);
+    if (g.layout == Layout::kNCHW) {
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t c = item % C, o = item * g.HW;
+        const T* LWK_TR_RESTRICT gp = grad + o;
+        T* LWK_TR_RESTRICT bp = gb + o;
+        if (act == Activation::kNone) {
+          std::copy(gp, gp + g.HW, bp);
+        } else {
+          const T* LWK_TR_RESTRICT ap = act_out + o;
+          for (int64_t i = 0; i < g.HW; ++i) bp[i] = act_grad(gp[i], ap[i], act);
+        }
+        double ls[8] = {0}, lz[8] = {0};
+        int64_t i = 0;
+        if (z) {
+          const T* LWK_TR_RESTRICT zp = z + o;
+          const double m = static_cast<double>(center[c]);
+          for (; i + 8 <= g.HW; i += 8)
+            for (int l = 0; l < 8; ++l) {
+              const double v = static_cast<double>(bp[i + l]);
+              ls[l] += v;
+              lz[l] += v * (static_cast<double>(zp[i + l]) - m);
+            }
+          for (; i < g.HW; ++i) {
+            const double v = static_cast<double>(bp[i]);
+            ls[0] += v;
+            lz[0] += v * (static_cast<double>(zp[i]) - m);
+          }
+        } else {
+          for (; i + 8 <= g.HW; i += 8)
+            for (int l = 0; l < 8; ++l) ls[l] += static_cast<double>(bp[i + l]);
+          for (; i < g.HW; ++i) ls[0] += static_cast<double>(bp[i]);
+        }
+        for (int l = 0; l < 8; ++l) {
+          part[c] += ls[l];
+          part[C + c] += lz[l];
+        }
+      }
+    } else {
+      double* LWK_TR_RESTRICT s = part;
+      double* LWK_TR_RESTRICT sz = part + C;
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t o = item * C;
+        const T* LWK_TR_RESTRICT gp = grad + o;
+        T* LWK_TR_RESTRICT bp = gb + o;
+        if (act == Activation::kNone) {
+          std::copy(gp, gp + C, bp);
+        } else {
+          const T* LWK_TR_RESTRICT ap = act_out + o;
+          for (int64_t c = 0; c < C; ++c) bp[c] = act_grad(gp[c], ap[c], act);
+        }
+        if (z) {
+          const T* LWK_TR_RESTRICT zp = z + o;
+          const T* LWK_TR_RESTRICT m = center;
+          for (int64_t c = 0; c < C; ++c) {
+            const double v = static_cast<double>(bp[c]);
+            s[c] += v;
+            sz[c] += v * static_cast<double>(zp[c] - m[c]);
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) s[c] += static_cast<double>(bp[c]);
+        }
+      }
+    }
+  };
+  parallel_items(n_items, grain, tasks, body);
+  std::vector<double> out(2 * C);
+  ps.reduce_into(out.data());
+  std::copy(out.begin(), out.begin() + C, sum_g);
+  if (sum_gz) std::copy(out.begin() + C, out.end(), sum_gz);
+}
+
+template <typename T>
+void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, const T* a,
+                           const T* b_, const T* k, T* out, int threads) {
+  const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
+  const int tasks = num_tasks(n_items, grain, threads);
+  auto body = [&](int, int64_t b, int64_t e) {
+    if (g.layout == Layout::kNCHW) {
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t c = item % C, o = item * g.HW;
+        const T av = a[c], bv = b_[c], kv = k[c];
+        const T* gp = gb + o;  // may alias out
+        const T* LWK_TR_RESTRICT zp = z + o;
+        T* op = out + o;
+        for (int64_t i = 0; i < g.HW; ++i) op[i] = av * gp[i] + bv * zp[i] + kv;
+      }
+    } else {
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t o = item * C;
+        const T* gp = gb + o;
+        const T* LWK_TR_RESTRICT zp = z + o;
+        T* op = out + o;
+        for (int64_t c = 0; c < C; ++c) op[c] = a[c] * gp[c] + b_[c] * zp[c] + k[c];
+      }
+    }
+  };
+  parallel_items(n_items, grain, tasks, body);
+}
+
+template <typename T>
+const TrainOps<T>* ops_table() {
+  static const TrainOps<T> ops{&dw_forward<T>, &dw_backward<T>, &channel_stats<T>, &affine_act<T>,
+                               &act_backward_reduce<T>, &affine_backward_apply<T>};
+  return &ops;
+}
+
+}  // namespace LWK_TRAIN_NS
+}  // namespace train
+}  // namespace lwk

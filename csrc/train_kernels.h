@@ -1,0 +1,90 @@
+// Torch-free CPU kernels for training the joint block (forward with batch statistics, backward).
+//
+// The training forward is
+//   c = DW_kxk(x; stride, padding, dilation)                       (depthwise, per channel)
+//   t = mid_act(c * mid_scale + mid_shift)                         (mid BN with batch stats folded)
+//   z = PW_1x1(t) + pw_bias                                        (joint_forward, joint_block.h)
+//   y = out_act(gamma * (z - mean_z) * invstd_z + beta + residual)
+// Batch statistics of c (for the mid BN) come from a depthwise pass that stores nothing
+// (dw_forward with only sum/sumsq); statistics of z from channel_stats; y from affine_act.
+// Backward recomputes c and t with dw_forward, reduces/apply the BN and activation gradients with
+// act_backward_reduce/affine_backward_apply, and runs the depthwise backward (grad input + grad
+// weight, dilated, strided) in dw_backward. The pointwise GEMMs of the backward are left to the
+// caller (a BLAS-class GEMM).
+//
+// Raw pointers, dense tensors in `layout`. Per-channel statistics are accumulated in double.
+// `isa` picks the compiled variant (kAvx2: the AVX2+FMA translation unit when built and
+// supported; anything else: the baseline one). double always works.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "joint_block.h"
+
+namespace lwk {
+namespace train {
+
+// Depthwise geometry: x [N, C, H, W], output [N, C, OH, OW], weight [C, KH, KW].
+struct DwGeometry {
+  int64_t N = 0, C = 0, H = 0, W = 0, OH = 0, OW = 0;
+  int64_t KH = 3, KW = 3, SH = 1, SW = 1, PH = 0, PW = 0, DH = 1, DW = 1;
+  Layout layout = Layout::kNCHW;
+};
+
+// Empty when computable, else a message naming the problem.
+std::string validate(const DwGeometry& g);
+
+// A per-channel view of a dense [N, C, HW] (NCHW) or [N, HW, C] (NHWC) tensor.
+struct ChannelGeometry {
+  int64_t N = 0, C = 0, HW = 0;
+  Layout layout = Layout::kNCHW;
+};
+
+template <typename T>
+struct DwForwardArgs {
+  const T* x = nullptr;
+  const T* w = nullptr;      // [C][KH*KW]
+  const T* scale = nullptr;  // [C] or null (= 1), applied for `out` only
+  const T* shift = nullptr;  // [C] or null (= 0), applied for `out` only
+  Activation act = Activation::kNone;
+  T* raw = nullptr;          // c, or null
+  T* out = nullptr;          // act(c * scale + shift), or null
+  double* sum = nullptr;     // [C]: sum of c over N, OH, OW (overwritten), or null
+  double* sumsq = nullptr;   // [C]: sum of c^2 (overwritten); given iff sum is
+};
+
+template <typename T>
+void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, Isa isa, int num_threads);
+
+// grad: [N, C, OH, OW]; grad_x [N, C, H, W] (overwritten) or null; grad_w [C][KH*KW]
+// (overwritten) or null.
+template <typename T>
+void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* grad_x, T* grad_w,
+                 Isa isa, int num_threads);
+
+// sum[c] = sum of z, sumsq[c] = sum of z^2 (both overwritten).
+template <typename T>
+void channel_stats(const ChannelGeometry& g, const T* z, double* sum, double* sumsq, Isa isa,
+                   int num_threads);
+
+// y = act(z * scale[c] + shift[c] + residual); residual may be null.
+template <typename T>
+void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* shift,
+                const T* residual, Activation act, T* y, Isa isa, int num_threads);
+
+// gb = grad * act'(act_out) (act'(.) from the activation's output, zero at the kinks, as PyTorch);
+// sum_g[c] = sum of gb; if z: sum_gz[c] = sum of gb * (z - center[c]). Sums overwritten.
+template <typename T>
+void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_out, Activation act,
+                         const T* z, const T* center, T* gb, double* sum_g, double* sum_gz, Isa isa,
+                         int num_threads);
+
+// out = a[c] * gb + b[c] * z + k[c]  (BatchNorm's input gradient with batch statistics); out may
+// alias gb.
+template <typename T>
+void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, const T* a,
+                           const T* b, const T* k, T* out, Isa isa, int num_threads);
+
+}  // namespace train
+}  // namespace lwk

@@ -1,0 +1,159 @@
+// pybind11 binding of the training kernels (csrc/train_kernels.h) into lwkernels._C.
+//
+// As in bindings.cpp, tensors cross as raw data addresses (0 = absent) and the Python layer
+// (lwkernels/training.py) owns validation, layout and lifetime. `dtype` is "f32" or "f64";
+// per-channel statistics are float64 buffers. Geometry: [N, C, H, W, OH, OW, KH, KW, SH, SW, PH,
+// PW, DH, DW] for the depthwise kernels, [N, C, HW] for the per-channel passes.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../csrc/train_kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+lwk::Layout layout_of(const std::string& name) {
+  if (name == "nchw") return lwk::Layout::kNCHW;
+  if (name == "nhwc") return lwk::Layout::kNHWC;
+  throw std::invalid_argument("unknown layout '" + name + "' (expected nchw or nhwc)");
+}
+
+lwk::Activation act_of(const std::string& name) {
+  if (name == "none") return lwk::Activation::kNone;
+  if (name == "relu") return lwk::Activation::kRelu;
+  if (name == "relu6") return lwk::Activation::kRelu6;
+  throw std::invalid_argument("unknown activation '" + name + "' (expected none, relu or relu6)");
+}
+
+lwk::Isa isa_of(const std::string& name) {
+  if (name == "scalar") return lwk::Isa::kScalar;
+  if (name == "avx2") return lwk::Isa::kAvx2;
+  if (name == "neon") return lwk::Isa::kNeon;
+  throw std::invalid_argument("unknown CPU path '" + name + "'");
+}
+
+lwk::train::DwGeometry dw_geometry(const std::vector<int64_t>& v, const std::string& layout) {
+  if (v.size() != 14) throw std::invalid_argument("depthwise geometry needs 14 integers");
+  lwk::train::DwGeometry g;
+  g.N = v[0]; g.C = v[1]; g.H = v[2]; g.W = v[3]; g.OH = v[4]; g.OW = v[5];
+  g.KH = v[6]; g.KW = v[7]; g.SH = v[8]; g.SW = v[9]; g.PH = v[10]; g.PW = v[11];
+  g.DH = v[12]; g.DW = v[13];
+  g.layout = layout_of(layout);
+  return g;
+}
+
+lwk::train::ChannelGeometry channel_geometry(const std::vector<int64_t>& v, const std::string& layout) {
+  if (v.size() != 3) throw std::invalid_argument("channel geometry needs [N, C, HW]");
+  lwk::train::ChannelGeometry g;
+  g.N = v[0]; g.C = v[1]; g.HW = v[2];
+  g.layout = layout_of(layout);
+  return g;
+}
+
+template <typename T>
+T* p(std::uintptr_t a) { return reinterpret_cast<T*>(a); }
+double* d(std::uintptr_t a) { return reinterpret_cast<double*>(a); }
+
+// Calls fn.template operator()<T>() for the named dtype.
+template <typename F>
+void by_dtype(const std::string& dtype, F&& fn) {
+  if (dtype == "f32") {
+    fn(float{});
+  } else if (dtype == "f64") {
+    fn(double{});
+  } else {
+    throw std::invalid_argument("dtype must be f32 or f64, got '" + dtype + "'");
+  }
+}
+
+}  // namespace
+
+void bind_training(py::module_& m) {
+  using std::uintptr_t;
+  using Geo = std::vector<int64_t>;
+  m.def("train_dw_forward",
+        [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
+           uintptr_t x, uintptr_t w, uintptr_t scale, uintptr_t shift, const std::string& act,
+           uintptr_t raw, uintptr_t out, uintptr_t sum, uintptr_t sumsq, int threads) {
+          const auto g = dw_geometry(geo, layout);
+          const auto a_ = act_of(act);
+          const auto i_ = isa_of(isa);
+          by_dtype(dtype, [&](auto tag) {
+            using T = decltype(tag);
+            lwk::train::DwForwardArgs<T> a;
+            a.x = p<T>(x); a.w = p<T>(w); a.scale = p<T>(scale); a.shift = p<T>(shift); a.act = a_;
+            a.raw = p<T>(raw); a.out = p<T>(out); a.sum = d(sum); a.sumsq = d(sumsq);
+            py::gil_scoped_release release;
+            lwk::train::dw_forward<T>(g, a, i_, threads);
+          });
+        });
+  m.def("train_dw_backward",
+        [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
+           uintptr_t x, uintptr_t w, uintptr_t grad, uintptr_t grad_x, uintptr_t grad_w, int threads) {
+          const auto g = dw_geometry(geo, layout);
+          const auto i_ = isa_of(isa);
+          by_dtype(dtype, [&](auto tag) {
+            using T = decltype(tag);
+            py::gil_scoped_release release;
+            lwk::train::dw_backward<T>(g, p<T>(x), p<T>(w), p<T>(grad), p<T>(grad_x), p<T>(grad_w), i_,
+                                       threads);
+          });
+        });
+  m.def("train_channel_stats",
+        [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
+           uintptr_t z, uintptr_t sum, uintptr_t sumsq, int threads) {
+          const auto g = channel_geometry(geo, layout);
+          const auto i_ = isa_of(isa);
+          by_dtype(dtype, [&](auto tag) {
+            using T = decltype(tag);
+            py::gil_scoped_release release;
+            lwk::train::channel_stats<T>(g, p<T>(z), d(sum), d(sumsq), i_, threads);
+          });
+        });
+  m.def("train_affine_act",
+        [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
+           uintptr_t z, uintptr_t scale, uintptr_t shift, uintptr_t residual, const std::string& act,
+           uintptr_t y, int threads) {
+          const auto g = channel_geometry(geo, layout);
+          const auto a_ = act_of(act);
+          const auto i_ = isa_of(isa);
+          by_dtype(dtype, [&](auto tag) {
+            using T = decltype(tag);
+            py::gil_scoped_release release;
+            lwk::train::affine_act<T>(g, p<T>(z), p<T>(scale), p<T>(shift), p<T>(residual), a_, p<T>(y),
+                                      i_, threads);
+          });
+        });
+  m.def("train_act_backward_reduce",
+        [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
+           uintptr_t grad, uintptr_t act_out, const std::string& act, uintptr_t z, uintptr_t center,
+           uintptr_t gb, uintptr_t sum_g, uintptr_t sum_gz, int threads) {
+          const auto g = channel_geometry(geo, layout);
+          const auto a_ = act_of(act);
+          const auto i_ = isa_of(isa);
+          by_dtype(dtype, [&](auto tag) {
+            using T = decltype(tag);
+            py::gil_scoped_release release;
+            lwk::train::act_backward_reduce<T>(g, p<T>(grad), p<T>(act_out), a_, p<T>(z), p<T>(center),
+                                               p<T>(gb), d(sum_g), d(sum_gz), i_, threads);
+          });
+        });
+  m.def("train_affine_backward_apply",
+        [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
+           uintptr_t gb, uintptr_t z, uintptr_t a, uintptr_t b, uintptr_t k, uintptr_t out, int threads) {
+          const auto g = channel_geometry(geo, layout);
+          const auto i_ = isa_of(isa);
+          by_dtype(dtype, [&](auto tag) {
+            using T = decltype(tag);
+            py::gil_scoped_release release;
+            lwk::train::affine_backward_apply<T>(g, p<T>(gb), p<T>(z), p<T>(a), p<T>(b), p<T>(k), p<T>(out),
+                                                 i_, threads);
+          });
+        });
+}
