@@ -6,20 +6,8 @@ import math
 import pytest
 
 import lwkernels.cpu_backend as cpu_backend
-from helpers import torch_threads
+from helpers import cpu_paths_here, torch_threads
 from lwkernels.contract import empty_output
-
-
-def cpu_paths_here():
-    """The CPU paths this machine can run (LWKERNELS_CPU_ISA values), read from lwkernels._C.
-
-    Without a built extension there is nothing to choose from: "scalar" is returned so that the
-    tests that need the kernels fail loudly (cpu_backend.native() says what is missing)."""
-    try:
-        from lwkernels import _C
-    except ImportError:
-        return ["scalar"]
-    return [p for p in cpu_backend.CPU_PATHS if _C.isa_supported(p)]
 
 
 @pytest.fixture(params=cpu_paths_here())

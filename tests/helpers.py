@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from lwkernels.cpu_backend import ISA_ENV
+from lwkernels.cpu_backend import CPU_PATHS, ISA_ENV
 from lwkernels.reference import joint_block_reference
 
 ACTIVATIONS = ("none", "relu", "relu6")
@@ -319,3 +319,13 @@ def _plain_forward(mods, x, residual, mid_act, act):
     return ACT_MODULES[act]()(y)
 
 
+def cpu_paths_here():
+    """The CPU paths this machine can run (LWKERNELS_CPU_ISA values), read from lwkernels._C.
+
+    Without a built extension there is nothing to choose from: "scalar" is returned so that the
+    tests that need the kernels fail loudly (cpu_backend.native() says what is missing)."""
+    try:
+        from lwkernels import _C
+    except ImportError:
+        return ["scalar"]
+    return [p for p in CPU_PATHS if _C.isa_supported(p)]

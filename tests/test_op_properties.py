@@ -7,8 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cpu_paths_here
-from helpers import (ACTIVATIONS, X_LAYOUTS, Case, assert_matches_reference, call_op, conv_out, forced_isa, make_args,
+from helpers import (cpu_paths_here, ACTIVATIONS, X_LAYOUTS, Case, assert_matches_reference, call_op, conv_out, forced_isa, make_args,
                      torch_threads)
 
 # A few ms an example: about 10 s for the file on an idle 2-core machine. The NaN-poisoning fixture
