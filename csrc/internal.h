@@ -25,7 +25,8 @@ void* aligned_alloc_bytes(std::size_t bytes);
 void aligned_free_bytes(void* p) noexcept;
 
 // Pointwise weights packed as panels of `panel()` output channels: panel p holds
-// W[p*panel + j][k] at data()[(p * in_channels + k) * panel + j], zero for channels past c_out.
+// W[p*panel + j][k] at data()[(p * in_channels + k) * panel + j], zero for channels past c_out,
+// followed by 64 zero elements of slack (whole-vector loads from the last panel row).
 // NHWC packs panels of the micro-kernel's column count (output channels run along vectors);
 // NCHW packs panels of its row count (output channels are broadcast rows).
 template <typename T>

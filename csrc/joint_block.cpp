@@ -32,8 +32,12 @@ void aligned_free_bytes(void* p) noexcept {
 template <typename T>
 PackedImpl<T>::PackedImpl(Isa isa, Layout layout, int64_t c_out, int64_t c_in, int panel)
     : isa_(isa), layout_(layout), c_out_(c_out), c_in_(c_in), panel_(panel) {
-  const std::size_t n = static_cast<std::size_t>(num_panels() * c_in_ * panel_);
+  // + one panel row of slack: the thin NCHW micro-kernel loads whole vectors from a panel row.
+  const std::size_t n = static_cast<std::size_t>(num_panels() * c_in_ * panel_ + 64);
   data_ = static_cast<T*>(aligned_alloc_bytes(n * sizeof(T)));
+  for (std::size_t i = static_cast<std::size_t>(num_panels() * c_in_ * panel_); i < n; ++i) {
+    data_[i] = T(0);
+  }
 }
 
 template <typename T>

@@ -224,6 +224,49 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
   }
 }
 
+// NCHW thin micro-kernel for the last one or two pixel columns of a tile (7x7 images leave a
+// single one), where a full-width kernel would waste most of its lanes: the output channels of
+// the panel run along vectors instead, y(i, j) = sum_k A[k*MR + i] * B[k*NR + j], with four
+// accumulator sets to cover the FMA latency. Reads up to RV*W - MR elements past a panel row
+// (the packed weights carry slack for that).
+template <class V>
+void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A,
+                  const typename V::T* LWK_RESTRICT B, int j, const Epi<typename V::T>& e,
+                  int64_t r0, int64_t c0, int rows) {
+  using T = typename V::T;
+  using R = typename V::reg;
+  constexpr int W = V::W, MR = V::MR, NR = V::NR;
+  constexpr int RV = (MR + W - 1) / W;
+  R acc[4][RV];
+  LWK_UNROLL for (int s = 0; s < 4; ++s) {
+    LWK_UNROLL for (int v = 0; v < RV; ++v) acc[s][v] = V::zero();
+  }
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    LWK_UNROLL for (int s = 0; s < 4; ++s) {
+      const R b = V::set1(B[(k + s) * NR + j]);
+      LWK_UNROLL for (int v = 0; v < RV; ++v) {
+        acc[s][v] = V::fma(b, V::load(A + (k + s) * MR + v * W), acc[s][v]);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    const R b = V::set1(B[k * NR + j]);
+    LWK_UNROLL for (int v = 0; v < RV; ++v) acc[0][v] = V::fma(b, V::load(A + k * MR + v * W), acc[0][v]);
+  }
+  alignas(64) T tmp[RV * W];
+  LWK_UNROLL for (int v = 0; v < RV; ++v) {
+    V::store(tmp + v * W, V::add(V::add(acc[0][v], acc[1][v]), V::add(acc[2][v], acc[3][v])));
+  }
+  for (int i = 0; i < rows; ++i) {
+    const int64_t ch = r0 + i;
+    const int64_t off = ch * e.ldy + c0 + j;
+    T v = tmp[i] * e.scale[ch] + e.shift[ch];
+    if (e.res) v += e.res[off];
+    e.y[off] = act_scalar(v, e.act);
+  }
+}
+
 template <typename T>
 using KernelFn = void (*)(int64_t, const T*, const T*, int64_t, const Epi<T>&, int64_t, int64_t,
                           int);
@@ -352,58 +395,58 @@ void dw_tile_nchw(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
   scatter_row<V>(row + ((pl.C - 1) & 1) * pl.row_stride, np, pl.C, pl.C - 1, tile);
 }
 
-// NCHW through the plane (see Plan::use_plane). Builds plane rows for input rows
-// iy_base .. iy_base + rows - 1 of one channel: phase r of row iy is
-// plane[(iy - iy_base) * SW * lp + r * lp + m] = x[iy][m * SW + r - PW], 0 outside the image.
-// Everything is written with whole vectors in increasing address order: a data run may spill up
-// to W-1 junk elements past its end, which the following zero run (or data run) overwrites.
+// NCHW through the plane (see Plan::use_plane). The plane of input rows iy_base ..
+// iy_base + rows - 1 holds, for phase r of row iy, plane[(iy - iy_base) * SW * lp + r * lp + m] =
+// x[iy][m * SW + r - PW], 0 outside the image. Which elements are inside is the same for every
+// channel of a tile, so zero_plane() clears a plane once per tile and fill_plane() then only
+// writes the inside elements of each channel.
+template <class V>
+void zero_plane(typename V::T* plane, int64_t elems) {
+  const typename V::reg z = V::zero();
+  for (int64_t i = 0; i < elems; i += V::W) {
+    V::store(plane + i, z);
+    LWK_NO_IDIOM();
+  }
+}
+
 template <class V, int kS>
 void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, int64_t iy_base,
                 int64_t rows, typename V::T* plane) {
   using T = typename V::T;
   constexpr int W = V::W;
   const int64_t S = pl.SW, lp = pl.lp, Win = pl.W, P = pl.PW;
-  const typename V::reg z = V::zero();
-  T* zero_from = plane;  // [zero_from, next data run) must become zero
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t iy = iy_base + i;
-    if (iy < 0 || iy >= pl.H) continue;  // the whole row stays in the zero run
-    const T* src = xc + iy * Win;
+  const int64_t i_a = imax(0, -iy_base), i_b = imin(rows, pl.H - iy_base);
+  for (int64_t i = i_a; i < i_b; ++i) {
+    const T* src = xc + (iy_base + i) * Win;
     T* row = plane + i * S * lp;
     for (int64_t r = 0; r < S; ++r) {
       // Phase elements m in [ma, mb) are inside the image (0 <= m*S + r - P < Win).
       const int64_t ma = pl.phase_lo[r], mb = pl.phase_hi[r];
-      if (ma >= mb) continue;
-      T* d = row + r * lp;
-      for (T* q = zero_from; q < d + ma; q += W) {
-        V::store(q, z);
-        LWK_NO_IDIOM();
-      }
+      const int64_t n = mb - ma;
+      if (n <= 0) continue;
+      T* d = row + r * lp + ma;
       const T* s0 = src + (ma * S + r - P);
-      const int64_t n = mb - ma, nv = iceil_div(n, W);
-      if (s0 + (nv * W - 1) * S < pl.x_end) {
-        for (int64_t v = 0; v < nv; ++v) {
-          V::store(d + ma + v * W, load_strided<V, kS>(s0 + v * W * S, S));
-          LWK_NO_IDIOM();
-        }
-      } else {  // the last row of x: no vector may read past its end
+      if (n >= W) {  // whole vectors, the last one overlapping: nothing outside [ma, mb) written
         int64_t m = 0;
-        for (; m + W <= n; m += W) {
-          V::store(d + ma + m, load_strided<V, kS>(s0 + m * S, S));
+        for (; m + W < n; m += W) {
+          V::store(d + m, load_strided<V, kS>(s0 + m * S, S));
           LWK_NO_IDIOM();
         }
-        for (; m < n; ++m) {
-          d[ma + m] = s0[m * S];
+        V::store(d + n - W, load_strided<V, kS>(s0 + (n - W) * S, S));
+      } else if (s0 + (W - 1) * S < pl.x_end) {
+        // A short row: one vector (reading on into the next row), then re-zero the spill.
+        V::store(d, load_strided<V, kS>(s0, S));
+        for (int64_t m = n; m < W; ++m) {
+          d[m] = T(0);
+          LWK_NO_IDIOM();
+        }
+      } else {  // the very end of x: no vector may read past it
+        for (int64_t m = 0; m < n; ++m) {
+          d[m] = s0[m * S];
           LWK_NO_IDIOM();
         }
       }
-      zero_from = d + mb;
     }
-  }
-  T* const end = plane + rows * S * lp;
-  for (T* q = zero_from; q < end; q += W) {
-    V::store(q, z);
-    LWK_NO_IDIOM();
   }
 }
 
@@ -520,6 +563,9 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
   // Software pipeline over channels: fill the plane of c+1, compute c, scatter c-1, with two
   // planes and two rows, so every load reads data stored one channel earlier.
   const T* const xn = pl.x + n * pl.C * HW;
+  const int64_t plane_elems = rows * pl.SW * pl.lp;
+  zero_plane<V>(plane, plane_elems);
+  zero_plane<V>(plane + pl.plane_stride, plane_elems);
   fill_plane<V, kS>(pl, xn, iy_base, rows, plane);
   for (int64_t c = 0; c < pl.C; ++c) {
     T* const cur_plane = plane + (c & 1) * pl.plane_stride;
@@ -698,6 +744,9 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
                int64_t* dw_tile) {
   using T = typename V::T;
   constexpr int MR = V::MR, NR = V::NR, W = V::W;
+  // Up to this many trailing NCHW pixel columns go to ukernel_thin (worth it when a full-width
+  // kernel would leave at least three quarters of its lanes idle).
+  constexpr int kThinCols = W / 4;
   const bool nchw = pl.layout == Layout::kNCHW;
   KernelFn<T> kern[V::MR][V::NV];
   if (nchw) {
@@ -753,7 +802,11 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
         for (int64_t c0 = 0; c0 < np; c0 += NR) {
           const int cols = static_cast<int>(imin(NR, np - c0));
           const T* B = tile + (c0 / NR) * C * NR;
-          kern[rows - 1][(cols + W - 1) / W - 1](C, A, B, 0, e, co, c0, cols);
+          if (cols <= kThinCols) {
+            for (int j = 0; j < cols; ++j) ukernel_thin<V>(C, A, B, j, e, co, c0, rows);
+          } else {
+            kern[rows - 1][(cols + W - 1) / W - 1](C, A, B, 0, e, co, c0, cols);
+          }
         }
       }
     } else {
