@@ -580,6 +580,38 @@ void test_concurrency(bool quick) {
   }
 }
 
+// residual may alias y (y = f(x) + y, in place).
+void test_residual_in_place() {
+  for (Isa isa : isas_under_test()) {
+    for (Layout layout : {Layout::kNCHW, Layout::kNHWC}) {
+      JointGeometry g = small_geometry(layout);
+      g.batch = 2;
+      g.in_channels = 7;
+      g.out_channels = 19;
+      g.in_h = g.in_w = 9;
+      g.out_h = g.out_w = 9;
+      Rng r(3);
+      auto x = random_vec<float>(r, 2 * 7 * 81, -1, 1);
+      auto dw = random_vec<float>(r, 7 * 9, -1, 1);
+      auto w = random_vec<float>(r, 19 * 7, -1, 1);
+      auto res = random_vec<float>(r, 2 * 19 * 81, -1, 1);
+      auto packed = lwk::pack_pointwise<float>(isa, layout, w.data(), 19, 7);
+      std::vector<float> want(res.size()), inplace = res;
+      lwk::JointTensors<float> t;
+      t.x = x.data();
+      t.dw_weight = dw.data();
+      t.residual = res.data();
+      t.out_act = Activation::kRelu;
+      t.y = want.data();
+      lwk::joint_forward<float>(*packed, g, t, 2);
+      t.residual = inplace.data();
+      t.y = inplace.data();
+      lwk::joint_forward<float>(*packed, g, t, 2);
+      CHECK(inplace == want, "[%s] residual aliasing y changed the result", lwk::isa_name(isa));
+    }
+  }
+}
+
 // Non-finite inputs propagate like PyTorch (NaN through relu stays NaN).
 void test_nan_propagation() {
   for (Isa isa : isas_under_test()) {
@@ -621,6 +653,7 @@ int main(int argc, char** argv) {
   try {
     test_validation();
     test_nan_propagation();
+    test_residual_in_place();
     test_grid(quick);
     test_random(quick ? 40 : 300);
     test_tiling(quick);
