@@ -51,3 +51,10 @@ UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   qemu-aarch64 -L /usr/aarch64-linux-gnu "$OUT/aarch64/test_joint_block" --quick
 
 step "C++ kernel tests passed"
+
+# --- 3. training kernels (native, ASan + UBSan) ------------------------------------------------
+step "training kernels: native build and tests (ASan + UBSan)"
+cmake --build "$OUT/asan" --parallel "$JOBS" --target test_train_kernels
+ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1" \
+UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+  "$OUT/asan/test_train_kernels"
