@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column (slow to compile)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds spent timing each provider per shape")
     p.add_argument("--model", default=None, help="time a whole model instead (e.g. lightweightnet)")
+    p.add_argument("--train", action="store_true",
+                   help="time training steps (forward + backward, batch 8 by default) instead of inference")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(run=run)
 
@@ -52,7 +54,8 @@ def run(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
-    batch = args.batch if args.batch is not None else (128 if device.startswith("cuda") else 1)
+    default_batch = 128 if device.startswith("cuda") else (8 if args.train else 1)
+    batch = args.batch if args.batch is not None else default_batch
     if batch < 1:
         raise ValueError(f"--batch must be positive, got {batch}")
     dtype = getattr(torch, args.dtype)
@@ -61,7 +64,12 @@ def run(args) -> int:
         from ..model_bench import print_model_bench
 
         return print_model_bench(args.model, batch=batch, device=device, dtype=dtype, min_time=args.min_time,
-                                 json_path=args.json)
+                                 json_path=args.json, train=args.train)
+    if args.train:
+        from ..train_bench import print_train_bench
+
+        print_train_bench(batch=batch, device=device, dtype=dtype, min_time=args.min_time, json_path=args.json)
+        return 0
     return _bench_blocks(args, device, batch, dtype)
 
 

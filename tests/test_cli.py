@@ -1,0 +1,51 @@
+"""The `lwkernels` command line: info, bench (inference and training tables), bad options."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lwkernels.cli import main
+
+
+def test_info_names_the_cpu_path(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU path" in out and "lwkernels" in out and "triton" in out
+
+
+def test_bench_checks_then_prints_a_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--shapes", "lightweightnet32", "--no-compile", "--min-time", "0.01", "--threads", "1",
+                 "--json", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "checked: fused == reference on all 9 shapes" in out
+    assert "geometric mean speedup" in out
+    report = json.loads(path.read_text())
+    assert len(report["rows"]) == 9 and report["chain"]["ms"]["lwkernels"] > 0
+    assert report["environment"]["cpu_path"] in ("scalar", "avx2", "neon")
+
+
+def test_bench_reports_bad_options_without_a_traceback(capsys):
+    assert main(["bench", "--batch", "0"]) == 2
+    assert "--batch must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_on_missing_cuda_says_so(capsys):
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "lwkernels", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "CPU path" in result.stdout
+
+
+def test_unknown_command_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
