@@ -177,7 +177,7 @@ def test_errors_with_requires_grad_inputs():
         call_op(args_with(x=grad, pw_weight=lambda t: t.double().requires_grad_()))
 
 
-def test_native_layer_rejects_bad_geometry_without_crashing():
+def test_native_layer_rejects_bad_geometry_without_crashing(tmp_path):
     """lwkernels._C validates what it is given (its last line of defence against out-of-bounds
     access): run in a subprocess so that a crash is reported as a failure, not lost."""
     code = textwrap.dedent("""
@@ -214,6 +214,8 @@ def test_native_layer_rejects_bad_geometry_without_crashing():
         print("OK")
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    # From the checkout's root, `-c` would import the source tree's lwkernels/ (no compiled _C).
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), \
         f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

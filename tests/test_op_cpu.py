@@ -245,7 +245,7 @@ def test_isa_selection_follows_the_environment(monkeypatch):
 
 def test_every_path_available_is_tested():
     """The cpu_isa fixture covers exactly the supported paths; scalar is always one of them."""
-    from conftest import cpu_paths_here
+    from helpers import cpu_paths_here
     from lwkernels import _C
     paths = cpu_paths_here()
     assert "scalar" in paths
@@ -335,7 +335,7 @@ def test_views_with_different_strides_at_one_address(cpu_isa):
 def test_layouts_and_paths_share_one_weight(monkeypatch):
     """One weight used with NCHW and channels_last inputs and on every CPU path, back and forth:
     each combination gets a packing for its own (path, layout)."""
-    from conftest import cpu_paths_here
+    from helpers import cpu_paths_here
     args = make_args(CACHE_CASE, seed=23)
     weight = args[5]
     for isa in cpu_paths_here() * 2:

@@ -208,7 +208,8 @@ def test_ddp_two_processes_gloo(dataset, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lwkernels.commands.train", *train_args(dataset, out, 1, "--threads", "1")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    # From the checkout's root, `-m` would import the source tree's lwkernels/ (no compiled _C).
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(metrics["epochs"]) == 1
