@@ -10,6 +10,7 @@
 #include <string>
 
 #include "../csrc/joint_block.h"
+#include "enum_names.h"
 
 namespace py = pybind11;
 
@@ -17,25 +18,9 @@ void bind_training(py::module_& m);  // train_bindings.cpp
 
 namespace {
 
-lwk::Isa isa_from_name(const std::string& name) {
-  if (name == "scalar") return lwk::Isa::kScalar;
-  if (name == "avx2") return lwk::Isa::kAvx2;
-  if (name == "neon") return lwk::Isa::kNeon;
-  throw std::invalid_argument("unknown CPU path '" + name + "' (expected scalar, avx2 or neon)");
-}
-
-lwk::Layout layout_from_name(const std::string& name) {
-  if (name == "nchw") return lwk::Layout::kNCHW;
-  if (name == "nhwc") return lwk::Layout::kNHWC;
-  throw std::invalid_argument("unknown layout '" + name + "' (expected nchw or nhwc)");
-}
-
-lwk::Activation activation_from_name(const std::string& name) {
-  if (name == "none") return lwk::Activation::kNone;
-  if (name == "relu") return lwk::Activation::kRelu;
-  if (name == "relu6") return lwk::Activation::kRelu6;
-  throw std::invalid_argument("unknown activation '" + name + "' (expected none, relu or relu6)");
-}
+using lwk_bind::activation_from_name;
+using lwk_bind::isa_from_name;
+using lwk_bind::layout_from_name;
 
 template <typename T>
 const T* as_ptr(std::uintptr_t address) {

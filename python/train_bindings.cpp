@@ -13,30 +13,15 @@
 #include <vector>
 
 #include "../csrc/train_kernels.h"
+#include "enum_names.h"
 
 namespace py = pybind11;
 
 namespace {
 
-lwk::Layout layout_of(const std::string& name) {
-  if (name == "nchw") return lwk::Layout::kNCHW;
-  if (name == "nhwc") return lwk::Layout::kNHWC;
-  throw std::invalid_argument("unknown layout '" + name + "' (expected nchw or nhwc)");
-}
-
-lwk::Activation act_of(const std::string& name) {
-  if (name == "none") return lwk::Activation::kNone;
-  if (name == "relu") return lwk::Activation::kRelu;
-  if (name == "relu6") return lwk::Activation::kRelu6;
-  throw std::invalid_argument("unknown activation '" + name + "' (expected none, relu or relu6)");
-}
-
-lwk::Isa isa_of(const std::string& name) {
-  if (name == "scalar") return lwk::Isa::kScalar;
-  if (name == "avx2") return lwk::Isa::kAvx2;
-  if (name == "neon") return lwk::Isa::kNeon;
-  throw std::invalid_argument("unknown CPU path '" + name + "'");
-}
+constexpr auto layout_of = lwk_bind::layout_from_name;
+constexpr auto act_of = lwk_bind::activation_from_name;
+constexpr auto isa_of = lwk_bind::isa_from_name;
 
 lwk::train::DwGeometry dw_geometry(const std::vector<int64_t>& v, const std::string& layout) {
   if (v.size() != 14) throw std::invalid_argument("depthwise geometry needs 14 integers");
