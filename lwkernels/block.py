@@ -9,7 +9,7 @@ from torch import nn
 
 from .activation import ActivationSpec, activation_module, activation_name
 from .folding import fold_batchnorm, uses_running_stats
-from .ops import joint_block
+from .ops import call_joint_block
 from .reference import JointBlockReference
 from .training import joint_block_training, uses_batch_stats
 
@@ -115,12 +115,33 @@ class JointBlock(JointBlockReference):
                 return joint_block_training(self, x, residual)
             return super().forward(x, residual)  # mixed BN modes or an empty batch: reference composition
         dw, pw = self.depthwise, self.pointwise
-        dw_scale, dw_shift = fold_batchnorm(self.mid_bn, dw.bias)
-        pw_scale, pw_shift = fold_batchnorm(self.bn, pw.bias)
-        return joint_block(
+        dw_scale, dw_shift, pw_scale, pw_shift = self._folded_epilogues()
+        return call_joint_block(
             x, dw.weight, dw_scale, dw_shift, activation_name(self.mid_act), pw.weight, pw_scale, pw_shift,
             residual, activation_name(self.act), list(dw.stride), list(dw.padding), list(dw.dilation),
         )
+
+    def _folded_epilogues(self):
+        """(dw_scale, dw_shift, pw_scale, pw_shift) of the eval-mode BNs and conv biases.
+
+        Eager inference (grad off) reuses them until a tensor they come from changes (version
+        counters; a handful of tiny ops saved per call). With grad on they are recomputed so that
+        gradients reach the BN parameters; under torch.compile they are traced like any other op."""
+        sources = (self.depthwise.bias, self.pointwise.bias) + tuple(
+            t for bn in (self.mid_bn, self.bn) if bn is not None
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+        cacheable = (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                     and not any(t is not None and t.is_inference() for t in sources))
+        if cacheable:
+            key = tuple(None if t is None else (id(t), t._version) for t in sources) + tuple(
+                bn.eps for bn in (self.mid_bn, self.bn) if bn is not None)
+            cached = self.__dict__.get("_fold_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        folded = fold_batchnorm(self.mid_bn, self.depthwise.bias) + fold_batchnorm(self.bn, self.pointwise.bias)
+        if cacheable:
+            self.__dict__["_fold_cache"] = (key, folded)  # plain attribute: not state, not a buffer
+        return folded
 
     def extra_repr(self) -> str:
         return "fused"

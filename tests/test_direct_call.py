@@ -1,0 +1,56 @@
+"""ops.call_joint_block: eager CPU inference enters the kernel directly; everything that needs to
+see the op (autograd, modes, tracing, compile) still goes through the dispatcher."""
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lwkernels
+from lwkernels import ops
+from helpers import Case, make_args
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _args():
+    return make_args(Case(n=2, c_in=5, c_out=7, h=9, w=8, stride=(2, 1), dilation=(2, 3)), seed=3)
+
+
+def test_direct_call_equals_the_op(monkeypatch):
+    args = _args()
+    with torch.no_grad():
+        expected = torch.ops.lwkernels.joint_block(*args)
+        assert ops._direct_call_allowed(args)
+        torch.testing.assert_close(ops.call_joint_block(*args), expected, rtol=0, atol=0)
+
+
+def test_grad_mode_goes_through_the_op():
+    args = list(_args())
+    args[5] = args[5].detach().requires_grad_(True)  # pointwise weight
+    assert not ops._direct_call_allowed(tuple(args))
+    y = ops.call_joint_block(*args)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert args[5].grad is not None and torch.isfinite(args[5].grad).all()
+
+
+def test_dispatch_modes_see_the_op():
+    args = _args()
+    with torch.no_grad(), _RecordOps() as mode:
+        ops.call_joint_block(*args)
+    assert any("lwkernels.joint_block" in name for name in mode.seen)
+
+
+def test_eval_block_in_a_dispatch_mode_sees_one_fused_op():
+    block = lwkernels.JointBlock(4, 6, dilation=2).eval()
+    x = torch.randn(1, 4, 7, 7)
+    with torch.no_grad(), _RecordOps() as mode:
+        block(x)
+    assert sum("lwkernels.joint_block" in name for name in mode.seen) == 1
+    assert not any("convolution" in name for name in mode.seen)
