@@ -110,35 +110,39 @@ class JointBlock(JointBlockReference):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not (uses_running_stats(self.bn) and uses_running_stats(self.mid_bn)):
-            if uses_batch_stats(self.bn) and (self.mid_bn is None or uses_batch_stats(self.mid_bn)) and x.shape[0] > 0:
+        bn, mid_bn = self.bn, self.mid_bn  # each nn.Module attribute lookup costs; fetch once
+        if not (uses_running_stats(bn) and uses_running_stats(mid_bn)):
+            if uses_batch_stats(bn) and (mid_bn is None or uses_batch_stats(mid_bn)) and x.shape[0] > 0:
                 return joint_block_training(self, x, residual)
             return super().forward(x, residual)  # mixed BN modes or an empty batch: reference composition
         dw, pw = self.depthwise, self.pointwise
-        dw_scale, dw_shift, pw_scale, pw_shift = self._folded_epilogues()
+        dw_scale, dw_shift, pw_scale, pw_shift = self._folded_epilogues(dw, pw, bn, mid_bn)
         return call_joint_block(
             x, dw.weight, dw_scale, dw_shift, activation_name(self.mid_act), pw.weight, pw_scale, pw_shift,
             residual, activation_name(self.act), list(dw.stride), list(dw.padding), list(dw.dilation),
         )
 
-    def _folded_epilogues(self):
+    def _folded_epilogues(self, depthwise=None, pointwise=None, bn=None, mid_bn=None):
         """(dw_scale, dw_shift, pw_scale, pw_shift) of the eval-mode BNs and conv biases.
 
         Eager inference (grad off) reuses them until a tensor they come from changes (version
         counters; a handful of tiny ops saved per call). With grad on they are recomputed so that
-        gradients reach the BN parameters; under torch.compile they are traced like any other op."""
-        sources = (self.depthwise.bias, self.pointwise.bias) + tuple(
-            t for bn in (self.mid_bn, self.bn) if bn is not None
-            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
-        cacheable = (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+        gradients reach the BN parameters; under torch.compile they are traced like any other op.
+        forward passes the submodules it already fetched; other callers pass nothing."""
+        if depthwise is None:
+            depthwise, pointwise, bn, mid_bn = self.depthwise, self.pointwise, self.bn, self.mid_bn
+        dw_bias, pw_bias = depthwise.bias, pointwise.bias
+        bns = tuple(m for m in (mid_bn, bn) if m is not None)
+        sources = (dw_bias, pw_bias) + tuple(
+            t for m in bns for t in (m.weight, m.bias, m.running_mean, m.running_var))
+        cacheable = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                      and not any(t is not None and t.is_inference() for t in sources))
         if cacheable:
-            key = tuple(None if t is None else (id(t), t._version) for t in sources) + tuple(
-                bn.eps for bn in (self.mid_bn, self.bn) if bn is not None)
+            key = tuple(None if t is None else (id(t), t._version) for t in sources) + tuple(m.eps for m in bns)
             cached = self.__dict__.get("_fold_cache")
             if cached is not None and cached[0] == key:
                 return cached[1]
-        folded = fold_batchnorm(self.mid_bn, self.depthwise.bias) + fold_batchnorm(self.bn, self.pointwise.bias)
+        folded = fold_batchnorm(mid_bn, dw_bias) + fold_batchnorm(bn, pw_bias)
         if cacheable:
             self.__dict__["_fold_cache"] = (key, folded)  # plain attribute: not state, not a buffer
         return folded

@@ -19,8 +19,14 @@ CPU_PATHS = ("scalar", "avx2", "neon")
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
+_NATIVE = None
+
+
 def native():
     """The compiled kernels (lwkernels._C), with a clear error if the package was not built."""
+    global _NATIVE
+    if _NATIVE is not None:
+        return _NATIVE
     try:
         from . import _C
     except ImportError as e:  # pragma: no cover - only on a broken install
@@ -28,20 +34,34 @@ def native():
             "lwkernels' C++ extension (lwkernels._C) is missing or failed to load; "
             "reinstall the package with `pip install .`"
         ) from e
+    _NATIVE = _C
     return _C
+
+
+# (raw LWKERNELS_CPU_ISA value, the path it selects): the last successful selection, so that the
+# per-call lookup is one environment read and a comparison. Invalid values are never cached.
+_ISA_CHOICE: Tuple[Optional[str], str] = (None, "")
 
 
 def selected_isa() -> str:
     """The CPU path the next call will use (honours LWKERNELS_CPU_ISA)."""
-    requested = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    global _ISA_CHOICE
+    raw = os.environ.get(ISA_ENV)
+    choice = _ISA_CHOICE
+    if choice[1] and choice[0] == raw:
+        return choice[1]
+    requested = (raw if raw is not None else "auto").strip().lower() or "auto"
     _C = native()
     if requested == "auto":
-        return _C.best_isa()
-    if requested not in CPU_PATHS:
-        raise ValueError(f"{ISA_ENV}={requested!r} is not a CPU path; choose one of {CPU_PATHS} or 'auto'")
-    if not _C.isa_supported(requested):
-        raise RuntimeError(f"{ISA_ENV}={requested!r}: this build or this CPU does not support that path")
-    return requested
+        isa = _C.best_isa()
+    else:
+        if requested not in CPU_PATHS:
+            raise ValueError(f"{ISA_ENV}={requested!r} is not a CPU path; choose one of {CPU_PATHS} or 'auto'")
+        if not _C.isa_supported(requested):
+            raise RuntimeError(f"{ISA_ENV}={requested!r}: this build or this CPU does not support that path")
+        isa = requested
+    _ISA_CHOICE = (raw, isa)
+    return isa
 
 
 class _PackCache:
@@ -118,6 +138,31 @@ def _address(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# JointGeometry objects by shape: a network calls each block with the same shapes every time, and
+# building one from keyword arguments costs several microseconds. Geometries are immutable once
+# cached (the kernel only reads them); the cache is bounded.
+_GEOMETRIES: Dict[Tuple, object] = {}
+_GEOMETRY_CACHE_SIZE = 256
+
+
+def _geometry(_C, x_shape, out_shape, kernel, stride, padding, dilation, layout: str):
+    key = (x_shape, out_shape, kernel, stride, padding, dilation, layout)
+    geometry = _GEOMETRIES.get(key)
+    if geometry is None:
+        n, c_in, h, w = x_shape
+        geometry = _C.JointGeometry(
+            batch=n, in_channels=c_in, in_h=h, in_w=w,
+            out_channels=out_shape[1], out_h=out_shape[2], out_w=out_shape[3],
+            kernel_h=kernel[0], kernel_w=kernel[1],
+            stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
+            dil_h=dilation[0], dil_w=dilation[1], layout=layout,
+        )
+        if len(_GEOMETRIES) >= _GEOMETRY_CACHE_SIZE:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[key] = geometry
+    return geometry
+
+
 def joint_block_cpu(
     x: torch.Tensor,
     dw_weight: torch.Tensor,
@@ -154,15 +199,9 @@ def joint_block_cpu(
     vectors = [None if v is None else v.contiguous() for v in (dw_scale, dw_shift, pw_scale, pw_shift)]
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format)
-    n, c_in, h, w = x.shape
     _C = native()
-    geometry = _C.JointGeometry(
-        batch=n, in_channels=c_in, in_h=h, in_w=w,
-        out_channels=out_shape[1], out_h=out_shape[2], out_w=out_shape[3],
-        kernel_h=dw.shape[2], kernel_w=dw.shape[3],
-        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
-        dil_h=dilation[0], dil_w=dilation[1], layout=layout,
-    )
+    geometry = _geometry(_C, tuple(x.shape), out_shape, tuple(dw.shape[2:]), tuple(stride), tuple(padding),
+                         tuple(dilation), layout)
     _C.joint_forward(
         packed, geometry, _address(x), _address(dw), _address(vectors[0]), _address(vectors[1]), mid_act,
         _address(vectors[2]), _address(vectors[3]), _address(residual), out_act, _address(y),
