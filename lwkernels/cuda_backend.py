@@ -14,6 +14,7 @@ from .contract import check_joint_args, output_memory_format
 from .reference import joint_block_reference
 
 _registered = False
+_triton_ok: Optional[bool] = None
 
 
 def cudnn_conv_uses_tf32() -> bool:
@@ -50,8 +51,27 @@ def joint_block_cuda(
     if x.dtype not in KERNEL_DTYPES:
         return joint_block_reference(*args).contiguous(memory_format=output_memory_format(x))
     if allow_tf32 is None:
-        allow_tf32 = x.dtype == torch.float32 and cudnn_conv_uses_tf32() and _has_tf32(x.device)
+        allow_tf32 = uses_tf32(x)
     return joint_block_triton(*args, allow_tf32=allow_tf32)
+
+
+def uses_tf32(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels use TF32 for x: fp32 on a TF32-capable device, when PyTorch would
+    for a convolution."""
+    return x.dtype == torch.float32 and cudnn_conv_uses_tf32() and _has_tf32(x.device)
+
+
+def triton_available() -> bool:
+    """Whether Triton imports here (the training op's CUDA path then uses the Triton kernels)."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _triton_ok = True
+        except Exception:  # ImportError, or a Triton that fails to initialise on this platform
+            _triton_ok = False
+    return _triton_ok
 
 
 def register_cuda_kernel() -> bool:
@@ -61,10 +81,7 @@ def register_cuda_kernel() -> bool:
     global _registered
     if _registered:
         return True
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a Triton that fails to initialise on this platform
+    if not triton_available():
         return False
     from .ops import joint_block
 

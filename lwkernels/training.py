@@ -12,8 +12,11 @@ Two ops, both ``torch.library.custom_op`` (so torch.compile(fullgraph=True) trac
     CPU (float32/float64): the mid statistics come from a depthwise pass that stores nothing; z
     from the fused depthwise->pointwise C++ kernel (joint_block.h; the depthwise intermediate
     never reaches memory); the statistics of z from one C++ reduction pass, then one C++ pass
-    normalises, adds the residual and activates. Other devices/dtypes: PyTorch ops (correct,
-    unfused: the slot for a Triton training kernel).
+    normalises, adds the residual and activates. CUDA (fp16/bf16/fp32, with Triton): the mid
+    statistics from a Triton depthwise pass that stores nothing; z and its statistics from the fused
+    Triton kernel (triton_kernel.pointwise_stats_triton: depthwise -> pointwise with a statistics
+    epilogue, so the depthwise intermediate never reaches memory); normalise + residual + activation
+    in PyTorch ops. Other devices/dtypes: PyTorch ops (correct, unfused).
 
 ``lwkernels::joint_block_train_backward``
     Its backward (registered with register_autograd). Saved for backward: x, y and z (plus the
@@ -142,13 +145,61 @@ def joint_block_train(
     if _uses_cpp(x):
         return _forward_cpu(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps, mid_act, pw_weight, pw_bias,
                             bn_weight, bn_bias, eps, residual, out_act, stride, padding, dilation, out_shape)
+    if _uses_triton(x, out_shape):
+        return _forward_triton(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps, mid_act, pw_weight,
+                               pw_bias, bn_weight, bn_bias, eps, residual, out_act, stride, padding, dilation)
     return _forward_torch(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps, mid_act, pw_weight, pw_bias,
                           bn_weight, bn_bias, eps, residual, out_act, stride, padding, dilation)
 
 
+def _uses_triton(x: Tensor, out_shape) -> bool:
+    """CUDA fp16/bf16/fp32 with Triton available, and a non-empty output (an empty batch has no
+    statistics to compute; PyTorch ops return its NaN means)."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if x.shape[0] * out_shape[2] * out_shape[3] == 0:
+        return False
+    from .cuda_backend import triton_available
+
+    return triton_available()
+
+
+def _forward_triton(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps, mid_act, pw_weight, pw_bias,
+                    bn_weight, bn_bias, eps, residual, out_act, stride, padding, dilation):
+    """CUDA: mid statistics from a depthwise pass that stores nothing (Triton), then z and its batch
+    statistics from the fused depthwise -> pointwise Triton kernel (the depthwise output never reaches
+    memory; the statistics come from the kernel's epilogue). Normalise + residual + activation: PyTorch
+    ops (one elementwise pass)."""
+    from .cuda_backend import uses_tf32
+    from .triton_kernel import depthwise_stats_triton, pointwise_stats_triton
+
+    fmt = output_memory_format(x)
+    if mid_bn:
+        mid_mean, mid_var = depthwise_stats_triton(x, dw_weight, stride, padding, dilation)
+        # The kernel reads the per-channel affine as fp32 (the bias before BN cancels).
+        dw_scale, dw_shift = (v.float() for v in _bn_scale_shift(mid_mean, mid_var, mid_weight, mid_bias, mid_eps))
+        mid_mean, mid_var = mid_mean.to(x.dtype), mid_var.to(x.dtype)
+    else:
+        dw_scale, dw_shift = None, dw_bias
+        mid_mean, mid_var = x.new_empty(0), x.new_empty(0)
+    z, mean, var = pointwise_stats_triton(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_bias, stride,
+                                          padding, dilation, allow_tf32=uses_tf32(x))
+    y = _normalise_torch(z, mean, var, bn_weight, bn_bias, eps, residual, out_act)
+    return (y.contiguous(memory_format=fmt), z, mean.to(x.dtype), var.to(x.dtype), mid_mean, mid_var)
+
+
+def _normalise_torch(z, mean, var, bn_weight, bn_bias, eps, residual, out_act) -> Tensor:
+    """out_act(bn(z) + residual) with the batch statistics (mean, var), in z's dtype."""
+    scale, shift = _bn_scale_shift(mean, var, bn_weight, bn_bias, eps)
+    v = z * _pc(scale.to(z.dtype)) + _pc(shift.to(z.dtype))
+    if residual is not None:
+        v = v + residual
+    return apply_activation(v, out_act)
+
+
 def _forward_torch(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps, mid_act, pw_weight, pw_bias,
                    bn_weight, bn_bias, eps, residual, out_act, stride, padding, dilation):
-    """PyTorch ops: any device and dtype (the CUDA slot until a fused training kernel exists)."""
+    """PyTorch ops: any device and dtype (CUDA tensors without Triton, fp64, empty batches)."""
     fmt = output_memory_format(x)
     c = F.conv2d(x, dw_weight, None, stride, padding, dilation, groups=x.shape[1])
     if mid_bn:
@@ -162,11 +213,7 @@ def _forward_torch(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps,
     z = F.conv2d(apply_activation(a, mid_act), pw_weight, pw_bias)
     mean = z.mean(dim=(0, 2, 3))
     var = z.var(dim=(0, 2, 3), unbiased=False)
-    scale, shift = _bn_scale_shift(mean, var, bn_weight, bn_bias, eps)
-    v = z * _pc(scale.to(z.dtype)) + _pc(shift.to(z.dtype))
-    if residual is not None:
-        v = v + residual
-    y = apply_activation(v, out_act)
+    y = _normalise_torch(z, mean, var, bn_weight, bn_bias, eps, residual, out_act)
     return (y.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt), mean, var,
             mid_mean.contiguous(), mid_var.contiguous())
 

@@ -20,6 +20,13 @@ Precision: fp16/bf16 load and store in their own dtype and accumulate in fp32; t
 the compute dtype. fp32 uses TF32 in the dot exactly when the caller says so (cuda_backend decides it
 from PyTorch's cuDNN conv setting); otherwise "ieee" (full fp32).
 
+Training (HAS_STATS, pointwise_stats_triton): the same kernel stores the pre-BN pointwise output z
+and, in its epilogue, per-output-channel partial statistics of its pixel tile (sum and the sum of
+squared deviations from the tile mean, plus the tile's pixel count) into [pixel tiles, C_out] fp32
+buffers, merged on the host in float64 (combine_partials; deterministic, no atomics). Mid BatchNorm's
+batch statistics come first from _depthwise_stats_kernel, which runs the same depthwise tile code
+and stores only the partials; its scale/shift then enter the fused kernel as dw_scale/dw_shift.
+
 Under TRITON_INTERPRET=1 the same kernel runs on CPU tensors with one pinned config (no autotuning),
 which is how its logic is tested without a GPU.
 """
@@ -59,8 +66,51 @@ def _activation(v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _depthwise_tile(x_ptr, dw_w_ptr, x_pix, ih0, iw0, m_mask, offs_ci64, ci_mask, H, W, sxc, sxh, sxw,
+                    sdc, sdh, sdw, DIL_H, DIL_W,
+                    KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """The raw depthwise output of a [BLOCK_P pixels, BLOCK_CI channels] tile, fp32."""
+    # k x k dilated taps, fp32 multiply-accumulate. Out-of-image taps, pixels past M and channels
+    # past C_IN load 0 (zero padding), so they contribute nothing.
+    x_chan = offs_ci64 * sxc  # [CI] int64
+    t = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = ih0 + kh * DIL_H
+        row_ok = m_mask & (ih >= 0) & (ih < H)
+        x_row = x_pix + ih * sxh
+        for kw in tl.static_range(KW):
+            iw = iw0 + kw * DIL_W
+            ok = row_ok & (iw >= 0) & (iw < W)
+            x_off = (x_row + iw * sxw)[:, None] + x_chan[None, :]
+            xv = tl.load(x_ptr + x_off, mask=ok[:, None] & ci_mask[None, :], other=0.0)
+            wv = tl.load(dw_w_ptr + offs_ci64 * sdc + (kh * sdh + kw * sdw), mask=ci_mask, other=0.0)
+            t += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return t
+
+
+@triton.jit
+def _store_tile_stats(v, m_mask, offs_c, c_mask, pid_m, C, write_count, sum_ptr, m2_ptr, cnt_ptr):
+    """Per-channel partial statistics of one pixel tile of v [P, C-tile] (fp32): the sum and the sum
+    of squared deviations from the tile's own mean (M2) into row pid_m of the [rows, C] buffers, and
+    the tile's pixel count into cnt[pid_m] (by one program per pixel tile: write_count).
+
+    Centring per tile keeps the variance free of the E[v^2] - E[v]^2 cancellation; the host merges the
+    rows in float64 (combine_partials), in a fixed order, so the result is deterministic."""
+    valid = m_mask[:, None] & c_mask[None, :]
+    cnt = tl.sum(m_mask.to(tl.float32), axis=0)
+    s = tl.sum(tl.where(valid, v, 0.0), axis=0)
+    d = tl.where(valid, v - (s / tl.maximum(cnt, 1.0))[None, :], 0.0)
+    m2 = tl.sum(d * d, axis=0)
+    row = pid_m.to(tl.int64) * C
+    tl.store(sum_ptr + row + offs_c, s, mask=c_mask)
+    tl.store(m2_ptr + row + offs_c, m2, mask=c_mask)
+    tl.store(cnt_ptr + pid_m, cnt, mask=write_count)
+
+
+@triton.jit
 def _joint_block_kernel(
     x_ptr, dw_w_ptr, dw_scale_ptr, dw_shift_ptr, pw_w_ptr, pw_scale_ptr, pw_shift_ptr, res_ptr, y_ptr,
+    sum_ptr, m2_ptr, cnt_ptr,    # per-pixel-tile statistics of y (HAS_STATS only)
     M, OHW, C_IN, C_OUT, H, W, OW,
     sxn, sxc, sxh, sxw,          # x strides (elements)
     sdc, sdh, sdw,               # dw_weight strides: channel, kernel row, kernel column
@@ -72,7 +122,7 @@ def _joint_block_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_DW_SCALE: tl.constexpr, HAS_DW_SHIFT: tl.constexpr, MID_ACT: tl.constexpr,
     HAS_PW_SCALE: tl.constexpr, HAS_PW_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_ACT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_STATS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
     # Output-channel tiles of one pixel tile are neighbours in launch order, so when C_out is split
@@ -103,22 +153,9 @@ def _joint_block_kernel(
         offs_ci = c0 + tl.arange(0, BLOCK_CI)
         ci_mask = offs_ci < C_IN
         offs_ci64 = offs_ci.to(tl.int64)
-        x_chan = offs_ci64 * sxc  # [CI] int64
 
-        # Depthwise: k x k dilated taps, fp32 multiply-accumulate. Out-of-image taps and channels
-        # past C_IN load 0 (zero padding), so they contribute nothing.
-        t = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
-        for kh in tl.static_range(KH):
-            ih = ih0 + kh * DIL_H
-            row_ok = m_mask & (ih >= 0) & (ih < H)
-            x_row = x_pix + ih * sxh
-            for kw in tl.static_range(KW):
-                iw = iw0 + kw * DIL_W
-                ok = row_ok & (iw >= 0) & (iw < W)
-                x_off = (x_row + iw * sxw)[:, None] + x_chan[None, :]
-                xv = tl.load(x_ptr + x_off, mask=ok[:, None] & ci_mask[None, :], other=0.0)
-                wv = tl.load(dw_w_ptr + offs_ci64 * sdc + (kh * sdh + kw * sdw), mask=ci_mask, other=0.0)
-                t += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        t = _depthwise_tile(x_ptr, dw_w_ptr, x_pix, ih0, iw0, m_mask, offs_ci64, ci_mask, H, W, sxc, sxh, sxw,
+                            sdc, sdh, sdw, DIL_H, DIL_W, KH, KW, BLOCK_P, BLOCK_CI)
         # Masked channels stay exactly 0 through the affine (scale/shift load 0 there) and the
         # activation, and their pointwise rows load 0 too.
         if HAS_DW_SCALE:
@@ -143,7 +180,41 @@ def _joint_block_kernel(
         acc = acc + tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
     acc = _activation(acc, OUT_ACT)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (offs_co64 * syc)[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    yv = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + y_off, yv, mask=out_mask)
+    if HAS_STATS:
+        # Training: statistics of y exactly as stored (rounded to its dtype), for its BatchNorm.
+        _store_tile_stats(yv.to(tl.float32), m_mask, offs_co, co_mask, pid_m, C_OUT, pid_co == 0,
+                          sum_ptr, m2_ptr, cnt_ptr)
+
+
+@triton.jit
+def _depthwise_stats_kernel(
+    x_ptr, dw_w_ptr, sum_ptr, m2_ptr, cnt_ptr,
+    M, OHW, C_IN, H, W, OW,
+    sxn, sxc, sxh, sxw, sdc, sdh, sdw,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    """Per-channel partial statistics of the raw depthwise output (for mid BatchNorm in training),
+    which is computed by the fused kernel's own depthwise code and never stored. One program per
+    [BLOCK_P pixels, BLOCK_CI channels] tile; channel tiles of a pixel tile are launch neighbours."""
+    pid = tl.program_id(0)
+    num_ci = tl.cdiv(C_IN, BLOCK_CI)
+    pid_ci = pid % num_ci
+    pid_m = pid // num_ci
+    offs_m = pid_m.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_mask = offs_m < M
+    n = offs_m // OHW
+    r = offs_m - n * OHW
+    oh = r // OW
+    ow = r - oh * OW
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_mask = offs_ci < C_IN
+    t = _depthwise_tile(x_ptr, dw_w_ptr, n * sxn, oh * STRIDE_H - PAD_H, ow * STRIDE_W - PAD_W, m_mask,
+                        offs_ci.to(tl.int64), ci_mask, H, W, sxc, sxh, sxw, sdc, sdh, sdw, DIL_H, DIL_W,
+                        KH, KW, BLOCK_P, BLOCK_CI)
+    _store_tile_stats(t, m_mask, offs_ci, ci_mask, pid_m, C_IN, pid_ci == 0, sum_ptr, m2_ptr, cnt_ptr)
 
 
 # -- autotuning ----------------------------------------------------------------------------------
@@ -197,6 +268,16 @@ _joint_block_autotuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
 )(_joint_block_kernel)
 
+#: The same kernel with the statistics epilogue (training). Its own autotuner: timing candidates
+#: writes partial rows for their own BLOCK_P, so the buffers are zeroed after benchmarking
+#: (reset_to_zero) and only the chosen config's rows remain (the others keep count 0).
+_joint_block_stats_autotuned = triton.autotune(
+    configs=_candidate_configs(),
+    key=["C_IN", "C_OUT", "KH", "KW", "STRIDE_H", "STRIDE_W", "M_BUCKET", "CHANNELS_LAST"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["sum_ptr", "m2_ptr", "cnt_ptr"],
+)(_joint_block_kernel)
+
 
 # -- launcher ------------------------------------------------------------------------------------
 
@@ -232,16 +313,131 @@ def joint_block_triton(
 
     CUDA tensors normally; CPU tensors only under TRITON_INTERPRET=1.
     """
-    out_shape = check_joint_args(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift,
-                                 residual, out_act, stride, padding, dilation)
+    y, _ = _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
+                      stride, padding, dilation, allow_tf32=allow_tf32, config=config, stats=False)
+    return y
+
+
+def pointwise_stats_triton(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_scale: Optional[torch.Tensor],
+    dw_shift: Optional[torch.Tensor],
+    mid_act: str,
+    pw_weight: torch.Tensor,
+    pw_bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    *,
+    allow_tf32: bool = False,
+    config: Optional[Dict[str, int]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training forward's heavy part in one launch: z = PW(mid_act(dw_scale * DW(x) + dw_shift)) +
+    pw_bias (the fused kernel, no residual, no output activation), plus the batch statistics of z that
+    its BatchNorm needs, from the kernel's epilogue. Returns (z, mean, var): z in x's dtype and memory
+    format, mean/var the biased per-output-channel statistics in float64 (of z as stored).
+
+    The depthwise output never reaches memory; the statistics cost a [pixel tiles, C_out] fp32 buffer
+    per sum and M2, merged on the host in float64 (deterministic: no atomics). Other arguments as
+    joint_block_triton; mid BatchNorm in training passes its batch-statistics scale/shift as
+    dw_scale/dw_shift (see depthwise_stats_triton)."""
+    z, partials = _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, None, pw_bias, None, "none",
+                             stride, padding, dilation, allow_tf32=allow_tf32, config=config, stats=True)
+    c_out = z.shape[1]
+    if partials is None:
+        nan = torch.full((c_out,), float("nan"), dtype=torch.float64, device=z.device)
+        return z, nan, nan.clone()
+    return (z, *combine_partials(*partials))
+
+
+def depthwise_stats_triton(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    *,
+    config: Optional[Dict[str, int]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Biased per-channel batch statistics (mean, var; float64) of the raw depthwise output DW(x),
+    computed tile by tile with the fused kernel's depthwise code and never stored.
+
+    config: {"BLOCK_P", "BLOCK_CI"[, "num_warps", "num_stages"]}; default 64 x (16 or 32) on a GPU (a
+    memory-bound pass: no autotuning), the pinned 16 x 16 under the interpreter."""
+    c_in = x.shape[1]
+    out_shape = check_joint_args(x, dw_weight, None, None, "none", x.new_empty(c_in, c_in, 1, 1), None, None, None,
+                                 "none", stride, padding, dilation)
+    _check_device_dtype(x)
+    n, _, h, w = x.shape
+    out_h, out_w = out_shape[2:]
+    m = n * out_h * out_w
+    if m == 0:
+        nan = torch.full((c_in,), float("nan"), dtype=torch.float64, device=x.device)
+        return nan, nan.clone()
+    if config is None:
+        config = ({"BLOCK_P": PINNED_CONFIG["BLOCK_P"], "BLOCK_CI": PINNED_CONFIG["BLOCK_CI"]} if INTERPRET
+                  else {"BLOCK_P": 64, "BLOCK_CI": 16 if c_in <= 16 else 32})
+    cfg = {"num_warps": 4, "num_stages": 1, **config}
+    _check_blocks(cfg, ("BLOCK_P", "BLOCK_CI"))
+    rows = triton.cdiv(m, cfg["BLOCK_P"])
+    programs = rows * triton.cdiv(c_in, cfg["BLOCK_CI"])
+    _check_grid(programs)
+    s, m2, cnt = _partial_buffers(rows, c_in, x.device)
+    kh, kw = int(dw_weight.shape[2]), int(dw_weight.shape[3])
+    args = (x, dw_weight, s, m2, cnt, m, out_h * out_w, c_in, h, w, out_w, *x.stride(),
+            dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3),
+            *_pair(stride), *_pair(padding), *_pair(dilation))
+    _on_device(x, lambda: _depthwise_stats_kernel[(programs,)](*args, KH=kh, KW=kw, **cfg))
+    return combine_partials(s, m2, cnt)
+
+
+def combine_partials(s: torch.Tensor, m2: torch.Tensor, cnt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-tile (sum [R, C], M2 [R, C], count [R]) rows into the biased (mean, var) [C] in
+    float64 (Chan et al.'s pairwise update, all rows at once). Rows with count 0 contribute nothing."""
+    s, m2, cnt = s.double(), m2.double(), cnt.double()[:, None]
+    total = cnt.sum()
+    mean = s.sum(0) / total
+    between = (cnt * (s / cnt.clamp_min(1) - mean) ** 2).sum(0)
+    return mean, (m2.sum(0) + between) / total
+
+
+def _partial_buffers(rows: int, channels: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    buf = torch.zeros(2, rows, channels, dtype=torch.float32, device=device)
+    return buf[0], buf[1], torch.zeros(rows, dtype=torch.float32, device=device)
+
+
+def _check_device_dtype(x: torch.Tensor) -> None:
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Triton kernel computes in {KERNEL_DTYPES}, got x of dtype {x.dtype}")
     if x.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"the Triton kernel needs CUDA tensors (x is on {x.device}); "
                          "CPU tensors run it only under TRITON_INTERPRET=1")
+
+
+def _check_blocks(cfg: Dict[str, int], keys) -> None:
+    for key in keys:
+        if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
+            raise ValueError(f"{key} must be a power of two >= 16, got {cfg[key]}")
+
+
+def _on_device(x: torch.Tensor, launch) -> None:
+    if x.device.type == "cuda":
+        with torch.cuda.device(x.device):  # Triton launches on the current device's current stream
+            launch()
+    else:
+        launch()
+
+
+def _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
+               stride, padding, dilation, *, allow_tf32: bool, config: Optional[Dict[str, int]], stats: bool):
+    """Launch the fused kernel; returns (y, partial-statistics buffers or None)."""
+    out_shape = check_joint_args(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift,
+                                 residual, out_act, stride, padding, dilation)
+    _check_device_dtype(x)
     y = empty_output(x, out_shape)
     if y.numel() == 0:
-        return y
+        return y, None
 
     n, c_in, h, w = x.shape
     _, c_out, out_h, out_w = out_shape
@@ -251,17 +447,27 @@ def joint_block_triton(
     dil_h, dil_w = _pair(dilation)
     m = n * out_h * out_w
 
+    if config is None and INTERPRET:
+        config = PINNED_CONFIG
+    cfg = None
+    if config is not None:
+        cfg = {"num_warps": 4, "num_stages": 1, **config}
+        _check_blocks(cfg, ("BLOCK_P", "BLOCK_CO", "BLOCK_CI"))
+
     # Per-channel vectors are tiny: make them dense so the kernel indexes them with stride 1.
     vectors = [None if v is None else v.contiguous() for v in (dw_scale, dw_shift, pw_scale, pw_shift)]
     dummy = y  # any pointer of the right device for absent operands (never dereferenced)
     res = residual if residual is not None else dummy
+    # Statistics rows: one per pixel tile of the launch, sized for the smallest candidate BLOCK_P.
+    partials = (_partial_buffers(triton.cdiv(m, cfg["BLOCK_P"] if cfg else 64), c_out, x.device)
+                if stats else (dummy, dummy, dummy))
     channels_last = int(x.dim() == 4 and x.stride(1) == 1 and c_in > 1)
     dot_precision = "tf32" if (x.dtype != torch.float32 or allow_tf32) else "ieee"
     # fp16/bf16 dots ignore input_precision; "tf32" there is Triton's default, i.e. the usual path.
 
     args = (
         x, dw_weight, *(v if v is not None else dummy for v in vectors[:2]), pw_weight,
-        *(v if v is not None else dummy for v in vectors[2:]), res, y,
+        *(v if v is not None else dummy for v in vectors[2:]), res, y, *partials,
         m, out_h * out_w, c_in, c_out, h, w, out_w,
         *x.stride(),
         dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3),
@@ -276,33 +482,24 @@ def joint_block_triton(
         HAS_DW_SCALE=vectors[0] is not None, HAS_DW_SHIFT=vectors[1] is not None, MID_ACT=_ACT_CODES[mid_act],
         HAS_PW_SCALE=vectors[2] is not None, HAS_PW_SHIFT=vectors[3] is not None,
         HAS_RESIDUAL=residual is not None, OUT_ACT=_ACT_CODES[out_act],
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dot_precision, HAS_STATS=stats,
     )
 
-    if config is None and INTERPRET:
-        config = PINNED_CONFIG
-    if config is not None:
-        cfg = {"num_warps": 4, "num_stages": 1, **config}
-        for key in ("BLOCK_P", "BLOCK_CO", "BLOCK_CI"):
-            if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
-                raise ValueError(f"{key} must be a power of two >= 16, got {cfg[key]}")
+    if cfg is not None:
         programs = triton.cdiv(m, cfg["BLOCK_P"]) * triton.cdiv(c_out, cfg["BLOCK_CO"])
         _check_grid(programs)
         launch = lambda: _joint_block_kernel[(programs,)](*args, **meta, **cfg)  # noqa: E731
     else:
         _check_grid(triton.cdiv(m, 64) * triton.cdiv(c_out, 32))  # the candidates' largest grid
+        kernel = _joint_block_stats_autotuned if stats else _joint_block_autotuned
 
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_P"]) * triton.cdiv(c_out, meta_["BLOCK_CO"]),)
 
-        launch = lambda: _joint_block_autotuned[grid](*args, **meta)  # noqa: E731
+        launch = lambda: kernel[grid](*args, **meta)  # noqa: E731
 
-    if x.device.type == "cuda":
-        with torch.cuda.device(x.device):  # Triton launches on the current device's current stream
-            launch()
-    else:
-        launch()
-    return y
+    _on_device(x, launch)
+    return y, (partials if stats else None)
 
 
 def _check_grid(programs: int) -> None:

@@ -93,7 +93,7 @@ def test_tf32_follows_pytorch_conv_setting(cudnn_tf32):
         assert cudnn_conv_uses_tf32() is True
 
 
-def _compile_offline(dtype: str, arch: int, dot_precision: str, tile, channels_last: bool):
+def _compile_offline(dtype: str, arch: int, dot_precision: str, tile, channels_last: bool, stats: bool = False):
     """Compile the kernel for sm_<arch> without a GPU (Triton's own ptxas), specialised the way a
     runtime call would be: 32 -> 64 channels, 56 x 56, 3x3 dilation 3, aligned pointers, ints
     divisible by 16 marked so and ints equal to 1 folded to constants. Returns the compiled kernel."""
@@ -117,11 +117,11 @@ def _compile_offline(dtype: str, arch: int, dot_precision: str, tile, channels_l
     block_p, block_co, block_ci, stages = tile
     constexprs = dict(KH=3, KW=3, HAS_DW_SCALE=True, HAS_DW_SHIFT=True, MID_ACT=1, HAS_PW_SCALE=True,
                       HAS_PW_SHIFT=True, HAS_RESIDUAL=True, OUT_ACT=2, DOT_PRECISION=dot_precision,
-                      BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci)
+                      HAS_STATS=stats, BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name.endswith("_ptr"):
-            signature[name] = "*" + dtype
+            signature[name] = "*fp32" if name in ("sum_ptr", "m2_ptr", "cnt_ptr") else "*" + dtype
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in constexprs:
             signature[name] = "constexpr"
@@ -138,15 +138,17 @@ def _compile_offline(dtype: str, arch: int, dot_precision: str, tile, channels_l
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-@pytest.mark.parametrize("dtype,arch,precision,tile,channels_last", [
-    ("fp16", 90, "tf32", (64, 32, 16, 1), True),
-    ("bf16", 90, "tf32", (64, 32, 16, 1), True),
-    ("fp32", 90, "tf32", (64, 32, 16, 1), True),
-    ("fp32", 90, "ieee", (64, 32, 16, 1), False),
-    ("fp16", 90, "tf32", (64, 32, 16, 2), False),
-    ("fp16", 80, "tf32", (64, 32, 16, 1), True),
+@pytest.mark.parametrize("dtype,arch,precision,tile,channels_last,stats", [
+    ("fp16", 90, "tf32", (64, 32, 16, 1), True, False),
+    ("bf16", 90, "tf32", (64, 32, 16, 1), True, False),
+    ("fp32", 90, "tf32", (64, 32, 16, 1), True, False),
+    ("fp32", 90, "ieee", (64, 32, 16, 1), False, False),
+    ("fp16", 90, "tf32", (64, 32, 16, 2), False, False),
+    ("fp16", 80, "tf32", (64, 32, 16, 1), True, False),
+    ("bf16", 90, "tf32", (64, 32, 16, 1), True, True),   # the training statistics epilogue
+    ("fp16", 80, "tf32", (128, 64, 32, 2), False, True),
 ], ids=str)
-def test_compiles_for_gpu_targets_without_a_gpu(dtype, arch, precision, tile, channels_last):
+def test_compiles_for_gpu_targets_without_a_gpu(dtype, arch, precision, tile, channels_last, stats):
     """The GPU compiler's own checks (dot tiles >= 16, dtype casts, int64 address arithmetic, shared
     memory) that the interpreter skips, run on any Linux machine: the kernel lowers to PTX with
     tensor-core MMAs (fp16/bf16/TF32) or FMAs (full fp32) and assembles for sm_80/sm_90."""
@@ -159,7 +161,7 @@ def test_compiles_for_gpu_targets_without_a_gpu(dtype, arch, precision, tile, ch
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no ASTSource/GPUTarget ahead-of-time API")
-    kernel = _compile_offline(dtype, arch, precision, tile, channels_last)
+    kernel = _compile_offline(dtype, arch, precision, tile, channels_last, stats)
     ptx = kernel.asm["ptx"]
     assert "mma" in ptx if precision == "tf32" else "mma" not in ptx
     if channels_last:

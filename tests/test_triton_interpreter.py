@@ -1,12 +1,14 @@
-"""The Triton kernel's logic tested without a GPU: tests/triton_interpreter_cases.py under Triton's
-interpreter (TRITON_INTERPRET=1), against joint_block_reference.
+"""The Triton kernels' logic tested without a GPU: tests/triton_interpreter_cases.py (the fused
+inference kernel, against joint_block_reference) and tests/triton_train_interpreter_cases.py (the
+training forward's kernels, against float64 compositions) under Triton's interpreter
+(TRITON_INTERPRET=1), each file in its own process.
 
 Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when lwkernels.triton_kernel is
 first imported, and this pytest process may already have imported it (or may later need the real
 GPU compiler, for test_triton_gpu.py). So the interpreter cases run in a fresh pytest process with
 the variable set; this process is left untouched. Its output is shown when it fails.
 
-Runs in about a minute on two CPU cores. Skipped when Triton is not installed.
+Runs in about a minute and a half on two CPU cores. Skipped when Triton is not installed.
 """
 from __future__ import annotations
 
@@ -24,17 +26,18 @@ import lwkernels  # noqa: E402
 pytestmark = pytest.mark.interpreter
 
 HERE = Path(__file__).resolve().parent
-CASES = HERE / "triton_interpreter_cases.py"
+CASE_FILES = ("triton_interpreter_cases.py", "triton_train_interpreter_cases.py")
 TIMEOUT_S = 900
 
 
-def test_kernel_in_the_interpreter():
+@pytest.mark.parametrize("cases", CASE_FILES)
+def test_kernel_in_the_interpreter(cases):
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1"
     # The child imports the same lwkernels as this process (source tree or installed package).
     package_root = str(Path(lwkernels.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, "-m", "pytest", str(CASES), "-q", "-rfE", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", str(HERE / cases), "-q", "-rfE", "-p", "no:cacheprovider",
            "-o", "addopts=", "--rootdir", str(HERE.parent)]
     try:
         proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

@@ -1,0 +1,178 @@
+"""The training forward's Triton kernels (fused depthwise -> pointwise with the statistics epilogue,
+and the depthwise statistics pass for mid BatchNorm) on a CUDA device: a full JointBlock training
+step (forward, backward, running statistics) against the float64 nn-module composition, in fp32,
+fp16 and bf16, NCHW and channels_last, with and without mid BatchNorm.
+
+Low precision follows DESIGN.md §5: the fused step's error against float64 may be at most twice
+PyTorch's own error running the same nn modules in that dtype on the GPU, plus a small atol.
+The offline-compilation test runs anywhere Triton is installed; the rest are skipped without CUDA.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from helpers import randomize_
+from lwkernels import JointBlock, training
+from lwkernels.reference import JointBlockReference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+HAS_BF16 = HAS_CUDA and torch.cuda.get_device_capability()[0] >= 8
+cuda_only = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA device and Triton")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_stats_kernel_compiles_without_a_gpu(channels_last):
+    """The depthwise statistics kernel lowers and assembles for sm_90 (the fused kernel's statistics
+    epilogue is compiled by test_triton_gpu.py's offline test)."""
+    from lwkernels import triton_kernel
+
+    if triton_kernel.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 in this process: the kernel is an interpreted function")
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource/GPUTarget ahead-of-time API")
+    fn = triton_kernel._depthwise_stats_kernel
+    c, hw, n = 32, 56, 8
+    values = dict(M=n * hw * hw, OHW=hw * hw, C_IN=c, H=hw, W=hw, OW=hw, sdc=9, sdh=3, sdw=1, STRIDE_H=2,
+                  STRIDE_W=2, PAD_H=3, PAD_W=3, DIL_H=3, DIL_W=3)
+    if channels_last:
+        values.update(sxn=hw * hw * c, sxc=1, sxh=hw * c, sxw=c)
+    else:
+        values.update(sxn=hw * hw * c, sxc=hw * hw, sxh=hw, sxw=1)
+    constexprs = dict(KH=3, KW=3, BLOCK_P=64, BLOCK_CI=32)
+    signature = {}
+    for name in fn.arg_names:
+        if name in ("x_ptr", "dw_w_ptr"):
+            signature[name] = "*bf16"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        elif values[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": 1})
+    assert "st.global" in kernel.asm["ptx"]
+
+
+def _pair(c_in, c_out, stride, dilation, mid_norm, act, seed=0):
+    block = JointBlock(c_in, c_out, stride=stride, dilation=dilation, activation=None if act == "none" else act,
+                       mid_norm=mid_norm, dtype=torch.float64)
+    randomize_(block, seed)
+    return block.train()
+
+
+def _reference(block):
+    return JointBlockReference(*(copy.deepcopy(m) for m in (block.depthwise, block.pointwise, block.bn, block.act,
+                                                             block.mid_bn, block.mid_act))).train()
+
+
+def _step(model, x, r, g):
+    x = x.clone().requires_grad_()
+    y = model(x, r)
+    (y.float() * g).sum().backward()
+    grads = {"x": x.grad}
+    grads.update({name: p.grad for name, p in model.named_parameters()})
+    return y, grads, dict(model.named_buffers())
+
+
+def _check(name, got, lowp, ref, atol):
+    got, lowp = got.detach().double().cpu(), lowp.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got - ref).abs().max().item()
+    torch_err = (lowp - ref).abs().max().item()
+    assert err <= 2 * torch_err + atol * (1 + ref.abs().max().item()), \
+        f"{name}: error {err:.3e}, PyTorch's own {torch_err:.3e}"
+
+
+CASES = [  # (c_in, c_out, stride, dilation, mid_norm, act, residual)
+    (17, 17, 1, 2, True, "relu", True),
+    (3, 17, 2, 3, True, "relu6", False),
+    (1, 3, 2, 2, False, "relu", False),
+    (17, 3, 1, 3, False, "none", False),
+    (32, 64, 2, 2, True, "relu", False),
+    (96, 96, 1, 3, False, "relu", True),
+]
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_training_step_matches_reference(case, dtype, layout):
+    if dtype == torch.bfloat16 and not HAS_BF16:
+        pytest.skip("bf16 tensor-core dots need sm_80 or newer")
+    c_in, c_out, stride, dilation, mid_norm, act, residual = case
+    block64 = _pair(c_in, c_out, stride, dilation, mid_norm, act)
+    ref64 = _reference(block64)
+    gen = torch.Generator().manual_seed(1)
+    n, h, w = 3, 13, 11
+    x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    r = torch.randn(n, c_out, oh, ow, generator=gen, dtype=torch.float64) if residual else None
+    g = torch.randn(n, c_out, oh, ow, generator=gen)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    if r is not None:
+        r = r.contiguous(memory_format=fmt)
+
+    # The fused block on CUDA in `dtype`, PyTorch's nn modules on CUDA in `dtype`, and float64 on the CPU.
+    block = copy.deepcopy(block64).to("cuda", dtype)
+    lowp = _reference(block64).to("cuda", dtype)
+    xd, rd, gd = x.to("cuda", dtype), None if r is None else r.to("cuda", dtype), g.cuda()
+    assert training._uses_triton(xd, (n, c_out, oh, ow)), "the CUDA training forward did not take the Triton path"
+    got = _step(block, xd, rd, gd)
+    torch_lowp = _step(lowp, xd, rd, gd)
+    ref = _step(ref64, x, r, g.double())
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=fmt)
+    atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    _check("y", got[0], torch_lowp[0], ref[0], atol)
+    for name in ref[1]:
+        _check(f"grad {name}", got[1][name], torch_lowp[1][name], ref[1][name], atol)
+    for name in ref[2]:
+        if name.endswith("num_batches_tracked"):
+            assert int(got[2][name]) == int(ref[2][name])
+            continue
+        _check(name, got[2][name], torch_lowp[2][name], ref[2][name], atol)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_statistics_are_deterministic(dtype):
+    """No atomics: two runs of the training forward give bit-identical z and statistics."""
+    block = _pair(64, 96, 1, 3, True, "relu").to("cuda", dtype)
+    x = torch.randn(4, 64, 29, 31, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    outs = [training.joint_block_train(
+        x, block.depthwise.weight, block.depthwise.bias, block.mid_bn.weight, block.mid_bn.bias, True, 1e-5, "relu",
+        block.pointwise.weight, block.pointwise.bias, block.bn.weight, block.bn.bias, 1e-5, None, "relu",
+        [1, 1], [3, 3], [3, 3]) for _ in range(2)]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_compiled_training_step_uses_the_kernels():
+    """torch.compile(fullgraph=True) traces the training op on CUDA; the step matches eager."""
+    block = _pair(17, 17, 1, 2, True, "relu").to("cuda", torch.float32)
+    ref = copy.deepcopy(block)
+    x = torch.randn(2, 17, 11, 9, device="cuda")
+    compiled = torch.compile(block, fullgraph=True)
+    y = compiled(x)
+    y_ref = ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
