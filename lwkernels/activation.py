@@ -45,3 +45,11 @@ def apply_activation(t: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
+def activation_grad_mask(activated: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+    """d act / d input, read off the activation's output (None for "none"). Zero at the kinks, as
+    PyTorch's threshold/hardtanh backward."""
+    if name == "relu":
+        return activated > 0
+    if name == "relu6":
+        return (activated > 0) & (activated < 6)
+    return None

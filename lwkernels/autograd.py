@@ -12,19 +12,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .activation import apply_activation
+from .activation import activation_grad_mask, apply_activation
 from .cpu_backend import PACK_CACHE
 from .ops import joint_block
-
-
-def _act_grad_mask(activated: torch.Tensor, name: str) -> Optional[torch.Tensor]:
-    """d act / d input, read off the activation's output (matches PyTorch's threshold/hardtanh
-    backward: zero at the kinks)."""
-    if name == "relu":
-        return activated > 0
-    if name == "relu6":
-        return (activated > 0) & (activated < 6)
-    return None
 
 
 def _masked(g: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -65,14 +55,14 @@ def _backward(ctx, grad_y):
         a = a + _per_channel(dw_shift)
     t = apply_activation(a, mid_act)
 
-    g_b = _masked(grad_y, _act_grad_mask(y, out_act))  # grad of pre-activation output
+    g_b = _masked(grad_y, activation_grad_mask(y, out_act))  # grad of pre-activation output
     g_pw_scale = _channel_sum(g_b * F.conv2d(t, pw_weight)) if needs[6] else None
     g_pw_shift = _channel_sum(g_b) if needs[7] else None
     g_v = g_b if pw_scale is None else g_b * _per_channel(pw_scale)
     g_t, g_pw_weight, _ = torch.ops.aten.convolution_backward(
         g_v, t, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[5], False])
 
-    g_a = _masked(g_t, _act_grad_mask(t, mid_act))
+    g_a = _masked(g_t, activation_grad_mask(t, mid_act))
     g_dw_scale = _channel_sum(g_a * u) if needs[2] else None
     g_dw_shift = _channel_sum(g_a) if needs[3] else None
     g_u = g_a if dw_scale is None else g_a * _per_channel(dw_scale)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activation import activation_name, apply_activation
+from .activation import activation_grad_mask, activation_name, apply_activation
 from .contract import check_joint_args, output_memory_format
 from .cpu_backend import NATIVE_DTYPES, PACK_CACHE, native, selected_isa
 
@@ -45,15 +45,6 @@ _STATS = torch.float64  # per-channel sums are accumulated in double
 
 def _pc(v: Tensor) -> Tensor:
     return v.reshape(1, -1, 1, 1)
-
-
-def _act_mask(out: Tensor, name: str) -> Optional[Tensor]:
-    """d act / d input read off the activation's output (zero at the kinks, as PyTorch)."""
-    if name == "relu":
-        return out > 0
-    if name == "relu6":
-        return (out > 0) & (out < 6)
-    return None
 
 
 def _out_shape(x, dw_weight, pw_weight, residual, mid_act, out_act, stride, padding, dilation):
@@ -442,7 +433,7 @@ def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mea
     c_out, oh, ow = z.shape[1:]
     count = n * oh * ow
     dims = (0, 2, 3)
-    mask = _act_mask(y, out_act)
+    mask = activation_grad_mask(y, out_act)
     gb = grad_y if mask is None else grad_y * mask
     zc = z - _pc(mean)
     sum_g = gb.sum(dims, dtype=_STATS)
@@ -466,7 +457,7 @@ def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mea
     g_t, g_pw_w, _ = torch.ops.aten.convolution_backward(
         gz, t, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[5], False])
     grads[5] = g_pw_w
-    m = _act_mask(t, mid_act)
+    m = activation_grad_mask(t, mid_act)
     ga = g_t if m is None else g_t * m
     if mid_bn:
         cc = c - _pc(mid_mean)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 SHAPE_SETS = ("blocks", "lightweightnet", "lightweightnet32")
 

@@ -461,8 +461,6 @@ def _sync_buffers(model, ctx: Context) -> None:
 # -- eval ---------------------------------------------------------------------------------------
 
 def run_eval(args) -> int:
-    import torch
-
     from ..models import to_reference
 
     if args.batch_size < 1:
