@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lwkernels.cpu_backend import CPU_PATHS, ISA_ENV
 from lwkernels.reference import joint_block_reference
@@ -329,3 +330,18 @@ def cpu_paths_here():
     except ImportError:
         return ["scalar"]
     return [p for p in CPU_PATHS if _C.isa_supported(p)]
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the names of the aten/custom ops that run (below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, name="lwkernels.joint_block.default"):
+        return self.ops.count(name)

@@ -8,9 +8,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import plain_forward, plain_modules, randomize_
+from helpers import OpRecorder, plain_forward, plain_modules, randomize_
 from lwkernels import JointBlock, JointBlockReference
 
 # PyTorch's own convolutions (the references, the backward) on one thread: see conftest.single_thread.
@@ -18,21 +17,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 F32 = dict(rtol=1e-5, atol=1e-4)  # float32 block vs float64 reference: accumulation lengths here are < 100
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the aten/custom ops that run (below autograd)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-    def count(self, name="lwkernels.joint_block.default"):
-        return self.ops.count(name)
 
 
 def make_block(c_in=6, c_out=10, seed=0, **kwargs) -> JointBlock:

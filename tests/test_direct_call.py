@@ -1,21 +1,10 @@
 """ops.call_joint_block: eager CPU inference enters the kernel directly; everything that needs to
 see the op (autograd, modes, tracing, compile) still goes through the dispatcher."""
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lwkernels
 from lwkernels import ops
-from helpers import Case, make_args
-
-
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
+from helpers import Case, OpRecorder, make_args
 
 
 def _args():
@@ -42,15 +31,15 @@ def test_grad_mode_goes_through_the_op():
 
 def test_dispatch_modes_see_the_op():
     args = _args()
-    with torch.no_grad(), _RecordOps() as mode:
+    with torch.no_grad(), OpRecorder() as mode:
         ops.call_joint_block(*args)
-    assert any("lwkernels.joint_block" in name for name in mode.seen)
+    assert any("lwkernels.joint_block" in name for name in mode.ops)
 
 
 def test_eval_block_in_a_dispatch_mode_sees_one_fused_op():
     block = lwkernels.JointBlock(4, 6, dilation=2).eval()
     x = torch.randn(1, 4, 7, 7)
-    with torch.no_grad(), _RecordOps() as mode:
+    with torch.no_grad(), OpRecorder() as mode:
         block(x)
-    assert sum("lwkernels.joint_block" in name for name in mode.seen) == 1
-    assert not any("convolution" in name for name in mode.seen)
+    assert sum("lwkernels.joint_block" in name for name in mode.ops) == 1
+    assert not any("convolution" in name for name in mode.ops)

@@ -25,7 +25,7 @@ from lwkernels.cuda_backend import cudnn_conv_uses_tf32, register_cuda_kernel
 from lwkernels.folding import fold_batchnorm
 from lwkernels.reference import joint_block_reference
 from lwkernels.shapes import BENCHMARK_BLOCKS
-from triton_helpers import (INTERPRETER_VIEW_CASES, assert_matches_lowp_rule, gpu_cases, make_case_args,
+from triton_helpers import (INTERPRETER_VIEW_CASES, aot_signature, assert_matches_lowp_rule, gpu_cases, make_case_args,
                             poison_kernel_outputs, to_device, transposed_pointwise)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -118,19 +118,9 @@ def _compile_offline(dtype: str, arch: int, dot_precision: str, tile, channels_l
     constexprs = dict(KH=3, KW=3, HAS_DW_SCALE=True, HAS_DW_SHIFT=True, MID_ACT=1, HAS_PW_SCALE=True,
                       HAS_PW_SHIFT=True, HAS_RESIDUAL=True, OUT_ACT=2, DOT_PRECISION=dot_precision,
                       HAS_STATS=stats, BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci)
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in ("sum_ptr", "m2_ptr", "cnt_ptr") else "*" + dtype
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in constexprs:
-            signature[name] = "constexpr"
-        elif values[name] == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    signature, constexprs, attrs = aot_signature(
+        fn, values, constexprs, lambda name: "*fp32" if name in ("sum_ptr", "m2_ptr", "cnt_ptr") else "*" + dtype,
+        divisibility=True)
     config = triton_kernel.tile_config(*tile)
     return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32),

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from helpers import randomize_
+from triton_helpers import aot_signature
 from lwkernels import JointBlock, training
 from lwkernels.reference import JointBlockReference
 
@@ -49,18 +50,8 @@ def test_depthwise_stats_kernel_compiles_without_a_gpu(channels_last):
     else:
         values.update(sxn=hw * hw * c, sxc=hw * hw, sxh=hw, sxw=1)
     constexprs = dict(KH=3, KW=3, BLOCK_P=64, BLOCK_CI=32)
-    signature = {}
-    for name in fn.arg_names:
-        if name in ("x_ptr", "dw_w_ptr"):
-            signature[name] = "*bf16"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        elif name in constexprs:
-            signature[name] = "constexpr"
-        elif values[name] == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
+    signature, constexprs, _ = aot_signature(
+        fn, values, constexprs, lambda name: "*bf16" if name in ("x_ptr", "dw_w_ptr") else "*fp32")
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 4, "num_stages": 1})
     assert "st.global" in kernel.asm["ptx"]

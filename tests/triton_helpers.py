@@ -203,3 +203,26 @@ def transposed_pointwise(args: Sequence) -> List:
     w = a[5]
     a[5] = w.reshape(w.shape[0], w.shape[1]).t().contiguous().t()[:, :, None, None]
     return a
+
+
+def aot_signature(fn, values: dict, constexprs: dict, pointer_type: Callable[[str], str],
+                  divisibility: bool = False):
+    """The ahead-of-time (triton.compile) signature of kernel `fn`, specialised as Triton's launcher
+    would: pointers typed by `pointer_type(name)`, integer arguments equal to 1 become constexpr,
+    the others i32; with `divisibility`, pointers and multiples of 16 get the 16-divisibility hint.
+    Returns (signature, constexprs, attrs); `constexprs` is extended in place."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name.endswith("_ptr"):
+            signature[name] = pointer_type(name)
+            if divisibility:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        elif values[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if divisibility and values[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
