@@ -15,6 +15,7 @@ from .cpu_backend import PACK_CACHE, selected_isa
 from .cuda_backend import register_cuda_kernel
 from .fuse import FuseReport, fuse, to_reference
 from .ops import joint_block
+from .prepared_call import invalidate_all as _invalidate_prepared_calls
 from .reference import JointBlockReference, joint_block_reference
 
 __version__ = "0.1.0"
@@ -26,8 +27,10 @@ if torch.cuda.is_available():
 
 
 def clear_cache() -> None:
-    """Forget every packed weight (needed only after writing parameters through `.data`)."""
+    """Forget every packed weight and prepared call (needed only after writing parameters through
+    `.data`, which bypasses version counters)."""
     PACK_CACHE.clear()
+    _invalidate_prepared_calls()
 
 
 __all__ = [

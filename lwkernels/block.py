@@ -9,7 +9,8 @@ from torch import nn
 
 from .activation import ActivationSpec, activation_module, activation_name
 from .folding import fold_batchnorm, uses_running_stats
-from .ops import call_joint_block
+from .ops import call_joint_block, direct_call_allowed
+from .prepared_call import PreparedCall
 from .reference import JointBlockReference
 from .training import joint_block_training, uses_batch_stats
 
@@ -110,17 +111,31 @@ class JointBlock(JointBlockReference):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # eager CPU inference replays a prepared call
+            prepared = self.__dict__.get("_prepared")
+            if prepared is not None and prepared.matches(self, x, residual):
+                return prepared.run(x, residual)
         bn, mid_bn = self.bn, self.mid_bn  # each nn.Module attribute lookup costs; fetch once
         if not (uses_running_stats(bn) and uses_running_stats(mid_bn)):
             if uses_batch_stats(bn) and (mid_bn is None or uses_batch_stats(mid_bn)) and x.shape[0] > 0:
                 return joint_block_training(self, x, residual)
             return super().forward(x, residual)  # mixed BN modes or an empty batch: reference composition
         dw, pw = self.depthwise, self.pointwise
-        dw_scale, dw_shift, pw_scale, pw_shift = self._folded_epilogues(dw, pw, bn, mid_bn)
-        return call_joint_block(
-            x, dw.weight, dw_scale, dw_shift, activation_name(self.mid_act), pw.weight, pw_scale, pw_shift,
-            residual, activation_name(self.act), list(dw.stride), list(dw.padding), list(dw.dilation),
-        )
+        folded = self._folded_epilogues(dw, pw, bn, mid_bn)
+        args = (x, dw.weight, folded[0], folded[1], activation_name(self.mid_act), pw.weight, folded[2], folded[3],
+                residual, activation_name(self.act), list(dw.stride), list(dw.padding), list(dw.dilation))
+        y = call_joint_block(*args)
+        if direct_call_allowed(args):  # the op accepted these arguments: prepare the next calls
+            self.__dict__["_prepared"] = PreparedCall.prepare(self, x, residual, folded, tuple(y.shape))
+        return y
+
+    def __getstate__(self):
+        # The per-call caches hold native objects and raw addresses: never pickle or deep-copy them.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_prepared", None)
+        state.pop("_fold_cache", None)
+        return state
 
     def _folded_epilogues(self, depthwise=None, pointwise=None, bn=None, mid_bn=None):
         """(dw_scale, dw_shift, pw_scale, pw_shift) of the eval-mode BNs and conv biases.

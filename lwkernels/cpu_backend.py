@@ -145,7 +145,7 @@ _GEOMETRIES: Dict[Tuple, object] = {}
 _GEOMETRY_CACHE_SIZE = 256
 
 
-def _geometry(_C, x_shape, out_shape, kernel, stride, padding, dilation, layout: str):
+def geometry_for(_C, x_shape, out_shape, kernel, stride, padding, dilation, layout: str):
     key = (x_shape, out_shape, kernel, stride, padding, dilation, layout)
     geometry = _GEOMETRIES.get(key)
     if geometry is None:
@@ -200,7 +200,7 @@ def joint_block_cpu(
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format)
     _C = native()
-    geometry = _geometry(_C, tuple(x.shape), out_shape, tuple(dw.shape[2:]), tuple(stride), tuple(padding),
+    geometry = geometry_for(_C, tuple(x.shape), out_shape, tuple(dw.shape[2:]), tuple(stride), tuple(padding),
                          tuple(dilation), layout)
     _C.joint_forward(
         packed, geometry, _address(x), _address(dw), _address(vectors[0]), _address(vectors[1]), mid_act,

@@ -59,16 +59,20 @@ def _joint_block_fake(*args):
     return empty_output(args[0], check_joint_args(*args))
 
 
-def _direct_call_allowed(args) -> bool:
+def dispatcher_needed() -> bool:
+    """True while something must see every op go through the dispatcher: a compiler, a tracer, or a
+    torch function/dispatch mode."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
+
+
+def direct_call_allowed(args) -> bool:
     """True when calling the CPU kernel directly is indistinguishable from calling the op: eager
     CPU inference on plain tensors, with nothing (autograd, a compiler, a tracer, a torch
     function/dispatch mode) that needs to see the op go through the dispatcher."""
     x = args[0]
-    if type(x) is not torch.Tensor or x.device.type != "cpu":
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or dispatcher_needed():
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
@@ -78,8 +82,8 @@ def _direct_call_allowed(args) -> bool:
 
 def call_joint_block(*args) -> Tensor:
     """``joint_block(*args)``, entering the op's CPU kernel directly where nothing needs the
-    dispatcher (see _direct_call_allowed): the same code and result without ~45 us of Python
+    dispatcher (see direct_call_allowed): the same code and result without ~45 us of Python
     dispatch per call, which is 5-10% of a small block. Everything else goes through the op."""
-    if _direct_call_allowed(args):
+    if direct_call_allowed(args):
         return _joint_block_cpu(*args)
     return joint_block(*args)

@@ -1,0 +1,171 @@
+"""JointBlock's eager CPU inference fast path: the fused call prepared once and replayed.
+
+A network calls each block with the same input signature over and over, and with eval-mode
+BatchNorm nothing the kernel reads changes between calls. Going through the op every time
+(argument checks, BatchNorm folding, the packing cache, geometry, layout decisions) costs about
+70 us of Python per call: 10-15% of a block whose kernel runs in half a millisecond. A PreparedCall
+holds everything the C++ kernel needs — packed weights, geometry, the folded per-channel vectors and
+their addresses — and is replayed while
+
+  - the call is eager CPU inference that nothing else needs to see (no autograd recording, no
+    compiler or tracer, no torch function/dispatch mode: ops.dispatcher_needed),
+  - x (and the residual) have the shape, dtype and dense memory layout it was prepared for,
+  - every submodule, parameter, buffer and setting the block reads is the same object as when it
+    was prepared, and every tensor among them is at the same version (in-place updates such as an
+    optimizer step or load_state_dict bump it),
+  - LWKERNELS_CPU_ISA has not changed.
+
+Anything else falls back to the op, which checks the arguments (raising its clear errors) and
+prepares a new call. Writes through the legacy ``.data`` attribute bypass version counters, as for
+the packing cache: call ``lwkernels.clear_cache()`` after them (it also drops prepared calls).
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import List, Optional, Tuple
+
+import torch
+
+from .contract import output_memory_format
+from .activation import activation_name
+from .cpu_backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, geometry_for, native, selected_isa
+from .ops import dispatcher_needed
+
+# What a JointBlock's fused eval forward reads, per submodule: (dict attribute, keys).
+_MODULE_STATE = {
+    "depthwise": (("_parameters", ("weight", "bias")),
+                  ("__dict__", ("stride", "padding", "dilation", "padding_mode", "kernel_size"))),
+    "pointwise": (("_parameters", ("weight", "bias")),),
+    "bn": (("_parameters", ("weight", "bias")), ("_buffers", ("running_mean", "running_var")),
+           ("__dict__", ("eps", "training", "track_running_stats"))),
+    "mid_bn": (("_parameters", ("weight", "bias")), ("_buffers", ("running_mean", "running_var")),
+               ("__dict__", ("eps", "training", "track_running_stats"))),
+    "mid_act": (),
+    "act": (),
+}
+
+#: Every live PreparedCall, so that clear_cache() can drop them all.
+_LIVE: "weakref.WeakSet[PreparedCall]" = weakref.WeakSet()
+
+
+def _address(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _dense_layout(t: torch.Tensor, memory_format: torch.memory_format) -> bool:
+    """True when `t` is dense in `memory_format` and output_memory_format(t) would choose it."""
+    if memory_format == torch.channels_last:
+        return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return t.is_contiguous()
+
+
+def _preparable(x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    """Dense CPU float32/float64 inputs (anything else needs the op's conversions)."""
+    if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in NATIVE_DTYPES or x.numel() == 0:
+        return False
+    memory_format = output_memory_format(x)
+    if not _dense_layout(x, memory_format):
+        return False
+    return residual is None or (type(residual) is torch.Tensor and _dense_layout(residual, memory_format))
+
+
+class PreparedCall:
+    """One JointBlock's fused forward for one input signature; see the module docstring."""
+
+    __slots__ = ("_same", "_versions", "_requires_grad", "_x_shape", "_dtype", "_memory_format",
+                 "_has_residual", "_out_shape", "_isa_env", "_kernel", "_packed", "_geometry",
+                 "_operands", "_addresses", "_acts", "_valid", "__weakref__")
+
+    @classmethod
+    def prepare(cls, block: torch.nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
+                folded: Tuple, out_shape: Tuple[int, int, int, int]) -> "Optional[PreparedCall]":
+        """`block`'s fused call for `x` (and `residual`), whose arguments the op has just accepted
+        (`folded` is block._folded_epilogues()); None when such a call cannot be replayed safely."""
+        if not _preparable(x, residual):
+            return None
+        call = cls.__new__(cls)
+        return call if call._init(block, x, residual, folded, out_shape) else None
+
+    def _init(self, block, x, residual, folded, out_shape) -> bool:
+        self._same: List[Tuple[dict, str, object]] = []
+        self._versions: List[Tuple[torch.Tensor, int]] = []
+        for name, groups in _MODULE_STATE.items():
+            module = block._modules.get(name)  # None (absent mid_bn) lives in __dict__
+            self._same.append((block._modules, name, module))
+            if module is None:
+                continue
+            for attribute, keys in groups:
+                d = getattr(module, attribute)
+                for key in keys:
+                    value = d.get(key)
+                    self._same.append((d, key, value))
+                    if isinstance(value, torch.Tensor):
+                        if value.is_inference():  # no version counter: changes would go unseen
+                            return False
+                        self._versions.append((value, value._version))
+        self._requires_grad = [t for t, _ in self._versions]
+        dw, pw = block._modules["depthwise"], block._modules["pointwise"]
+        self._x_shape = x.shape
+        self._dtype = x.dtype
+        self._memory_format = output_memory_format(x)
+        self._has_residual = residual is not None
+        self._out_shape = out_shape
+        self._isa_env = os.environ.get(ISA_ENV)
+        isa = selected_isa()
+        layout = "nhwc" if self._memory_format == torch.channels_last else "nchw"
+        _C = native()
+        self._kernel = _C.joint_forward
+        self._packed = PACK_CACHE.get(pw.weight, isa, layout)
+        dw_weight = dw.weight.detach()
+        self._geometry = geometry_for(_C, tuple(x.shape), out_shape, tuple(dw_weight.shape[2:]), tuple(dw.stride),
+                                  tuple(dw.padding), tuple(dw.dilation), layout)
+        # Keep the operands alive: the addresses below point into them.
+        self._operands = (dw_weight.contiguous(),) + tuple(
+            None if v is None else v.detach().contiguous() for v in folded)
+        self._addresses = tuple(_address(t) for t in self._operands)
+        self._acts = (activation_name(block._modules["mid_act"]), activation_name(block._modules["act"]))
+        self._valid = True
+        _LIVE.add(self)
+        return True
+
+    def matches(self, block: torch.nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+        """True when replaying gives exactly what the op would compute for this call."""
+        if not self._valid or type(x) is not torch.Tensor or x.shape != self._x_shape or x.dtype != self._dtype \
+                or not x.is_cpu or not _dense_layout(x, self._memory_format):
+            return False
+        if residual is None:
+            if self._has_residual:
+                return False
+        elif not self._has_residual or type(residual) is not torch.Tensor or residual.shape != self._out_shape \
+                or residual.dtype != self._dtype or not residual.is_cpu \
+                or not _dense_layout(residual, self._memory_format):
+            return False
+        for d, key, value in self._same:
+            if d.get(key) is not value:
+                return False
+        for t, version in self._versions:
+            if t._version != version:
+                return False
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                        or any(t.requires_grad for t in self._requires_grad)):
+            return False
+        if dispatcher_needed() or os.environ.get(ISA_ENV) != self._isa_env:
+            return False
+        return True
+
+    def run(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        y = torch.empty(self._out_shape, dtype=self._dtype, memory_format=self._memory_format)
+        a = self._addresses
+        self._kernel(self._packed, self._geometry, x.data_ptr(), a[0], a[1], a[2], self._acts[0], a[3], a[4],
+                     _address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def invalidate(self) -> None:
+        self._valid = False
+
+
+def invalidate_all() -> None:
+    """Make every prepared call fall back to the op once (lwkernels.clear_cache())."""
+    for call in list(_LIVE):
+        call.invalidate()
