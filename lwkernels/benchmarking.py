@@ -2,6 +2,7 @@
 realistic parameters, the providers compared side by side, and a median timer."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -89,6 +90,24 @@ def median_time(fn: Callable[[], object], min_time: float = 0.2, max_reps: int =
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def geomean(values: List[float]) -> float:
+    """Geometric mean (nan for no values)."""
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, min_time: float = 0.5) -> float:
+    """FLOP/s of torch.mm on n x n operands, median: the practical ceiling for the pointwise GEMM."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+
+    def run() -> None:
+        torch.mm(a, b)
+        sync()
+
+    return 2.0 * n ** 3 / median_time(run, min_time, max_reps=50, warmup=2)
 
 
 def environment(device: str = "cpu") -> Dict[str, str]:

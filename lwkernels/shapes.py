@@ -29,6 +29,10 @@ class BlockShape:
         pixels = batch * self.out_size * self.out_size
         return 2 * pixels * self.in_channels * (self.kernel_size ** 2 + self.out_channels)
 
+    def pointwise_flops(self, batch: int) -> int:
+        """Multiply-adds x 2 of the pointwise GEMM alone (pixels x C_in x C_out)."""
+        return 2 * batch * self.out_size * self.out_size * self.in_channels * self.out_channels
+
     def bytes_moved(self, batch: int, itemsize: int = 4) -> int:
         """The fused block's compulsory traffic: read x and the weights, write y once."""
         x = batch * self.in_channels * self.size * self.size

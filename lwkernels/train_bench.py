@@ -4,13 +4,12 @@ and `lwkernels bench --train` (print_train_bench)."""
 from __future__ import annotations
 
 import json
-import math
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from .benchmarking import environment, make_block, make_input, median_time
+from .benchmarking import environment, geomean, make_block, make_input, median_time
 from .fuse import to_reference
 from .shapes import BENCHMARK_BLOCKS, BlockShape, lightweightnet_blocks
 
@@ -87,10 +86,6 @@ def memory_report(batch: int = 8, input_size: int = 224, dtype=torch.float32, de
     return {"reference": saved_activation_bytes(ref, x), "lwkernels": saved_activation_bytes(chain, x)}
 
 
-def _geomean(values: List[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
-
-
 def print_train_bench(batch: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32, min_time: float = 0.5,
                       json_path: Optional[str] = None, shapes: Optional[List[BlockShape]] = None) -> Dict:
     """Median forward+backward time per BENCHMARK_BLOCKS shape, reference vs lwkernels (NCHW and
@@ -118,8 +113,8 @@ def print_train_bench(batch: int = 8, device: str = "cpu", dtype: torch.dtype = 
                      "speedup_channels_last": speedup_cl})
         print(f"{shape.name:<22}" + "".join(f"{times[p] * 1e3:>23.2f} ms" for p in TRAIN_PROVIDERS)
               + f"{speedup:>8.2f}x{speedup_cl:>10.2f}x")
-    geo = _geomean([r["speedup"] for r in rows])
-    geo_cl = _geomean([r["speedup_channels_last"] for r in rows])
+    geo = geomean([r["speedup"] for r in rows])
+    geo_cl = geomean([r["speedup_channels_last"] for r in rows])
     print(f"geometric mean speedup vs eager: NCHW {geo:.2f}x, channels_last {geo_cl:.2f}x")
     mem = memory_report(batch=min(batch, 2), dtype=dtype, device=device)
     print(f"saved activations, LightweightNet chain (224, batch {min(batch, 2)}): reference "

@@ -27,6 +27,14 @@ def test_bench_checks_then_prints_a_table_and_json(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert len(report["rows"]) == 9 and report["chain"]["ms"]["lwkernels"] > 0
     assert report["environment"]["cpu_path"] in ("scalar", "avx2", "neon")
+    # The ceiling: each block's pointwise GEMM at the torch.mm rate measured in the same run.
+    assert "ceiling: torch.mm runs at" in out and report["matmul_gflops"] > 0
+    from lwkernels.shapes import lightweightnet_blocks
+    for shape, row in zip(lightweightnet_blocks(32), report["rows"]):
+        assert shape.pointwise_flops(1) == 2 * shape.out_size ** 2 * shape.in_channels * shape.out_channels
+        floor = shape.pointwise_flops(1) / (report["matmul_gflops"] * 1e9) * 1e3
+        assert row["pointwise_floor_ms"] == pytest.approx(floor)
+        assert row["max_speedup_vs_eager"] == pytest.approx(row["ms"]["eager"] / floor)
 
 
 def test_bench_reports_bad_options_without_a_traceback(capsys):
