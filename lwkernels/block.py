@@ -36,7 +36,8 @@ class JointBlock(JointBlockReference):
     Forward: ``block(x)`` or ``block(x, residual)`` (residual of the output's shape, added before the
     output activation). With BatchNorm in eval mode (running statistics) the whole block is one
     fused ``torch.ops.lwkernels.joint_block`` call with BN folded into per-channel scale/shift;
-    gradients flow through it. With batch statistics (training mode, or track_running_stats=False)
+    gradients flow through it. Eager CPU inference prepares that call once and replays it while the
+    input signature and everything the block reads stay the same (prepared_call.py). With batch statistics (training mode, or track_running_stats=False)
     it is one ``torch.ops.lwkernels.joint_block_train`` call (training.py) with its own backward,
     updating running statistics exactly as nn.BatchNorm2d; the depthwise output is recomputed in
     backward rather than saved. A mid BatchNorm in a different mode from ``bn`` runs the reference
