@@ -60,9 +60,12 @@ def _joint_block_fake(*args):
 
 
 def dispatcher_needed() -> bool:
-    """True while something must see every op go through the dispatcher: a compiler, a tracer, or a
-    torch function/dispatch mode."""
+    """True while something must see every op go through the dispatcher: a compiler, a tracer, a
+    torch function/dispatch mode, or a torch.func transform (vmap, grad, ...: its wrapped tensors
+    have no storage of their own)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
 

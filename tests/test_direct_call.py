@@ -43,3 +43,15 @@ def test_eval_block_in_a_dispatch_mode_sees_one_fused_op():
         block(x)
     assert sum("lwkernels.joint_block" in name for name in mode.ops) == 1
     assert not any("convolution" in name for name in mode.ops)
+
+
+def test_vmap_goes_through_the_op():
+    """torch.func transforms wrap tensors that have no storage: the direct path must not take them."""
+    block = lwkernels.JointBlock(4, 6, dilation=2).eval()
+    xs = torch.randn(3, 2, 4, 9, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        block(xs[0])
+        block(xs[0])  # prepared: a replay would reach data_ptr() of a wrapped tensor
+        y = torch.vmap(block)(xs)
+        expected = torch.stack([block.to_reference()(x) for x in xs])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
