@@ -134,7 +134,8 @@ class _PackCache:
 PACK_CACHE = _PackCache()
 
 
-def _address(t: Optional[torch.Tensor]) -> int:
+def address(t: Optional[torch.Tensor]) -> int:
+    """A tensor's data address for the native layer (0 = absent)."""
     return 0 if t is None else t.data_ptr()
 
 
@@ -203,8 +204,8 @@ def joint_block_cpu(
     geometry = geometry_for(_C, tuple(x.shape), out_shape, tuple(dw.shape[2:]), tuple(stride), tuple(padding),
                          tuple(dilation), layout)
     _C.joint_forward(
-        packed, geometry, _address(x), _address(dw), _address(vectors[0]), _address(vectors[1]), mid_act,
-        _address(vectors[2]), _address(vectors[3]), _address(residual), out_act, _address(y),
+        packed, geometry, address(x), address(dw), address(vectors[0]), address(vectors[1]), mid_act,
+        address(vectors[2]), address(vectors[3]), address(residual), out_act, address(y),
         torch.get_num_threads(),
     )
     return y

@@ -29,7 +29,7 @@ import torch
 
 from .contract import output_memory_format
 from .activation import activation_name
-from .cpu_backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, geometry_for, native, selected_isa
+from .cpu_backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, address, geometry_for, native, selected_isa
 from .ops import dispatcher_needed
 
 # What a JointBlock's fused eval forward reads, per submodule: (dict attribute, keys).
@@ -47,10 +47,6 @@ _MODULE_STATE = {
 
 #: Every live PreparedCall, so that clear_cache() can drop them all.
 _LIVE: "weakref.WeakSet[PreparedCall]" = weakref.WeakSet()
-
-
-def _address(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _dense_layout(t: torch.Tensor, memory_format: torch.memory_format) -> bool:
@@ -73,7 +69,7 @@ def _preparable(x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
 class PreparedCall:
     """One JointBlock's fused forward for one input signature; see the module docstring."""
 
-    __slots__ = ("_same", "_versions", "_requires_grad", "_x_shape", "_dtype", "_memory_format",
+    __slots__ = ("_same", "_versions", "_x_shape", "_dtype", "_memory_format",
                  "_has_residual", "_out_shape", "_isa_env", "_kernel", "_packed", "_geometry",
                  "_operands", "_addresses", "_acts", "_valid", "__weakref__")
 
@@ -104,7 +100,6 @@ class PreparedCall:
                         if value.is_inference():  # no version counter: changes would go unseen
                             return False
                         self._versions.append((value, value._version))
-        self._requires_grad = [t for t, _ in self._versions]
         dw, pw = block._modules["depthwise"], block._modules["pointwise"]
         self._x_shape = x.shape
         self._dtype = x.dtype
@@ -123,7 +118,7 @@ class PreparedCall:
         # Keep the operands alive: the addresses below point into them.
         self._operands = (dw_weight.contiguous(),) + tuple(
             None if v is None else v.detach().contiguous() for v in folded)
-        self._addresses = tuple(_address(t) for t in self._operands)
+        self._addresses = tuple(address(t) for t in self._operands)
         self._acts = (activation_name(block._modules["mid_act"]), activation_name(block._modules["act"]))
         self._valid = True
         _LIVE.add(self)
@@ -148,7 +143,7 @@ class PreparedCall:
             if t._version != version:
                 return False
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
-                                        or any(t.requires_grad for t in self._requires_grad)):
+                                        or any(t.requires_grad for t, _ in self._versions)):
             return False
         if dispatcher_needed() or os.environ.get(ISA_ENV) != self._isa_env:
             return False
@@ -158,7 +153,7 @@ class PreparedCall:
         y = torch.empty(self._out_shape, dtype=self._dtype, memory_format=self._memory_format)
         a = self._addresses
         self._kernel(self._packed, self._geometry, x.data_ptr(), a[0], a[1], a[2], self._acts[0], a[3], a[4],
-                     _address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads())
+                     address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads())
         return y
 
     def invalidate(self) -> None:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .activation import activation_grad_mask, activation_name, apply_activation
 from .contract import check_joint_args, output_memory_format
-from .cpu_backend import NATIVE_DTYPES, PACK_CACHE, native, selected_isa
+from .cpu_backend import NATIVE_DTYPES, PACK_CACHE, address, native, selected_isa
 
 _STATS = torch.float64  # per-channel sums are accumulated in double
 
@@ -77,9 +77,7 @@ class _Cpp:
     def dense(self, t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.contiguous(memory_format=self.fmt)
 
-    @staticmethod
-    def a(t: Optional[Tensor]) -> int:
-        return 0 if t is None else t.data_ptr()
+    a = staticmethod(address)
 
     def dw_forward(self, x, w, scale=None, shift=None, act="none", raw=None, out=None, sum_=None, sumsq=None):
         a = self.a
