@@ -225,46 +225,87 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
 }
 
 // NCHW thin micro-kernel for the last one or two pixel columns of a tile (7x7 images leave a
-// single one), where a full-width kernel would waste most of its lanes: the output channels of
-// the panel run along vectors instead, y(i, j) = sum_k A[k*MR + i] * B[k*NR + j], with four
-// accumulator sets to cover the FMA latency. Reads up to RV*W - MR elements past a panel row
-// (the packed weights carry slack for that).
+// single one), where a full-width kernel would waste most of its lanes: the output channels run
+// along vectors instead, y(i, j) = sum_k A_g[k*MR + i] * B[k*NR + j] for G consecutive packed
+// panels A_g at once. One column is a matrix-vector product, bound by loading A: sharing each
+// broadcast of B between G panels keeps it near one load per FMA, and the G independent
+// accumulator chains cover the FMA latency. Reads up to RV*W - MR elements past a panel row (the
+// packed weights carry slack for that). `rows` is the valid row count of the last panel.
 template <class V>
-void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A,
+constexpr int thin_rv() {
+  return (V::MR + V::W - 1) / V::W;
+}
+
+template <class V>
+constexpr int thin_panels() {
+  return thin_rv<V>() >= 8 ? 1 : 8 / thin_rv<V>();
+}
+
+template <class V, int G>
+void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A, int64_t panel_stride,
                   const typename V::T* LWK_RESTRICT B, int j, const Epi<typename V::T>& e,
                   int64_t r0, int64_t c0, int rows) {
   using T = typename V::T;
   using R = typename V::reg;
   constexpr int W = V::W, MR = V::MR, NR = V::NR;
-  constexpr int RV = (MR + W - 1) / W;
-  R acc[4][RV];
-  LWK_UNROLL for (int s = 0; s < 4; ++s) {
-    LWK_UNROLL for (int v = 0; v < RV; ++v) acc[s][v] = V::zero();
+  constexpr int RV = thin_rv<V>();
+  R acc[G][RV];
+  LWK_UNROLL for (int g = 0; g < G; ++g) {
+    LWK_UNROLL for (int v = 0; v < RV; ++v) acc[g][v] = V::zero();
   }
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    LWK_UNROLL for (int s = 0; s < 4; ++s) {
-      const R b = V::set1(B[(k + s) * NR + j]);
+  for (int64_t k = 0; k < K; ++k) {
+    const R b = V::set1(B[k * NR + j]);
+    LWK_UNROLL for (int g = 0; g < G; ++g) {
       LWK_UNROLL for (int v = 0; v < RV; ++v) {
-        acc[s][v] = V::fma(b, V::load(A + (k + s) * MR + v * W), acc[s][v]);
+        acc[g][v] = V::fma(b, V::load(A + g * panel_stride + k * MR + v * W), acc[g][v]);
       }
     }
   }
-  for (; k < K; ++k) {
-    const R b = V::set1(B[k * NR + j]);
-    LWK_UNROLL for (int v = 0; v < RV; ++v) acc[0][v] = V::fma(b, V::load(A + k * MR + v * W), acc[0][v]);
-  }
   alignas(64) T tmp[RV * W];
-  LWK_UNROLL for (int v = 0; v < RV; ++v) {
-    V::store(tmp + v * W, V::add(V::add(acc[0][v], acc[1][v]), V::add(acc[2][v], acc[3][v])));
+  for (int g = 0; g < G; ++g) {
+    LWK_UNROLL for (int v = 0; v < RV; ++v) V::store(tmp + v * W, acc[g][v]);
+    const int valid = g + 1 < G ? MR : rows;
+    for (int i = 0; i < valid; ++i) {
+      const int64_t ch = r0 + g * MR + i;
+      const int64_t off = ch * e.ldy + c0 + j;
+      T v = tmp[i] * e.scale[ch] + e.shift[ch];
+      if (e.res) v += e.res[off];
+      e.y[off] = act_scalar(v, e.act);
+    }
   }
-  for (int i = 0; i < rows; ++i) {
-    const int64_t ch = r0 + i;
-    const int64_t off = ch * e.ldy + c0 + j;
-    T v = tmp[i] * e.scale[ch] + e.shift[ch];
-    if (e.res) v += e.res[off];
-    e.y[off] = act_scalar(v, e.act);
+}
+
+// Panels [0, n) of a column, the last with `rows` valid rows, 1 <= n <= G: one call, n chains.
+template <class V, int G>
+LWK_INLINE void thin_tail(int64_t n, int64_t K, const typename V::T* A, int64_t panel_stride,
+                          const typename V::T* B, int j, const Epi<typename V::T>& e, int64_t r0,
+                          int64_t c0, int rows) {
+  if constexpr (G > 1) {
+    if (n == G) {
+      ukernel_thin<V, G>(K, A, panel_stride, B, j, e, r0, c0, rows);
+      return;
+    }
+    thin_tail<V, G - 1>(n, K, A, panel_stride, B, j, e, r0, c0, rows);
+  } else {
+    ukernel_thin<V, 1>(K, A, panel_stride, B, j, e, r0, c0, rows);
   }
+}
+
+// Column j of the column block at c0 for output channels [co_a, co_b) (co_a a panel boundary).
+template <class V>
+void thin_column(int64_t K, const typename V::T* packed, const typename V::T* B, int j,
+                 const Epi<typename V::T>& e, int64_t co_a, int64_t co_b, int64_t c0) {
+  constexpr int MR = V::MR, G = thin_panels<V>();
+  const int64_t panel_stride = K * MR;
+  int64_t co = co_a;
+  for (; co + G * MR <= co_b; co += G * MR) {
+    ukernel_thin<V, G>(K, packed + (co / MR) * panel_stride, panel_stride, B, j, e, co, c0, MR);
+  }
+  if (co >= co_b) return;
+  const int64_t panels = iceil_div(co_b - co, MR);
+  const int rows = static_cast<int>(co_b - co - (panels - 1) * MR);
+  const typename V::T* A = packed + (co / MR) * panel_stride;
+  thin_tail<V, (G > 1 ? G - 1 : 1)>(panels, K, A, panel_stride, B, j, e, co, c0, rows);
 }
 
 template <typename T>
@@ -796,18 +837,21 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
       const int64_t off = n * CO * npix + p0;
       const Epi<T> e{pl.y + off, pl.residual ? pl.residual + off : nullptr, npix,
                      pl.pw_scale, pl.pw_shift, pl.out_act};
+      // A last column block of at most kThinCols pixels goes to the thin kernel.
+      const int64_t last_cols = np - (np - 1) / NR * NR;
+      const int64_t wide_np = last_cols <= kThinCols ? np - last_cols : np;
       for (int64_t co = co_a; co < co_b; co += MR) {
         const int rows = static_cast<int>(imin(MR, co_b - co));
         const T* A = packed + (co / MR) * C * MR;
-        for (int64_t c0 = 0; c0 < np; c0 += NR) {
-          const int cols = static_cast<int>(imin(NR, np - c0));
+        for (int64_t c0 = 0; c0 < wide_np; c0 += NR) {
+          const int cols = static_cast<int>(imin(NR, wide_np - c0));
           const T* B = tile + (c0 / NR) * C * NR;
-          if (cols <= kThinCols) {
-            for (int j = 0; j < cols; ++j) ukernel_thin<V>(C, A, B, j, e, co, c0, rows);
-          } else {
-            kern[rows - 1][(cols + W - 1) / W - 1](C, A, B, 0, e, co, c0, cols);
-          }
+          kern[rows - 1][(cols + W - 1) / W - 1](C, A, B, 0, e, co, c0, cols);
         }
+      }
+      for (int64_t j = 0; j < np - wide_np; ++j) {
+        const T* B = tile + (wide_np / NR) * C * NR;
+        thin_column<V>(C, packed, B, static_cast<int>(j), e, co_a, co_b, wide_np);
       }
     } else {
       const int64_t off = (n * npix + p0) * CO;
