@@ -114,7 +114,11 @@ struct Plan {
   // NCHW double-buffers the row and the plane (channel c's buffers are written while channel
   // c-1's are read), so loads never wait on stores still in flight (store-forwarding stalls):
   // buffer i of each starts i * row_stride / plane_stride elements after its offset.
+  // With statistics (stats true): per-worker double sums [CO] and sums of squares [CO] of y at
+  // stats_offset, zeroed before the call and added up across workers after it.
   int64_t ldt = 0;
+  bool stats = false;
+  std::size_t stats_offset = 0;
   std::size_t row_offset = 0, plane_offset = 0;
   int64_t row_stride = 0, plane_stride = 0;
   std::size_t scratch_bytes = 0;   // per worker, total

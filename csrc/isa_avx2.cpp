@@ -24,6 +24,13 @@ struct Avx2F32 {
   // maxps/minps return the second operand when either is NaN.
   static LWK_INLINE reg max_keep(reg lo, reg v) { return _mm256_max_ps(lo, v); }
   static LWK_INLINE reg min_keep(reg hi, reg v) { return _mm256_min_ps(hi, v); }
+  // p[l] += double(v[l]) for the 8 lanes (statistics are accumulated in double).
+  static LWK_INLINE void add_f64(double* p, reg v) {
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), lo));
+    _mm256_storeu_pd(p + 4, _mm256_add_pd(_mm256_loadu_pd(p + 4), hi));
+  }
   // p[0], p[2], ..., p[14] from two loads covering exactly p[0..14].
   static LWK_INLINE reg load_s2(const T* p) {
     const __m256 a = _mm256_loadu_ps(p);      // 0 1 2 3 | 4 5 6 7

@@ -23,6 +23,11 @@ struct NeonF32 {
   // FMAX/FMIN propagate NaN from either operand.
   static LWK_INLINE reg max_keep(reg lo, reg v) { return vmaxq_f32(lo, v); }
   static LWK_INLINE reg min_keep(reg hi, reg v) { return vminq_f32(hi, v); }
+  // p[l] += double(v[l]) for the 4 lanes (statistics are accumulated in double).
+  static LWK_INLINE void add_f64(double* p, reg v) {
+    vst1q_f64(p, vaddq_f64(vld1q_f64(p), vcvt_f64_f32(vget_low_f32(v))));
+    vst1q_f64(p + 2, vaddq_f64(vld1q_f64(p + 2), vcvt_high_f64_f32(v)));
+  }
   // p[0], p[2], p[4], p[6] from two loads covering exactly p[0..6].
   static LWK_INLINE reg load_s2(const T* p) {
     const float32x4_t a = vld1q_f32(p);      // 0 1 2 3

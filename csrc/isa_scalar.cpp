@@ -22,6 +22,7 @@ struct ScalarVec {
   static LWK_INLINE reg max_keep(reg lo, reg v) { return v < lo ? lo : v; }
   static LWK_INLINE reg min_keep(reg hi, reg v) { return v > hi ? hi : v; }
   static LWK_INLINE reg load_s2(const T* p) { return *p; }
+  static LWK_INLINE void add_f64(double* p, reg v) { *p += double(v); }
 };
 
 }  // namespace

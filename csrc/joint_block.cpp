@@ -290,6 +290,13 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   if (ops == nullptr || !isa_supported(packed->isa())) {
     throw std::invalid_argument("joint_forward: the packed weights' ISA is not supported here");
   }
+  if ((t.y_sum == nullptr) != (t.y_sumsq == nullptr)) {
+    throw std::invalid_argument("joint_forward: y_sum and y_sumsq must be given together");
+  }
+  if (t.y_sum != nullptr) {
+    std::fill(t.y_sum, t.y_sum + g.out_channels, 0.0);
+    std::fill(t.y_sumsq, t.y_sumsq + g.out_channels, 0.0);
+  }
   if (g.batch == 0) return;
   if (t.x == nullptr) throw std::invalid_argument("joint_forward: x is null");
   if (t.dw_weight == nullptr) throw std::invalid_argument("joint_forward: dw_weight is null");
@@ -360,6 +367,12 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
       plan.seg_offset = plan.scratch_bytes + 2 * plan.plane_stride * sizeof(T);  // two planes
       plan.scratch_bytes = plan.seg_offset + aligned(rows_out * 3 * int64_t(sizeof(int64_t)));
     }
+  }
+
+  plan.stats = t.y_sum != nullptr;
+  if (plan.stats) {
+    plan.stats_offset = plan.scratch_bytes;
+    plan.scratch_bytes += aligned(2 * CO * int64_t(sizeof(double)));
   }
 
   const int tasks = static_cast<int>(std::min<int64_t>(threads, plan.n_items));
@@ -468,18 +481,33 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.phase_lo = phase_lo;
   plan.phase_hi = phase_hi;
 
+  auto worker_stats = [&](int task) {
+    return reinterpret_cast<double*>(tiles + plan.scratch_bytes * task + plan.stats_offset);
+  };
+  if (plan.stats) {
+    for (int i = 0; i < tasks; ++i) std::fill(worker_stats(i), worker_stats(i) + 2 * CO, 0.0);
+  }
   if (tasks == 1) {
     int64_t dw_tile = -1;
     ops->run_items(plan, 0, plan.n_items, tiles, &dw_tile);
-    return;
+  } else {
+    std::unique_ptr<Claim[]> claims(new Claim[tasks]);
+    for (int i = 0; i < tasks; ++i) {
+      claims[i].next.store(plan.n_items * i / tasks, std::memory_order_relaxed);
+      claims[i].end = plan.n_items * (i + 1) / tasks;
+    }
+    DispatchCtx<T> ctx{&plan, ops, tiles, plan.scratch_bytes, tasks, claims.get()};
+    parallel_run(tasks, &run_task<T>, &ctx);
   }
-  std::unique_ptr<Claim[]> claims(new Claim[tasks]);
-  for (int i = 0; i < tasks; ++i) {
-    claims[i].next.store(plan.n_items * i / tasks, std::memory_order_relaxed);
-    claims[i].end = plan.n_items * (i + 1) / tasks;
+  if (plan.stats) {
+    for (int i = 0; i < tasks; ++i) {
+      const double* w = worker_stats(i);
+      for (int64_t o = 0; o < CO; ++o) {
+        t.y_sum[o] += w[o];
+        t.y_sumsq[o] += w[CO + o];
+      }
+    }
   }
-  DispatchCtx<T> ctx{&plan, ops, tiles, plan.scratch_bytes, tasks, claims.get()};
-  parallel_run(tasks, &run_task<T>, &ctx);
 }
 
 }  // namespace

@@ -48,6 +48,12 @@ struct JointTensors {
   const T* residual = nullptr;  // [N, C_out, H_out, W_out] or nullptr
   Activation out_act = Activation::kNone;
   T* y = nullptr;               // [N, C_out, H_out, W_out]
+  // Optional per-output-channel statistics of y as stored (over N, H_out, W_out), computed in
+  // the epilogue of the kernel that writes y (training's batch statistics without a second pass
+  // over y): y_sum[o] = sum of y, y_sumsq[o] = sum of y^2, both [C_out] and overwritten. Given
+  // together or not at all. Accumulated in double (only a register's few values are added in T).
+  double* y_sum = nullptr;
+  double* y_sumsq = nullptr;
 };
 
 // Pointwise weights [C_out, C_in] repacked into the GEMM panels of one (ISA, layout) pair.

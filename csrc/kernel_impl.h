@@ -9,6 +9,7 @@
 //   zero() set1(s) load(p) store(p, v) fma(a, b, c) = a*b + c, add(a, b)
 //   max_keep(lo, v) / min_keep(hi, v)     max/min that return v when v is NaN (like torch.relu)
 //   load_s2(p)          {p[0], p[2], ..., p[2W-2]} without reading past p[2W-2]
+//   add_f64(p, v)       p[l] += double(v[l]) for the W lanes (double* p)
 //
 // Per work item (image n, pixel tile, output-channel block), see run_items():
 //   1. depthwise: the tile's depthwise output for all C_in channels goes into a per-worker buffer
@@ -116,6 +117,13 @@ LWK_INLINE typename V::reg load_strided(const typename V::T* p, int64_t s) {
 // Output side of one micro-tile. Element (r, c) of the tile is y[r * ldy + c] (the pointers are
 // already offset to the work item); its per-channel parameters are indexed by r for NCHW (rows
 // are output channels) and by c for NHWC (columns are output channels).
+//
+// With statistics, the stored values are also summed per output channel, in double like
+// PyTorch's BatchNorm (batch statistics feed a subtraction, E[y^2] - E[y]^2, that would amplify
+// float rounding): micro-kernels add the few values of a register's lanes in T, then add the
+// lanes into the current panel's double partials part_sum/part_sq (NCHW: [MR][W], row i's lanes;
+// NHWC: [NR], one per column), which run_items folds into the worker's per-channel sums
+// ch_sum/ch_sq after each panel; the thin kernel adds into ch_sum/ch_sq directly.
 template <typename T>
 struct Epi {
   T* y;
@@ -124,25 +132,44 @@ struct Epi {
   const T* scale;
   const T* shift;
   Activation act;
+  double* part_sum = nullptr;  // null: no statistics
+  double* part_sq = nullptr;
+  double* ch_sum = nullptr;
+  double* ch_sq = nullptr;
 };
 
-template <class V, int MR_, int NV_, bool kNCHW, Activation A>
+template <typename T>
+LWK_INLINE void stats_add(double* sum, double* sq, T v) {
+  const double d = double(v);
+  *sum += d;
+  *sq += d * d;
+}
+
+template <class V>
+LWK_INLINE void stats_add_vec(double* sum, double* sq, typename V::reg s, typename V::reg q) {
+  V::add_f64(sum, s);
+  V::add_f64(sq, q);
+}
+
+template <class V, int MR_, int NV_, bool kNCHW, Activation A, bool kStats>
 LWK_INLINE void store_full(const typename V::reg (&acc)[MR_][NV_], const Epi<typename V::T>& e,
                            int64_t r0, int64_t c0) {
   using T = typename V::T;
   using R = typename V::reg;
   constexpr int W = V::W;
-  R sc_col[NV_], sh_col[NV_];
+  R sc_col[NV_], sh_col[NV_], s_col[NV_], q_col[NV_];
   if (!kNCHW) {
     LWK_UNROLL for (int j = 0; j < NV_; ++j) {
       sc_col[j] = V::load(e.scale + c0 + j * W);
       sh_col[j] = V::load(e.shift + c0 + j * W);
+      s_col[j] = V::zero();
+      q_col[j] = V::zero();
     }
   }
   LWK_UNROLL for (int i = 0; i < MR_; ++i) {
     const int64_t off = (r0 + i) * e.ldy + c0;
     T* yr = e.y + off;
-    R sc_row = V::zero(), sh_row = V::zero();
+    R sc_row = V::zero(), sh_row = V::zero(), s_row = V::zero(), q_row = V::zero();
     if (kNCHW) {
       sc_row = V::set1(e.scale[r0 + i]);
       sh_row = V::set1(e.shift[r0 + i]);
@@ -150,8 +177,32 @@ LWK_INLINE void store_full(const typename V::reg (&acc)[MR_][NV_], const Epi<typ
     LWK_UNROLL for (int j = 0; j < NV_; ++j) {
       R v = V::fma(acc[i][j], kNCHW ? sc_row : sc_col[j], kNCHW ? sh_row : sh_col[j]);
       if (e.res) v = V::add(v, V::load(e.res + off + j * W));
-      V::store(yr + j * W, act_vec_t<V, A>(v));
+      v = act_vec_t<V, A>(v);
+      V::store(yr + j * W, v);
+      if (kStats && kNCHW) {
+        s_row = V::add(s_row, v);
+        q_row = V::fma(v, v, q_row);
+      } else if (kStats) {
+        s_col[j] = V::add(s_col[j], v);
+        q_col[j] = V::fma(v, v, q_col[j]);
+      }
     }
+    if (kStats && kNCHW) stats_add_vec<V>(e.part_sum + i * W, e.part_sq + i * W, s_row, q_row);
+  }
+  if (kStats && !kNCHW) {
+    LWK_UNROLL for (int j = 0; j < NV_; ++j) {
+      stats_add_vec<V>(e.part_sum + j * W, e.part_sq + j * W, s_col[j], q_col[j]);
+    }
+  }
+}
+
+template <class V, int MR_, int NV_, bool kNCHW, Activation A>
+LWK_INLINE void store_full_dispatch(const typename V::reg (&acc)[MR_][NV_],
+                                    const Epi<typename V::T>& e, int64_t r0, int64_t c0) {
+  if (e.part_sum) {
+    store_full<V, MR_, NV_, kNCHW, A, true>(acc, e, r0, c0);
+  } else {
+    store_full<V, MR_, NV_, kNCHW, A, false>(acc, e, r0, c0);
   }
 }
 
@@ -197,13 +248,13 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
   if (cols == NV_ * W) {
     switch (e.act) {
       case Activation::kNone:
-        store_full<V, MR_, NV_, kNCHW, Activation::kNone>(acc, e, r0, c0);
+        store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kNone>(acc, e, r0, c0);
         break;
       case Activation::kRelu:
-        store_full<V, MR_, NV_, kNCHW, Activation::kRelu>(acc, e, r0, c0);
+        store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kRelu>(acc, e, r0, c0);
         break;
       case Activation::kRelu6:
-        store_full<V, MR_, NV_, kNCHW, Activation::kRelu6>(acc, e, r0, c0);
+        store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kRelu6>(acc, e, r0, c0);
         break;
     }
     return;
@@ -219,7 +270,12 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
       const int64_t off = (r0 + i) * e.ldy + c0 + c;
       T v = tmp[i][c] * e.scale[ch] + e.shift[ch];
       if (e.res) v += e.res[off];
-      e.y[off] = act_scalar(v, e.act);
+      v = act_scalar(v, e.act);
+      e.y[off] = v;
+      if (e.part_sum) {
+        const int p = kNCHW ? i * W : c;
+        stats_add(e.part_sum + p, e.part_sq + p, v);
+      }
     }
   }
 }
@@ -270,7 +326,9 @@ void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A, int64_t panel_
       const int64_t off = ch * e.ldy + c0 + j;
       T v = tmp[i] * e.scale[ch] + e.shift[ch];
       if (e.res) v += e.res[off];
-      e.y[off] = act_scalar(v, e.act);
+      v = act_scalar(v, e.act);
+      e.y[off] = v;
+      if (e.ch_sum) stats_add(e.ch_sum + ch, e.ch_sq + ch, v);
     }
   }
 }
@@ -799,6 +857,28 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
   const T* packed = pl.packed->data();
   const int64_t npix = pl.OH * pl.OW;
   const int64_t C = pl.C, CO = pl.CO;
+  // Statistics: the current panel's partial sums (T) and the worker's per-channel sums (double).
+  constexpr int kPart = MR * W > NR ? MR * W : NR;
+  alignas(64) double part_sum[kPart], part_sq[kPart];
+  double* const ch_sum =
+      pl.stats ? reinterpret_cast<double*>(static_cast<char*>(scratch) + pl.stats_offset)
+               : nullptr;
+  double* const ch_sq = pl.stats ? ch_sum + CO : nullptr;
+  auto panel_begin = [&] {
+    for (int i = 0; i < kPart; ++i) part_sum[i] = part_sq[i] = 0.0;
+  };
+  // Adds part[p * lanes .. + lanes) into channel co + p, for p < count.
+  auto panel_end = [&](int64_t co, int count, int lanes) {
+    for (int p = 0; p < count; ++p) {
+      double s = 0, q = 0;
+      for (int l = 0; l < lanes; ++l) {
+        s += part_sum[p * lanes + l];
+        q += part_sq[p * lanes + l];
+      }
+      ch_sum[co + p] += s;
+      ch_sq[co + p] += q;
+    }
+  };
   int64_t last = *dw_tile;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t cob = item % pl.n_co;
@@ -836,18 +916,21 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
     if (nchw) {
       const int64_t off = n * CO * npix + p0;
       const Epi<T> e{pl.y + off, pl.residual ? pl.residual + off : nullptr, npix,
-                     pl.pw_scale, pl.pw_shift, pl.out_act};
+                     pl.pw_scale, pl.pw_shift, pl.out_act,
+                     ch_sum ? part_sum : nullptr, ch_sum ? part_sq : nullptr, ch_sum, ch_sq};
       // A last column block of at most kThinCols pixels goes to the thin kernel.
       const int64_t last_cols = np - (np - 1) / NR * NR;
       const int64_t wide_np = last_cols <= kThinCols ? np - last_cols : np;
       for (int64_t co = co_a; co < co_b; co += MR) {
         const int rows = static_cast<int>(imin(MR, co_b - co));
         const T* A = packed + (co / MR) * C * MR;
+        if (ch_sum) panel_begin();
         for (int64_t c0 = 0; c0 < wide_np; c0 += NR) {
           const int cols = static_cast<int>(imin(NR, wide_np - c0));
           const T* B = tile + (c0 / NR) * C * NR;
           kern[rows - 1][(cols + W - 1) / W - 1](C, A, B, 0, e, co, c0, cols);
         }
+        if (ch_sum) panel_end(co, rows, W);
       }
       for (int64_t j = 0; j < np - wide_np; ++j) {
         const T* B = tile + (wide_np / NR) * C * NR;
@@ -856,15 +939,18 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
     } else {
       const int64_t off = (n * npix + p0) * CO;
       const Epi<T> e{pl.y + off, pl.residual ? pl.residual + off : nullptr, CO,
-                     pl.pw_scale, pl.pw_shift, pl.out_act};
+                     pl.pw_scale, pl.pw_shift, pl.out_act,
+                     ch_sum ? part_sum : nullptr, ch_sum ? part_sq : nullptr, ch_sum, ch_sq};
       for (int64_t co = co_a; co < co_b; co += NR) {
         const int cols = static_cast<int>(imin(NR, co_b - co));
         const int nv = (cols + W - 1) / W;
         const T* B = packed + (co / NR) * C * NR;
+        if (ch_sum) panel_begin();
         for (int64_t r0 = 0; r0 < np; r0 += MR) {
           const int rows = static_cast<int>(imin(MR, np - r0));
           kern[rows - 1][nv - 1](C, tile + r0 * pl.ldt, B, pl.ldt, e, r0, co, cols);
         }
+        if (ch_sum) panel_end(co, cols, 1);
       }
     }
   }

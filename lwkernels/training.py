@@ -11,8 +11,8 @@ Two ops, both ``torch.library.custom_op`` (so torch.compile(fullgraph=True) trac
     The forward. mean/var are the biased batch statistics of z (mid_*: of c, empty without mid BN).
     CPU (float32/float64): the mid statistics come from a depthwise pass that stores nothing; z
     from the fused depthwise->pointwise C++ kernel (joint_block.h; the depthwise intermediate
-    never reaches memory); the statistics of z from one C++ reduction pass, then one C++ pass
-    normalises, adds the residual and activates. CUDA (fp16/bf16/fp32, with Triton): the mid
+    never reaches memory) together with the statistics of z (sums in that kernel's epilogue, so z
+    is not read back for them), then one C++ pass normalises, adds the residual and activates. CUDA (fp16/bf16/fp32, with Triton): the mid
     statistics from a Triton depthwise pass that stores nothing; z and its statistics from the fused
     Triton kernel (triton_kernel.pointwise_stats_triton: depthwise -> pointwise with a statistics
     epilogue, so the depthwise intermediate never reaches memory); normalise + residual + activation
@@ -83,13 +83,6 @@ class _Cpp:
         a = self.a
         self.C.train_dw_forward(self.dtype, self.isa, self.dw_geo, self.layout, a(x), a(w), a(scale), a(shift),
                                 act, a(raw), a(out), a(sum_), a(sumsq), self.threads)
-
-    def stats(self, z):
-        s = torch.empty(z.shape[1], dtype=_STATS)
-        ss = torch.empty_like(s)
-        self.C.train_channel_stats(self.dtype, self.isa, self.out_geo, self.layout, z.data_ptr(), s.data_ptr(),
-                                   ss.data_ptr(), self.threads)
-        return s, ss
 
 
 def _mean_var(s: Tensor, ss: Tensor, count: int) -> Tuple[Tensor, Tensor]:
@@ -208,9 +201,11 @@ def _forward_torch(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps,
 
 
 def _fused_pointwise(k: "_Cpp", x, dw, dw_scale, dw_shift, mid_act, pw_weight, pw_bias, stride, padding, dilation,
-                     out_shape) -> Tensor:
-    """z = PW(mid_act(dw_scale * DW(x) + dw_shift)) + pw_bias through the fused C++ forward kernel
-    (joint_block.h); the depthwise output stays in the kernel's tile buffers.
+                     out_shape) -> Tuple[Tensor, Tensor, Tensor]:
+    """(z, sum, sumsq): z = PW(mid_act(dw_scale * DW(x) + dw_shift)) + pw_bias through the fused C++
+    forward kernel (joint_block.h), and the per-channel sum and sum of squares of z (float64) from
+    that kernel's epilogue. The depthwise output stays in the kernel's tile buffers and z is not read
+    back for its statistics.
 
     The pointwise weight is packed per call rather than through cpu_backend's cache: in training it
     changes every step (and gradcheck perturbs it where no version counter sees it)."""
@@ -223,9 +218,11 @@ def _fused_pointwise(k: "_Cpp", x, dw, dw_scale, dw_shift, mid_act, pw_weight, p
         out_w=out_shape[3], kernel_h=dw.shape[2], kernel_w=dw.shape[3], stride_h=stride[0], stride_w=stride[1],
         pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], layout=k.layout)
     a = k.a
+    s = torch.empty(out_shape[1], dtype=_STATS)
+    ss = torch.empty_like(s)
     k.C.joint_forward(packed, geometry, a(x), a(dw), a(vectors[0]), a(vectors[1]), mid_act, 0, a(vectors[2]), 0,
-                      "none", a(z), k.threads)
-    return z
+                      "none", a(z), k.threads, a(s), a(ss))
+    return z, s, ss
 
 
 def _forward_cpu(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps, mid_act, pw_weight, pw_bias,
@@ -246,10 +243,10 @@ def _forward_cpu(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps, m
     else:
         dw_scale, dw_shift = None, dw_bias
         mid_mean, mid_var = x.new_empty(0), x.new_empty(0)
-    # z: the fused depthwise -> pointwise kernel with the pointwise bias as its only epilogue.
-    z = _fused_pointwise(k, x, dw, dw_scale, dw_shift, mid_act, pw_weight, pw_bias, stride, padding, dilation,
-                         out_shape)
-    s, ss = k.stats(z)
+    # z and its statistics: the fused depthwise -> pointwise kernel with the pointwise bias and the
+    # per-channel sums as its epilogue.
+    z, s, ss = _fused_pointwise(k, x, dw, dw_scale, dw_shift, mid_act, pw_weight, pw_bias, stride, padding,
+                                dilation, out_shape)
     mean, var = _mean_var(s, ss, count)
     scale, shift = (v.to(x.dtype) for v in _bn_scale_shift(mean, var, bn_weight, bn_bias, eps))
     y = torch.empty_like(z)

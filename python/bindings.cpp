@@ -61,7 +61,8 @@ void bind_dtype(py::module_& m, const char* suffix) {
       [](const Packed& packed, const lwk::JointGeometry& geometry, std::uintptr_t x,
          std::uintptr_t dw_weight, std::uintptr_t dw_scale, std::uintptr_t dw_shift,
          const std::string& mid_act, std::uintptr_t pw_scale, std::uintptr_t pw_shift,
-         std::uintptr_t residual, const std::string& out_act, std::uintptr_t y, int num_threads) {
+         std::uintptr_t residual, const std::string& out_act, std::uintptr_t y, int num_threads,
+         std::uintptr_t y_sum, std::uintptr_t y_sumsq) {
         lwk::JointTensors<T> t;
         t.x = as_ptr<T>(x);
         t.dw_weight = as_ptr<T>(dw_weight);
@@ -73,13 +74,15 @@ void bind_dtype(py::module_& m, const char* suffix) {
         t.residual = as_ptr<T>(residual);
         t.out_act = activation_from_name(out_act);
         t.y = reinterpret_cast<T*>(y);
+        t.y_sum = reinterpret_cast<double*>(y_sum);
+        t.y_sumsq = reinterpret_cast<double*>(y_sumsq);
         py::gil_scoped_release release;
         lwk::joint_forward<T>(packed, geometry, t, num_threads);
       },
       py::arg("packed"), py::arg("geometry"), py::arg("x"), py::arg("dw_weight"),
       py::arg("dw_scale"), py::arg("dw_shift"), py::arg("mid_act"), py::arg("pw_scale"),
       py::arg("pw_shift"), py::arg("residual"), py::arg("out_act"), py::arg("y"),
-      py::arg("num_threads"));
+      py::arg("num_threads"), py::arg("y_sum") = 0, py::arg("y_sumsq") = 0);
 }
 
 }  // namespace

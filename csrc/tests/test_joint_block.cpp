@@ -50,6 +50,7 @@ struct Case {
   bool dw_scale, dw_shift, pw_scale, pw_shift, residual;
   Activation mid_act, out_act;
   int threads;
+  bool stats = false;  // also request the per-channel sums of y
   // Rectangular variants (kernel_w / stride_w / dilation_w / pad_w differ from the h ones).
   int64_t kw = -1, sw = -1, pw = -1, dw = -1;
 };
@@ -103,6 +104,43 @@ std::vector<T> random_vec(Rng& r, int64_t n, double lo, double hi) {
   std::vector<T> v(static_cast<size_t>(n));
   for (auto& e : v) e = static_cast<T>(r.uniform(lo, hi));
   return v;
+}
+
+// The kernel's y_sum / y_sumsq against double sums of the y it stored. They differ only by the
+// rounding of the squares and of the few values (a register's worth) added in T before the double
+// accumulation: at most ~3 eps relative to the sum of magnitudes (checked with 4 eps), plus the
+// double accumulation's own rounding (count * double eps); far below the contribution of a single
+// missed or repeated pixel.
+template <typename T>
+void check_stats(const Case& c, Isa isa, const std::vector<T>& y, int64_t npix,
+                 const std::vector<double>& ysum, const std::vector<double>& ysq) {
+  const double rel = 4 * std::numeric_limits<T>::epsilon() +
+                     double(c.n * npix) * std::numeric_limits<double>::epsilon();
+  int reported = 0;
+  for (int64_t o = 0; o < c.cout; ++o) {
+    double s = 0, q = 0, ms = 0, mq = 0;
+    for (int64_t n = 0; n < c.n; ++n) {
+      for (int64_t p = 0; p < npix; ++p) {
+        const double v = double(y[offset(c.layout, c.cout, 1, npix, n, o, 0, p)]);
+        s += v;
+        q += v * v;
+        ms += std::fabs(v);
+        mq += v * v;
+      }
+    }
+    const double ts = rel * ms + 1e-300;
+    const double tq = rel * mq + 1e-300;
+    if (!(std::fabs(ysum[o] - s) <= ts && std::fabs(ysq[o] - q) <= tq)) {
+      if (reported++ < 3) {
+        std::fprintf(stderr,
+                     "FAIL [%s %s] %s\n     statistics of channel %lld: sum %.12g want %.12g "
+                     "(tol %.3g), sumsq %.12g want %.12g (tol %.3g)\n",
+                     lwk::isa_name(isa), sizeof(T) == 4 ? "f32" : "f64", describe(c).c_str(),
+                     (long long)o, ysum[o], s, ts, ysq[o], q, tq);
+      }
+    }
+  }
+  if (reported) ++g_failures;
 }
 
 // Runs one case for element type T on `isa`, compares with the double reference.
@@ -162,6 +200,13 @@ void run_case(const Case& c0, Isa isa, uint64_t seed) {
   t.residual = c.residual ? res.data() : nullptr;
   t.out_act = c.out_act;
   t.y = y.data();
+  // NaN-poisoned: the sums must be overwritten.
+  std::vector<double> ysum(static_cast<size_t>(c.cout), std::numeric_limits<double>::quiet_NaN());
+  std::vector<double> ysq(ysum);
+  if (c.stats) {
+    t.y_sum = ysum.data();
+    t.y_sumsq = ysq.data();
+  }
   auto packed = lwk::pack_pointwise<T>(isa, c.layout, pww.data(), c.cout, c.cin);
   lwk::joint_forward<T>(*packed, g, t, c.threads);
 
@@ -227,6 +272,7 @@ void run_case(const Case& c0, Isa isa, uint64_t seed) {
       }
     }
   }
+  if (c.stats) check_stats<T>(c, isa, y, oh * ow, ysum, ysq);
   if (reported) ++g_failures;
 }
 
@@ -289,6 +335,7 @@ void test_grid(bool quick) {
                 c.mid_act = acts[v % 3];
                 c.out_act = acts[(v / 3) % 3];
                 c.threads = 1 + v % 3;
+                c.stats = v % 2 == 1;
                 run_all(c, seed++);
               }
             }
@@ -326,6 +373,7 @@ void test_random(int count) {
     c.mid_act = acts[r.integer(0, 2)];
     c.out_act = acts[r.integer(0, 2)];
     c.threads = static_cast<int>(r.integer(1, 4));
+    c.stats = r.integer(0, 1);
     if (out_size(c.h, c.k, c.stride, c.pad, c.dil) < 1 ||
         out_size(c.w, c.kw, c.sw, c.pw, c.dw) < 1) {
       --i;
@@ -365,6 +413,7 @@ void test_tiling(bool quick) {
           c.mid_act = Activation::kRelu;
           c.out_act = threads == 3 ? Activation::kRelu6 : Activation::kRelu;
           c.threads = threads;
+          c.stats = threads != 2;
           for (Isa isa : isas_under_test()) run_case<float>(c, isa, 77 + threads);
           if (threads == 1) run_case<double>(c, Isa::kScalar, 77);
         }
@@ -391,6 +440,7 @@ void test_large(bool quick) {
     c.pw_scale = c.pw_shift = true;
     c.out_act = Activation::kRelu;
     c.threads = 2;
+    c.stats = true;
     for (Isa isa : isas_under_test()) run_case<float>(c, isa, 5);
   }
 }
@@ -517,12 +567,25 @@ void test_validation() {
   CHECK(lwk::isa_supported(Isa::kScalar), "scalar is always supported");
   CHECK(lwk::isa_supported(lwk::best_isa()), "best_isa is supported");
 
-  // Batch 0: nothing is read or written (null tensors are fine).
+  std::vector<double> sums(5, -1.0), sqs(5, -1.0);
+  CHECK(throws_invalid([&] {
+          lwk::JointTensors<float> u = t;
+          u.y_sum = sums.data();
+          lwk::joint_forward<float>(*p, g, u, 1);
+        }, "y_sum and y_sumsq"), "joint_forward must reject y_sum without y_sumsq");
+
+  // Batch 0: nothing is read or written (null tensors are fine); statistics are all zero.
   {
     JointGeometry b = g;
     b.batch = 0;
     lwk::JointTensors<float> u;
     lwk::joint_forward<float>(*p, b, u, 2);
+    u.y_sum = sums.data();
+    u.y_sumsq = sqs.data();
+    lwk::joint_forward<float>(*p, b, u, 2);
+    bool zero = true;
+    for (int o = 0; o < 5; ++o) zero = zero && sums[o] == 0.0 && sqs[o] == 0.0;
+    CHECK(zero, "batch 0 must overwrite the statistics with zeros");
   }
 }
 
