@@ -30,7 +30,6 @@ template <typename T>
 struct TrainOps {
   void (*dw_forward)(const DwGeometry&, const DwForwardArgs<T>&, int);
   void (*dw_backward)(const DwGeometry&, const T*, const T*, const T*, T*, T*, int);
-  void (*channel_stats)(const ChannelGeometry&, const T*, double*, double*, int);
   void (*affine_act)(const ChannelGeometry&, const T*, const T*, const T*, const T*, Activation, T*,
                      int);
   void (*act_backward_reduce)(const ChannelGeometry&, const T*, const T*, Activation, const T*,
@@ -421,38 +420,6 @@ inline int64_t elementwise_items(const ChannelGeometry& g) {
 }
 
 template <typename T>
-void channel_stats(const ChannelGeometry& g, const T* z, double* sum, double* sumsq, int threads) {
-  const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
-  const int tasks = num_tasks(n_items, grain, threads);
-  Partials ps(tasks, 2 * C);
-  auto body = [&](int task, int64_t b, int64_t e) {
-    double* part = ps.of(task);
-    if (g.layout == Layout::kNCHW) {
-      for (int64_t item = b; item < e; ++item) {
-        const int64_t c = item % C;
-        span_stats(z + item * g.HW, g.HW, part[c], part[C + c]);
-      }
-    } else {
-      double* LWK_TR_RESTRICT s = part;
-      double* LWK_TR_RESTRICT ss = part + C;
-      for (int64_t item = b; item < e; ++item) {
-        const T* LWK_TR_RESTRICT zp = z + item * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const double v = static_cast<double>(zp[c]);
-          s[c] += v;
-          ss[c] += v * v;
-        }
-      }
-    }
-  };
-  parallel_items(n_items, grain, tasks, body);
-  std::vector<double> out(2 * C);
-  ps.reduce_into(out.data());
-  std::copy(out.begin(), out.begin() + C, sum);
-  std::copy(out.begin() + C, out.end(), sumsq);
-}
-
-template <typename T>
 void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* shift,
                 const T* residual, Activation act, T* y, int threads) {
   const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
@@ -606,7 +573,7 @@ void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, co
 
 template <typename T>
 const TrainOps<T>* ops_table() {
-  static const TrainOps<T> ops{&dw_forward<T>, &dw_backward<T>, &channel_stats<T>, &affine_act<T>,
+  static const TrainOps<T> ops{&dw_forward<T>, &dw_backward<T>, &affine_act<T>,
                                &act_backward_reduce<T>, &affine_backward_apply<T>};
   return &ops;
 }

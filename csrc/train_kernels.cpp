@@ -73,13 +73,6 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
 }
 
 template <typename T>
-void channel_stats(const ChannelGeometry& g, const T* z, double* sum, double* sumsq, Isa isa,
-                   int num_threads) {
-  check(g);
-  pick<T>(isa)->channel_stats(g, z, sum, sumsq, num_threads);
-}
-
-template <typename T>
 void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* shift,
                 const T* residual, Activation act, T* y, Isa isa, int num_threads) {
   check(g);
@@ -107,7 +100,6 @@ void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, co
   template void dw_forward<T>(const DwGeometry&, const DwForwardArgs<T>&, Isa, int);            \
   template void dw_backward<T>(const DwGeometry&, const T*, const T*, const T*, T*, T*, Isa,    \
                                int);                                                              \
-  template void channel_stats<T>(const ChannelGeometry&, const T*, double*, double*, Isa, int); \
   template void affine_act<T>(const ChannelGeometry&, const T*, const T*, const T*, const T*,   \
                               Activation, T*, Isa, int);                                          \
   template void act_backward_reduce<T>(const ChannelGeometry&, const T*, const T*, Activation,  \

@@ -6,7 +6,8 @@
 //   z = PW_1x1(t) + pw_bias                                        (joint_forward, joint_block.h)
 //   y = out_act(gamma * (z - mean_z) * invstd_z + beta + residual)
 // Batch statistics of c (for the mid BN) come from a depthwise pass that stores nothing
-// (dw_forward with only sum/sumsq); statistics of z from channel_stats; y from affine_act.
+// (dw_forward with only sum/sumsq); z and its statistics from joint_forward (JointTensors::y_sum,
+// y_sumsq: sums in the fused kernel's epilogue); y from affine_act.
 // Backward recomputes c and t with dw_forward, reduces/apply the BN and activation gradients with
 // act_backward_reduce/affine_backward_apply, and runs the depthwise backward (grad input + grad
 // weight, dilated, strided) in dw_backward. The pointwise GEMMs of the backward are left to the
@@ -62,11 +63,6 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, Isa isa, int num
 template <typename T>
 void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* grad_x, T* grad_w,
                  Isa isa, int num_threads);
-
-// sum[c] = sum of z, sumsq[c] = sum of z^2 (both overwritten).
-template <typename T>
-void channel_stats(const ChannelGeometry& g, const T* z, double* sum, double* sumsq, Isa isa,
-                   int num_threads);
 
 // y = act(z * scale[c] + shift[c] + residual); residual may be null.
 template <typename T>

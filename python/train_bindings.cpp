@@ -90,17 +90,6 @@ void bind_training(py::module_& m) {
                                        threads);
           });
         });
-  m.def("train_channel_stats",
-        [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
-           uintptr_t z, uintptr_t sum, uintptr_t sumsq, int threads) {
-          const auto g = channel_geometry(geo, layout);
-          const auto i_ = isa_of(isa);
-          by_dtype(dtype, [&](auto tag) {
-            using T = decltype(tag);
-            py::gil_scoped_release release;
-            lwk::train::channel_stats<T>(g, p<T>(z), d(sum), d(sumsq), i_, threads);
-          });
-        });
   m.def("train_affine_act",
         [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
            uintptr_t z, uintptr_t scale, uintptr_t shift, uintptr_t residual, const std::string& act,
