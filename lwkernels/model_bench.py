@@ -9,9 +9,9 @@ JointBlockReference, same weights) and the fused model are timed alternately, ca
 that drifting machine load hits both; the rows give medians. Inference is checked first (fused
 logits against the reference) and the error is reported in the rows.
 
-A training step (forward, cross-entropy, backward, SGD step) of a fused model currently runs the
-reference composition inside each JointBlock (batch statistics; fused training kernels are future
-work), so expect a speedup near 1 there: the row is there to show it honestly.
+A training step (forward, cross-entropy, backward, SGD step) of a fused model runs each JointBlock
+through the fused training op (training.py: batch statistics from the fused forward, the block's own
+backward); the reference twin runs plain nn.Conv2d / nn.BatchNorm2d.
 """
 from __future__ import annotations
 
@@ -189,9 +189,6 @@ def print_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torc
     tol = {torch.float32: 1e-3, torch.float64: 1e-9}.get(dtype, 5e-2)
     print(f"fused vs reference logits: max error {error:.2e} of the largest logit (tolerance {tol:g}); "
           "speedup = reference median / median (same process, alternating calls)")
-    if train:
-        print("train: a training step of a fused model runs the reference composition in each JointBlock "
-              "(batch statistics), so its speedup is ~1 until fused training kernels exist")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=2)
