@@ -12,8 +12,9 @@ Two ops, both ``torch.library.custom_op`` (so torch.compile(fullgraph=True) trac
     CPU (float32/float64): the mid statistics come from a depthwise pass that stores nothing; z
     from the fused depthwise->pointwise C++ kernel (joint_block.h; the depthwise intermediate
     never reaches memory) together with the statistics of z (sums in that kernel's epilogue, so z
-    is not read back for them), then one C++ pass normalises, adds the residual and activates. CUDA (fp16/bf16/fp32, with Triton): the mid
-    statistics from a Triton depthwise pass that stores nothing; z and its statistics from the fused
+    is not read back for them), then one C++ pass normalises, adds the residual and activates.
+    CUDA (fp16/bf16/fp32, with Triton): the mid statistics from a Triton depthwise pass that
+    stores nothing; z and its statistics from the fused
     Triton kernel (triton_kernel.pointwise_stats_triton: depthwise -> pointwise with a statistics
     epilogue, so the depthwise intermediate never reaches memory); normalise + residual + activation
     in PyTorch ops. Other devices/dtypes: PyTorch ops (correct, unfused).
@@ -23,7 +24,9 @@ Two ops, both ``torch.library.custom_op`` (so torch.compile(fullgraph=True) trac
     parameters and per-channel statistics); the depthwise output is recomputed from x. CPU: C++
     passes for the activation/BatchNorm gradients and for the depthwise backward (grad input and
     grad weight, dilated, strided, NCHW and channels_last); the two pointwise GEMMs
-    (grad t = W^T grad z, grad W = grad z t^T) run on PyTorch's BLAS.
+    (grad t = W^T grad z, grad W = grad z t^T) run on PyTorch's BLAS. CUDA: the depthwise backward
+    as Triton kernels (triton_dw_backward.py); the recomputation, the activation/BatchNorm
+    gradients and the pointwise GEMMs (cuBLAS through aten.convolution_backward) in PyTorch ops.
 
 Running statistics (momentum, momentum=None, num_batches_tracked, unbiased running_var) are
 updated in Python by :func:`joint_block_training`, exactly as nn.BatchNorm2d does.
@@ -422,8 +425,11 @@ def _backward_cpu(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean,
 
 
 def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean, mid_var, mid_bn, mid_eps, mid_act,
-                    pw_weight, bn_weight, y, z, mean, var, eps, out_act, stride, padding, dilation, needs):
-    """The same backward in PyTorch ops (any device; the CUDA slot)."""
+                    pw_weight, bn_weight, y, z, mean, var, eps, out_act, stride, padding, dilation, needs,
+                    triton_depthwise: Optional[bool] = None):
+    """The same backward in PyTorch ops (any device; the CUDA slot), except the depthwise backward
+    (grad x and grad dw_weight), which runs as Triton kernels on CUDA (triton_depthwise: None = when
+    _uses_triton_backward says so; True forces them, as the interpreter tests do on CPU tensors)."""
     n, c_in = x.shape[:2]
     c_out, oh, ow = z.shape[1:]
     count = n * oh * ow
@@ -467,10 +473,31 @@ def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mea
         gc = ga
         grads[2] = ga.sum(dims) if needs[2] else None
     if needs[0] or needs[1]:
-        g_x, g_dw, _ = torch.ops.aten.convolution_backward(
-            gc, x, dw_weight, None, stride, padding, dilation, False, [0, 0], c_in, [needs[0], needs[1], False])
+        if triton_depthwise is None:
+            triton_depthwise = _uses_triton_backward(x)
+        if triton_depthwise:
+            from .triton_dw_backward import depthwise_backward_triton
+
+            g_x, g_dw = depthwise_backward_triton(gc, x, dw_weight, stride, padding, dilation, needs[0], needs[1])
+        else:
+            g_x, g_dw, _ = torch.ops.aten.convolution_backward(
+                gc, x, dw_weight, None, stride, padding, dilation, False, [0, 0], c_in, [needs[0], needs[1], False])
         grads[0], grads[1] = g_x, g_dw
     return grads
+
+
+def _uses_triton_backward(x: Tensor) -> bool:
+    """CUDA tensors in a Triton kernel dtype, with Triton importable: the depthwise backward runs as
+    Triton kernels (triton_dw_backward.py)."""
+    if x.device.type != "cuda":
+        return False
+    from .cuda_backend import triton_available
+
+    if not triton_available():
+        return False
+    from .triton_kernel import KERNEL_DTYPES
+
+    return x.dtype in KERNEL_DTYPES
 
 
 @joint_block_train_backward.register_fake

@@ -1,7 +1,7 @@
-"""The training forward's Triton kernels (fused depthwise -> pointwise with the statistics epilogue,
-and the depthwise statistics pass for mid BatchNorm) on a CUDA device: a full JointBlock training
-step (forward, backward, running statistics) against the float64 nn-module composition, in fp32,
-fp16 and bf16, NCHW and channels_last, with and without mid BatchNorm.
+"""The training op's Triton kernels (fused depthwise -> pointwise with the statistics epilogue, the
+depthwise statistics pass for mid BatchNorm, the depthwise backward) on a CUDA device: a full
+JointBlock training step (forward, backward, running statistics) against the float64 nn-module
+composition, in fp32, fp16 and bf16, NCHW and channels_last, with and without mid BatchNorm.
 
 Low precision follows DESIGN.md §5: the fused step's error against float64 may be at most twice
 PyTorch's own error running the same nn modules in that dtype on the GPU, plus a small atol.
@@ -55,6 +55,45 @@ def test_depthwise_stats_kernel_compiles_without_a_gpu(channels_last):
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 4, "num_stages": 1})
     assert "st.global" in kernel.asm["ptx"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("kernel", ["grad_input", "grad_weight"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_backward_kernels_compile_without_a_gpu(kernel, channels_last):
+    """The depthwise backward kernels (triton_dw_backward) lower and assemble for sm_90 in bf16."""
+    from lwkernels import triton_dw_backward
+
+    if triton_dw_backward.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 in this process: the kernels are interpreted functions")
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource/GPUTarget ahead-of-time API")
+    c, hw, n, ohw = 32, 56, 8, 28
+
+    def strides(prefix, h):
+        if channels_last:
+            return {f"{prefix}n": h * h * c, f"{prefix}c": 1, f"{prefix}h": h * c, f"{prefix}w": c}
+        return {f"{prefix}n": h * h * c, f"{prefix}c": h * h, f"{prefix}h": h, f"{prefix}w": 1}
+
+    values = dict(C=c, W=hw, OW=ohw, STRIDE_H=2, STRIDE_W=2, PAD_H=3, PAD_W=3, DIL_H=3, DIL_W=3,
+                  **strides("sg", ohw), **strides("sx", hw))
+    if kernel == "grad_input":
+        fn = triton_dw_backward._dw_grad_input_kernel
+        values.update(M=n * hw * hw, HW=hw * hw, OH=ohw, swc=9, swh=3, sww=1)
+        pointer = lambda name: "*bf16"  # noqa: E731
+    else:
+        fn = triton_dw_backward._dw_grad_weight_kernel
+        values.update(M=n * ohw * ohw, OHW=ohw * ohw, H=hw)
+        pointer = lambda name: "*fp32" if name == "part_ptr" else "*bf16"  # noqa: E731
+    constexprs = dict(KH=3, KW=3, BLOCK_P=64, BLOCK_C=32)
+    signature, constexprs, _ = aot_signature(fn, values, constexprs, pointer)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "num_stages": 1})
+    assert "st.global" in compiled.asm["ptx"]
 
 
 def _pair(c_in, c_out, stride, dilation, mid_norm, act, seed=0):

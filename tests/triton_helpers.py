@@ -118,7 +118,7 @@ def poison_kernel_outputs(monkeypatch) -> None:
     not write fails the comparison instead of showing whatever memory held (DESIGN.md section 5)."""
     import math
 
-    from lwkernels import triton_kernel
+    from lwkernels import triton_dw_backward, triton_kernel
 
     allocate = triton_kernel.empty_output
 
@@ -127,7 +127,8 @@ def poison_kernel_outputs(monkeypatch) -> None:
         y.fill_(math.nan)
         return y
 
-    monkeypatch.setattr(triton_kernel, "empty_output", poisoned)  # raises if the launcher renamed it
+    for module in (triton_kernel, triton_dw_backward):
+        monkeypatch.setattr(module, "empty_output", poisoned)  # raises if a launcher renamed it
 
 
 # -- the case grid ---------------------------------------------------------------------------------

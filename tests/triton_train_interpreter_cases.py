@@ -1,8 +1,9 @@
-"""The training forward's Triton kernels on the CPU under Triton's interpreter (TRITON_INTERPRET=1):
-the fused depthwise -> pointwise kernel with its statistics epilogue (pointwise_stats_triton: z and
-the batch statistics of z), the depthwise statistics pass for mid BatchNorm (depthwise_stats_triton),
-and the training op's CUDA forward (training._forward_triton) run end to end on CPU tensors, all
-against float64 F.conv2d compositions.
+"""The training op's Triton kernels on the CPU under Triton's interpreter (TRITON_INTERPRET=1): the
+fused depthwise -> pointwise kernel with its statistics epilogue (pointwise_stats_triton: z and the
+batch statistics of z), the depthwise statistics pass for mid BatchNorm (depthwise_stats_triton),
+the depthwise backward (triton_dw_backward: grad input and grad weight), and the training op's CUDA
+forward and backward (training._forward_triton, training._backward_torch with the Triton depthwise
+backward) run end to end on CPU tensors, against float64 compositions.
 
 Run by test_triton_interpreter.py in a fresh pytest process with TRITON_INTERPRET=1 (see
 triton_interpreter_cases.py); by hand: TRITON_INTERPRET=1 pytest tests/triton_train_interpreter_cases.py
@@ -24,10 +25,13 @@ import torch.nn.functional as F  # noqa: E402
 from helpers import Case  # noqa: E402
 from lwkernels import training  # noqa: E402
 from lwkernels.activation import apply_activation  # noqa: E402
+from lwkernels.contract import output_memory_format  # noqa: E402
+from lwkernels.triton_dw_backward import depthwise_backward_triton  # noqa: E402
 from lwkernels.triton_kernel import combine_partials, depthwise_stats_triton, pointwise_stats_triton  # noqa: E402
 from triton_helpers import assert_matches_lowp_rule, make_case_args, poison_kernel_outputs  # noqa: E402
 
 U32 = 2.0 ** -24
+U16 = 2.0 ** -11  # fp16's unit roundoff: one rounding of a stored result
 
 
 @pytest.fixture
@@ -128,6 +132,107 @@ def test_depthwise_statistics(case, dtype, layout):
     _assert_stats(mean, var, c, k * U32 * scale, 4 * k * U32 * (bound ** 2).mean((0, 2, 3)), "depthwise")
 
 
+# -- the depthwise backward ------------------------------------------------------------------------------
+#: DW_CASES plus stride 3 with dilation 2 (output positions that no tap of some input pixel hits).
+DW_BACKWARD_CASES = DW_CASES + (Case(n=2, c_in=18, c_out=1, h=10, w=11, stride=3, dilation=2, padding=1),)
+
+
+def _bn_parameters(c_in, c_out, gen):
+    """(mid_weight, mid_bias, bn_weight, bn_bias): affine parameters near BatchNorm's initial ones."""
+    return (1 + 0.2 * torch.randn(c_in, generator=gen), 0.2 * torch.randn(c_in, generator=gen),
+            1 + 0.2 * torch.randn(c_out, generator=gen), 0.2 * torch.randn(c_out, generator=gen))
+
+
+def x_format(x):
+    """The memory format the kernels give x's gradient (contract.output_memory_format)."""
+    return output_memory_format(x)
+
+
+def _dw_backward_reference(g, x, dw, stride, padding, dilation):
+    """float64 (grad x, grad w) and the same convolutions of |g|, |x|, |w| (rounding-error scales)."""
+    def grads(g_, x_, w_):
+        gx, gw, _ = torch.ops.aten.convolution_backward(g_, x_, w_, None, list(stride), list(padding),
+                                                        list(dilation), False, [0, 0], x_.shape[1],
+                                                        [True, True, False])
+        return gx, gw
+    d = lambda t: t.double().contiguous()  # noqa: E731
+    return grads(d(g), d(x), d(dw)), grads(d(g).abs(), d(x).abs(), d(dw).abs())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", DW_BACKWARD_CASES, ids=str)
+def test_depthwise_backward(case, dtype, layout):
+    args = make_case_args(case, dtype, layout)
+    x, dw, stride, padding, dilation = args[0], args[1], args[10], args[11], args[12]
+    out = F.conv2d(x.double(), dw.double(), None, stride, padding, dilation, groups=x.shape[1])
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(out.shape, generator=gen).to(dtype).contiguous(memory_format=x_format(x))
+    gx, gw = depthwise_backward_triton(g, x, dw, stride, padding, dilation)
+    (gx_ref, gw_ref), (gx_bound, gw_bound) = _dw_backward_reference(g, x, dw, stride, padding, dilation)
+    assert gx.shape == x.shape and gx.dtype == x.dtype and gx.is_contiguous(memory_format=x_format(x))
+    assert gw.shape == dw.shape and gw.dtype == dw.dtype
+    taps = dw.shape[2] * dw.shape[3]
+    # fp32 accumulation of at most `taps` products (grad x) or of a tile's pixels then float64 (grad w),
+    # then one rounding to the stored dtype: relative, or half of fp16's subnormal spacing (2^-24).
+    store, floor = (U16, 2.0 ** -25) if dtype == torch.float16 else (U32, 2.0 ** -150)
+    tol_x = taps * U32 * gx_bound + store * gx_ref.abs() + floor
+    tol_w = 64 * U32 * gw_bound + store * gw_ref.abs() + floor
+    err_x, err_w = (gx.double() - gx_ref).abs(), (gw.double() - gw_ref).abs()
+    assert torch.isfinite(gx).all(), "grad x: non-finite (an input pixel the kernel did not write?)"
+    assert (err_x <= tol_x).all(), f"grad x: error {err_x.max():.3e}"
+    assert (err_w <= tol_w).all(), f"grad w: error {err_w.max():.3e}"
+
+
+def test_depthwise_backward_options():
+    """needs flags, a larger pixel tile (several partial tiles) and a non-contiguous grad view."""
+    case = Case(n=2, c_in=20, c_out=1, h=9, w=11, stride=2, dilation=2)
+    args = make_case_args(case, torch.float32, "nchw")
+    x, dw, stride, padding, dilation = args[0], args[1], args[10], args[11], args[12]
+    out_shape = F.conv2d(x, dw, None, stride, padding, dilation, groups=x.shape[1]).shape
+    gen = torch.Generator().manual_seed(7)
+    g = torch.randn(out_shape[0], out_shape[2], out_shape[3], out_shape[1], generator=gen).permute(0, 3, 1, 2)
+    gx_only, none_w = depthwise_backward_triton(g, x, dw, stride, padding, dilation, needs_weight=False)
+    none_x, gw_only = depthwise_backward_triton(g, x, dw, stride, padding, dilation, needs_input=False)
+    assert none_w is None and none_x is None
+    gx, gw = depthwise_backward_triton(g, x, dw, stride, padding, dilation, config={"BLOCK_P": 32, "BLOCK_C": 32})
+    (gx_ref, gw_ref), _ = _dw_backward_reference(g, x, dw, stride, padding, dilation)
+    for got in (gx_only, gx):
+        torch.testing.assert_close(got.double(), gx_ref, rtol=1e-5, atol=1e-5)
+    for got in (gw_only, gw):
+        torch.testing.assert_close(got.double(), gw_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not match"):
+        depthwise_backward_triton(g[:, :, :-1], x, dw, stride, padding, dilation)
+    with pytest.raises(ValueError, match="power of two"):
+        depthwise_backward_triton(g, x, dw, stride, padding, dilation, config={"BLOCK_P": 24})
+
+
+@pytest.mark.parametrize("mid_bn,layout,case", [
+    (True, "nhwc", Case(n=2, c_in=17, c_out=5, h=9, w=7, stride=2, dilation=2, mid_act="relu", out_act="relu")),
+    (False, "nchw", Case(n=2, c_in=3, c_out=17, h=7, w=8, dilation=3, mid_act="relu6", out_act="relu6")),
+], ids=str)
+def test_training_backward_end_to_end(mid_bn, layout, case):
+    """training._backward_torch (joint_block_train_backward's CUDA path) with the Triton depthwise
+    backward against the same function with aten's, on CPU tensors, float32: every gradient."""
+    gen = torch.Generator().manual_seed(4)
+    args = make_case_args(case, torch.float32, layout)
+    x, dw, _, dw_bias, mid_act, pw, _, pw_b, _, out_act, stride, padding, dilation = args
+    mid_w, mid_b, bn_w, _ = _bn_parameters(x.shape[1], pw.shape[0], gen)
+    y, z, mean, var, mid_mean, mid_var = training._forward_torch(
+        x, dw, dw_bias, mid_w, mid_b, mid_bn, 1e-5, mid_act, pw, pw_b, bn_w, None, 1e-5, None, out_act, stride,
+        padding, dilation)
+    grad_y = torch.randn(y.shape, generator=gen).contiguous(memory_format=x_format(x))
+    common = (grad_y, x, dw, dw_bias, mid_w, mid_b, mid_mean, mid_var, mid_bn, 1e-5, mid_act, pw, bn_w, y, z, mean,
+              var, 1e-5, out_act, stride, padding, dilation, [True] * 10)
+    got = training._backward_torch(*common, triton_depthwise=True)
+    ref = training._backward_torch(*common, triton_depthwise=False)
+    for name, gt, rf in zip(training._GRAD_NAMES, got, ref):
+        if rf is None:
+            assert gt is None, name
+            continue
+        torch.testing.assert_close(gt, rf, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 # -- the training op's CUDA forward, end to end on CPU tensors ------------------------------------------
 def _forward_reference64(x, dw, dw_bias, mid_w, mid_b, mid_bn, mid_act, pw, pw_b, bn_w, bn_b, res, out_act,
                          stride, padding, dilation, eps=1e-5):
@@ -157,14 +262,9 @@ def _forward_reference64(x, dw, dw_bias, mid_w, mid_b, mid_bn, mid_act, pw, pw_b
 def test_training_forward_end_to_end(mid_bn, layout, case):
     """training._forward_triton (what joint_block_train runs on CUDA) on CPU tensors, float32:
     every output against the float64 composition."""
-    gen = torch.Generator().manual_seed(3)
     args = make_case_args(case, torch.float32, layout)
     x, dw, _, dw_bias, mid_act, pw, _, pw_b, res, out_act, stride, padding, dilation = args
-    c_in, c_out = x.shape[1], pw.shape[0]
-    mid_w = 1 + 0.2 * torch.randn(c_in, generator=gen)
-    mid_b = 0.2 * torch.randn(c_in, generator=gen)
-    bn_w = 1 + 0.2 * torch.randn(c_out, generator=gen)
-    bn_b = 0.2 * torch.randn(c_out, generator=gen)
+    mid_w, mid_b, bn_w, bn_b = _bn_parameters(x.shape[1], pw.shape[0], torch.Generator().manual_seed(3))
     got = training._forward_triton(x, dw, dw_bias, mid_w, mid_b, mid_bn, 1e-5, mid_act, pw, pw_b, bn_w, bn_b, 1e-5,
                                    res, out_act, stride, padding, dilation)
     ref = _forward_reference64(x, dw, dw_bias, mid_w, mid_b, mid_bn, mid_act, pw, pw_b, bn_w, bn_b, res, out_act,
