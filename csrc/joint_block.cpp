@@ -252,12 +252,25 @@ std::shared_ptr<const PackedPointwise<T>> pack_impl(Isa isa, Layout layout, cons
   auto packed = std::make_shared<PackedImpl<T>>(ops->isa, layout, c_out, c_in, panel);
   T* dst = packed->mutable_data();
   const int64_t np = packed->num_panels();
+  // A blocked transpose: each weight row is read contiguously kBlock elements at a time while
+  // the panel rows it lands in (kBlock * panel elements) stay in L1. Walking all `panel` rows at
+  // once instead reads `panel` streams a row (often 4 KiB) apart, which alias in L1: packing a
+  // 1024 x 1024 weight in 16-wide NHWC panels took 2.2-2.4 ms that way, 1.05-1.3 ms blocked
+  // (NCHW's 6-wide panels and 512 x 512: unchanged). Training packs every step.
+  constexpr int64_t kBlock = 64;
   for (int64_t p = 0; p < np; ++p) {
-    for (int64_t k = 0; k < c_in; ++k) {
-      T* row = dst + (p * c_in + k) * panel;
+    T* panel_dst = dst + p * c_in * panel;
+    for (int64_t k0 = 0; k0 < c_in; k0 += kBlock) {
+      const int64_t k1 = std::min(c_in, k0 + kBlock);
       for (int j = 0; j < panel; ++j) {
         const int64_t co = p * panel + j;
-        row[j] = co < c_out ? weight[co * c_in + k] : T(0);
+        T* d = panel_dst + j;
+        if (co < c_out) {
+          const T* src = weight + co * c_in;
+          for (int64_t k = k0; k < k1; ++k) d[k * panel] = src[k];
+        } else {
+          for (int64_t k = k0; k < k1; ++k) d[k * panel] = T(0);
+        }
       }
     }
   }
