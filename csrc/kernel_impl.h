@@ -145,6 +145,16 @@ LWK_INLINE void stats_add(double* sum, double* sq, T v) {
   *sq += d * d;
 }
 
+// The epilogue of one element: y[off] = act(acc * scale[ch] + shift[ch] + res[off]); returns it.
+template <typename T>
+LWK_INLINE T store_scalar(const Epi<T>& e, T acc, int64_t ch, int64_t off) {
+  T v = acc * e.scale[ch] + e.shift[ch];
+  if (e.res) v += e.res[off];
+  v = act_scalar(v, e.act);
+  e.y[off] = v;
+  return v;
+}
+
 template <class V>
 LWK_INLINE void stats_add_vec(double* sum, double* sq, typename V::reg s, typename V::reg q) {
   V::add_f64(sum, s);
@@ -268,10 +278,7 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
     for (int c = 0; c < cols; ++c) {
       const int64_t ch = kNCHW ? r0 + i : c0 + c;
       const int64_t off = (r0 + i) * e.ldy + c0 + c;
-      T v = tmp[i][c] * e.scale[ch] + e.shift[ch];
-      if (e.res) v += e.res[off];
-      v = act_scalar(v, e.act);
-      e.y[off] = v;
+      const T v = store_scalar(e, tmp[i][c], ch, off);
       if (e.part_sum) {
         const int p = kNCHW ? i * W : c;
         stats_add(e.part_sum + p, e.part_sq + p, v);
@@ -324,10 +331,7 @@ void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A, int64_t panel_
     for (int i = 0; i < valid; ++i) {
       const int64_t ch = r0 + g * MR + i;
       const int64_t off = ch * e.ldy + c0 + j;
-      T v = tmp[i] * e.scale[ch] + e.shift[ch];
-      if (e.res) v += e.res[off];
-      v = act_scalar(v, e.act);
-      e.y[off] = v;
+      const T v = store_scalar(e, tmp[i], ch, off);
       if (e.ch_sum) stats_add(e.ch_sum + ch, e.ch_sq + ch, v);
     }
   }
@@ -857,7 +861,7 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
   const T* packed = pl.packed->data();
   const int64_t npix = pl.OH * pl.OW;
   const int64_t C = pl.C, CO = pl.CO;
-  // Statistics: the current panel's partial sums (T) and the worker's per-channel sums (double).
+  // Statistics: the current panel's partial sums and the worker's per-channel sums (both double).
   constexpr int kPart = MR * W > NR ? MR * W : NR;
   alignas(64) double part_sum[kPart], part_sq[kPart];
   double* const ch_sum =

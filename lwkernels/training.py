@@ -138,15 +138,9 @@ def joint_block_train(
 
 
 def _uses_triton(x: Tensor, out_shape) -> bool:
-    """CUDA fp16/bf16/fp32 with Triton available, and a non-empty output (an empty batch has no
-    statistics to compute; PyTorch ops return its NaN means)."""
-    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if x.shape[0] * out_shape[2] * out_shape[3] == 0:
-        return False
-    from .cuda_backend import triton_available
-
-    return triton_available()
+    """_uses_triton_backward's conditions, and a non-empty output (an empty batch has no statistics
+    to compute; PyTorch ops return its NaN means)."""
+    return x.shape[0] * out_shape[2] * out_shape[3] > 0 and _uses_triton_backward(x)
 
 
 def _forward_triton(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps, mid_act, pw_weight, pw_bias,
@@ -487,8 +481,8 @@ def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mea
 
 
 def _uses_triton_backward(x: Tensor) -> bool:
-    """CUDA tensors in a Triton kernel dtype, with Triton importable: the depthwise backward runs as
-    Triton kernels (triton_dw_backward.py)."""
+    """CUDA tensors in a Triton kernel dtype (fp16/bf16/fp32), with Triton importable: the depthwise
+    backward runs as Triton kernels (triton_dw_backward.py)."""
     if x.device.type != "cuda":
         return False
     from .cuda_backend import triton_available
