@@ -364,10 +364,11 @@ void thin_column(int64_t K, const typename V::T* packed, const typename V::T* B,
     ukernel_thin<V, G>(K, packed + (co / MR) * panel_stride, panel_stride, B, j, e, co, c0, MR);
   }
   if (co >= co_b) return;
+  // 1 to G panels are left: G when the last one is partial (co_b - co in (G-1)*MR + 1 .. G*MR-1).
   const int64_t panels = iceil_div(co_b - co, MR);
   const int rows = static_cast<int>(co_b - co - (panels - 1) * MR);
   const typename V::T* A = packed + (co / MR) * panel_stride;
-  thin_tail<V, (G > 1 ? G - 1 : 1)>(panels, K, A, panel_stride, B, j, e, co, c0, rows);
+  thin_tail<V, G>(panels, K, A, panel_stride, B, j, e, co, c0, rows);
 }
 
 template <typename T>

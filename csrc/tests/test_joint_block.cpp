@@ -423,6 +423,35 @@ void test_tiling(bool quick) {
   lwk::detail::set_tile_budget_bytes(0);
 }
 
+// NCHW images whose tiles end in one to three pixel columns (the thin kernel's work) for every
+// output-channel count up to 130: every remainder of the thin kernel's panel groups on every ISA
+// (groups of up to 8 panels of up to 8 rows). A group whose last panel is partial once lost all
+// but its first panel.
+void test_thin_columns(bool quick) {
+  const Activation acts[3] = {Activation::kNone, Activation::kRelu, Activation::kRelu6};
+  for (int64_t cout = 1; cout <= 130; cout += quick ? 7 : 1) {
+    for (int64_t w : {1, 2, 3}) {
+      Case c{};
+      c.n = 1 + cout % 2;
+      c.cin = 3 + cout % 5;
+      c.cout = cout;
+      c.h = 2;
+      c.w = w;
+      c.k = 3;
+      c.stride = 1;
+      c.dil = 1;
+      c.pad = 1;
+      c.layout = Layout::kNCHW;
+      c.pw_scale = c.pw_shift = c.dw_shift = true;
+      c.residual = cout % 3 == 0;
+      c.out_act = acts[cout % 3];
+      c.threads = 1 + static_cast<int>(w % 2);
+      c.stats = cout % 2 == 0;
+      for (Isa isa : isas_under_test()) run_case<float>(c, isa, 500 + cout);
+    }
+  }
+}
+
 // One large block per layout (wide K exercises long accumulation chains).
 void test_large(bool quick) {
   if (quick) return;
@@ -720,6 +749,7 @@ int main(int argc, char** argv) {
     test_grid(quick);
     test_random(quick ? 40 : 300);
     test_tiling(quick);
+    test_thin_columns(quick);
     // The NCHW direct depthwise path (used when the padded plane would be too large).
     lwk::detail::set_plane_limit_elems(0);
     test_random(quick ? 20 : 100);
