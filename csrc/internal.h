@@ -1,5 +1,6 @@
 // Internal interface between the ISA-independent driver (joint_block.cpp) and the per-ISA
-// translation units (isa_scalar.cpp, isa_avx2.cpp, isa_neon.cpp). Not part of the public API.
+// translation units (isa_scalar.cpp, isa_avx2.cpp, isa_avx512.cpp,
+// isa_neon.cpp). Not part of the public API.
 //
 // Split of responsibilities:
 //   joint_block.cpp  validation, CPU feature detection, weight packing (a pure layout transform),
@@ -142,6 +143,9 @@ const IsaOps<float>* scalar_ops_f32();
 const IsaOps<double>* scalar_ops_f64();
 #if defined(LWK_HAVE_AVX2)
 const IsaOps<float>* avx2_ops_f32();
+#endif
+#if defined(LWK_HAVE_AVX512)
+const IsaOps<float>* avx512_ops_f32();
 #endif
 #if defined(LWK_HAVE_NEON)
 const IsaOps<float>* neon_ops_f32();

@@ -82,6 +82,10 @@ const IsaOps<float>* ops_for<float>(Isa isa) {
     case Isa::kAvx2:
       return avx2_ops_f32();
 #endif
+#if defined(LWK_HAVE_AVX512)
+    case Isa::kAvx512:
+      return avx512_ops_f32();
+#endif
 #if defined(LWK_HAVE_NEON)
     case Isa::kNeon:
       return neon_ops_f32();
@@ -97,7 +101,7 @@ const IsaOps<double>* ops_for<double>(Isa) {
 }
 
 bool valid_isa(Isa isa) {
-  return isa == Isa::kScalar || isa == Isa::kAvx2 || isa == Isa::kNeon;
+  return isa == Isa::kScalar || isa == Isa::kAvx2 || isa == Isa::kAvx512 || isa == Isa::kNeon;
 }
 bool valid_layout(Layout l) { return l == Layout::kNCHW || l == Layout::kNHWC; }
 bool valid_act(Activation a) {
@@ -623,6 +627,20 @@ bool isa_supported(Isa isa) {
 #else
       return false;
 #endif
+    case Isa::kAvx512:
+#if defined(LWK_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+    {
+      // The compiler runtime's check covers the OS side too (the ZMM state enabled in XCR0).
+      static const bool ok = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma");
+      }();
+      return ok;
+    }
+#else
+      return false;
+#endif
     case Isa::kNeon:
 #if defined(LWK_HAVE_NEON)
       return true;  // Advanced SIMD is part of the aarch64 baseline
@@ -634,6 +652,7 @@ bool isa_supported(Isa isa) {
 }
 
 Isa best_isa() {
+  if (isa_supported(Isa::kAvx512)) return Isa::kAvx512;
   if (isa_supported(Isa::kAvx2)) return Isa::kAvx2;
   if (isa_supported(Isa::kNeon)) return Isa::kNeon;
   return Isa::kScalar;
@@ -645,6 +664,8 @@ const char* isa_name(Isa isa) {
       return "scalar";
     case Isa::kAvx2:
       return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
     case Isa::kNeon:
       return "neon";
   }

@@ -16,8 +16,9 @@ namespace lwk {
 
 enum class Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2 };
 
-// Instruction-set paths. kScalar builds everywhere; kAvx2 on x86-64 (AVX2 + FMA); kNeon on aarch64.
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kNeon = 2 };
+// Instruction-set paths. kScalar builds everywhere; kAvx2 (AVX2 + FMA) and kAvx512 (AVX-512F) on
+// x86-64; kNeon on aarch64.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kNeon = 2, kAvx512 = 3 };
 
 // kNCHW: [N][C][H][W] contiguous. kNHWC: torch's channels_last, [N][H][W][C] contiguous.
 enum class Layout : int { kNCHW = 0, kNHWC = 1 };
@@ -89,6 +90,6 @@ void joint_forward(const PackedPointwise<T>& packed, const JointGeometry& g,
 // CPU feature detection and naming.
 bool isa_supported(Isa isa);  // compiled in and supported by this CPU
 Isa best_isa();               // the fastest supported path
-const char* isa_name(Isa isa); // "scalar", "avx2", "neon"
+const char* isa_name(Isa isa); // "scalar", "avx2", "avx512", "neon"
 
 }  // namespace lwk

@@ -31,6 +31,13 @@ if(LWK_ARCH MATCHES "^(x86_64|amd64|x64)$")
   else()
     set_source_files_properties(${LWK_CSRC_DIR}/train_kernels_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma")
   endif()
+  # AVX-512F. MSVC has no flag for AVX-512F alone; /arch:AVX512 also assumes CD, BW, DQ and VL,
+  # which the run-time check does not require, so MSVC builds leave this path out.
+  if(NOT MSVC)
+    target_sources(lwkernels_core PRIVATE ${LWK_CSRC_DIR}/isa_avx512.cpp)
+    set_source_files_properties(${LWK_CSRC_DIR}/isa_avx512.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mavx512f")
+    target_compile_definitions(lwkernels_core PRIVATE LWK_HAVE_AVX512=1)
+  endif()
 elseif(LWK_ARCH MATCHES "^(aarch64|arm64)$")
   target_sources(lwkernels_core PRIVATE ${LWK_CSRC_DIR}/isa_neon.cpp)
   target_compile_definitions(lwkernels_core PRIVATE LWK_HAVE_NEON=1)

@@ -20,7 +20,10 @@ const TrainOps<T>* pick(Isa isa);
 template <>
 const TrainOps<float>* pick<float>(Isa isa) {
 #if defined(LWK_HAVE_AVX2)
-  if (isa == Isa::kAvx2 && isa_supported(Isa::kAvx2)) return avx2_train_ops_f32();
+  // AVX-512 CPUs run the AVX2 training kernels (they are memory-bound; no 512-bit variant yet).
+  if ((isa == Isa::kAvx2 || isa == Isa::kAvx512) && isa_supported(Isa::kAvx2)) {
+    return avx2_train_ops_f32();
+  }
 #else
   (void)isa;
 #endif

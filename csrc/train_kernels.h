@@ -14,8 +14,8 @@
 // caller (a BLAS-class GEMM).
 //
 // Raw pointers, dense tensors in `layout`. Per-channel statistics are accumulated in double.
-// `isa` picks the compiled variant (kAvx2: the AVX2+FMA translation unit when built and
-// supported; anything else: the baseline one). double always works.
+// `isa` picks the compiled variant (kAvx2 and kAvx512: the AVX2+FMA translation unit when built
+// and supported; anything else: the baseline one). double always works.
 #pragma once
 
 #include <cstdint>

@@ -11,9 +11,10 @@ import torch
 
 from .contract import empty_output, output_memory_format
 
-#: Environment variable that forces a CPU path ("scalar", "avx2", "neon"; "auto" or unset = best).
+#: Environment variable that forces a CPU path ("scalar", "avx2", "avx512", "neon"; "auto" or unset =
+#: best).
 ISA_ENV = "LWKERNELS_CPU_ISA"
-CPU_PATHS = ("scalar", "avx2", "neon")
+CPU_PATHS = ("scalar", "avx2", "avx512", "neon")
 
 # Kernels exist for these dtypes; half/bfloat16 on the CPU are computed in float32.
 NATIVE_DTYPES = (torch.float32, torch.float64)

@@ -11,8 +11,9 @@ namespace lwk_bind {
 inline lwk::Isa isa_from_name(const std::string& name) {
   if (name == "scalar") return lwk::Isa::kScalar;
   if (name == "avx2") return lwk::Isa::kAvx2;
+  if (name == "avx512") return lwk::Isa::kAvx512;
   if (name == "neon") return lwk::Isa::kNeon;
-  throw std::invalid_argument("unknown CPU path '" + name + "' (expected scalar, avx2 or neon)");
+  throw std::invalid_argument("unknown CPU path '" + name + "' (expected scalar, avx2, avx512 or neon)");
 }
 
 inline lwk::Layout layout_from_name(const std::string& name) {

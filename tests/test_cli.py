@@ -26,7 +26,7 @@ def test_bench_checks_then_prints_a_table_and_json(tmp_path, capsys):
     assert "geometric mean speedup" in out
     report = json.loads(path.read_text())
     assert len(report["rows"]) == 9 and report["chain"]["ms"]["lwkernels"] > 0
-    assert report["environment"]["cpu_path"] in ("scalar", "avx2", "neon")
+    assert report["environment"]["cpu_path"] in ("scalar", "avx2", "avx512", "neon")
     # The ceiling: each block's pointwise GEMM at the torch.mm rate measured in the same run.
     assert "ceiling: torch.mm runs at" in out and report["matmul_gflops"] > 0
     from lwkernels.shapes import lightweightnet_blocks

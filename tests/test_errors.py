@@ -142,7 +142,7 @@ def test_bad_activation_name(device, name, value):
 
 
 # -- the CPU path selection ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", ["sse9", "avx512", "gpu", "1"])
+@pytest.mark.parametrize("value", ["sse9", "avx512bw", "gpu", "1"])
 def test_bad_cpu_isa_value(monkeypatch, value):
     monkeypatch.setenv(cpu_backend.ISA_ENV, value)
     with pytest.raises(ValueError, match=rf"LWKERNELS_CPU_ISA='{value}' is not a CPU path"):

@@ -249,7 +249,7 @@ def test_every_path_available_is_tested():
     from lwkernels import _C
     paths = cpu_paths_here()
     assert "scalar" in paths
-    assert paths == [p for p in ("scalar", "avx2", "neon") if _C.isa_supported(p)]
+    assert paths == [p for p in ("scalar", "avx2", "avx512", "neon") if _C.isa_supported(p)]
 
 
 # -- the packed-weight cache ---------------------------------------------------------------------------

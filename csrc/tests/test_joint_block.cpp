@@ -278,7 +278,7 @@ void run_case(const Case& c0, Isa isa, uint64_t seed) {
 
 std::vector<Isa> isas_under_test() {
   std::vector<Isa> v;
-  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kNeon}) {
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
     if (lwk::isa_supported(i)) v.push_back(i);
   }
   return v;
@@ -579,7 +579,7 @@ void test_validation() {
                        "out_channels"), "pack_pointwise must reject zero channels");
   CHECK(throws_invalid([&] { lwk::pack_pointwise<float>(Isa::kScalar, Layout::kNCHW, nullptr, 5, 4); },
                        "null"), "pack_pointwise must reject a null weight");
-  for (Isa isa : {Isa::kAvx2, Isa::kNeon}) {
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
     if (!lwk::isa_supported(isa)) {
       CHECK(throws_invalid([&] { lwk::pack_pointwise<float>(isa, Layout::kNCHW, w.data(), 5, 4); },
                            "not supported"), "pack_pointwise must reject an unsupported ISA");
@@ -593,6 +593,7 @@ void test_validation() {
   auto pf = lwk::pack_pointwise<float>(lwk::best_isa(), Layout::kNHWC, w.data(), 5, 4);
   CHECK(pf->isa() == lwk::best_isa(), "float packing keeps the requested ISA");
   CHECK(std::string(lwk::isa_name(Isa::kAvx2)) == "avx2", "isa_name");
+  CHECK(std::string(lwk::isa_name(Isa::kAvx512)) == "avx512", "isa_name");
   CHECK(lwk::isa_supported(Isa::kScalar), "scalar is always supported");
   CHECK(lwk::isa_supported(lwk::best_isa()), "best_isa is supported");
 

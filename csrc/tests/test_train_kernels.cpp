@@ -146,6 +146,7 @@ void check_channel_passes(Layout layout, Isa isa, int threads, double tol) {
 int main() {
   std::vector<Isa> isas = {Isa::kScalar};
   if (lwk::isa_supported(Isa::kAvx2)) isas.push_back(Isa::kAvx2);
+  if (lwk::isa_supported(Isa::kAvx512)) isas.push_back(Isa::kAvx512);  // runs the AVX2 variant
   int cases = 0;
   for (Isa isa : isas)
     for (Layout layout : {Layout::kNCHW, Layout::kNHWC})
