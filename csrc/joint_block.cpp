@@ -181,55 +181,89 @@ void run_task(void* p, int task) {
 }
 
 // Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:
-// depthwise work (recomputed once per output-channel block), pointwise work on padded tiles,
-// streaming the packed weights once per tile, and a fixed per-item overhead. The makespan is what
-// the busiest worker does under the static contiguous partition used by run_task.
+// depthwise work (once per tile and worker), pointwise work on the columns the micro-kernels
+// really compute, streaming the packed weights once per item, and a fixed per-item overhead. The
+// makespan is what the busiest worker does under the static contiguous partition of run_task
+// (estimated in closed form: this runs on every call).
+// Tiles need not be whole micro-kernel blocks: 7 x 7 = 49 pixels is better one tile of a 48-wide
+// block and a thin column than a 48-pixel tile and a 1-pixel tile, which repeats the depthwise
+// for one pixel and streams all the weights again for it.
 struct Tiling {
   int64_t tile_px, n_tiles, co_chunk, n_co;
 };
 
-Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, int64_t gran, int64_t panel,
-                     int threads) {
+struct TileShape {
+  int64_t gran;       // NCHW: micro-kernel columns (pixels); NHWC: micro-kernel rows (pixels)
+  int64_t vw;         // vector width (elements)
+  int64_t panel;      // packed weight panel width (output channels)
+  bool nchw;
+};
+
+// Pointwise cost of a tile of q pixels in units of one pixel column of the wide micro-kernel.
+// NCHW: whole blocks, then a last block of at most vw/4 columns through the thin kernel (about
+// twice a wide column each: it is bound by loading the weights) or rounded up to whole vectors.
+// NHWC: pixels are rows; a partial row block costs about what its rows do.
+double pw_columns(int64_t q, const TileShape& ts) {
+  if (!ts.nchw) return double(q);
+  const int64_t full = q / ts.gran * ts.gran, rest = q - full;
+  if (rest == 0) return double(full);
+  if (rest <= ts.vw / 4) return double(full) + 2.0 * double(rest);
+  return double(full) + double(round_up(rest, ts.vw));
+}
+
+Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads) {
   const int64_t npix = g.out_h * g.out_w;
   const int64_t C = g.in_channels, CO = g.out_channels;
   const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t gran = ts.gran;
   const int64_t budget = static_cast<int64_t>(tile_budget_bytes());
-  int64_t pmax = budget / std::max<int64_t>(1, C * elem_size);
-  pmax = std::max(gran, pmax / gran * gran);
-  pmax = std::min(pmax, round_up(npix, gran));
+  // The largest tile the budget allows (at least one micro-kernel block).
+  const int64_t pmax = std::max(gran, budget / std::max<int64_t>(1, C * elem_size));
   const int64_t base_tiles = ceil_div(npix, pmax);
-  const int64_t npanels = ceil_div(CO, panel);
+  const int64_t npanels = ceil_div(CO, ts.panel);
+  const int workers = std::max(1, threads);
 
   Tiling best{0, 0, 0, 0};
   double best_cost = std::numeric_limits<double>::infinity();
   // Re-tiling only matters when there are too few items to balance; otherwise keep the largest
   // tiles that fit the budget.
-  const bool few = g.batch * base_tiles < 8 * int64_t(threads);
-  const int64_t max_tiles =
-      few ? std::min<int64_t>(npix, base_tiles * std::max(1, threads) * 2) : base_tiles;
-  for (int64_t nt = base_tiles; nt <= max_tiles; ++nt) {
-    const int64_t p = round_up(ceil_div(npix, nt), gran);
+  const bool few = g.batch * base_tiles < 8 * int64_t(workers);
+  const int64_t max_tiles = few ? std::min<int64_t>(npix, base_tiles * workers * 2) : base_tiles;
+  const int64_t max_co = (workers > 1 && few) ? std::min<int64_t>(npanels, 2 * workers) : 1;
+  auto consider = [&](int64_t p) {
+    p = std::min(std::max<int64_t>(p, 1), npix);
+    if (p > pmax) return;
     const int64_t tiles = ceil_div(npix, p);
-    if (tiles != nt) continue;  // same as a smaller count
-    const int64_t max_co = (threads > 1 && few) ? std::min<int64_t>(npanels, 2 * threads) : 1;
+    const int64_t last_px = npix - (tiles - 1) * p;
     for (int64_t nco = 1; nco <= max_co; ++nco) {
       const int64_t chunk_panels = ceil_div(npanels, nco);
       if (ceil_div(npanels, chunk_panels) != nco) continue;
-      const int64_t co_eff = chunk_panels * panel;
+      const int64_t chunk = std::min(CO, chunk_panels * ts.panel);
       const int64_t items = g.batch * tiles * nco;
-      const int64_t per_worker = ceil_div(items, std::max(1, threads));
-      const double dw = double(p) * C * taps / 8.0;
-      const double pw = double(p) * co_eff * C / 16.0;
-      const double stream = double(co_eff) * C * 0.25;
-      const double item_cost = dw + pw + stream + 2000.0;
-      const double cost = double(per_worker) * item_cost;
-      if (cost < best_cost * 0.999) {
-        best_cost = cost;
-        best = Tiling{p, tiles, std::min(CO, co_eff), nco};
+      // The busiest worker: ceil(items / workers) consecutive items of full tiles, which span at
+      // most ceil((k - 1) / nco) + 1 tiles (one depthwise each).
+      const int64_t k = ceil_div(items, workers);
+      const int64_t q = tiles == 1 ? last_px : p;
+      const int64_t dw_tiles = ceil_div(k - 1, nco) + 1;
+      const double dw = double(dw_tiles) * double(q) * C * taps / double(ts.vw);
+      const double per_item = pw_columns(q, ts) * double(chunk) * C / double(2 * ts.vw) +
+                              double(chunk) * C * 0.25 + 2000.0;
+      const double worst = dw + double(k) * per_item;
+      if (worst < best_cost * 0.999) {
+        best_cost = worst;
+        best = Tiling{p, tiles, chunk, nco};
       }
     }
+  };
+  for (int64_t nt = base_tiles; nt <= max_tiles; ++nt) {
+    const int64_t even = ceil_div(npix, nt);
+    consider(round_up(even, gran));  // whole blocks, the last tile takes the rest
+    consider(even);                  // equal tiles
   }
-  if (best.tile_px == 0) best = Tiling{pmax, ceil_div(npix, pmax), CO, 1};
+  if (best.tile_px == 0) {
+    const int64_t p = std::min(npix, pmax);
+    best = Tiling{p, ceil_div(npix, p), CO, 1};
+  }
   return best;
 }
 
@@ -324,9 +358,8 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   const bool nhwc = g.layout == Layout::kNHWC;
   const int threads = std::max(1, num_threads);
 
-  const int64_t gran = nhwc ? ops->mr : ops->nr;
-  const int64_t panel = packed->panel();
-  const Tiling tl = choose_tiling(g, sizeof(T), gran, panel, threads);
+  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, packed->panel(), !nhwc};
+  const Tiling tl = choose_tiling(g, sizeof(T), ts, threads);
 
   Plan<T> plan;
   plan.C = C;
