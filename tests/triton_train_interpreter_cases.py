@@ -110,6 +110,12 @@ def test_combine_partials_is_chan_merge():
     torch.testing.assert_close(var, v.var(0, unbiased=False), rtol=1e-5, atol=0)
 
 
+def _depthwise_inputs(case, dtype, layout):
+    """(x, dw_weight, stride, padding, dilation) of the case's op arguments."""
+    args = make_case_args(case, dtype, layout)
+    return args[0], args[1], args[10], args[11], args[12]
+
+
 DW_CASES = (
     Case(n=2, c_in=17, c_out=1, h=9, w=7, stride=2, dilation=2),
     Case(n=1, c_in=3, c_out=1, h=5, w=6, dilation=3),         # W below the dilated kernel (7)
@@ -122,8 +128,7 @@ DW_CASES = (
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", DW_CASES, ids=str)
 def test_depthwise_statistics(case, dtype, layout):
-    args = make_case_args(case, dtype, layout)
-    x, dw, stride, padding, dilation = args[0], args[1], args[10], args[11], args[12]
+    x, dw, stride, padding, dilation = _depthwise_inputs(case, dtype, layout)
     mean, var = depthwise_stats_triton(x, dw, stride, padding, dilation)
     c = F.conv2d(x.double(), dw.double(), None, stride, padding, dilation, groups=x.shape[1])
     bound = F.conv2d(x.double().abs(), dw.double().abs(), None, stride, padding, dilation, groups=x.shape[1])
@@ -143,11 +148,6 @@ def _bn_parameters(c_in, c_out, gen):
             1 + 0.2 * torch.randn(c_out, generator=gen), 0.2 * torch.randn(c_out, generator=gen))
 
 
-def x_format(x):
-    """The memory format the kernels give x's gradient (contract.output_memory_format)."""
-    return output_memory_format(x)
-
-
 def _dw_backward_reference(g, x, dw, stride, padding, dilation):
     """float64 (grad x, grad w) and the same convolutions of |g|, |x|, |w| (rounding-error scales)."""
     def grads(g_, x_, w_):
@@ -163,14 +163,13 @@ def _dw_backward_reference(g, x, dw, stride, padding, dilation):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", DW_BACKWARD_CASES, ids=str)
 def test_depthwise_backward(case, dtype, layout):
-    args = make_case_args(case, dtype, layout)
-    x, dw, stride, padding, dilation = args[0], args[1], args[10], args[11], args[12]
+    x, dw, stride, padding, dilation = _depthwise_inputs(case, dtype, layout)
     out = F.conv2d(x.double(), dw.double(), None, stride, padding, dilation, groups=x.shape[1])
     gen = torch.Generator().manual_seed(5)
-    g = torch.randn(out.shape, generator=gen).to(dtype).contiguous(memory_format=x_format(x))
+    g = torch.randn(out.shape, generator=gen).to(dtype).contiguous(memory_format=output_memory_format(x))
     gx, gw = depthwise_backward_triton(g, x, dw, stride, padding, dilation)
     (gx_ref, gw_ref), (gx_bound, gw_bound) = _dw_backward_reference(g, x, dw, stride, padding, dilation)
-    assert gx.shape == x.shape and gx.dtype == x.dtype and gx.is_contiguous(memory_format=x_format(x))
+    assert gx.shape == x.shape and gx.dtype == x.dtype and gx.is_contiguous(memory_format=output_memory_format(x))
     assert gw.shape == dw.shape and gw.dtype == dw.dtype
     taps = dw.shape[2] * dw.shape[3]
     # fp32 accumulation of at most `taps` products (grad x) or of a tile's pixels then float64 (grad w),
@@ -187,8 +186,7 @@ def test_depthwise_backward(case, dtype, layout):
 def test_depthwise_backward_options():
     """needs flags, a larger pixel tile (several partial tiles) and a non-contiguous grad view."""
     case = Case(n=2, c_in=20, c_out=1, h=9, w=11, stride=2, dilation=2)
-    args = make_case_args(case, torch.float32, "nchw")
-    x, dw, stride, padding, dilation = args[0], args[1], args[10], args[11], args[12]
+    x, dw, stride, padding, dilation = _depthwise_inputs(case, torch.float32, "nchw")
     out_shape = F.conv2d(x, dw, None, stride, padding, dilation, groups=x.shape[1]).shape
     gen = torch.Generator().manual_seed(7)
     g = torch.randn(out_shape[0], out_shape[2], out_shape[3], out_shape[1], generator=gen).permute(0, 3, 1, 2)
@@ -221,7 +219,7 @@ def test_training_backward_end_to_end(mid_bn, layout, case):
     y, z, mean, var, mid_mean, mid_var = training._forward_torch(
         x, dw, dw_bias, mid_w, mid_b, mid_bn, 1e-5, mid_act, pw, pw_b, bn_w, None, 1e-5, None, out_act, stride,
         padding, dilation)
-    grad_y = torch.randn(y.shape, generator=gen).contiguous(memory_format=x_format(x))
+    grad_y = torch.randn(y.shape, generator=gen).contiguous(memory_format=output_memory_format(x))
     common = (grad_y, x, dw, dw_bias, mid_w, mid_b, mid_mean, mid_var, mid_bn, 1e-5, mid_act, pw, bn_w, y, z, mean,
               var, 1e-5, out_act, stride, padding, dilation, [True] * 10)
     got = training._backward_torch(*common, triton_depthwise=True)
