@@ -108,6 +108,13 @@ struct Plan {
   // consecutive output pixels (raster order) of one image; a co block is co_chunk output channels
   // (a multiple of the packed panel width).
   int64_t tile_px = 0, n_tiles = 0, co_chunk = 0, n_co = 0, n_items = 0;
+  // Shared-depthwise mode (shared_dw not null): when a few tiles are split across workers by
+  // output channels, each worker would redo the whole tile's depthwise. Instead a first phase
+  // computes every tile's depthwise output once, split by input channels (item = (n * n_tiles +
+  // tile) * n_dw_chunks + chunk of dw_chunk channels), into shared_dw + (n * n_tiles + tile) *
+  // tile_elems, and the work items then only run the pointwise side from there.
+  T* shared_dw = nullptr;
+  int64_t tile_elems = 0, dw_chunk = 0, n_dw_chunks = 0;
   // Per-worker scratch. NHWC: the depthwise tile [tile_px][ldt] at offset 0. NCHW: the depthwise
   // tile in column blocks of NR pixels, block b holding [C][NR] (so the micro-kernel reads it as a
   // packed panel) at offset 0; one channel's row of the tile (ldt elements, with slack for whole
@@ -137,6 +144,8 @@ struct IsaOps {
   // reused when the next item has the same tile, and updated.
   void (*run_items)(const Plan<T>& plan, int64_t begin, int64_t end, void* scratch,
                     int64_t* dw_tile);
+  // Shared-depthwise mode's first phase: depthwise items [begin, end) (see Plan::shared_dw).
+  void (*run_depthwise)(const Plan<T>& plan, int64_t begin, int64_t end, void* scratch);
 };
 
 const IsaOps<float>* scalar_ops_f32();
@@ -158,6 +167,10 @@ void set_tile_budget_bytes(std::size_t bytes);
 std::size_t tile_budget_bytes();
 void set_plane_limit_elems(int64_t elems);
 int64_t plane_limit_elems();
+// Shared-depthwise mode (see Plan::shared_dw): -1 = when the cost model prefers it (default),
+// 0 = never, 1 = whenever more than one worker runs and the buffer fits.
+void set_shared_depthwise(int mode);
+int shared_depthwise();
 
 }  // namespace detail
 }  // namespace lwk

@@ -44,7 +44,8 @@ struct Avx2F32 {
 
 const IsaOps<float>* avx2_ops_f32() {
   using V = Avx2F32;
-  static const IsaOps<float> ops{Isa::kAvx2, V::MR, V::NR, V::W, &run_items<V>};
+  static const IsaOps<float> ops{Isa::kAvx2, V::MR, V::NR, V::W, &run_items<V>,
+                                   &run_depthwise<V>};
   return &ops;
 }
 

@@ -58,7 +58,8 @@ struct Avx512F32 {
 
 const IsaOps<float>* avx512_ops_f32() {
   using V = Avx512F32;
-  static const IsaOps<float> ops{Isa::kAvx512, V::MR, V::NR, V::W, &run_items<V>};
+  static const IsaOps<float> ops{Isa::kAvx512, V::MR, V::NR, V::W, &run_items<V>,
+                                   &run_depthwise<V>};
   return &ops;
 }
 

@@ -42,7 +42,8 @@ struct NeonF32 {
 
 const IsaOps<float>* neon_ops_f32() {
   using V = NeonF32;
-  static const IsaOps<float> ops{Isa::kNeon, V::MR, V::NR, V::W, &run_items<V>};
+  static const IsaOps<float> ops{Isa::kNeon, V::MR, V::NR, V::W, &run_items<V>,
+                                   &run_depthwise<V>};
   return &ops;
 }
 

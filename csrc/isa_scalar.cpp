@@ -29,13 +29,15 @@ struct ScalarVec {
 
 const IsaOps<float>* scalar_ops_f32() {
   using V = ScalarVec<float>;
-  static const IsaOps<float> ops{Isa::kScalar, V::MR, V::NR, V::W, &run_items<V>};
+  static const IsaOps<float> ops{Isa::kScalar, V::MR, V::NR, V::W, &run_items<V>,
+                                   &run_depthwise<V>};
   return &ops;
 }
 
 const IsaOps<double>* scalar_ops_f64() {
   using V = ScalarVec<double>;
-  static const IsaOps<double> ops{Isa::kScalar, V::MR, V::NR, V::W, &run_items<V>};
+  static const IsaOps<double> ops{Isa::kScalar, V::MR, V::NR, V::W, &run_items<V>,
+                                   &run_depthwise<V>};
   return &ops;
 }
 

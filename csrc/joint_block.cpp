@@ -51,6 +51,7 @@ template class PackedImpl<double>;
 namespace {
 std::atomic<std::size_t> g_tile_budget{0};
 std::atomic<int64_t> g_plane_limit{-1};
+std::atomic<int> g_shared_dw{-1};
 }  // namespace
 
 void set_plane_limit_elems(int64_t elems) { g_plane_limit.store(elems); }
@@ -58,6 +59,9 @@ int64_t plane_limit_elems() {
   const int64_t v = g_plane_limit.load();
   return v >= 0 ? v : (int64_t(1) << 16);
 }
+
+void set_shared_depthwise(int mode) { g_shared_dw.store(mode); }
+int shared_depthwise() { return g_shared_dw.load(); }
 
 void set_tile_budget_bytes(std::size_t bytes) { g_tile_budget.store(bytes); }
 std::size_t tile_budget_bytes() {
@@ -159,6 +163,7 @@ template <typename T>
 struct DispatchCtx {
   const Plan<T>* plan;
   const IsaOps<T>* ops;
+  bool depthwise;      // the shared-depthwise phase's items rather than the work items
   char* scratch;
   std::size_t stride;  // bytes of scratch per task
   int tasks;
@@ -175,9 +180,36 @@ void run_task(void* p, int task) {
     for (;;) {
       const int64_t i = cl.next.fetch_add(1, std::memory_order_relaxed);
       if (i >= cl.end) break;
-      c.ops->run_items(*c.plan, i, i + 1, scratch, &dw_tile);
+      if (c.depthwise) {
+        c.ops->run_depthwise(*c.plan, i, i + 1, scratch);
+      } else {
+        c.ops->run_items(*c.plan, i, i + 1, scratch, &dw_tile);
+      }
     }
   }
+}
+
+// Runs items [0, n_items) on up to `tasks` tasks, task t using scratch + stride * t.
+template <typename T>
+void dispatch(const Plan<T>& plan, const IsaOps<T>* ops, bool depthwise, int64_t n_items,
+              char* scratch, std::size_t stride, int tasks) {
+  tasks = static_cast<int>(std::min<int64_t>(tasks, n_items));
+  if (tasks <= 1) {
+    if (depthwise) {
+      ops->run_depthwise(plan, 0, n_items, scratch);
+    } else {
+      int64_t dw_tile = -1;
+      ops->run_items(plan, 0, n_items, scratch, &dw_tile);
+    }
+    return;
+  }
+  std::unique_ptr<Claim[]> claims(new Claim[tasks]);
+  for (int i = 0; i < tasks; ++i) {
+    claims[i].next.store(n_items * i / tasks, std::memory_order_relaxed);
+    claims[i].end = n_items * (i + 1) / tasks;
+  }
+  DispatchCtx<T> ctx{&plan, ops, depthwise, scratch, stride, tasks, claims.get()};
+  parallel_run(tasks, &run_task<T>, &ctx);
 }
 
 // Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:
@@ -190,6 +222,7 @@ void run_task(void* p, int task) {
 // for one pixel and streams all the weights again for it.
 struct Tiling {
   int64_t tile_px, n_tiles, co_chunk, n_co;
+  bool shared_dw;  // see Plan::shared_dw
 };
 
 struct TileShape {
@@ -211,6 +244,13 @@ double pw_columns(int64_t q, const TileShape& ts) {
   return double(full) + double(round_up(rest, ts.vw));
 }
 
+// Shared-depthwise mode: the largest buffer for all tiles' depthwise outputs; the fixed cost of
+// its extra dispatch and the cost of one vector of tile data computed by another worker (it comes
+// from that core's cache), in the cost model's units (about one vector FMA each).
+constexpr int64_t kSharedDwBytes = int64_t(4) << 20;
+constexpr double kSharedDwOverhead = 4000.0;
+constexpr double kSharedDwRemoteCost = 2.0;
+
 Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads) {
   const int64_t npix = g.out_h * g.out_w;
   const int64_t C = g.in_channels, CO = g.out_channels;
@@ -223,13 +263,17 @@ Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape&
   const int64_t npanels = ceil_div(CO, ts.panel);
   const int workers = std::max(1, threads);
 
-  Tiling best{0, 0, 0, 0};
+  Tiling best{0, 0, 0, 0, false};
   double best_cost = std::numeric_limits<double>::infinity();
   // Re-tiling only matters when there are too few items to balance; otherwise keep the largest
   // tiles that fit the budget.
   const bool few = g.batch * base_tiles < 8 * int64_t(workers);
   const int64_t max_tiles = few ? std::min<int64_t>(npix, base_tiles * workers * 2) : base_tiles;
   const int64_t max_co = (workers > 1 && few) ? std::min<int64_t>(npanels, 2 * workers) : 1;
+  const int shared_mode = shared_depthwise();
+  auto shared_fits = [&](int64_t p) {
+    return workers > 1 && g.batch * ceil_div(npix, p) * p * C * elem_size <= kSharedDwBytes;
+  };
   auto consider = [&](int64_t p) {
     p = std::min(std::max<int64_t>(p, 1), npix);
     if (p > pmax) return;
@@ -251,7 +295,19 @@ Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape&
       const double worst = dw + double(k) * per_item;
       if (worst < best_cost * 0.999) {
         best_cost = worst;
-        best = Tiling{p, tiles, chunk, nco};
+        best = Tiling{p, tiles, chunk, nco, false};
+      }
+      // Shared depthwise: every tile's depthwise once, spread over the workers, then a second
+      // dispatch, and each item reads the part of its tile that other workers computed.
+      if (shared_mode != 0 && nco > 1 && shared_fits(p)) {
+        const double dw_all = double(g.batch * tiles) * double(q) * C * taps / double(ts.vw);
+        const double remote = double(q) * C / double(ts.vw) * double(workers - 1) / workers;
+        const double shared = dw_all / workers + kSharedDwOverhead +
+                              double(k) * (per_item + kSharedDwRemoteCost * remote);
+        if (shared < best_cost * 0.999) {
+          best_cost = shared;
+          best = Tiling{p, tiles, chunk, nco, true};
+        }
       }
     }
   };
@@ -262,8 +318,9 @@ Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape&
   }
   if (best.tile_px == 0) {
     const int64_t p = std::min(npix, pmax);
-    best = Tiling{p, ceil_div(npix, p), CO, 1};
+    best = Tiling{p, ceil_div(npix, p), CO, 1, false};
   }
+  if (shared_mode == 1 && shared_fits(best.tile_px)) best.shared_dw = true;
   return best;
 }
 
@@ -392,12 +449,20 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   auto aligned = [](int64_t bytes) {
     return static_cast<std::size_t>(round_up(bytes, static_cast<int64_t>(kScratchAlign)));
   };
+  // The depthwise tile: in each worker's scratch at offset 0, or in shared-depthwise mode one per
+  // (image, tile) in the shared buffer.
   if (nhwc) {
     plan.ldt = padded_ld(C, sizeof(T));
-    plan.scratch_bytes = aligned(tl.tile_px * plan.ldt * int64_t(sizeof(T)));
+    plan.tile_elems = tl.tile_px * plan.ldt;
+  } else {
+    plan.tile_elems = ceil_div(tl.tile_px, ops->nr) * C * ops->nr;
+  }
+  const std::size_t own_tile_bytes = tl.shared_dw ? 0 : aligned(plan.tile_elems * int64_t(sizeof(T)));
+  if (nhwc) {
+    plan.scratch_bytes = own_tile_bytes;
   } else {
     const int64_t nr = ops->nr;
-    plan.row_offset = aligned(ceil_div(tl.tile_px, nr) * C * nr * int64_t(sizeof(T)));
+    plan.row_offset = own_tile_bytes;
     // Row slack of one micro-tile: the depthwise writes whole vectors past a segment's end.
     plan.ldt = round_up(tl.tile_px, nr) + nr;
     plan.row_stride = static_cast<int64_t>(aligned(plan.ldt * int64_t(sizeof(T))) / sizeof(T));
@@ -425,7 +490,19 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
     plan.scratch_bytes += aligned(2 * CO * int64_t(sizeof(double)));
   }
 
-  const int tasks = static_cast<int>(std::min<int64_t>(threads, plan.n_items));
+  std::size_t b_shared = 0;
+  int64_t n_dw_items = 0;
+  if (tl.shared_dw) {
+    // About four depthwise items per worker, in whole cache lines of channels (NHWC tiles hold
+    // channels along rows: two workers must not write one line).
+    const int64_t tiles_all = g.batch * plan.n_tiles;
+    const int64_t line = 64 / int64_t(sizeof(T));
+    plan.dw_chunk = round_up(ceil_div(C, ceil_div(4 * int64_t(threads), tiles_all)), line);
+    plan.n_dw_chunks = ceil_div(C, plan.dw_chunk);
+    n_dw_items = tiles_all * plan.n_dw_chunks;
+    b_shared = aligned(tiles_all * plan.tile_elems * int64_t(sizeof(T)));
+  }
+  const int tasks = static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
 
   // Per-call tables and folded parameters live in the head of the calling thread's scratch;
   // the per-task depthwise tiles follow.
@@ -440,7 +517,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   const std::size_t b_ow = bytes_of(OW, sizeof(int64_t));
   const std::size_t b_kw = bytes_of(taps, sizeof(int64_t));
   const std::size_t b_ph = bytes_of(plan.use_plane ? g.stride_w : 0, sizeof(int64_t));
-  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 2 * b_ph;
+  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 2 * b_ph + b_shared;
   char* base = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
   char* cur = base;
   auto take = [&cur](std::size_t b) {
@@ -459,6 +536,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   int64_t* tap_off = reinterpret_cast<int64_t*>(take(b_kw));
   int64_t* phase_lo = reinterpret_cast<int64_t*>(take(b_ph));
   int64_t* phase_hi = reinterpret_cast<int64_t*>(take(b_ph));
+  if (tl.shared_dw) plan.shared_dw = reinterpret_cast<T*>(take(b_shared));
   char* tiles = cur;
 
   for (int64_t c = 0; c < C; ++c) {
@@ -537,18 +615,8 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   if (plan.stats) {
     for (int i = 0; i < tasks; ++i) std::fill(worker_stats(i), worker_stats(i) + 2 * CO, 0.0);
   }
-  if (tasks == 1) {
-    int64_t dw_tile = -1;
-    ops->run_items(plan, 0, plan.n_items, tiles, &dw_tile);
-  } else {
-    std::unique_ptr<Claim[]> claims(new Claim[tasks]);
-    for (int i = 0; i < tasks; ++i) {
-      claims[i].next.store(plan.n_items * i / tasks, std::memory_order_relaxed);
-      claims[i].end = plan.n_items * (i + 1) / tasks;
-    }
-    DispatchCtx<T> ctx{&plan, ops, tiles, plan.scratch_bytes, tasks, claims.get()};
-    parallel_run(tasks, &run_task<T>, &ctx);
-  }
+  if (plan.shared_dw) dispatch(plan, ops, true, n_dw_items, tiles, plan.scratch_bytes, tasks);
+  dispatch(plan, ops, false, plan.n_items, tiles, plan.scratch_bytes, tasks);
   if (plan.stats) {
     for (int i = 0; i < tasks; ++i) {
       const double* w = worker_stats(i);

@@ -475,13 +475,14 @@ LWK_INLINE void scatter_row(typename V::T* row, int64_t np, int64_t C, int64_t c
   }
 }
 
-// Depthwise output of the tile's pixels p0 .. p0+np-1 of image n into the column-blocked tile.
+// Depthwise output of channels [c_lo, c_hi) for the tile's pixels p0 .. p0+np-1 of image n into
+// the column-blocked tile.
 template <class V, int kS>
 void dw_tile_nchw(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
-                  typename V::T* tile, typename V::T* row) {
+                  int64_t c_lo, int64_t c_hi, typename V::T* tile, typename V::T* row) {
   using T = typename V::T;
   const int64_t HW = pl.H * pl.W, taps = pl.KH * pl.KW;
-  for (int64_t c = 0; c < pl.C; ++c) {
+  for (int64_t c = c_lo; c < c_hi; ++c) {
     const T* xc = pl.x + (n * pl.C + c) * HW;
     const T* wc = pl.dw_w + c * taps;
     const T bias = pl.dw_b[c];
@@ -494,9 +495,9 @@ void dw_tile_nchw(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
       dw_row_nchw<V, kS>(pl, xc, wc, bias, oy, ox0, ox1, cur_row + (p - p0));
       p += ox1 - ox0;
     }
-    if (c > 0) scatter_row<V>(row + ((c - 1) & 1) * pl.row_stride, np, pl.C, c - 1, tile);
+    if (c > c_lo) scatter_row<V>(row + ((c - 1) & 1) * pl.row_stride, np, pl.C, c - 1, tile);
   }
-  scatter_row<V>(row + ((pl.C - 1) & 1) * pl.row_stride, np, pl.C, pl.C - 1, tile);
+  scatter_row<V>(row + ((c_hi - 1) & 1) * pl.row_stride, np, pl.C, c_hi - 1, tile);
 }
 
 // NCHW through the plane (see Plan::use_plane). The plane of input rows iy_base ..
@@ -648,8 +649,8 @@ void dw_channel_plane(const Plan<typename V::T>& pl, const typename V::T* plane,
 
 template <class V, int kS>
 void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
-                        typename V::T* tile, typename V::T* row, typename V::T* plane,
-                        Segment* segs) {
+                        int64_t c_lo, int64_t c_hi, typename V::T* tile, typename V::T* row,
+                        typename V::T* plane, Segment* segs) {
   using T = typename V::T;
   const int64_t HW = pl.H * pl.W, taps = pl.KH * pl.KW;
   const int64_t oy_a = p0 / pl.OW, oy_b = (p0 + np - 1) / pl.OW;
@@ -670,11 +671,11 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
   const int64_t plane_elems = rows * pl.SW * pl.lp;
   zero_plane<V>(plane, plane_elems);
   zero_plane<V>(plane + pl.plane_stride, plane_elems);
-  fill_plane<V, kS>(pl, xn, iy_base, rows, plane);
-  for (int64_t c = 0; c < pl.C; ++c) {
+  fill_plane<V, kS>(pl, xn + c_lo * HW, iy_base, rows, plane + (c_lo & 1) * pl.plane_stride);
+  for (int64_t c = c_lo; c < c_hi; ++c) {
     T* const cur_plane = plane + (c & 1) * pl.plane_stride;
     T* const cur_row = row + (c & 1) * pl.row_stride;
-    if (c + 1 < pl.C) {
+    if (c + 1 < c_hi) {
       fill_plane<V, kS>(pl, xn + (c + 1) * HW, iy_base, rows,
                         plane + ((c + 1) & 1) * pl.plane_stride);
     }
@@ -684,9 +685,9 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
     } else {
       dw_channel_plane<V, 0>(pl, cur_plane, segs, nsegs, wc, pl.dw_b[c], cur_row);
     }
-    if (c > 0) scatter_row<V>(row + ((c - 1) & 1) * pl.row_stride, np, pl.C, c - 1, tile);
+    if (c > c_lo) scatter_row<V>(row + ((c - 1) & 1) * pl.row_stride, np, pl.C, c - 1, tile);
   }
-  scatter_row<V>(row + ((pl.C - 1) & 1) * pl.row_stride, np, pl.C, pl.C - 1, tile);
+  scatter_row<V>(row + ((c_hi - 1) & 1) * pl.row_stride, np, pl.C, c_hi - 1, tile);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -699,8 +700,8 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
 // loop closer to one load per FMA.
 template <class V, int NP_>
 LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const int64_t* off,
-                                const Plan<typename V::T>& pl, typename V::T* out,
-                                int64_t ldt) {
+                                const Plan<typename V::T>& pl, int64_t c_lo, int64_t c_hi,
+                                typename V::T* out, int64_t ldt) {
   using T = typename V::T;
   using R = typename V::reg;
   constexpr int W = V::W;
@@ -708,8 +709,8 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
   const int64_t C = pl.C;
   const T* w = pl.dw_w;
   const Activation act = pl.mid_act;
-  int64_t c = 0;
-  for (; c + U * W <= C; c += U * W) {
+  int64_t c = c_lo;
+  for (; c + U * W <= c_hi; c += U * W) {
     R acc[NP_][U];
     LWK_UNROLL for (int u = 0; u < U; ++u) {
       const R b = V::load(pl.dw_b + c + u * W);
@@ -731,7 +732,7 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
       }
     }
   }
-  for (; c + W <= C; c += W) {
+  for (; c + W <= c_hi; c += W) {
     R acc[NP_];
     LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q] = V::load(pl.dw_b + c);
     LWK_UNROLL for (int t = 0; t < 9; ++t) {
@@ -742,7 +743,7 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
     }
     LWK_UNROLL for (int q = 0; q < NP_; ++q) V::store(out + q * ldt + c, act_vec<V>(acc[q], act));
   }
-  for (; c < C; ++c) {
+  for (; c < c_hi; ++c) {
     LWK_UNROLL for (int q = 0; q < NP_; ++q) {
       T acc = pl.dw_b[c];
       for (int t = 0; t < 9; ++t) acc += w[t * C + c] * base[q * pstep + off[t] + c];
@@ -754,7 +755,7 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
 // Any pixel: valid taps from the border tables.
 template <class V>
 void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64_t oy,
-                   int64_t ox, typename V::T* out) {
+                   int64_t ox, int64_t c_lo, int64_t c_hi, typename V::T* out) {
   using T = typename V::T;
   using R = typename V::reg;
   constexpr int W = V::W;
@@ -764,8 +765,8 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
   const int64_t kyl = pl.ky_lo[oy], kyh = pl.ky_hi[oy];
   const int64_t kxl = pl.kx_lo[ox], kxh = pl.kx_hi[ox];
   const int64_t iy0 = oy * pl.SH - pl.PH, ix0 = ox * pl.SW - pl.PW;
-  int64_t c = 0;
-  for (; c + U * W <= C; c += U * W) {
+  int64_t c = c_lo;
+  for (; c + U * W <= c_hi; c += U * W) {
     R acc[U];
     LWK_UNROLL for (int u = 0; u < U; ++u) acc[u] = V::load(pl.dw_b + c + u * W);
     for (int64_t ky = kyl; ky < kyh; ++ky) {
@@ -781,7 +782,7 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
     }
     LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + c + u * W, act_vec<V>(acc[u], act));
   }
-  for (; c + W <= C; c += W) {
+  for (; c + W <= c_hi; c += W) {
     R acc = V::load(pl.dw_b + c);
     for (int64_t ky = kyl; ky < kyh; ++ky) {
       const T* xr = xn + ((iy0 + ky * pl.DH) * pl.W + ix0) * C + c;
@@ -792,7 +793,7 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
     }
     V::store(out + c, act_vec<V>(acc, act));
   }
-  for (; c < C; ++c) {
+  for (; c < c_hi; ++c) {
     T acc = pl.dw_b[c];
     for (int64_t ky = kyl; ky < kyh; ++ky) {
       const T* xr = xn + ((iy0 + ky * pl.DH) * pl.W + ix0) * C + c;
@@ -805,7 +806,7 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
 
 template <class V>
 void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
-                  typename V::T* tile) {
+                  int64_t c_lo, int64_t c_hi, typename V::T* tile) {
   using T = typename V::T;
   const int64_t C = pl.C;
   const T* xn = pl.x + n * pl.H * pl.W * C;
@@ -826,14 +827,14 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
     if (k3 && rows_inside && ox >= pl.ox_in_lo && ox < pl.ox_in_hi) {
       const T* base = xn + ((oy * pl.SH - pl.PH) * pl.W + ox * pl.SW - pl.PW) * C;
       if (ox + 1 < pl.ox_in_hi && j + 1 < np) {
-        dw_nhwc_inside9<V, 2>(base, pstep, off, pl, out, pl.ldt);
+        dw_nhwc_inside9<V, 2>(base, pstep, off, pl, c_lo, c_hi, out, pl.ldt);
         j += 2;
         ox += 2;
         continue;
       }
-      dw_nhwc_inside9<V, 1>(base, pstep, off, pl, out, pl.ldt);
+      dw_nhwc_inside9<V, 1>(base, pstep, off, pl, c_lo, c_hi, out, pl.ldt);
     } else {
-      dw_nhwc_pixel<V>(pl, xn, oy, ox, out);
+      dw_nhwc_pixel<V>(pl, xn, oy, ox, c_lo, c_hi, out);
     }
     ++j;
     ++ox;
@@ -842,6 +843,52 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
 
 // ----------------------------------------------------------------------------------------------
 // Work items.
+
+// Depthwise output of channels [c_lo, c_hi) of the tile p0 .. p0+np-1 of image n into `tile`;
+// `scratch` is the worker's (its row, plane and segment buffers).
+template <class V>
+void depthwise_tile(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
+                    int64_t c_lo, int64_t c_hi, typename V::T* tile, void* scratch) {
+  using T = typename V::T;
+  if (pl.layout == Layout::kNHWC) {
+    dw_tile_nhwc<V>(pl, n, p0, np, c_lo, c_hi, tile);
+    return;
+  }
+  T* row = reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.row_offset);
+  if (pl.use_plane) {
+    T* plane = reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.plane_offset);
+    Segment* segs = reinterpret_cast<Segment*>(static_cast<char*>(scratch) + pl.seg_offset);
+    if (pl.SW == 1) {
+      dw_tile_nchw_plane<V, 1>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, segs);
+    } else if (pl.SW == 2) {
+      dw_tile_nchw_plane<V, 2>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, segs);
+    } else {
+      dw_tile_nchw_plane<V, 0>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, segs);
+    }
+  } else if (pl.SW == 1) {
+    dw_tile_nchw<V, 1>(pl, n, p0, np, c_lo, c_hi, tile, row);
+  } else if (pl.SW == 2) {
+    dw_tile_nchw<V, 2>(pl, n, p0, np, c_lo, c_hi, tile, row);
+  } else {
+    dw_tile_nchw<V, 0>(pl, n, p0, np, c_lo, c_hi, tile, row);
+  }
+}
+
+// Shared-depthwise mode, first phase: depthwise items [begin, end), item = (n * n_tiles + tile)
+// * n_dw_chunks + chunk, each a range of dw_chunk input channels of one tile, into the shared
+// tile of that (image, tile).
+template <class V>
+void run_depthwise(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* scratch) {
+  const int64_t npix = pl.OH * pl.OW;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t chunk = item % pl.n_dw_chunks;
+    const int64_t nt = item / pl.n_dw_chunks;
+    const int64_t p0 = (nt % pl.n_tiles) * pl.tile_px;
+    const int64_t c_lo = chunk * pl.dw_chunk;
+    depthwise_tile<V>(pl, nt / pl.n_tiles, p0, imin(pl.tile_px, npix - p0), c_lo,
+               imin(pl.C, c_lo + pl.dw_chunk), pl.shared_dw + nt * pl.tile_elems, scratch);
+  }
+}
 
 template <class V>
 void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* scratch,
@@ -858,7 +905,8 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
   } else {
     fill_kernels<V, false, V::MR, V::NV>(kern);
   }
-  T* tile = static_cast<T*>(scratch);
+  T* const own_tile = static_cast<T*>(scratch);
+  const T* tile = own_tile;
   const T* packed = pl.packed->data();
   const int64_t npix = pl.OH * pl.OW;
   const int64_t C = pl.C, CO = pl.CO;
@@ -891,29 +939,10 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
     const int64_t n = nt / pl.n_tiles;
     const int64_t p0 = (nt % pl.n_tiles) * pl.tile_px;
     const int64_t np = imin(pl.tile_px, npix - p0);
-    if (nt != last) {  // consecutive items of one tile share its depthwise output
-      T* row = reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.row_offset);
-      if (nchw && pl.use_plane) {
-        T* plane = reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.plane_offset);
-        Segment* segs = reinterpret_cast<Segment*>(static_cast<char*>(scratch) + pl.seg_offset);
-        if (pl.SW == 1) {
-          dw_tile_nchw_plane<V, 1>(pl, n, p0, np, tile, row, plane, segs);
-        } else if (pl.SW == 2) {
-          dw_tile_nchw_plane<V, 2>(pl, n, p0, np, tile, row, plane, segs);
-        } else {
-          dw_tile_nchw_plane<V, 0>(pl, n, p0, np, tile, row, plane, segs);
-        }
-      } else if (nchw) {
-        if (pl.SW == 1) {
-          dw_tile_nchw<V, 1>(pl, n, p0, np, tile, row);
-        } else if (pl.SW == 2) {
-          dw_tile_nchw<V, 2>(pl, n, p0, np, tile, row);
-        } else {
-          dw_tile_nchw<V, 0>(pl, n, p0, np, tile, row);
-        }
-      } else {
-        dw_tile_nhwc<V>(pl, n, p0, np, tile);
-      }
+    if (pl.shared_dw) {  // the first phase computed every tile's depthwise output
+      tile = pl.shared_dw + nt * pl.tile_elems;
+    } else if (nt != last) {  // consecutive items of one tile share its depthwise output
+      depthwise_tile<V>(pl, n, p0, np, 0, C, own_tile, scratch);
       last = nt;
     }
     const int64_t co_a = cob * pl.co_chunk;

@@ -2,7 +2,7 @@
 // (batch 1, k = 3, dilation 3, padding 3), both layouts, plus the 9-block LightweightNet chain.
 //
 //   bench_kernels [--threads N] [--isa scalar|avx2|avx512|neon] [--reps R] [--layout nchw|nhwc]
-//                 [--budget BYTES] [--batch N]
+//                 [--budget BYTES] [--batch N] [--shared-dw -1|0|1] [--shape CIN,COUT,S,HW]
 // Prints the median time of R repetitions per shape (after warm-up) and GFLOP/s.
 #include <algorithm>
 #include <cmath>
@@ -110,6 +110,7 @@ int main(int argc, char** argv) {
     else if (k == "--reps") reps = std::atoi(v.c_str());
     else if (k == "--batch") batch = std::atoll(v.c_str());
     else if (k == "--budget") lwk::detail::set_tile_budget_bytes(std::strtoull(v.c_str(), nullptr, 10));
+    else if (k == "--shared-dw") lwk::detail::set_shared_depthwise(std::atoi(v.c_str()));
     else if (k == "--isa") isa = v == "scalar" ? lwk::Isa::kScalar : v == "neon" ? lwk::Isa::kNeon : v == "avx512" ? lwk::Isa::kAvx512 : lwk::Isa::kAvx2;
     else if (k == "--layout") layouts = {v == "nhwc" ? lwk::Layout::kNHWC : lwk::Layout::kNCHW};
     else if (k == "--shape") {  // cin,cout,stride,hw: time just this block

@@ -755,6 +755,12 @@ int main(int argc, char** argv) {
     lwk::detail::set_plane_limit_elems(0);
     test_random(quick ? 20 : 100);
     lwk::detail::set_plane_limit_elems(-1);
+    // Shared-depthwise mode wherever several workers run (the cost model picks it only for few
+    // tiles split by output channels).
+    lwk::detail::set_shared_depthwise(1);
+    test_random(quick ? 40 : 200);
+    test_tiling(quick);
+    lwk::detail::set_shared_depthwise(-1);
     test_large(quick);
     test_concurrency(quick);
   } catch (const std::exception& e) {
