@@ -21,6 +21,11 @@ struct Avx2F32 {
   static LWK_INLINE void store(T* p, reg v) { _mm256_storeu_ps(p, v); }
   static LWK_INLINE reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static LWK_INLINE reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static LWK_INLINE reg keep_first(reg v, int n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+    return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
+  }
   // maxps/minps return the second operand when either is NaN.
   static LWK_INLINE reg max_keep(reg lo, reg v) { return _mm256_max_ps(lo, v); }
   static LWK_INLINE reg min_keep(reg hi, reg v) { return _mm256_min_ps(hi, v); }

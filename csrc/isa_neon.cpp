@@ -20,6 +20,11 @@ struct NeonF32 {
   static LWK_INLINE void store(T* p, reg v) { vst1q_f32(p, v); }
   static LWK_INLINE reg fma(reg a, reg b, reg c) { return vfmaq_f32(c, a, b); }
   static LWK_INLINE reg add(reg a, reg b) { return vaddq_f32(a, b); }
+  static LWK_INLINE reg keep_first(reg v, int n) {
+    static const uint32_t lanes[4] = {0, 1, 2, 3};
+    const uint32x4_t keep = vcltq_u32(vld1q_u32(lanes), vdupq_n_u32(static_cast<uint32_t>(n)));
+    return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), keep));
+  }
   // FMAX/FMIN propagate NaN from either operand.
   static LWK_INLINE reg max_keep(reg lo, reg v) { return vmaxq_f32(lo, v); }
   static LWK_INLINE reg min_keep(reg hi, reg v) { return vminq_f32(hi, v); }

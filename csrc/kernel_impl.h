@@ -7,6 +7,7 @@
 //   W                   lanes per register    MR, NV        micro-kernel rows, column registers
 //   NR = NV * W         micro-kernel columns
 //   zero() set1(s) load(p) store(p, v) fma(a, b, c) = a*b + c, add(a, b)
+//   keep_first(v, n)    v with lanes n .. W-1 set to zero (0 <= n <= W)
 //   max_keep(lo, v) / min_keep(hi, v)     max/min that return v when v is NaN (like torch.relu)
 //   load_s2(p)          {p[0], p[2], ..., p[2W-2]} without reading past p[2W-2]
 //   add_f64(p, v)       p[l] += double(v[l]) for the W lanes (double* p)
@@ -457,21 +458,27 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
 }
 
 // Moves one channel's depthwise row (np pixels) into the column-blocked tile: block b holds
-// [C][NR], so tile[(b * C + c) * NR + j] = row[b * NR + j]; columns past np are zero.
+// [C][NR], so tile[(b * C + c) * NR + j] = row[b * NR + j]; columns past np are zero (masked in
+// registers: zeroing the row's tail first, element by element, made the boundary vector's load
+// wait on stores it could not forward from).
 template <class V>
-LWK_INLINE void scatter_row(typename V::T* row, int64_t np, int64_t C, int64_t c,
+LWK_INLINE void scatter_row(const typename V::T* row, int64_t np, int64_t C, int64_t c,
                             typename V::T* tile) {
   using T = typename V::T;
   constexpr int NR = V::NR, W = V::W;
-  const int64_t nb = iceil_div(np, NR);
-  for (int64_t j = np; j < nb * NR; ++j) {
-    row[j] = T(0);
-    LWK_NO_IDIOM();
-  }
-  for (int64_t b = 0; b < nb; ++b) {
+  const int64_t full = np / NR;
+  for (int64_t b = 0; b < full; ++b) {
     T* dst = tile + (b * C + c) * NR;
     LWK_UNROLL for (int v = 0; v < V::NV; ++v) V::store(dst + v * W, V::load(row + b * NR + v * W));
     LWK_NO_IDIOM();
+  }
+  const int64_t rest = np - full * NR;
+  if (rest == 0) return;
+  T* dst = tile + (full * C + c) * NR;
+  const T* src = row + full * NR;
+  LWK_UNROLL for (int v = 0; v < V::NV; ++v) {
+    const int64_t lanes = imin(W, imax(0, rest - v * W));
+    V::store(dst + v * W, V::keep_first(V::load(src + v * W), static_cast<int>(lanes)));
   }
 }
 
@@ -539,12 +546,10 @@ void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, int64_t 
         }
         V::store(d + n - W, load_strided<V, kS>(s0 + (n - W) * S, S));
       } else if (s0 + (W - 1) * S < pl.x_end) {
-        // A short row: one vector (reading on into the next row), then re-zero the spill.
-        V::store(d, load_strided<V, kS>(s0, S));
-        for (int64_t m = n; m < W; ++m) {
-          d[m] = T(0);
-          LWK_NO_IDIOM();
-        }
+        // A short row: one vector (reading on into the next row) with the lanes past the row
+        // zeroed, as the padding they land on must be. (Scalar zero stores after a whole-vector
+        // store cost more than the rest of the fill on 7- and 14-wide images.)
+        V::store(d, V::keep_first(load_strided<V, kS>(s0, S), static_cast<int>(n)));
       } else {  // the very end of x: no vector may read past it
         for (int64_t m = 0; m < n; ++m) {
           d[m] = s0[m * S];
