@@ -33,9 +33,11 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define LWK_INLINE inline __attribute__((always_inline))
+#define LWK_NOINLINE __attribute__((noinline))
 #define LWK_RESTRICT __restrict__
 #else
 #define LWK_INLINE inline
+#define LWK_NOINLINE
 #define LWK_RESTRICT
 #endif
 
@@ -288,88 +290,116 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
   }
 }
 
-// NCHW thin micro-kernel for the last one or two pixel columns of a tile (7x7 images leave a
-// single one), where a full-width kernel would waste most of its lanes: the output channels run
-// along vectors instead, y(i, j) = sum_k A_g[k*MR + i] * B[k*NR + j] for G consecutive packed
-// panels A_g at once. One column is a matrix-vector product, bound by loading A: sharing each
-// broadcast of B between G panels keeps it near one load per FMA, and the G independent
-// accumulator chains cover the FMA latency. Reads up to RV*W - MR elements past a panel row (the
-// packed weights carry slack for that). `rows` is the valid row count of the last panel.
+// NCHW thin micro-kernel for the last few pixel columns of a tile (7x7 images leave a single
+// one, 14x14 four), where a full-width kernel would waste most of its lanes: the output channels
+// run along vectors instead, y(i, j) = sum_k A_g[k*MR + i] * B[k*NR + j] for G consecutive packed
+// panels A_g and TC consecutive columns j at once. Each load of A feeds TC FMAs and each
+// broadcast of B feeds G*RV, and the G*RV*TC independent accumulator chains cover the FMA
+// latency. run_items calls it for a group of panels right after their wide blocks, while those
+// weights are still in cache: a separate pass per column streamed every weight again (from L3
+// for 1024 x 1024), which cost 12-19% of the late blocks' time. Reads up to RV*W - MR elements
+// past a panel row (the packed weights carry slack for that). `rows` is the valid row count of
+// the last panel.
 template <class V>
 constexpr int thin_rv() {
   return (V::MR + V::W - 1) / V::W;
 }
 
-template <class V>
-constexpr int thin_panels() {
-  return thin_rv<V>() >= 8 ? 1 : 8 / thin_rv<V>();
+// Panels per thin call for TC columns: about eight accumulator chains.
+template <class V, int TC>
+constexpr int thin_group() {
+  return (8 / TC) / thin_rv<V>() > 1 ? (8 / TC) / thin_rv<V>() : 1;
 }
 
-template <class V, int G>
-void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A, int64_t panel_stride,
-                  const typename V::T* LWK_RESTRICT B, int j, const Epi<typename V::T>& e,
+// Not inlined: inside run_items the compiler ran out of registers and spilled in the k loop.
+template <class V, int G, int TC>
+LWK_NOINLINE void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A, int64_t panel_stride,
+                  const typename V::T* LWK_RESTRICT B, int64_t j, const Epi<typename V::T>& e,
                   int64_t r0, int64_t c0, int rows) {
   using T = typename V::T;
   using R = typename V::reg;
   constexpr int W = V::W, MR = V::MR, NR = V::NR;
   constexpr int RV = thin_rv<V>();
-  R acc[G][RV];
+  R acc[G][RV][TC];
   LWK_UNROLL for (int g = 0; g < G; ++g) {
-    LWK_UNROLL for (int v = 0; v < RV; ++v) acc[g][v] = V::zero();
+    LWK_UNROLL for (int v = 0; v < RV; ++v) {
+      LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][v][t] = V::zero();
+    }
   }
   for (int64_t k = 0; k < K; ++k) {
-    const R b = V::set1(B[k * NR + j]);
+    R b[TC];
+    LWK_UNROLL for (int t = 0; t < TC; ++t) b[t] = V::set1(B[k * NR + j + t]);
     LWK_UNROLL for (int g = 0; g < G; ++g) {
       LWK_UNROLL for (int v = 0; v < RV; ++v) {
-        acc[g][v] = V::fma(b, V::load(A + g * panel_stride + k * MR + v * W), acc[g][v]);
+        const R a = V::load(A + g * panel_stride + k * MR + v * W);
+        LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][v][t] = V::fma(b[t], a, acc[g][v][t]);
       }
     }
   }
   alignas(64) T tmp[RV * W];
   for (int g = 0; g < G; ++g) {
-    LWK_UNROLL for (int v = 0; v < RV; ++v) V::store(tmp + v * W, acc[g][v]);
     const int valid = g + 1 < G ? MR : rows;
-    for (int i = 0; i < valid; ++i) {
-      const int64_t ch = r0 + g * MR + i;
-      const int64_t off = ch * e.ldy + c0 + j;
-      const T v = store_scalar(e, tmp[i], ch, off);
-      if (e.ch_sum) stats_add(e.ch_sum + ch, e.ch_sq + ch, v);
+    for (int t = 0; t < TC; ++t) {
+      LWK_UNROLL for (int v = 0; v < RV; ++v) V::store(tmp + v * W, acc[g][v][t]);
+      for (int i = 0; i < valid; ++i) {
+        const int64_t ch = r0 + g * MR + i;
+        const int64_t off = ch * e.ldy + c0 + j + t;
+        const T y = store_scalar(e, tmp[i], ch, off);
+        if (e.ch_sum) stats_add(e.ch_sum + ch, e.ch_sq + ch, y);
+      }
     }
   }
 }
 
-// Panels [0, n) of a column, the last with `rows` valid rows, 1 <= n <= G: one call, n chains.
-template <class V, int G>
+// Panels [0, n) of TC columns, the last panel with `rows` valid rows, 1 <= n <= G: one call.
+template <class V, int G, int TC>
 LWK_INLINE void thin_tail(int64_t n, int64_t K, const typename V::T* A, int64_t panel_stride,
-                          const typename V::T* B, int j, const Epi<typename V::T>& e, int64_t r0,
-                          int64_t c0, int rows) {
+                          const typename V::T* B, int64_t j, const Epi<typename V::T>& e,
+                          int64_t r0, int64_t c0, int rows) {
   if constexpr (G > 1) {
-    if (n == G) {
-      ukernel_thin<V, G>(K, A, panel_stride, B, j, e, r0, c0, rows);
+    if (n < G) {
+      thin_tail<V, G - 1, TC>(n, K, A, panel_stride, B, j, e, r0, c0, rows);
       return;
     }
-    thin_tail<V, G - 1>(n, K, A, panel_stride, B, j, e, r0, c0, rows);
-  } else {
-    ukernel_thin<V, 1>(K, A, panel_stride, B, j, e, r0, c0, rows);
+  }
+  ukernel_thin<V, G, TC>(K, A, panel_stride, B, j, e, r0, c0, rows);
+}
+
+// Columns j .. j+TC-1 of the column block B (whose first column is pixel c0) for output
+// channels [co, co_end), co a panel boundary and at most thin_group<V, TC>() panels.
+template <class V, int TC>
+void thin_columns(int64_t K, const typename V::T* packed, const typename V::T* B, int64_t j,
+                  const Epi<typename V::T>& e, int64_t co, int64_t co_end, int64_t c0) {
+  constexpr int MR = V::MR;
+  const int64_t panel_stride = K * MR;
+  const int64_t panels = iceil_div(co_end - co, MR);
+  const int rows = static_cast<int>(co_end - co - (panels - 1) * MR);
+  thin_tail<V, thin_group<V, TC>(), TC>(panels, K, packed + (co / MR) * panel_stride,
+                                        panel_stride, B, j, e, co, c0, rows);
+}
+
+// thin_group<V, tc>() for a run-time column count (1 when there are no thin columns), and
+// thin_columns for columns 0 .. tc-1 of B, 1 <= tc <= 4.
+template <class V>
+int thin_group_of(int tc) {
+  switch (tc) {
+    case 1: return thin_group<V, 1>();
+    case 2: return thin_group<V, 2>();
+    case 3: return thin_group<V, 3>();
+    case 4: return thin_group<V, 4>();
+    default: return 1;
   }
 }
 
-// Column j of the column block at c0 for output channels [co_a, co_b) (co_a a panel boundary).
 template <class V>
-void thin_column(int64_t K, const typename V::T* packed, const typename V::T* B, int j,
-                 const Epi<typename V::T>& e, int64_t co_a, int64_t co_b, int64_t c0) {
-  constexpr int MR = V::MR, G = thin_panels<V>();
-  const int64_t panel_stride = K * MR;
-  int64_t co = co_a;
-  for (; co + G * MR <= co_b; co += G * MR) {
-    ukernel_thin<V, G>(K, packed + (co / MR) * panel_stride, panel_stride, B, j, e, co, c0, MR);
+void thin_dispatch(int tc, int64_t K, const typename V::T* packed, const typename V::T* B,
+                   const Epi<typename V::T>& e, int64_t co, int64_t co_end, int64_t c0) {
+  switch (tc) {
+    case 1: thin_columns<V, 1>(K, packed, B, 0, e, co, co_end, c0); break;
+    case 2: thin_columns<V, 2>(K, packed, B, 0, e, co, co_end, c0); break;
+    case 3: thin_columns<V, 3>(K, packed, B, 0, e, co, co_end, c0); break;
+    default: thin_columns<V, 4>(K, packed, B, 0, e, co, co_end, c0); break;
   }
-  if (co >= co_b) return;
-  // 1 to G panels are left: G when the last one is partial (co_b - co in (G-1)*MR + 1 .. G*MR-1).
-  const int64_t panels = iceil_div(co_b - co, MR);
-  const int rows = static_cast<int>(co_b - co - (panels - 1) * MR);
-  const typename V::T* A = packed + (co / MR) * panel_stride;
-  thin_tail<V, G>(panels, K, A, panel_stride, B, j, e, co, c0, rows);
 }
 
 template <typename T>
@@ -903,6 +933,7 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
   // Up to this many trailing NCHW pixel columns go to ukernel_thin (worth it when a full-width
   // kernel would leave at least three quarters of its lanes idle).
   constexpr int kThinCols = W / 4;
+  static_assert(kThinCols <= 4, "thin_dispatch covers up to 4 columns");
   const bool nchw = pl.layout == Layout::kNCHW;
   KernelFn<T> kern[V::MR][V::NV];
   if (nchw) {
@@ -957,23 +988,27 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
       const Epi<T> e{pl.y + off, pl.residual ? pl.residual + off : nullptr, npix,
                      pl.pw_scale, pl.pw_shift, pl.out_act,
                      ch_sum ? part_sum : nullptr, ch_sum ? part_sq : nullptr, ch_sum, ch_sq};
-      // A last column block of at most kThinCols pixels goes to the thin kernel.
+      // A last column block of at most kThinCols pixels goes to the thin kernel, for each group
+      // of panels right after their wide blocks.
       const int64_t last_cols = np - (np - 1) / NR * NR;
       const int64_t wide_np = last_cols <= kThinCols ? np - last_cols : np;
-      for (int64_t co = co_a; co < co_b; co += MR) {
-        const int rows = static_cast<int>(imin(MR, co_b - co));
-        const T* A = packed + (co / MR) * C * MR;
-        if (ch_sum) panel_begin();
-        for (int64_t c0 = 0; c0 < wide_np; c0 += NR) {
-          const int cols = static_cast<int>(imin(NR, wide_np - c0));
-          const T* B = tile + (c0 / NR) * C * NR;
-          kern[rows - 1][(cols + W - 1) / W - 1](C, A, B, 0, e, co, c0, cols);
+      const int tc = static_cast<int>(np - wide_np);
+      const T* B_thin = tile + (wide_np / NR) * C * NR;
+      const int64_t group = MR * thin_group_of<V>(tc);
+      for (int64_t cg = co_a; cg < co_b; cg += group) {
+        const int64_t cg_end = imin(co_b, cg + group);
+        for (int64_t co = cg; co < cg_end; co += MR) {
+          const int rows = static_cast<int>(imin(MR, co_b - co));
+          const T* A = packed + (co / MR) * C * MR;
+          if (ch_sum) panel_begin();
+          for (int64_t c0 = 0; c0 < wide_np; c0 += NR) {
+            const int cols = static_cast<int>(imin(NR, wide_np - c0));
+            const T* B = tile + (c0 / NR) * C * NR;
+            kern[rows - 1][(cols + W - 1) / W - 1](C, A, B, 0, e, co, c0, cols);
+          }
+          if (ch_sum) panel_end(co, rows, W);
         }
-        if (ch_sum) panel_end(co, rows, W);
-      }
-      for (int64_t j = 0; j < np - wide_np; ++j) {
-        const T* B = tile + (wide_np / NR) * C * NR;
-        thin_column<V>(C, packed, B, static_cast<int>(j), e, co_a, co_b, wide_np);
+        if (tc > 0) thin_dispatch<V>(tc, C, packed, B_thin, e, cg, cg_end, wide_np);
       }
     } else {
       const int64_t off = (n * npix + p0) * CO;

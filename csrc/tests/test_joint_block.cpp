@@ -423,30 +423,34 @@ void test_tiling(bool quick) {
   lwk::detail::set_tile_budget_bytes(0);
 }
 
-// NCHW images whose tiles end in one to three pixel columns (the thin kernel's work) for every
-// output-channel count up to 130: every remainder of the thin kernel's panel groups on every ISA
-// (groups of up to 8 panels of up to 8 rows). A group whose last panel is partial once lost all
-// but its first panel.
+// NCHW images whose tiles end in one to four pixel columns (the thin kernel's work), alone or
+// after a 48-wide block, for every output-channel count up to 130: every remainder of the thin
+// kernel's panel groups on every ISA. A group whose last panel is partial once lost all but its
+// first panel.
 void test_thin_columns(bool quick) {
   const Activation acts[3] = {Activation::kNone, Activation::kRelu, Activation::kRelu6};
+  struct HW { int64_t h, w; };
+  const HW images[] = {{1, 1}, {2, 1}, {1, 3}, {2, 2}, {7, 7}, {2, 25}, {1, 51}, {1, 52}};
   for (int64_t cout = 1; cout <= 130; cout += quick ? 7 : 1) {
-    for (int64_t w : {1, 2, 3}) {
+    int v = 0;
+    for (const HW& hw : images) {
+      ++v;
       Case c{};
-      c.n = 1 + cout % 2;
-      c.cin = 3 + cout % 5;
+      c.n = 1 + (cout + v) % 2;
+      c.cin = 3 + (cout + v) % 5;
       c.cout = cout;
-      c.h = 2;
-      c.w = w;
+      c.h = hw.h;
+      c.w = hw.w;
       c.k = 3;
       c.stride = 1;
       c.dil = 1;
       c.pad = 1;
       c.layout = Layout::kNCHW;
       c.pw_scale = c.pw_shift = c.dw_shift = true;
-      c.residual = cout % 3 == 0;
-      c.out_act = acts[cout % 3];
-      c.threads = 1 + static_cast<int>(w % 2);
-      c.stats = cout % 2 == 0;
+      c.residual = (cout + v) % 3 == 0;
+      c.out_act = acts[(cout + v) % 3];
+      c.threads = 1 + v % 2;
+      c.stats = (cout + v) % 2 == 0;
       for (Isa isa : isas_under_test()) run_case<float>(c, isa, 500 + cout);
     }
   }
