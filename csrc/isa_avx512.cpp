@@ -32,6 +32,9 @@ struct Avx512F32 {
   static LWK_INLINE void store(T* p, reg v) { _mm512_storeu_ps(p, v); }
   static LWK_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static LWK_INLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static LWK_INLINE reg set_halves(T lo, T hi) {
+    return _mm512_mask_broadcastss_ps(_mm512_set1_ps(lo), __mmask16(0xFF00), _mm_set_ss(hi));
+  }
   static LWK_INLINE reg keep_first(reg v, int n) {
     return _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1u), v);
   }

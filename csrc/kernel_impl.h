@@ -8,6 +8,7 @@
 //   NR = NV * W         micro-kernel columns
 //   zero() set1(s) load(p) store(p, v) fma(a, b, c) = a*b + c, add(a, b)
 //   keep_first(v, n)    v with lanes n .. W-1 set to zero (0 <= n <= W)
+//   set_halves(a, b)    lanes [0, W/2) = a, [W/2, W) = b; only needed when W == 2 * MR
 //   max_keep(lo, v) / min_keep(hi, v)     max/min that return v when v is NaN (like torch.relu)
 //   load_s2(p)          {p[0], p[2], ..., p[2W-2]} without reading past p[2W-2]
 //   add_f64(p, v)       p[l] += double(v[l]) for the W lanes (double* p)
@@ -305,6 +306,13 @@ constexpr int thin_rv() {
   return (V::MR + V::W - 1) / V::W;
 }
 
+// 2 when a vector holds exactly two panel rows (AVX-512: 16 lanes, 8-row panels): then one load
+// covers two k.
+template <class V>
+constexpr int thin_kpair() {
+  return V::W == 2 * V::MR ? 2 : 1;
+}
+
 // Panels per thin call for TC columns: about eight accumulator chains.
 template <class V, int TC>
 constexpr int thin_group() {
@@ -320,19 +328,44 @@ LWK_NOINLINE void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A, i
   using R = typename V::reg;
   constexpr int W = V::W, MR = V::MR, NR = V::NR;
   constexpr int RV = thin_rv<V>();
+  constexpr int KP = thin_kpair<V>();
   R acc[G][RV][TC];
   LWK_UNROLL for (int g = 0; g < G; ++g) {
     LWK_UNROLL for (int v = 0; v < RV; ++v) {
       LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][v][t] = V::zero();
     }
   }
-  for (int64_t k = 0; k < K; ++k) {
-    R b[TC];
-    LWK_UNROLL for (int t = 0; t < TC; ++t) b[t] = V::set1(B[k * NR + j + t]);
-    LWK_UNROLL for (int g = 0; g < G; ++g) {
-      LWK_UNROLL for (int v = 0; v < RV; ++v) {
-        const R a = V::load(A + g * panel_stride + k * MR + v * W);
-        LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][v][t] = V::fma(b[t], a, acc[g][v][t]);
+  int64_t k = 0;
+  if constexpr (KP == 2) {
+    // Lanes [0, MR) accumulate even k, lanes [MR, 2*MR) odd k: a vector load of A covers the
+    // panel rows of k and k + 1, so no lane is idle.
+    for (; k + 2 <= K; k += 2) {
+      R b[TC];
+      LWK_UNROLL for (int t = 0; t < TC; ++t) {
+        b[t] = V::set_halves(B[k * NR + j + t], B[(k + 1) * NR + j + t]);
+      }
+      LWK_UNROLL for (int g = 0; g < G; ++g) {
+        const R a = V::load(A + g * panel_stride + k * MR);
+        LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][0][t] = V::fma(b[t], a, acc[g][0][t]);
+      }
+    }
+    if (k < K) {  // odd K: the upper lanes (past the panel) must add exactly zero
+      R b[TC];
+      LWK_UNROLL for (int t = 0; t < TC; ++t) b[t] = V::set_halves(B[k * NR + j + t], T(0));
+      LWK_UNROLL for (int g = 0; g < G; ++g) {
+        const R a = V::keep_first(V::load(A + g * panel_stride + k * MR), MR);
+        LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][0][t] = V::fma(b[t], a, acc[g][0][t]);
+      }
+    }
+  } else {
+    for (; k < K; ++k) {
+      R b[TC];
+      LWK_UNROLL for (int t = 0; t < TC; ++t) b[t] = V::set1(B[k * NR + j + t]);
+      LWK_UNROLL for (int g = 0; g < G; ++g) {
+        LWK_UNROLL for (int v = 0; v < RV; ++v) {
+          const R a = V::load(A + g * panel_stride + k * MR + v * W);
+          LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][v][t] = V::fma(b[t], a, acc[g][v][t]);
+        }
       }
     }
   }
@@ -341,6 +374,9 @@ LWK_NOINLINE void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A, i
     const int valid = g + 1 < G ? MR : rows;
     for (int t = 0; t < TC; ++t) {
       LWK_UNROLL for (int v = 0; v < RV; ++v) V::store(tmp + v * W, acc[g][v][t]);
+      if constexpr (KP == 2) {
+        for (int i = 0; i < MR; ++i) tmp[i] += tmp[i + MR];
+      }
       for (int i = 0; i < valid; ++i) {
         const int64_t ch = r0 + g * MR + i;
         const int64_t off = ch * e.ldy + c0 + j + t;

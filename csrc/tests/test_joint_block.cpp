@@ -736,6 +736,31 @@ void test_nan_propagation() {
   }
 }
 
+// An infinite pointwise weight affects its own output channel only. The thin kernel's vector
+// loads run past a weight panel (AVX-512 reads the next panel's first row with the last k of an
+// odd K), and a lane that multiplies what it read there by zero would turn Inf into NaN.
+void test_inf_weight_isolated() {
+  for (Isa isa : isas_under_test()) {
+    JointGeometry g = small_geometry(Layout::kNCHW);
+    g.in_channels = 3;
+    g.out_channels = 16;
+    g.in_h = g.in_w = g.out_h = g.out_w = 1;  // one pixel: a thin column
+    std::vector<float> x(3, 1.0f), dw(27, 1.0f), w(16 * 3, 1.0f), y(16, 0.0f);
+    w[8 * 3 + 0] = std::numeric_limits<float>::infinity();
+    auto packed = lwk::pack_pointwise<float>(isa, Layout::kNCHW, w.data(), 16, 3);
+    lwk::JointTensors<float> t;
+    t.x = x.data();
+    t.dw_weight = dw.data();
+    t.y = y.data();
+    lwk::joint_forward<float>(*packed, g, t, 1);
+    for (int co = 0; co < 16; ++co) {
+      const bool ok = co == 8 ? std::isinf(y[co]) : y[co] == 3.0f;
+      CHECK(ok, "[%s] channel %d: got %g, want %s", lwk::isa_name(isa), co, y[co],
+            co == 8 ? "inf" : "3");
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -750,6 +775,7 @@ int main(int argc, char** argv) {
   try {
     test_validation();
     test_nan_propagation();
+    test_inf_weight_isolated();
     test_residual_in_place();
     test_grid(quick);
     test_random(quick ? 40 : 300);
