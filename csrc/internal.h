@@ -87,8 +87,10 @@ struct Plan {
 
   // NCHW depthwise through a zero-padded, stride-deinterleaved copy of the input rows a tile needs
   // (the "plane"): padded row j = x[iy][j - PW] (0 outside the image, and whole zero rows for iy
-  // outside it), split into SW phases of lp elements, phase r holding padded elements r, r + SW,
-  // r + 2*SW, ... Tap (ky, kx) of output (oy, ox) then reads plane element
+  // outside it), split into SW phases, phase r holding padded elements r, r + SW, r + 2*SW, ...
+  // from phase_off[r] on (the phases of one row lie in SW*lp elements; phase_off[r] = r*lp plus
+  // a shift that puts the phase's first inside element on a vector boundary: the fill's stores
+  // then never split a cache line). Tap (ky, kx) of output (oy, ox) then reads plane element
   // (oy*SH - PH - iy_base) * SW*lp + tap_off[ky*KW + kx] + ox, where iy_base is the tile's first
   // plane row: unit-stride vector loads, no border cases, no branches. plane_rows bounds the rows
   // of one tile. When the plane would be too large (huge padding or dilation) use_plane is false
@@ -99,6 +101,7 @@ struct Plan {
   // Phase r's elements inside the image: [phase_lo[r], phase_hi[r]) (0 <= m*SW + r - PW < W).
   const int64_t* phase_lo = nullptr;  // [SW]
   const int64_t* phase_hi = nullptr;  // [SW]
+  const int64_t* phase_off = nullptr;  // [SW]
   // A tile's output-row segments (at most max_segs), computed once per tile at seg_offset.
   int64_t max_segs = 0;
   std::size_t seg_offset = 0;

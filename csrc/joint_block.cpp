@@ -457,7 +457,8 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   } else {
     plan.tile_elems = ceil_div(tl.tile_px, ops->nr) * C * ops->nr;
   }
-  const std::size_t own_tile_bytes = tl.shared_dw ? 0 : aligned(plan.tile_elems * int64_t(sizeof(T)));
+  const std::size_t own_tile_bytes =
+      tl.shared_dw ? 0 : aligned(plan.tile_elems * int64_t(sizeof(T)));
   if (nhwc) {
     plan.scratch_bytes = own_tile_bytes;
   } else {
@@ -470,7 +471,9 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
     plan.scratch_bytes = plan.plane_offset;
     const int64_t S = g.stride_w;
     const int64_t qmax = (KW - 1) * g.dil_w / S;
-    plan.lp = round_up(g.out_w + ops->vw + qmax + 1, ops->vw);
+    // + vw - 1: each phase starts up to vw - 1 elements in, so its first inside element (where
+    // the fill's stores begin) is vector-aligned.
+    plan.lp = round_up(g.out_w + ops->vw + qmax + 1 + ops->vw - 1, ops->vw);
     const int64_t rows_out = std::min(g.out_h, ceil_div(tl.tile_px, g.out_w) + 1);
     plan.plane_rows = (rows_out - 1) * g.stride_h + (KH - 1) * g.dil_h + 1;
     const int64_t plane_elems = plan.plane_rows * S * plan.lp + ops->vw;  // + store slack
@@ -502,7 +505,8 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
     n_dw_items = tiles_all * plan.n_dw_chunks;
     b_shared = aligned(tiles_all * plan.tile_elems * int64_t(sizeof(T)));
   }
-  const int tasks = static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
+  const int tasks =
+      static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
 
   // Per-call tables and folded parameters live in the head of the calling thread's scratch;
   // the per-task depthwise tiles follow.
@@ -517,7 +521,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   const std::size_t b_ow = bytes_of(OW, sizeof(int64_t));
   const std::size_t b_kw = bytes_of(taps, sizeof(int64_t));
   const std::size_t b_ph = bytes_of(plan.use_plane ? g.stride_w : 0, sizeof(int64_t));
-  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 2 * b_ph + b_shared;
+  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 3 * b_ph + b_shared;
   char* base = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
   char* cur = base;
   auto take = [&cur](std::size_t b) {
@@ -536,6 +540,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   int64_t* tap_off = reinterpret_cast<int64_t*>(take(b_kw));
   int64_t* phase_lo = reinterpret_cast<int64_t*>(take(b_ph));
   int64_t* phase_hi = reinterpret_cast<int64_t*>(take(b_ph));
+  int64_t* phase_off = reinterpret_cast<int64_t*>(take(b_ph));
   if (tl.shared_dw) plan.shared_dw = reinterpret_cast<T*>(take(b_shared));
   char* tiles = cur;
 
@@ -587,27 +592,29 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.kx_hi = kx_hi;
   plan.ox_in_lo = in_lo;
   plan.ox_in_hi = in_hi;
-  for (int64_t ky = 0; ky < KH; ++ky) {
-    for (int64_t kx = 0; kx < KW; ++kx) {
-      const int64_t j = kx * g.dil_w;
-      tap_off[ky * KW + kx] = ky * g.dil_h * g.stride_w * plan.lp +
-                              (j % g.stride_w) * plan.lp + j / g.stride_w;
-    }
-  }
-  plan.tap_off = tap_off;
   if (plan.use_plane) {
     const int64_t S = g.stride_w, P = g.pad_w, Win = g.in_w;
+    const int64_t cap = plan.lp - (ops->vw - 1);  // room left after the largest shift
     for (int64_t r = 0; r < S; ++r) {
       int64_t lo = P - r <= 0 ? 0 : ceil_div(P - r, S);
       int64_t hi = Win - 1 + P - r < 0 ? 0 : (Win - 1 + P - r) / S + 1;
-      lo = std::min(lo, plan.lp);
-      hi = std::min(hi, plan.lp);
+      lo = std::min(lo, cap);
+      hi = std::min(hi, cap);
       phase_lo[r] = lo;
       phase_hi[r] = std::max(lo, hi);
+      phase_off[r] = r * plan.lp + (ops->vw - lo % ops->vw) % ops->vw;
+    }
+    for (int64_t ky = 0; ky < KH; ++ky) {
+      for (int64_t kx = 0; kx < KW; ++kx) {
+        const int64_t j = kx * g.dil_w;
+        tap_off[ky * KW + kx] = ky * g.dil_h * S * plan.lp + phase_off[j % S] + j / S;
+      }
     }
   }
+  plan.tap_off = tap_off;
   plan.phase_lo = phase_lo;
   plan.phase_hi = phase_hi;
+  plan.phase_off = phase_off;
 
   auto worker_stats = [&](int task) {
     return reinterpret_cast<double*>(tiles + plan.scratch_bytes * task + plan.stats_offset);

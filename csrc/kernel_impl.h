@@ -574,10 +574,11 @@ void dw_tile_nchw(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
 }
 
 // NCHW through the plane (see Plan::use_plane). The plane of input rows iy_base ..
-// iy_base + rows - 1 holds, for phase r of row iy, plane[(iy - iy_base) * SW * lp + r * lp + m] =
-// x[iy][m * SW + r - PW], 0 outside the image. Which elements are inside is the same for every
-// channel of a tile, so zero_plane() clears a plane once per tile and fill_plane() then only
-// writes the inside elements of each channel.
+// iy_base + rows - 1 holds, for phase r of row iy,
+// plane[(iy - iy_base) * SW * lp + phase_off[r] + m] = x[iy][m * SW + r - PW], 0 outside the
+// image. Which elements are inside is the same for every channel of a tile, so zero_plane()
+// clears a plane once per tile and fill_plane() then only writes the inside elements of each
+// channel.
 template <class V>
 void zero_plane(typename V::T* plane, int64_t elems) {
   const typename V::reg z = V::zero();
@@ -602,7 +603,7 @@ void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, int64_t 
       const int64_t ma = pl.phase_lo[r], mb = pl.phase_hi[r];
       const int64_t n = mb - ma;
       if (n <= 0) continue;
-      T* d = row + r * lp + ma;
+      T* d = row + pl.phase_off[r] + ma;
       const T* s0 = src + (ma * S + r - P);
       if (n >= W) {  // whole vectors, the last one overlapping: nothing outside [ma, mb) written
         int64_t m = 0;
