@@ -49,14 +49,15 @@ struct Avx512F32 {
     _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), lo));
     _mm512_storeu_pd(p + 8, _mm512_add_pd(_mm512_loadu_pd(p + 8), hi));
   }
-  // p[0], p[2], ..., p[30]: the second load is masked to p[16..30] (masked-off lanes are never
-  // read, so nothing past p[30] is touched).
+  // p[0], p[2], ..., p[30] from two loads covering exactly p[0..30]: the second starts at p[15],
+  // so its odd lanes hold p[16], p[18], ... (a masked load of p[16..30] instead was the slowest
+  // instruction of the stride-2 plane fill: masked loads that split a cache line are slow).
   static LWK_INLINE reg load_s2(const T* p) {
-    const __m512 a = _mm512_loadu_ps(p);
-    const __m512 b = _mm512_maskz_loadu_ps(__mmask16(0x7FFF), p + 16);
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4,
+    const __m512 a = _mm512_loadu_ps(p);       // p[0 .. 15]
+    const __m512 b = _mm512_loadu_ps(p + 15);  // p[15 .. 30]
+    const __m512i pick = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 14, 12, 10, 8, 6, 4,
                                           2, 0);
-    return _mm512_permutex2var_ps(a, even, b);
+    return _mm512_permutex2var_ps(a, pick, b);
   }
 };
 
