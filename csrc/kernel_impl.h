@@ -1,6 +1,6 @@
 // The fused joint-block tile computation, written once over a small vector-traits struct V and
-// instantiated in each ISA translation unit (isa_scalar.cpp, isa_avx2.cpp, isa_neon.cpp) with that
-// unit's compiler flags.
+// instantiated in each ISA translation unit (isa_scalar.cpp, isa_avx2.cpp, isa_avx512.cpp,
+// isa_neon.cpp) with that unit's compiler flags.
 //
 // V provides:
 //   using T;            element type          using reg;    vector register type
@@ -16,7 +16,8 @@
 // Per work item (image n, pixel tile, output-channel block), see run_items():
 //   1. depthwise: the tile's depthwise output for all C_in channels goes into a per-worker buffer
 //      that stays in L1/L2 (NCHW: [C_in][pixels], NHWC: [pixels][C_in]), with the depthwise
-//      scale/shift and mid activation applied;
+//      scale/shift and mid activation applied (in shared-depthwise mode a first phase,
+//      run_depthwise(), has computed every tile's buffer already: see Plan::shared_dw);
 //   2. pointwise: a register-blocked GEMM micro-kernel multiplies that buffer with the packed
 //      pointwise panels; its epilogue applies scale, shift, residual and the output activation
 //      while storing y. NHWC: rows = pixels, columns = output channels (B = packed W^T panels);
