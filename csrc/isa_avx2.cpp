@@ -48,10 +48,7 @@ struct Avx2F32 {
 }  // namespace
 
 const IsaOps<float>* avx2_ops_f32() {
-  using V = Avx2F32;
-  static const IsaOps<float> ops{Isa::kAvx2, V::MR, V::NR, V::W, &run_items<V>,
-                                   &run_depthwise<V>};
-  return &ops;
+  return isa_ops<Avx2F32>(Isa::kAvx2);
 }
 
 }  // namespace detail

@@ -64,10 +64,7 @@ struct Avx512F32 {
 }  // namespace
 
 const IsaOps<float>* avx512_ops_f32() {
-  using V = Avx512F32;
-  static const IsaOps<float> ops{Isa::kAvx512, V::MR, V::NR, V::W, &run_items<V>,
-                                   &run_depthwise<V>};
-  return &ops;
+  return isa_ops<Avx512F32>(Isa::kAvx512);
 }
 
 }  // namespace detail

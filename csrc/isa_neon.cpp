@@ -46,10 +46,7 @@ struct NeonF32 {
 }  // namespace
 
 const IsaOps<float>* neon_ops_f32() {
-  using V = NeonF32;
-  static const IsaOps<float> ops{Isa::kNeon, V::MR, V::NR, V::W, &run_items<V>,
-                                   &run_depthwise<V>};
-  return &ops;
+  return isa_ops<NeonF32>(Isa::kNeon);
 }
 
 }  // namespace detail

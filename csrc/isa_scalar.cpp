@@ -29,17 +29,11 @@ struct ScalarVec {
 }  // namespace
 
 const IsaOps<float>* scalar_ops_f32() {
-  using V = ScalarVec<float>;
-  static const IsaOps<float> ops{Isa::kScalar, V::MR, V::NR, V::W, &run_items<V>,
-                                   &run_depthwise<V>};
-  return &ops;
+  return isa_ops<ScalarVec<float>>(Isa::kScalar);
 }
 
 const IsaOps<double>* scalar_ops_f64() {
-  using V = ScalarVec<double>;
-  static const IsaOps<double> ops{Isa::kScalar, V::MR, V::NR, V::W, &run_items<V>,
-                                   &run_depthwise<V>};
-  return &ops;
+  return isa_ops<ScalarVec<double>>(Isa::kScalar);
 }
 
 }  // namespace detail

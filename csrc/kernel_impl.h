@@ -1069,6 +1069,13 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
   *dw_tile = last;
 }
 
+// The entry points of the path whose vector traits are V (one table per ISA translation unit).
+template <class V>
+const IsaOps<typename V::T>* isa_ops(Isa isa) {
+  static const IsaOps<typename V::T> ops{isa, V::MR, V::NR, V::W, &run_items<V>, &run_depthwise<V>};
+  return &ops;
+}
+
 }  // namespace
 }  // namespace detail
 }  // namespace lwk
