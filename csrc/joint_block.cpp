@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "internal.h"
-#include "thread_pool.h"
+#include "parallel.h"
 
 namespace lwk {
 namespace detail {

@@ -5,6 +5,7 @@ set(LWK_CSRC_DIR ${CMAKE_CURRENT_LIST_DIR})
 
 add_library(lwkernels_core STATIC
   ${LWK_CSRC_DIR}/joint_block.cpp
+  ${LWK_CSRC_DIR}/parallel.cpp
   ${LWK_CSRC_DIR}/thread_pool.cpp
   ${LWK_CSRC_DIR}/isa_scalar.cpp
   ${LWK_CSRC_DIR}/train_kernels.cpp)

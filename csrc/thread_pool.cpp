@@ -69,7 +69,7 @@ class ThreadPool {
     } catch (...) {
       mine = std::current_exception();
     }
-    // Tasks are expected to share their work dynamically (see joint_block.cpp), so by now every
+    // Tasks share their work dynamically (parallel.h), so by now every
     // task that has not started has nothing left to do: cancel those instead of waiting for a
     // worker that may not even be scheduled yet.
     for (int w = 0; w < n - 1; ++w) {
@@ -192,7 +192,7 @@ ThreadPool& instance() {
 
 }  // namespace
 
-void parallel_run(int n, TaskFn fn, void* ctx) { instance().run(n, fn, ctx); }
+void pool_run(int n, TaskFn fn, void* ctx) { instance().run(n, fn, ctx); }
 
 }  // namespace detail
 }  // namespace lwk

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "thread_pool.h"
+#include "parallel.h"
 #include "train_kernels.h"
 
 #ifndef LWK_TRAIN_NS
@@ -47,9 +47,9 @@ const TrainOps<float>* avx2_train_ops_f32();
 namespace LWK_TRAIN_NS {
 
 // ---- work sharing ----------------------------------------------------------------------------
-// Tasks claim chunks of `grain` items from a shared counter until none are left (the thread pool
-// cancels tasks that have not started once task 0 is done, so every task must be able to finish
-// the whole range alone). body(task, begin, end).
+// Tasks claim chunks of `grain` items from a shared counter until none are left (parallel.h: a
+// backend may drop tasks that have not started, so every task must be able to finish the whole
+// range alone). body(task, begin, end).
 template <typename F>
 struct ParallelCtx {
   std::atomic<int64_t> next{0};

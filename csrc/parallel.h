@@ -1,0 +1,19 @@
+// How the CPU kernels run their work on several threads.
+//
+// parallel_run(n, fn, ctx) offers fn(ctx, i) for every i in [0, n), task 0 on the calling thread,
+// and returns when every task that started has finished. Not every task is guaranteed to run:
+// tasks must share their work dynamically (each keeps claiming work from a shared counter until
+// none is left, as joint_block.cpp's and train_impl.h's tasks do), so that task 0 alone would
+// finish the call. That lets a backend drop tasks whose thread is late or missing.
+#pragma once
+
+namespace lwk {
+namespace detail {
+
+using TaskFn = void (*)(void* ctx, int task);
+
+// Rethrows the first exception a task threw (tasks should not throw). n <= 1 runs inline.
+void parallel_run(int n, TaskFn fn, void* ctx);
+
+}  // namespace detail
+}  // namespace lwk
