@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs the C++ kernel tests (csrc/tests):
-#   1. natively under AddressSanitizer + UndefinedBehaviorSanitizer (every ISA the CPU supports),
+#   1. natively under AddressSanitizer + UndefinedBehaviorSanitizer (every ISA the CPU supports;
+#      parallel_run on both of its backends),
 #   2. cross-compiled for aarch64 (the NEON path) and run under qemu-user.
 # Installs g++-aarch64-linux-gnu and qemu-user with apt-get when they are missing.
 # Exits non-zero on any failure. Build trees go to csrc/tests/build/ (git-ignored).
@@ -18,11 +19,15 @@ step() { printf '\n==> %s\n' "$*"; }
 # --- 1. native, sanitized -------------------------------------------------------------------
 step "native build with AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S "$SRC" -B "$OUT/asan" "${GEN[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLWK_SANITIZE=ON
-cmake --build "$OUT/asan" --parallel "$JOBS" --target test_joint_block
+cmake --build "$OUT/asan" --parallel "$JOBS" --target test_joint_block test_parallel
 step "native tests (ASan + UBSan)"
-ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1" \
-UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-  "$OUT/asan/test_joint_block"
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+"$OUT/asan/test_joint_block"
+# parallel_run on the thread pool alone, then with an OpenMP runtime loaded as PyTorch loads its own.
+"$OUT/asan/test_parallel"
+"$OUT/asan/test_parallel" --host-openmp
+unset ASAN_OPTIONS UBSAN_OPTIONS
 
 # --- 2. aarch64 / NEON under qemu-user ------------------------------------------------------
 if [ "$(uname -m)" = "aarch64" ]; then
@@ -47,6 +52,7 @@ cmake -S "$SRC" -B "$OUT/aarch64" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DLWK_U
   -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++
 cmake --build "$OUT/aarch64" --parallel "$JOBS" --target test_joint_block
 step "aarch64 tests under qemu-user (UBSan, quick grid)"
+# (Not test_parallel: qemu-user cannot fork a multi-threaded guest; that code is not ISA-specific.)
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   qemu-aarch64 -L /usr/aarch64-linux-gnu "$OUT/aarch64/test_joint_block" --quick
 

@@ -6,6 +6,7 @@ set(LWK_CSRC_DIR ${CMAKE_CURRENT_LIST_DIR})
 add_library(lwkernels_core STATIC
   ${LWK_CSRC_DIR}/joint_block.cpp
   ${LWK_CSRC_DIR}/parallel.cpp
+  ${LWK_CSRC_DIR}/host_openmp.cpp
   ${LWK_CSRC_DIR}/thread_pool.cpp
   ${LWK_CSRC_DIR}/isa_scalar.cpp
   ${LWK_CSRC_DIR}/train_kernels.cpp)
@@ -14,7 +15,7 @@ target_compile_features(lwkernels_core PUBLIC cxx_std_17)
 target_include_directories(lwkernels_core PUBLIC ${LWK_CSRC_DIR})
 
 find_package(Threads REQUIRED)
-target_link_libraries(lwkernels_core PUBLIC Threads::Threads)
+target_link_libraries(lwkernels_core PUBLIC Threads::Threads ${CMAKE_DL_LIBS})  # dl: host_openmp.cpp
 
 string(TOLOWER "${CMAKE_SYSTEM_PROCESSOR}" LWK_ARCH)
 if(LWK_ARCH MATCHES "^(x86_64|amd64|x64)$")

@@ -5,9 +5,29 @@
 // tasks must share their work dynamically (each keeps claiming work from a shared counter until
 // none is left, as joint_block.cpp's and train_impl.h's tasks do), so that task 0 alone would
 // finish the call. That lets a backend drop tasks whose thread is late or missing.
+//
+// Two backends: the process's OpenMP runtime when one is loaded (PyTorch's; host_openmp.h says
+// why that matters), otherwise lwkernels' own thread pool (thread_pool.h).
 #pragma once
 
+#include <string>
+
 namespace lwk {
+
+enum class ParallelBackend {
+  kAuto,        // the host OpenMP runtime when available, else the thread pool (the default)
+  kThreadPool,  // always lwkernels' own pool
+  kHostOpenMP,  // the host runtime; set_parallel_backend throws if there is none
+};
+
+// Process-wide; takes effect at the next call. In a child forked after the host runtime was
+// chosen, calls fall back to the thread pool.
+void set_parallel_backend(ParallelBackend backend);
+ParallelBackend parallel_backend();
+
+// What calls use now: "openmp (<runtime file name>)" or "threadpool".
+std::string parallel_backend_in_use();
+
 namespace detail {
 
 using TaskFn = void (*)(void* ctx, int task);

@@ -115,7 +115,7 @@ def environment(device: str = "cpu") -> Dict[str, str]:
     import platform
 
     from . import __version__
-    from .cpu_backend import selected_isa
+    from .cpu_backend import parallel_backend_in_use, selected_isa
 
     info = {"torch": torch.__version__, "lwkernels": __version__, "threads": str(torch.get_num_threads())}
     if device.startswith("cuda"):
@@ -123,6 +123,7 @@ def environment(device: str = "cpu") -> Dict[str, str]:
     else:
         info["device"] = _cpu_name() or platform.processor() or platform.machine()
         info["cpu_path"] = selected_isa()
+        info["cpu_parallel"] = parallel_backend_in_use()
     return info
 
 

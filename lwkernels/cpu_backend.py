@@ -16,6 +16,12 @@ from .contract import empty_output, output_memory_format
 ISA_ENV = "LWKERNELS_CPU_ISA"
 CPU_PATHS = ("scalar", "avx2", "avx512", "neon")
 
+#: Environment variable, read when the kernels are first loaded, that chooses how they run on
+#: several threads: "auto" (default: on PyTorch's own OpenMP threads when its runtime is loaded, else
+#: lwkernels' thread pool), "openmp" or "threadpool". See set_parallel_backend().
+PARALLEL_ENV = "LWKERNELS_CPU_PARALLEL"
+PARALLEL_BACKENDS = ("auto", "openmp", "threadpool")
+
 # Kernels exist for these dtypes; half/bfloat16 on the CPU are computed in float32.
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -35,8 +41,37 @@ def native():
             "lwkernels' C++ extension (lwkernels._C) is missing or failed to load; "
             "reinstall the package with `pip install .`"
         ) from e
+    _apply_parallel_backend(_C, os.environ.get(PARALLEL_ENV, "auto"), f"{PARALLEL_ENV}=")
     _NATIVE = _C
     return _C
+
+
+def _apply_parallel_backend(_C, name: str, what: str = "") -> None:
+    requested = str(name).strip().lower() or "auto"
+    if requested not in PARALLEL_BACKENDS:
+        raise ValueError(f"{what}{name!r} is not a parallel backend; choose one of {PARALLEL_BACKENDS}")
+    try:
+        _C.set_parallel_backend(requested)
+    except RuntimeError as e:
+        raise RuntimeError(f"{what}{name!r}: {e}") from None
+
+
+def set_parallel_backend(name: str) -> str:
+    """Chooses where the CPU kernels run their threads, for the whole process; returns what they use now.
+
+    "auto" (the default) and "openmp" run them on the team of the OpenMP runtime already loaded in
+    the process (PyTorch's), so they never compete for cores with its idle threads, which keep
+    spinning for a while after every PyTorch op; "openmp" raises if no such runtime is loaded.
+    "threadpool" uses lwkernels' own threads. Either way the thread count is
+    torch.get_num_threads()."""
+    _C = native()
+    _apply_parallel_backend(_C, name)
+    return _C.parallel_backend_in_use()
+
+
+def parallel_backend_in_use() -> str:
+    """"openmp (<runtime library>)" or "threadpool": how the CPU kernels' next call runs its threads."""
+    return native().parallel_backend_in_use()
 
 
 # (raw LWKERNELS_CPU_ISA value, the path it selects): the last successful selection, so that the

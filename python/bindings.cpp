@@ -10,6 +10,7 @@
 #include <string>
 
 #include "../csrc/joint_block.h"
+#include "../csrc/parallel.h"
 #include "enum_names.h"
 
 namespace py = pybind11;
@@ -126,5 +127,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("isa_supported", [](const std::string& name) { return lwk::isa_supported(isa_from_name(name)); });
   m.def("best_isa", []() { return std::string(lwk::isa_name(lwk::best_isa())); });
+  m.def("set_parallel_backend", [](const std::string& name) {
+    if (name == "auto") return lwk::set_parallel_backend(lwk::ParallelBackend::kAuto);
+    if (name == "threadpool") return lwk::set_parallel_backend(lwk::ParallelBackend::kThreadPool);
+    if (name == "openmp") return lwk::set_parallel_backend(lwk::ParallelBackend::kHostOpenMP);
+    throw std::invalid_argument("unknown parallel backend '" + name +
+                                "' (expected auto, openmp or threadpool)");
+  });
+  m.def("parallel_backend_in_use", &lwk::parallel_backend_in_use);
   bind_training(m);
 }

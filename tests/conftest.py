@@ -17,6 +17,19 @@ def cpu_isa(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["openmp", "threadpool"])
+def parallel_backend(request):
+    """Runs the test on each way the CPU kernels can run their threads (PyTorch's OpenMP team, when
+    its runtime is loaded here, and lwkernels' own pool); restores the automatic choice."""
+    if request.param == "openmp" and not cpu_backend.parallel_backend_in_use().startswith("openmp"):
+        pytest.skip("no OpenMP runtime is loaded in this process (PyTorch built without OpenMP)")
+    cpu_backend.set_parallel_backend(request.param)
+    try:
+        yield request.param
+    finally:
+        cpu_backend.set_parallel_backend("auto")
+
+
 @pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
 def num_threads(request):
     """Runs the test with torch.set_num_threads(1) and (2); restores the previous setting."""

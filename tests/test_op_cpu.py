@@ -160,7 +160,7 @@ def test_dtypes(cpu_isa, shape, dtype, layout):
 # -- threads, bigger shapes --------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_thread_counts(cpu_isa, num_threads, stride, layout):
+def test_thread_counts(cpu_isa, num_threads, parallel_backend, stride, layout):
     assert torch.get_num_threads() == num_threads
     check(Case(n=2, c_in=32, c_out=48, h=15, w=17, stride=stride, dilation=2, mid_act="relu", out_act="relu",
                residual=layout, layout=layout))
@@ -175,7 +175,7 @@ def test_large_shapes(cpu_isa, shape, layout):
                out_act="relu", residual=layout, layout=layout))
 
 
-def test_concurrent_calls_from_python_threads(cpu_isa):
+def test_concurrent_calls_from_python_threads(cpu_isa, parallel_backend):
     """4 Python threads x 20 calls on different shapes at once; every result checked."""
     cases = [Case(n=1 + i % 2, c_in=3 + 5 * i, c_out=4 + 7 * i, h=6 + i, w=9 - i, stride=1 + i % 2,
                   dilation=1 + i, mid_act=ACTIVATIONS[i % 3], out_act=ACTIVATIONS[(i + 1) % 3],

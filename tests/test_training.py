@@ -86,8 +86,9 @@ def test_grid_float64(c_in, stride, dilation, layout, single_thread):
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("mid_norm", [False, True])
 @pytest.mark.parametrize("stride,dilation", [(1, 3), (2, 2)])
-def test_float32_each_cpu_path(layout, mid_norm, stride, dilation, cpu_isa, num_threads):
-    """float32 through each compiled path (scalar / AVX2) and 1 or 2 threads, against float64."""
+def test_float32_each_cpu_path(layout, mid_norm, stride, dilation, cpu_isa, num_threads, parallel_backend):
+    """float32 through each compiled path (scalar / AVX2 / AVX-512), 1 or 2 threads and each parallel
+    backend, against float64."""
     block, ref = make_pair(17, 24, stride=stride, dilation=dilation, mid_norm=mid_norm, act="relu6",
                            dtype=torch.float32)
     ref = ref.double()

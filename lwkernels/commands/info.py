@@ -13,7 +13,7 @@ def run(args) -> int:
     import torch
 
     from .. import __version__
-    from ..cpu_backend import CPU_PATHS, native, selected_isa
+    from ..cpu_backend import CPU_PATHS, native, parallel_backend_in_use, selected_isa
 
     _C = native()
     supported = [name for name in CPU_PATHS if _C.isa_supported(name)]
@@ -30,7 +30,7 @@ def run(args) -> int:
         ("python", platform.python_version()),
         ("machine", platform.machine()),
         ("CPU path", f"{selected_isa()} (supported: {', '.join(supported)}; best: {_C.best_isa()})"),
-        ("threads", str(torch.get_num_threads())),
+        ("threads", f"{torch.get_num_threads()} ({parallel_backend_in_use()})"),
         ("triton", triton_version),
         ("CUDA", torch.cuda.get_device_name() if cuda else "not available"),
     ]

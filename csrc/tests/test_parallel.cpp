@@ -1,0 +1,259 @@
+// Tests of parallel_run (csrc/parallel.h) on both backends: lwkernels' thread pool, and the host
+// OpenMP runtime (host_openmp.h), which a program gets by loading one before the first call.
+//
+//   test_parallel                 no OpenMP runtime loaded: the pool, and asking for OpenMP fails
+//   test_parallel --host-openmp   loads libgomp.so.1 privately first (as PyTorch's import does),
+//                                 then runs every test on both backends
+//
+// Checked: each task index runs at most once and within [0, n), task 0 on the calling thread,
+// dynamically shared work is done exactly once, the first exception reaches the caller, nested
+// and concurrent calls neither deadlock nor lose work, and a forked child still computes.
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "parallel.h"
+
+#if defined(__linux__)
+#include <dlfcn.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+int g_failures = 0;
+
+#define CHECK(cond, ...)                                       \
+  do {                                                         \
+    if (!(cond)) {                                             \
+      ++g_failures;                                            \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);         \
+      std::printf(__VA_ARGS__);                                \
+      std::printf("\n");                                       \
+    }                                                          \
+  } while (0)
+
+using lwk::detail::parallel_run;
+
+// Work shared through a counter, as the kernels share theirs; records who ran what.
+struct Shared {
+  static constexpr int kMaxTasks = 64;
+  int n_items = 0;
+  std::atomic<int> next{0};
+  std::vector<std::atomic<int>> done;  // per item: how many times it was processed
+  std::atomic<int> task_runs[kMaxTasks];
+  std::thread::id caller;
+  std::atomic<bool> task0_on_caller{false};
+  explicit Shared(int items) : n_items(items), done(items) {
+    for (auto& d : done) d.store(0);
+    for (auto& t : task_runs) t.store(0);
+    caller = std::this_thread::get_id();
+  }
+};
+
+void shared_task(void* p, int task) {
+  auto* s = static_cast<Shared*>(p);
+  if (task >= 0 && task < Shared::kMaxTasks) s->task_runs[task].fetch_add(1);
+  if (task == 0) s->task0_on_caller.store(std::this_thread::get_id() == s->caller);
+  for (;;) {
+    const int i = s->next.fetch_add(1);
+    if (i >= s->n_items) return;
+    s->done[i].fetch_add(1);
+  }
+}
+
+void check_shared(const Shared& s, int n, const char* what) {
+  int wrong_items = 0;
+  for (const auto& d : s.done) wrong_items += d.load() != 1;
+  CHECK(wrong_items == 0, "%s n=%d: %d items not processed exactly once", what, n, wrong_items);
+  CHECK(s.task_runs[0].load() == 1, "%s n=%d: task 0 ran %d times", what, n, s.task_runs[0].load());
+  CHECK(s.task0_on_caller.load(), "%s n=%d: task 0 did not run on the calling thread", what, n);
+  for (int t = 1; t < Shared::kMaxTasks; ++t) {
+    CHECK(s.task_runs[t].load() <= (t < n ? 1 : 0), "%s n=%d: task %d ran %d times", what, n, t,
+          s.task_runs[t].load());
+  }
+}
+
+void test_tasks_and_work(const char* what) {
+  for (int n : {1, 2, 3, 4, 7, 16}) {
+    for (int items : {0, 1, 5, 1000}) {
+      Shared s(items);
+      parallel_run(n, shared_task, &s);
+      check_shared(s, n, what);
+    }
+  }
+}
+
+struct ThrowCtx {
+  Shared shared{100};
+  int thrower;
+};
+
+void throw_from(void* p, int task) {
+  auto* c = static_cast<ThrowCtx*>(p);
+  shared_task(&c->shared, task);
+  if (task == c->thrower) throw std::runtime_error("task " + std::to_string(task) + " failed");
+}
+
+void test_exceptions(const char* what) {
+  for (int thrower : {0, 1}) {
+    ThrowCtx c;
+    c.thrower = thrower;
+    std::string message;
+    try {
+      parallel_run(2, throw_from, &c);
+    } catch (const std::runtime_error& e) {
+      message = e.what();
+    }
+    // Task 1 may have been dropped (parallel.h), and then nothing was thrown; task 0 always runs.
+    const bool task1_ran = c.shared.task_runs[1].load() == 1;
+    if (thrower == 0 || task1_ran) {
+      const std::string want = "task " + std::to_string(thrower) + " failed";
+      CHECK(message == want, "%s: expected the exception '%s', got '%s'", what, want.c_str(),
+            message.c_str());
+    }
+  }
+  // The backend still works after a failed call.
+  Shared s(100);
+  parallel_run(2, shared_task, &s);
+  check_shared(s, 2, what);
+}
+
+// A task that itself calls parallel_run (nesting must neither deadlock nor lose work).
+struct NestCtx {
+  std::atomic<int> inner_items{0};
+};
+
+void outer_task(void* p, int) {
+  auto* c = static_cast<NestCtx*>(p);
+  Shared s(50);
+  parallel_run(2, shared_task, &s);
+  int done = 0;
+  for (const auto& d : s.done) done += d.load();
+  c->inner_items.fetch_add(done);
+}
+
+void test_nested(const char* what) {
+  NestCtx c;
+  parallel_run(2, outer_task, &c);
+  // Each outer task that ran did its 50 inner items; task 0 always runs.
+  const int total = c.inner_items.load();
+  CHECK(total == 50 || total == 100, "%s: nested calls processed %d items (want 50 or 100)", what, total);
+}
+
+void test_concurrent_callers(const char* what) {
+  std::atomic<int> bad{0};
+  std::vector<std::thread> callers;
+  for (int i = 0; i < 4; ++i) {
+    callers.emplace_back([&, i] {
+      for (int rep = 0; rep < 200; ++rep) {
+        Shared s(64 + rep);
+        parallel_run(2 + (i + rep) % 3, shared_task, &s);
+        for (const auto& d : s.done) bad += d.load() != 1;
+      }
+    });
+  }
+  for (auto& t : callers) t.join();
+  CHECK(bad.load() == 0, "%s: concurrent callers: %d items not processed exactly once", what, bad.load());
+}
+
+#if defined(__linux__)
+// A child forked after the backend ran must still compute (the parent's workers are not there).
+void test_fork(const char* what) {
+  Shared warm(100);
+  parallel_run(2, shared_task, &warm);
+  std::fflush(stdout);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    Shared s(1000);
+    parallel_run(2, shared_task, &s);
+    int wrong = 0;
+    for (const auto& d : s.done) wrong += d.load() != 1;
+    _exit(wrong == 0 && lwk::parallel_backend_in_use() == "threadpool" ? 0 : 1);
+  }
+  CHECK(pid > 0, "%s: fork failed", what);
+  if (pid <= 0) return;
+  // libgomp's team does not survive fork: a child that used it would hang, so wait at most 30 s.
+  int status = 0;
+  pid_t done = 0;
+  for (int ms = 0; ms < 30000 && done == 0; ms += 10) {
+    done = waitpid(pid, &status, WNOHANG);
+    if (done == 0) usleep(10000);
+  }
+  if (done == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    CHECK(false, "%s: the forked child hung (it must fall back to the thread pool)", what);
+    return;
+  }
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "%s: the forked child failed (status %d)", what,
+        status);
+}
+#endif
+
+void run_all(const char* what) {
+  test_tasks_and_work(what);
+  test_exceptions(what);
+  test_nested(what);
+  test_concurrent_callers(what);
+#if defined(__linux__)
+  test_fork(what);
+#endif
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  bool host_openmp = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--host-openmp") == 0) host_openmp = true;
+  }
+  try {
+    if (host_openmp) {
+#if defined(__linux__)
+      // RTLD_LOCAL: the runtime's symbols are not global, as with a library that PyTorch loads.
+      if (!dlopen("libgomp.so.1", RTLD_NOW | RTLD_LOCAL)) {
+        std::printf("FAIL: --host-openmp: cannot load libgomp.so.1: %s\n", dlerror());
+        return 1;
+      }
+#else
+      std::printf("FAIL: --host-openmp needs Linux\n");
+      return 1;
+#endif
+      const std::string in_use = lwk::parallel_backend_in_use();
+      CHECK(in_use == "openmp (libgomp.so.1)", "auto should pick the loaded runtime, got '%s'", in_use.c_str());
+      lwk::set_parallel_backend(lwk::ParallelBackend::kHostOpenMP);
+      run_all("host openmp");
+      lwk::set_parallel_backend(lwk::ParallelBackend::kThreadPool);
+      CHECK(lwk::parallel_backend_in_use() == "threadpool", "threadpool was not selected");
+      run_all("thread pool beside openmp");
+    } else {
+      const std::string in_use = lwk::parallel_backend_in_use();
+      CHECK(in_use == "threadpool", "no runtime is loaded, yet the backend in use is '%s'", in_use.c_str());
+      bool threw = false;
+      try {
+        lwk::set_parallel_backend(lwk::ParallelBackend::kHostOpenMP);
+      } catch (const std::runtime_error&) {
+        threw = true;
+      }
+      CHECK(threw, "asking for the host OpenMP runtime without one loaded must throw");
+      run_all("thread pool");
+    }
+  } catch (const std::exception& e) {
+    std::printf("FAIL: unexpected exception: %s\n", e.what());
+    return 1;
+  }
+  if (g_failures) {
+    std::printf("%d check(s) failed\n", g_failures);
+    return 1;
+  }
+  std::printf("parallel_run: all checks passed (%s)\n", host_openmp ? "host openmp + thread pool" : "thread pool");
+  return 0;
+}
