@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -235,6 +237,17 @@ def assert_matches_reference(y: torch.Tensor, args: Sequence, *, accumulation_le
 
 
 # -- environment -----------------------------------------------------------------------------------
+def run_python(args: Sequence[str], cwd, env: Optional[dict] = None, timeout: float = 120):
+    """`python *args` in a subprocess that imports the same lwkernels as this test process.
+
+    It runs in `cwd` (give it a temporary directory): from the checkout's root, `-c` and `-m` would
+    import the source tree's lwkernels/, which has no compiled _C when the package is installed."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=cwd,
+                          timeout=timeout)
+
+
 @contextlib.contextmanager
 def forced_isa(name: Optional[str]) -> Iterator[None]:
     """Set LWKERNELS_CPU_ISA for the duration (None: unset); restores the previous value."""

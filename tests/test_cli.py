@@ -1,12 +1,10 @@
 """The `lwkernels` command line: info, bench (inference and training tables), bad options."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import run_python
 from lwkernels.cli import main
 
 
@@ -49,10 +47,7 @@ def test_bench_on_missing_cuda_says_so(capsys):
 
 
 def test_module_entry_point_runs(tmp_path):
-    # From the checkout's root, `-m` would import the source tree's lwkernels/ (no compiled _C).
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    result = subprocess.run([sys.executable, "-m", "lwkernels", "info"], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=120)
+    result = run_python(["-m", "lwkernels", "info"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "CPU path" in result.stdout
 

@@ -2,9 +2,6 @@
 CPU kernel and on the fake ("meta") implementation alike — never a crash, never a wrong result."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +9,7 @@ import torch
 
 import lwkernels  # noqa: F401  (registers the op)
 import lwkernels.cpu_backend as cpu_backend
-from helpers import Case, call_op, make_args
+from helpers import Case, call_op, make_args, run_python
 
 CASE = Case(n=2, c_in=4, c_out=6, h=7, w=7, residual="nchw")
 NAMES = ["x", "dw_weight", "dw_scale", "dw_shift", "mid_act", "pw_weight", "pw_scale", "pw_shift", "residual",
@@ -213,9 +210,6 @@ def test_native_layer_rejects_bad_geometry_without_crashing(tmp_path):
             raise AssertionError(f"joint_forward accepted activation {name!r}")
         print("OK")
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    # From the checkout's root, `-c` would import the source tree's lwkernels/ (no compiled _C).
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=120)
+    proc = run_python(["-c", code], cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), \
         f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

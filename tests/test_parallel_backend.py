@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 import lwkernels.cpu_backend as cpu_backend
-from helpers import Case, call_op, make_args, reference64, torch_threads, tolerance
+from helpers import Case, call_op, make_args, reference64, run_python, torch_threads, tolerance
 from lwkernels.models import LightweightNet
 
 
@@ -35,18 +34,16 @@ def test_bad_choices_are_named():
     cpu_backend.set_parallel_backend("auto")
 
 
-def test_bad_environment_value_is_named():
+def test_bad_environment_value_is_named(tmp_path):
     code = ("import torch, lwkernels, lwkernels.cpu_backend as b\n"
             "try:\n    b.native()\nexcept ValueError as e:\n    print('ERROR', e)\n")
-    env = dict(os.environ, **{cpu_backend.PARALLEL_ENV: "fibers"})
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = run_python(["-c", code], cwd=tmp_path, env={cpu_backend.PARALLEL_ENV: "fibers"})
     assert "ERROR LWKERNELS_CPU_PARALLEL='fibers' is not a parallel backend" in out.stdout, out
 
 
-def test_environment_chooses_the_thread_pool():
+def test_environment_chooses_the_thread_pool(tmp_path):
     code = "import torch, lwkernels.cpu_backend as b\nprint(b.parallel_backend_in_use())\n"
-    env = dict(os.environ, **{cpu_backend.PARALLEL_ENV: "threadpool"})
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = run_python(["-c", code], cwd=tmp_path, env={cpu_backend.PARALLEL_ENV: "threadpool"})
     assert out.stdout.strip() == "threadpool", out
 
 
