@@ -320,6 +320,34 @@ def _bn_backward_coefficients(sum_g, sum_gz, var, weight, eps, count):
     return a, b, invstd
 
 
+def _pointwise_grads_nchw(w2: Tensor, gz3: Tensor, t3: Tensor, need_t: bool, need_w: bool):
+    """(grad t, grad W) of z = W t per image: W^T gz ([N, C_in, P]) and sum_n gz_n t_n^T ([C_out, C_in]),
+    from W [C_out, C_in], gz [N, C_out, P] and t [N, C_in, P]; None where not needed.
+
+    Few pixels per image (7x7 maps): GEMMs of 49 columns or a depth of 49 run well below the BLAS
+    rate, so gz and t are transposed into [N*P, C] matrices (copies) and each gradient is one GEMM.
+    Otherwise grad t is one batched GEMM with W broadcast (torch.matmul(W^T, gz) would copy W per
+    image) and grad W accumulates one GEMM per image. (2 threads, Xeon, batch 8: 1024->1024 on 7x7
+    270 vs 204-224 GFLOP/s for grad W; 512->512 on 14x14, per image 281-288 vs 236 transposed.)"""
+    n, c_out, p = gz3.shape
+    c_in = w2.shape[1]
+    g_t = g_w = None
+    if p < 128:
+        gz_rows = gz3.transpose(1, 2).reshape(n * p, c_out)
+        if need_t:
+            g_t = torch.mm(gz_rows, w2).view(n, p, c_in).transpose(1, 2).contiguous()
+        if need_w:
+            g_w = torch.mm(gz_rows.t(), t3.transpose(1, 2).reshape(n * p, c_in))
+        return g_t, g_w
+    if need_t:
+        g_t = torch.bmm(w2.t().expand(n, c_in, c_out), gz3)
+    if need_w:
+        g_w = torch.mm(gz3[0], t3[0].t())
+        for i in range(1, n):
+            g_w.addmm_(gz3[i], t3[i].t())
+    return g_t, g_w
+
+
 def _backward_cpu(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean, mid_var, mid_bn, mid_eps, mid_act,
                   pw_weight, bn_weight, y, z, mean, var, eps, out_act, stride, padding, dilation, needs):
     n, c_in = x.shape[:2]
@@ -372,13 +400,10 @@ def _backward_cpu(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean,
         if needs[5]:
             g_pw_w = torch.mm(gz2.t(), t2)
     else:
-        gz3 = gz.reshape(n, c_out, oh * ow)
-        t3 = t.reshape(n, c_in, oh * ow)
-        g_t = torch.matmul(w2.t(), gz3).reshape(n, c_in, oh, ow) if any(needs[:5]) else None
-        if needs[5]:
-            g_pw_w = torch.zeros(c_out, c_in, dtype=x.dtype)
-            for i in range(n):
-                g_pw_w.addmm_(gz3[i], t3[i].t())
+        g_t, g_pw_w = _pointwise_grads_nchw(w2, gz.reshape(n, c_out, oh * ow), t.reshape(n, c_in, oh * ow),
+                                            any(needs[:5]), needs[5])
+        if g_t is not None:
+            g_t = g_t.view(n, c_in, oh, ow)
     if g_pw_w is not None:
         g_pw_w = g_pw_w.reshape(pw_weight.shape)
     if g_t is None:
