@@ -128,20 +128,15 @@ inline void span_stats(const T* LWK_TR_RESTRICT a, int64_t n, double& s, double&
   ss += rq;
 }
 
-// sum a[i] * b[i * sb] with T lanes.
+// sum a[i] * b[i] with T lanes.
 template <typename T>
-inline T dot_strided(const T* LWK_TR_RESTRICT a, const T* LWK_TR_RESTRICT b, int64_t n, int64_t sb) {
+inline T dot(const T* LWK_TR_RESTRICT a, const T* LWK_TR_RESTRICT b, int64_t n) {
   T lanes[8] = {0};
   int64_t i = 0;
-  if (sb == 1) {
-    for (; i + 8 <= n; i += 8)
-      for (int l = 0; l < 8; ++l) lanes[l] += a[i + l] * b[i + l];
-  } else {
-    for (; i + 8 <= n; i += 8)
-      for (int l = 0; l < 8; ++l) lanes[l] += a[i + l] * b[(i + l) * sb];
-  }
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += a[i + l] * b[i + l];
   T r = 0;
-  for (; i < n; ++i) r += a[i] * b[i * sb];
+  for (; i < n; ++i) r += a[i] * b[i];
   for (int l = 0; l < 8; ++l) r += lanes[l];
   return r;
 }
@@ -157,6 +152,43 @@ inline void tap_range(int64_t k, int64_t S, int64_t P, int64_t D, int64_t in, in
   lo = std::min(lo, out);
   hi = std::min(std::max(hi, lo), out);
 }
+
+// Column phases of a strided row (NCHW backward, horizontal stride S > 1): a row of W inputs is
+// stored as S runs, run p holding columns p, p + S, p + 2S, ... from offset start[p]. The inputs
+// that output columns ox = lo..hi-1 touch at tap offset `off` (column ox * S + off) then sit
+// contiguous in one run, from shift(off) + lo on, so the strided scatter into grad_x and gather
+// for grad_w become unit-stride loops that vectorise. (The forward keeps its strided gather: the
+// split's extra pass over x cost more there than it saved.) With S == 1 the phased row is the row
+// itself and shift(off) == off.
+struct ColumnPhases {
+  int64_t S, W;
+  std::vector<int64_t> start;
+  ColumnPhases(int64_t stride, int64_t width) : S(stride), W(width), start(static_cast<size_t>(stride)) {
+    int64_t at = 0;
+    for (int64_t p = 0; p < S; ++p) {
+      start[p] = at;
+      at += p < W ? (W - p + S - 1) / S : 0;
+    }
+  }
+  int64_t shift(int64_t off) const {
+    const int64_t p = ((off % S) + S) % S;
+    return start[p] + (off - p) / S;  // exact: off - p is a multiple of S
+  }
+  template <typename T>
+  void split(const T* LWK_TR_RESTRICT row, T* LWK_TR_RESTRICT phased) const {
+    for (int64_t p = 0; p < S && p < W; ++p) {
+      T* LWK_TR_RESTRICT dst = phased + start[p];
+      for (int64_t j = 0, ix = p; ix < W; ++j, ix += S) dst[j] = row[ix];
+    }
+  }
+  template <typename T>
+  void merge(const T* LWK_TR_RESTRICT phased, T* LWK_TR_RESTRICT row) const {
+    for (int64_t p = 0; p < S && p < W; ++p) {
+      const T* LWK_TR_RESTRICT src = phased + start[p];
+      for (int64_t j = 0, ix = p; ix < W; ++j, ix += S) row[ix] = src[j];
+    }
+  }
+};
 
 // ---- depthwise forward -------------------------------------------------------------------------
 template <typename T>
@@ -291,16 +323,28 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
 
   if (g.layout == Layout::kNCHW) {
     // One channel per item (all images): grad_w[c] needs no merging, grad_x planes are disjoint.
+    // With a horizontal stride, x and grad_x are handled as column phases (ColumnPhases).
     const int tasks = num_tasks(C, 1, threads);
+    const ColumnPhases phases(g.SW, g.W);
+    std::vector<int64_t> kx_shift(g.KW);
+    for (int64_t kx = 0; kx < g.KW; ++kx) kx_shift[kx] = phases.shift(kx * g.DW - g.PW);
+    const bool phased = g.SW > 1;
     auto body = [&](int, int64_t b, int64_t e) {
       std::vector<double> gw(static_cast<size_t>(K));
+      std::vector<T> x_phased(phased && grad_w ? static_cast<size_t>(HW) : 0);
+      std::vector<T> gx_phased(phased && grad_x ? static_cast<size_t>(HW) : 0);
       for (int64_t c = b; c < e; ++c) {
         std::fill(gw.begin(), gw.end(), 0.0);
         const T* wp = w + c * K;
         for (int64_t n = 0; n < g.N; ++n) {
           const T* xp = x + (n * C + c) * HW;
           const T* gp = grad + (n * C + c) * OHW;
-          T* gx = grad_x ? grad_x + (n * C + c) * HW : nullptr;
+          T* gx_plane = grad_x ? grad_x + (n * C + c) * HW : nullptr;
+          if (phased && grad_w) {
+            for (int64_t iy = 0; iy < g.H; ++iy) phases.split(xp + iy * g.W, x_phased.data() + iy * g.W);
+            xp = x_phased.data();
+          }
+          T* gx = phased && gx_plane ? gx_phased.data() : gx_plane;
           if (gx) std::fill(gx, gx + HW, T(0));
           for (int64_t oy = 0; oy < g.OH; ++oy) {
             const T* LWK_TR_RESTRICT gr = gp + oy * g.OW;
@@ -308,23 +352,21 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
               const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
               if (iy < 0 || iy >= g.H) continue;
               for (int64_t kx = 0; kx < g.KW; ++kx) {
-                const int64_t off = kx * g.DW - g.PW;
                 const int64_t lo = kx_lo[kx], hi = kx_hi[kx];
                 if (hi <= lo) continue;
                 const int64_t k = ky * g.KW + kx;
-                if (grad_w) gw[k] += static_cast<double>(
-                    dot_strided(gr + lo, xp + iy * g.W + lo * g.SW + off, hi - lo, g.SW));
+                const int64_t at = iy * g.W + kx_shift[kx];
+                if (grad_w) gw[k] += static_cast<double>(dot(gr + lo, xp + at + lo, hi - lo));
                 if (gx) {
                   const T wv = wp[k];
-                  T* LWK_TR_RESTRICT dst = gx + iy * g.W + off;
-                  if (g.SW == 1) {
-                    for (int64_t ox = lo; ox < hi; ++ox) dst[ox] += wv * gr[ox];
-                  } else {
-                    for (int64_t ox = lo; ox < hi; ++ox) dst[ox * g.SW] += wv * gr[ox];
-                  }
+                  T* LWK_TR_RESTRICT dst = gx + at;
+                  for (int64_t ox = lo; ox < hi; ++ox) dst[ox] += wv * gr[ox];
                 }
               }
             }
+          }
+          if (phased && gx_plane) {
+            for (int64_t iy = 0; iy < g.H; ++iy) phases.merge(gx + iy * g.W, gx_plane + iy * g.W);
           }
         }
         if (grad_w)
