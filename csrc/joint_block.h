@@ -79,10 +79,10 @@ std::shared_ptr<const PackedPointwise<T>> pack_pointwise(Isa isa, Layout layout,
 // Runs the fused block on up to `num_threads` threads (<= 1: the calling thread only).
 // `packed` must match g.layout, g.in_channels and g.out_channels. Throws std::invalid_argument on a
 // geometry that validate() rejects or on a mismatched packing.
-// Threads come from a persistent pool owned by the library (no OpenMP). Safe to call from several
-// threads at once (with the same or different packed weights); a call that finds the pool busy
-// runs on its calling thread. `residual` may be the same buffer as `y` (each element is read
-// before it is written); x must not overlap y.
+// Threads come from the process's OpenMP runtime when one is loaded (PyTorch's), else from a
+// persistent pool owned by the library (parallel.h). Safe to call from several threads at once
+// (with the same or different packed weights). `residual` may be the same buffer as `y` (each
+// element is read before it is written); x must not overlap y.
 template <typename T>
 void joint_forward(const PackedPointwise<T>& packed, const JointGeometry& g,
                    const JointTensors<T>& t, int num_threads);

@@ -3,9 +3,10 @@
 // pool_run(n, fn, ctx) offers fn(ctx, i) for every i in [0, n): task 0 runs on the calling
 // thread, the others on pool workers. Once task 0 returns, tasks whose worker has not started yet
 // are cancelled rather than waited for (parallel.h: tasks share their work dynamically), so a
-// worker that the OS has not scheduled (a busy, shared machine) never delays the call. Only one call uses the
-// workers at a time; a call that finds them busy (another Python thread is inside a kernel) runs
-// its tasks on its own thread, so concurrent callers never wait on each other and never deadlock.
+// worker that the OS has not scheduled (a busy, shared machine) never delays the call. Only one
+// call uses the workers at a time; a call that finds them busy (another Python thread is inside a
+// kernel) runs its tasks on its own thread, so concurrent callers never wait on each other and
+// never deadlock.
 // Workers spin briefly after a task before sleeping, so back-to-back calls (consecutive layers)
 // do not pay a wake-up each.
 #pragma once
