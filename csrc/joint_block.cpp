@@ -324,9 +324,56 @@ Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape&
   return best;
 }
 
+// Copies panels [p_lo, p_hi) of `weight` into their packed layout.
+template <typename T>
+void pack_panels(const T* weight, int64_t c_out, int64_t c_in, int panel, int64_t p_lo, int64_t p_hi,
+                 T* dst) {
+  // A blocked transpose: each weight row is read contiguously kBlock elements at a time while
+  // the panel rows it lands in (kBlock * panel elements) stay in L1. Walking all `panel` rows at
+  // once instead reads `panel` streams a row (often 4 KiB) apart, which alias in L1: packing a
+  // 1024 x 1024 weight in 16-wide NHWC panels took 2.2-2.4 ms that way, 1.05-1.3 ms blocked
+  // (NCHW's 6-wide panels and 512 x 512: unchanged). Training packs every step.
+  constexpr int64_t kBlock = 64;
+  for (int64_t p = p_lo; p < p_hi; ++p) {
+    T* panel_dst = dst + p * c_in * panel;
+    for (int64_t k0 = 0; k0 < c_in; k0 += kBlock) {
+      const int64_t k1 = std::min(c_in, k0 + kBlock);
+      for (int j = 0; j < panel; ++j) {
+        const int64_t co = p * panel + j;
+        T* d = panel_dst + j;
+        if (co < c_out) {
+          const T* src = weight + co * c_in;
+          for (int64_t k = k0; k < k1; ++k) d[k * panel] = src[k];
+        } else {
+          for (int64_t k = k0; k < k1; ++k) d[k * panel] = T(0);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+struct PackCtx {
+  const T* weight;
+  int64_t c_out, c_in, n_panels, chunk;
+  int panel;
+  T* dst;
+  std::atomic<int64_t> next{0};
+};
+
+template <typename T>
+void pack_task(void* p, int) {
+  auto* c = static_cast<PackCtx<T>*>(p);
+  for (;;) {
+    const int64_t lo = c->next.fetch_add(c->chunk, std::memory_order_relaxed);
+    if (lo >= c->n_panels) return;
+    pack_panels(c->weight, c->c_out, c->c_in, c->panel, lo, std::min(c->n_panels, lo + c->chunk), c->dst);
+  }
+}
+
 template <typename T>
 std::shared_ptr<const PackedPointwise<T>> pack_impl(Isa isa, Layout layout, const T* weight,
-                                                    int64_t c_out, int64_t c_in) {
+                                                    int64_t c_out, int64_t c_in, int num_threads) {
   if (!valid_isa(isa)) throw std::invalid_argument("pack_pointwise: unknown ISA value");
   if (!valid_layout(layout)) throw std::invalid_argument("pack_pointwise: unknown layout value");
   if (!isa_supported(isa)) {
@@ -347,27 +394,15 @@ std::shared_ptr<const PackedPointwise<T>> pack_impl(Isa isa, Layout layout, cons
   auto packed = std::make_shared<PackedImpl<T>>(ops->isa, layout, c_out, c_in, panel);
   T* dst = packed->mutable_data();
   const int64_t np = packed->num_panels();
-  // A blocked transpose: each weight row is read contiguously kBlock elements at a time while
-  // the panel rows it lands in (kBlock * panel elements) stay in L1. Walking all `panel` rows at
-  // once instead reads `panel` streams a row (often 4 KiB) apart, which alias in L1: packing a
-  // 1024 x 1024 weight in 16-wide NHWC panels took 2.2-2.4 ms that way, 1.05-1.3 ms blocked
-  // (NCHW's 6-wide panels and 512 x 512: unchanged). Training packs every step.
-  constexpr int64_t kBlock = 64;
-  for (int64_t p = 0; p < np; ++p) {
-    T* panel_dst = dst + p * c_in * panel;
-    for (int64_t k0 = 0; k0 < c_in; k0 += kBlock) {
-      const int64_t k1 = std::min(c_in, k0 + kBlock);
-      for (int j = 0; j < panel; ++j) {
-        const int64_t co = p * panel + j;
-        T* d = panel_dst + j;
-        if (co < c_out) {
-          const T* src = weight + co * c_in;
-          for (int64_t k = k0; k < k1; ++k) d[k * panel] = src[k];
-        } else {
-          for (int64_t k = k0; k < k1; ++k) d[k * panel] = T(0);
-        }
-      }
-    }
+  // Threads share panels in chunks of ~64K elements; small weights are packed on this thread.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 16) / (c_in * panel));
+  const int64_t chunks = (np + chunk - 1) / chunk;
+  const int tasks = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), chunks));
+  if (tasks <= 1) {
+    pack_panels(weight, c_out, c_in, panel, 0, np, dst);
+  } else {
+    PackCtx<T> ctx{weight, c_out, c_in, np, chunk, panel, dst};
+    parallel_run(tasks, &pack_task<T>, &ctx);
   }
   return packed;
 }
@@ -698,8 +733,8 @@ std::string validate(const JointGeometry& g) {
 
 template <typename T>
 std::shared_ptr<const PackedPointwise<T>> pack_pointwise(Isa isa, Layout layout, const T* weight,
-                                                         int64_t c_out, int64_t c_in) {
-  return detail::pack_impl<T>(isa, layout, weight, c_out, c_in);
+                                                         int64_t c_out, int64_t c_in, int num_threads) {
+  return detail::pack_impl<T>(isa, layout, weight, c_out, c_in, num_threads);
 }
 
 template <typename T>
@@ -710,10 +745,10 @@ void joint_forward(const PackedPointwise<T>& packed, const JointGeometry& g,
 
 template std::shared_ptr<const PackedPointwise<float>> pack_pointwise<float>(Isa, Layout,
                                                                              const float*, int64_t,
-                                                                             int64_t);
+                                                                             int64_t, int);
 template std::shared_ptr<const PackedPointwise<double>> pack_pointwise<double>(Isa, Layout,
                                                                                const double*,
-                                                                               int64_t, int64_t);
+                                                                               int64_t, int64_t, int);
 template void joint_forward<float>(const PackedPointwise<float>&, const JointGeometry&,
                                    const JointTensors<float>&, int);
 template void joint_forward<double>(const PackedPointwise<double>&, const JointGeometry&,

@@ -70,11 +70,13 @@ class PackedPointwise {
   virtual int64_t in_channels() const = 0;
 };
 
-// Packs `weight` ([c_out][c_in], row-major) for `isa` and `layout`. Throws std::invalid_argument
-// for an ISA this build or CPU lacks. double always runs the scalar path (packed->isa() says so).
+// Packs `weight` ([c_out][c_in], row-major) for `isa` and `layout`, on up to `num_threads`
+// threads for large weights. Throws std::invalid_argument for an ISA this build or CPU lacks.
+// double always runs the scalar path (packed->isa() says so).
 template <typename T>
 std::shared_ptr<const PackedPointwise<T>> pack_pointwise(Isa isa, Layout layout, const T* weight,
-                                                         int64_t c_out, int64_t c_in);
+                                                         int64_t c_out, int64_t c_in,
+                                                         int num_threads = 1);
 
 // Runs the fused block on up to `num_threads` threads (<= 1: the calling thread only).
 // `packed` must match g.layout, g.in_channels and g.out_channels. Throws std::invalid_argument on a

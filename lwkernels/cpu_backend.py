@@ -141,7 +141,7 @@ class _PackCache:
         _C = native()
         pack = _C.pack_pointwise_f32 if weight.dtype == torch.float32 else _C.pack_pointwise_f64
         w = weight.detach().reshape(weight.shape[0], weight.shape[1]).contiguous()
-        return pack(isa, layout, w.data_ptr(), w.shape[0], w.shape[1])
+        return pack(isa, layout, w.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
 
     def _drop(self, key: Tuple, ref: weakref.ref) -> None:
         with self._lock:

@@ -44,18 +44,19 @@ void bind_dtype(py::module_& m, const char* suffix) {
   // One name per dtype; joint_forward below is overloaded on the packed type instead.
   m.def(
       (std::string("pack_pointwise_") + suffix).c_str(),
-      [](const std::string& isa,
-         const std::string& layout, std::uintptr_t weight, int64_t c_out, int64_t c_in) {
+      [](const std::string& isa, const std::string& layout, std::uintptr_t weight, int64_t c_out,
+         int64_t c_in, int num_threads) {
         const T* w = as_ptr<T>(weight);
         std::shared_ptr<const Packed> packed;
         {
           py::gil_scoped_release release;
-          packed = lwk::pack_pointwise<T>(isa_from_name(isa), layout_from_name(layout), w, c_out, c_in);
+          packed = lwk::pack_pointwise<T>(isa_from_name(isa), layout_from_name(layout), w, c_out, c_in,
+                                          num_threads);
         }
         return std::const_pointer_cast<Packed>(packed);
       },
       py::arg("isa"), py::arg("layout"), py::arg("weight"),
-      py::arg("out_channels"), py::arg("in_channels"));
+      py::arg("out_channels"), py::arg("in_channels"), py::arg("num_threads") = 1);
 
   m.def(
       "joint_forward",

@@ -207,7 +207,7 @@ void run_case(const Case& c0, Isa isa, uint64_t seed) {
     t.y_sum = ysum.data();
     t.y_sumsq = ysq.data();
   }
-  auto packed = lwk::pack_pointwise<T>(isa, c.layout, pww.data(), c.cout, c.cin);
+  auto packed = lwk::pack_pointwise<T>(isa, c.layout, pww.data(), c.cout, c.cin, c.threads);
   lwk::joint_forward<T>(*packed, g, t, c.threads);
 
   // Reference (double), plus a magnitude bound for the tolerance.
