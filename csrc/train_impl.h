@@ -314,6 +314,57 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
 }
 
 // ---- depthwise backward ------------------------------------------------------------------------
+// Stride-1 planes with short rows (7x7 and 14x14 maps): per row, every tap was a loop of at most W
+// elements, so loop overhead dominated. Here each tap is one loop over the whole plane. x and
+// grad_x live in zero-padded planes of pitch P = W + 2*PW, grad in a plane of the same pitch whose
+// columns past OW are zero: output j = oy*P + ox then meets padded input j + ky*DH*P + kx*DW for
+// every tap, and the zero columns make the terms that wrap into the next row vanish.
+struct FlatPlanes {
+  int64_t pitch, span, len;     // row pitch, grad elements (OH * pitch), padded plane + slack
+  std::vector<int64_t> tap_at;  // per tap: its offset in the padded plane
+  static bool applies(const DwGeometry& g) { return g.SH == 1 && g.SW == 1 && g.W < 64; }
+  explicit FlatPlanes(const DwGeometry& g)
+      : pitch(g.W + 2 * g.PW), span(g.OH * pitch),
+        // Stride 1: OH + (KH-1)*DH == H + 2*PH rows; the last tap reads (KW-1)*DW past the end.
+        len((g.H + 2 * g.PH) * pitch + (g.KW - 1) * g.DW), tap_at(static_cast<size_t>(g.KH * g.KW)) {
+    for (int64_t ky = 0; ky < g.KH; ++ky)
+      for (int64_t kx = 0; kx < g.KW; ++kx) tap_at[ky * g.KW + kx] = ky * g.DH * pitch + kx * g.DW;
+  }
+};
+
+// One (image, channel) plane: grad_w[k] += sum over the plane, gx_plane = its grad_x (either may
+// be null). xpad, gpad: len elements; gflat: span elements (scratch).
+template <typename T>
+void backward_flat_plane(const DwGeometry& g, const FlatPlanes& f, const T* x_plane, const T* grad_plane,
+                         const T* w, double* grad_w, T* gx_plane, T* xpad, T* gpad, T* gflat) {
+  for (int64_t oy = 0; oy < g.OH; ++oy) {
+    std::copy(grad_plane + oy * g.OW, grad_plane + (oy + 1) * g.OW, gflat + oy * f.pitch);
+    std::fill(gflat + oy * f.pitch + g.OW, gflat + (oy + 1) * f.pitch, T(0));
+  }
+  if (grad_w) {
+    std::fill(xpad, xpad + f.len, T(0));
+    for (int64_t iy = 0; iy < g.H; ++iy)
+      std::copy(x_plane + iy * g.W, x_plane + (iy + 1) * g.W, xpad + (iy + g.PH) * f.pitch + g.PW);
+  }
+  if (gx_plane) std::fill(gpad, gpad + f.len, T(0));
+  const T* LWK_TR_RESTRICT gr = gflat;
+  for (size_t k = 0; k < f.tap_at.size(); ++k) {
+    const int64_t at = f.tap_at[k];
+    if (grad_w) grad_w[k] += static_cast<double>(dot(gr, xpad + at, f.span));
+    if (gx_plane) {
+      const T wv = w[k];
+      T* LWK_TR_RESTRICT dst = gpad + at;
+      for (int64_t j = 0; j < f.span; ++j) dst[j] += wv * gr[j];
+    }
+  }
+  if (gx_plane) {
+    for (int64_t iy = 0; iy < g.H; ++iy) {
+      const T* src = gpad + (iy + g.PH) * f.pitch + g.PW;
+      std::copy(src, src + g.W, gx_plane + iy * g.W);
+    }
+  }
+}
+
 template <typename T>
 void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* grad_x, T* grad_w,
                  int threads) {
@@ -329,10 +380,14 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
     std::vector<int64_t> kx_shift(g.KW);
     for (int64_t kx = 0; kx < g.KW; ++kx) kx_shift[kx] = phases.shift(kx * g.DW - g.PW);
     const bool phased = g.SW > 1;
+    const bool flat = FlatPlanes::applies(g);
+    const FlatPlanes fp(flat ? g : DwGeometry{});
     auto body = [&](int, int64_t b, int64_t e) {
       std::vector<double> gw(static_cast<size_t>(K));
       std::vector<T> x_phased(phased && grad_w ? static_cast<size_t>(HW) : 0);
       std::vector<T> gx_phased(phased && grad_x ? static_cast<size_t>(HW) : 0);
+      std::vector<T> xpad(flat ? static_cast<size_t>(fp.len) : 0), gpad(xpad.size());
+      std::vector<T> gflat(flat ? static_cast<size_t>(fp.span) : 0);
       for (int64_t c = b; c < e; ++c) {
         std::fill(gw.begin(), gw.end(), 0.0);
         const T* wp = w + c * K;
@@ -340,6 +395,11 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
           const T* xp = x + (n * C + c) * HW;
           const T* gp = grad + (n * C + c) * OHW;
           T* gx_plane = grad_x ? grad_x + (n * C + c) * HW : nullptr;
+          if (flat) {
+            backward_flat_plane(g, fp, xp, gp, wp, grad_w ? gw.data() : nullptr, gx_plane, xpad.data(),
+                                gpad.data(), gflat.data());
+            continue;
+          }
           if (phased && grad_w) {
             for (int64_t iy = 0; iy < g.H; ++iy) phases.split(xp + iy * g.W, x_phased.data() + iy * g.W);
             xp = x_phased.data();

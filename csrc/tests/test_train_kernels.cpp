@@ -165,15 +165,17 @@ int main() {
               cases += 3;
             }
   // Awkward geometries: horizontal strides 2 and 3 with other vertical ones (NCHW splits strided
-  // rows into column phases), kernels wider or taller than the image, more padding than the
-  // kernel reaches, widths 1 and 2, even widths.
+  // rows into column phases), stride 1 with uneven kernels and paddings (NCHW's flat padded planes),
+  // kernels wider or taller than the image, more padding than the kernel reaches, widths 1 and 2,
+  // even widths.
   struct Awkward {
     int64_t H, W, KH, KW, SH, SW, PH, PW, DH, DW;
   };
   const Awkward awkward[] = {
       {7, 12, 3, 3, 1, 2, 1, 1, 1, 1}, {8, 13, 3, 5, 2, 3, 2, 0, 2, 1}, {5, 2, 3, 3, 2, 2, 3, 3, 3, 3},
       {6, 1, 1, 3, 1, 3, 0, 4, 1, 2}, {9, 10, 5, 3, 3, 2, 4, 6, 2, 3}, {4, 7, 2, 4, 2, 3, 0, 1, 1, 2},
-      {11, 16, 3, 3, 2, 2, 3, 3, 3, 3}, {3, 5, 3, 3, 1, 1, 4, 4, 1, 1}};
+      {11, 16, 3, 3, 2, 2, 3, 3, 3, 3}, {3, 5, 3, 3, 1, 1, 4, 4, 1, 1}, {6, 9, 1, 5, 1, 1, 0, 4, 1, 2},
+      {5, 3, 5, 3, 1, 1, 6, 0, 2, 1}, {7, 7, 3, 3, 1, 1, 3, 3, 3, 3}};
   for (Isa isa : isas)
     for (Layout layout : {Layout::kNCHW, Layout::kNHWC})
       for (const Awkward& a : awkward)
