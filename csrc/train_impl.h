@@ -333,16 +333,15 @@ struct FlatPlanes {
 };
 
 // One (image, channel) plane: grad_w[k] += sum over the plane, gx_plane = its grad_x (either may
-// be null). xpad, gpad: len elements; gflat: span elements (scratch).
+// be null). xpad, gpad: len elements; gflat: span elements (scratch). xpad and gflat must be
+// zero-filled once before the first plane: only their insides are written here, so their padding
+// and the columns past OW stay zero from plane to plane.
 template <typename T>
 void backward_flat_plane(const DwGeometry& g, const FlatPlanes& f, const T* x_plane, const T* grad_plane,
                          const T* w, double* grad_w, T* gx_plane, T* xpad, T* gpad, T* gflat) {
-  for (int64_t oy = 0; oy < g.OH; ++oy) {
+  for (int64_t oy = 0; oy < g.OH; ++oy)
     std::copy(grad_plane + oy * g.OW, grad_plane + (oy + 1) * g.OW, gflat + oy * f.pitch);
-    std::fill(gflat + oy * f.pitch + g.OW, gflat + (oy + 1) * f.pitch, T(0));
-  }
   if (grad_w) {
-    std::fill(xpad, xpad + f.len, T(0));
     for (int64_t iy = 0; iy < g.H; ++iy)
       std::copy(x_plane + iy * g.W, x_plane + (iy + 1) * g.W, xpad + (iy + g.PH) * f.pitch + g.PW);
   }
@@ -386,6 +385,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
       std::vector<double> gw(static_cast<size_t>(K));
       std::vector<T> x_phased(phased && grad_w ? static_cast<size_t>(HW) : 0);
       std::vector<T> gx_phased(phased && grad_x ? static_cast<size_t>(HW) : 0);
+      // Zero-filled here once (backward_flat_plane keeps xpad's and gflat's borders zero).
       std::vector<T> xpad(flat ? static_cast<size_t>(fp.len) : 0), gpad(xpad.size());
       std::vector<T> gflat(flat ? static_cast<size_t>(fp.span) : 0);
       for (int64_t c = b; c < e; ++c) {
