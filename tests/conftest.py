@@ -6,7 +6,7 @@ import math
 import pytest
 
 import lwkernels.cpu_backend as cpu_backend
-from helpers import cpu_paths_here, torch_threads
+from helpers import cpu_paths_here, host_openmp_loaded, torch_threads
 from lwkernels.contract import empty_output
 
 
@@ -21,7 +21,7 @@ def cpu_isa(request, monkeypatch):
 def parallel_backend(request):
     """Runs the test on each way the CPU kernels can run their threads (PyTorch's OpenMP team, when
     its runtime is loaded here, and lwkernels' own pool); restores the automatic choice."""
-    if request.param == "openmp" and not cpu_backend.parallel_backend_in_use().startswith("openmp"):
+    if request.param == "openmp" and not host_openmp_loaded():
         pytest.skip("no OpenMP runtime is loaded in this process (PyTorch built without OpenMP)")
     cpu_backend.set_parallel_backend(request.param)
     try:

@@ -237,6 +237,14 @@ def assert_matches_reference(y: torch.Tensor, args: Sequence, *, accumulation_le
 
 
 # -- environment -----------------------------------------------------------------------------------
+def host_openmp_loaded() -> bool:
+    """True when the CPU kernels can run on an OpenMP runtime loaded in this process (PyTorch's).
+    Asks what the automatic choice (the default, which tests restore) resolved to."""
+    from lwkernels.cpu_backend import parallel_backend_in_use
+
+    return parallel_backend_in_use().startswith("openmp")
+
+
 def run_python(args: Sequence[str], cwd, env: Optional[dict] = None, timeout: float = 120):
     """`python *args` in a subprocess that imports the same lwkernels as this test process.
 
