@@ -7,7 +7,7 @@ time, achieved GB/s and TFLOP/s, and the fraction of the roofline bound
     bound = max(bytes_moved / copy bandwidth, flops / matmul rate of that dtype)
 
 where bytes_moved is the fused block's compulsory traffic (read x and the weights, write y once) and
-flops the multiply-adds of both convolutions (lwkernels.shapes.BlockShape). Unfused providers move
+flops the multiply-adds of both convolutions (lwkernels.models.shapes.BlockShape). Unfused providers move
 more bytes than that; the bound is the block's, not the provider's.
 
 Results are printed and written as JSON and Markdown under benchmarks/results/ (device, versions,
@@ -88,7 +88,7 @@ def environment() -> Dict[str, str]:
     import triton
 
     import lwkernels
-    from lwkernels.cuda_backend import cudnn_conv_uses_tf32
+    from lwkernels.triton.backend import cudnn_conv_uses_tf32
 
     props = torch.cuda.get_device_properties(0)
     return {
@@ -107,10 +107,10 @@ def environment() -> Dict[str, str]:
 
 
 def measure(args) -> Dict:
-    from lwkernels.benchmarking import make_block, make_input, make_provider
-    from lwkernels.fuse import to_reference
-    from lwkernels.cuda_backend import cudnn_conv_uses_tf32, register_cuda_kernel
-    from lwkernels.shapes import BENCHMARK_BLOCKS
+    from lwkernels.bench.harness import make_block, make_input, make_provider
+    from lwkernels.nn.fuse import to_reference
+    from lwkernels.triton.backend import cudnn_conv_uses_tf32, register_cuda_kernel
+    from lwkernels.models.shapes import BENCHMARK_BLOCKS
 
     if not register_cuda_kernel():
         sys.exit("roofline.py: Triton is not installed, so lwkernels has no CUDA kernel to measure")

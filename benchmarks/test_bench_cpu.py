@@ -5,9 +5,9 @@ lwkernels side by side, per block shape (NETWORKS.md §2 and LightweightNet's ni
 import pytest
 import torch
 
-from lwkernels.benchmarking import environment, make_block, make_input, make_provider
-from lwkernels.fuse import to_reference
-from lwkernels.shapes import BENCHMARK_BLOCKS, lightweightnet_blocks
+from lwkernels.bench.harness import environment, make_block, make_input, make_provider
+from lwkernels.nn.fuse import to_reference
+from lwkernels.models.shapes import BENCHMARK_BLOCKS, lightweightnet_blocks
 
 SHAPES = (
     [("blocks", s) for s in BENCHMARK_BLOCKS]

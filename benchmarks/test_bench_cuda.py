@@ -1,6 +1,6 @@
 """CUDA microbenchmarks of the joint block: PyTorch eager NCHW and channels_last (cuDNN),
 torch.compile(mode="max-autotune") and lwkernels (the fused Triton kernel, NCHW and channels_last)
-side by side, for the nine shapes of lwkernels.shapes.BENCHMARK_BLOCKS at batch 128 in fp16 and
+side by side, for the nine shapes of lwkernels.models.shapes.BENCHMARK_BLOCKS at batch 128 in fp16 and
 fp32 (fp32 convolutions use TF32 exactly when torch.backends.cudnn.allow_tf32 says so, for every
 provider). Every test is skipped without CUDA.
 
@@ -8,15 +8,15 @@ provider). Every test is skipped without CUDA.
         --benchmark-columns=median,ops
 
 Each timed call synchronises the device. extra_info carries GFLOP/s, GB/s (the fused block's
-compulsory traffic, lwkernels.shapes.BlockShape.bytes_moved), the device and the versions. For the
+compulsory traffic, lwkernels.models.shapes.BlockShape.bytes_moved), the device and the versions. For the
 roofline view (copy bandwidth and matmul rate measured in the same run) use benchmarks/roofline.py.
 """
 import pytest
 import torch
 
-from lwkernels.benchmarking import environment, make_block, make_input, make_provider
-from lwkernels.fuse import to_reference
-from lwkernels.shapes import BENCHMARK_BLOCKS
+from lwkernels.bench.harness import environment, make_block, make_input, make_provider
+from lwkernels.nn.fuse import to_reference
+from lwkernels.models.shapes import BENCHMARK_BLOCKS
 
 BATCH = 128
 PROVIDERS = ("eager", "eager_channels_last", "compile", "lwkernels", "lwkernels_channels_last")
@@ -36,7 +36,7 @@ def cuda_environment(dtype: torch.dtype) -> dict:
     except ImportError:
         info["triton"] = "not installed"
     if dtype == torch.float32:
-        from lwkernels.cuda_backend import cudnn_conv_uses_tf32
+        from lwkernels.triton.backend import cudnn_conv_uses_tf32
 
         info["tf32"] = str(cudnn_conv_uses_tf32())
     return info
@@ -44,7 +44,7 @@ def cuda_environment(dtype: torch.dtype) -> dict:
 
 @pytest.fixture(scope="module", autouse=True)
 def cuda_kernel_registered():
-    from lwkernels.cuda_backend import register_cuda_kernel
+    from lwkernels.triton.backend import register_cuda_kernel
 
     if not register_cuda_kernel():
         pytest.skip("Triton is not installed: lwkernels has no CUDA kernel to time")

@@ -6,10 +6,10 @@ side per block shape (NETWORKS.md §2) at batch 8, fp32. Compare within a group:
 import pytest
 import torch
 
-from lwkernels.benchmarking import environment, make_block, make_input
-from lwkernels.fuse import to_reference
-from lwkernels.shapes import BENCHMARK_BLOCKS
-from lwkernels.train_bench import TRAIN_PROVIDERS, lightweightnet_chain, make_train_step, saved_activation_bytes
+from lwkernels.bench.harness import environment, make_block, make_input
+from lwkernels.nn.fuse import to_reference
+from lwkernels.models.shapes import BENCHMARK_BLOCKS
+from lwkernels.bench.training import TRAIN_PROVIDERS, lightweightnet_chain, make_train_step, saved_activation_bytes
 
 
 @pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
@@ -44,6 +44,6 @@ def test_saved_activation_memory(benchmark):
 
 
 def lightweightnet_blocks_first():
-    from lwkernels.shapes import lightweightnet_blocks
+    from lwkernels.models.shapes import lightweightnet_blocks
 
     return lightweightnet_blocks(224)[0]

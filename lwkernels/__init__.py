@@ -8,15 +8,15 @@ See README.md for conventions (dilation, stride, padding) and the op's exact sem
 """
 import torch
 
-from . import autograd as _autograd  # noqa: F401  (registers the op's backward)
-from . import training as _training  # noqa: F401  (registers the training ops)
-from .block import JointBlock, check_joint_modules
-from .cpu_backend import PACK_CACHE, selected_isa
-from .cuda_backend import register_cuda_kernel
-from .fuse import FuseReport, fuse, to_reference
-from .ops import joint_block
-from .prepared_call import invalidate_all as _invalidate_prepared_calls
-from .reference import JointBlockReference, joint_block_reference
+from .ops import inference_backward as _autograd  # noqa: F401  (registers the op's backward)
+from .ops import training as _training  # noqa: F401  (registers the training ops)
+from .nn.block import JointBlock, check_joint_modules
+from .cpu.backend import PACK_CACHE, selected_isa
+from .triton.backend import register_cuda_kernel
+from .nn.fuse import FuseReport, fuse, to_reference
+from .ops.inference import joint_block
+from .cpu.prepared_call import invalidate_all as _invalidate_prepared_calls
+from .ops.reference import JointBlockReference, joint_block_reference
 
 __version__ = "0.1.0"
 

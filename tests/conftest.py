@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-import lwkernels.cpu_backend as cpu_backend
+import lwkernels.cpu.backend as cpu_backend
 from helpers import cpu_paths_here, host_openmp_loaded, torch_threads
-from lwkernels.contract import empty_output
+from lwkernels.ops.contract import empty_output
 
 
 @pytest.fixture(params=cpu_paths_here())

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lwkernels.cpu_backend import CPU_PATHS, ISA_ENV
-from lwkernels.reference import joint_block_reference
+from lwkernels.cpu.backend import CPU_PATHS, ISA_ENV
+from lwkernels.ops.reference import joint_block_reference
 
 ACTIVATIONS = ("none", "relu", "relu6")
 #: How x is laid out in memory: dense NCHW, dense channels_last, or non-contiguous views.
@@ -240,7 +240,7 @@ def assert_matches_reference(y: torch.Tensor, args: Sequence, *, accumulation_le
 def host_openmp_loaded() -> bool:
     """True when the CPU kernels can run on an OpenMP runtime loaded in this process (PyTorch's).
     Asks what the automatic choice (the default, which tests restore) resolved to."""
-    from lwkernels.cpu_backend import parallel_backend_in_use
+    from lwkernels.cpu.backend import parallel_backend_in_use
 
     return parallel_backend_in_use().startswith("openmp")
 

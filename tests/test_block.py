@@ -33,7 +33,7 @@ def plain_twin(block: JointBlockReference, dtype=torch.float64) -> nn.ModuleDict
 
 
 def act_names(block):
-    from lwkernels.activation import activation_name
+    from lwkernels.ops.activation import activation_name
     return activation_name(block.mid_act), activation_name(block.act)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import run_python
-from lwkernels.cli import main
+from lwkernels.cli.main import main
 
 
 def test_info_names_the_cpu_path(capsys):
@@ -27,7 +27,7 @@ def test_bench_checks_then_prints_a_table_and_json(tmp_path, capsys):
     assert report["environment"]["cpu_path"] in ("scalar", "avx2", "avx512", "neon")
     # The ceiling: each block's pointwise GEMM at the torch.mm rate measured in the same run.
     assert "ceiling: torch.mm runs at" in out and report["matmul_gflops"] > 0
-    from lwkernels.shapes import lightweightnet_blocks
+    from lwkernels.models.shapes import lightweightnet_blocks
     for shape, row in zip(lightweightnet_blocks(32), report["rows"]):
         assert shape.pointwise_flops(1) == 2 * shape.out_size ** 2 * shape.in_channels * shape.out_channels
         floor = shape.pointwise_flops(1) / (report["matmul_gflops"] * 1e9) * 1e3

@@ -3,7 +3,7 @@ see the op (autograd, modes, tracing, compile) still goes through the dispatcher
 import torch
 
 import lwkernels
-from lwkernels import ops
+from lwkernels.ops import inference as ops
 from helpers import Case, OpRecorder, make_args
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lwkernels  # noqa: F401  (registers the op)
-import lwkernels.cpu_backend as cpu_backend
+import lwkernels.cpu.backend as cpu_backend
 from helpers import Case, call_op, make_args, run_python
 
 CASE = Case(n=2, c_in=4, c_out=6, h=7, w=7, residual="nchw")
@@ -178,7 +178,7 @@ def test_native_layer_rejects_bad_geometry_without_crashing(tmp_path):
     """lwkernels._C validates what it is given (its last line of defence against out-of-bounds
     access): run in a subprocess so that a crash is reported as a failure, not lost."""
     code = textwrap.dedent("""
-        import lwkernels.cpu_backend as cb
+        import lwkernels.cpu.backend as cb
         _C = cb.native()
         ok = dict(batch=1, in_channels=4, in_h=7, in_w=7, out_channels=6, out_h=7, out_w=7, kernel_h=3,
                   kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1, layout="nchw")

@@ -1,4 +1,4 @@
-"""lwkernels.fuse: finds the depthwise-separable chains of models written the way model libraries
+"""lwkernels.nn.fuse: finds the depthwise-separable chains of models written the way model libraries
 write them, replaces them by JointBlocks sharing their parameters, and changes nothing else."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lwkernels import JointBlock, JointBlockReference
-from lwkernels.fuse import FuseReport, fuse, to_reference
+from lwkernels.nn.fuse import FuseReport, fuse, to_reference
 from lwkernels.models import LightweightNet
 
 

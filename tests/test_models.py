@@ -10,7 +10,7 @@ from lwkernels import JointBlock, JointBlockReference
 from lwkernels.models import (DSRNet, LightweightNet, MobileNetV1, MultiScaleNet, MultiScaleUnit, build_model,
                               count_parameters, to_reference)
 from lwkernels.models.dsrnet import DSRBlock
-from lwkernels.shapes import LIGHTWEIGHTNET_CONFIG, lightweightnet_blocks
+from lwkernels.models.shapes import LIGHTWEIGHTNET_CONFIG, lightweightnet_blocks
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -195,7 +195,7 @@ def test_mobilenet_v1_blocks_have_mid_norm():
 
 
 def test_model_bench_rows():
-    from lwkernels.model_bench import format_rows, run_model_bench
+    from lwkernels.bench.models import format_rows, run_model_bench
 
     rows = run_model_bench("lightweightnet", batch=1, input_size=32, width_mult=0.25, repeats=2, warmup=1,
                            threads=1, train=True)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import lwkernels
-import lwkernels.contract as contract
-import lwkernels.cpu_backend as cpu_backend
+import lwkernels.ops.contract as contract
+import lwkernels.cpu.backend as cpu_backend
 from helpers import (ACTIVATIONS, Case, assert_matches_reference, call_op, make_args, reference64,
                      randomize_)
 

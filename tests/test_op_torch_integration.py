@@ -11,7 +11,7 @@ import torch
 
 import lwkernels
 from helpers import ACTIVATIONS, Case, as_float64, call_op, make_args, randomize_, reference64
-from lwkernels.activation import apply_activation
+from lwkernels.ops.activation import apply_activation
 
 # PyTorch's own convolutions (the references, the backward) on one thread: see conftest.single_thread.
 pytestmark = pytest.mark.usefixtures("single_thread")

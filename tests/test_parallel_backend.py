@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import lwkernels.cpu_backend as cpu_backend
+import lwkernels.cpu.backend as cpu_backend
 from helpers import (Case, call_op, host_openmp_loaded, make_args, reference64, run_python, torch_threads,
                      tolerance)
 from lwkernels.models import LightweightNet
@@ -36,14 +36,14 @@ def test_bad_choices_are_named():
 
 
 def test_bad_environment_value_is_named(tmp_path):
-    code = ("import torch, lwkernels, lwkernels.cpu_backend as b\n"
+    code = ("import torch, lwkernels, lwkernels.cpu.backend as b\n"
             "try:\n    b.native()\nexcept ValueError as e:\n    print('ERROR', e)\n")
     out = run_python(["-c", code], cwd=tmp_path, env={cpu_backend.PARALLEL_ENV: "fibers"})
     assert "ERROR LWKERNELS_CPU_PARALLEL='fibers' is not a parallel backend" in out.stdout, out
 
 
 def test_environment_chooses_the_thread_pool(tmp_path):
-    code = "import torch, lwkernels.cpu_backend as b\nprint(b.parallel_backend_in_use())\n"
+    code = "import torch, lwkernels.cpu.backend as b\nprint(b.parallel_backend_in_use())\n"
     out = run_python(["-c", code], cwd=tmp_path, env={cpu_backend.PARALLEL_ENV: "threadpool"})
     assert out.stdout.strip() == "threadpool", out
 

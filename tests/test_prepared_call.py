@@ -12,8 +12,8 @@ from torch import nn
 
 import lwkernels
 from lwkernels import JointBlock
-from lwkernels.cpu_backend import ISA_ENV
-from lwkernels.prepared_call import PreparedCall
+from lwkernels.cpu.backend import ISA_ENV
+from lwkernels.cpu.prepared_call import PreparedCall
 from helpers import cpu_paths_here, forced_isa, randomize_, tolerance
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from helpers import ACT_MODULES, ACTIVATIONS, plain_forward, plain_modules
 from lwkernels import JointBlockReference, joint_block_reference
-from lwkernels.activation import activation_module, activation_name, apply_activation
-from lwkernels.folding import fold_batchnorm, uses_running_stats
+from lwkernels.ops.activation import activation_module, activation_name, apply_activation
+from lwkernels.nn.folding import fold_batchnorm, uses_running_stats
 
 # PyTorch's own convolutions (the references, the backward) on one thread: see conftest.single_thread.
 pytestmark = pytest.mark.usefixtures("single_thread")

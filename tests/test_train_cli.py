@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import lwkernels
-from lwkernels.cifar import DIRNAME, DatasetError, load_cifar10, write_cifar10
-from lwkernels.commands.train import main, preprocess
-from lwkernels.plotting import PALETTE, read_png_rgb
+from lwkernels.cli.cifar import DIRNAME, DatasetError, load_cifar10, write_cifar10
+from lwkernels.cli.train import main, preprocess
+from lwkernels.cli.plotting import PALETTE, read_png_rgb
 
 CLASSES = ["red", "green", "blue", "dark"]
 
@@ -207,7 +207,7 @@ def test_ddp_two_processes_gloo(dataset, tmp_path):
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lwkernels.commands.train", *train_args(dataset, out, 1, "--threads", "1")]
+           "-m", "lwkernels.cli.train", *train_args(dataset, out, 1, "--threads", "1")]
     # From the checkout's root, `-m` would import the source tree's lwkernels/ (no compiled _C).
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

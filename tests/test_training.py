@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import expected_memory_format, randomize_, torch_threads
 from lwkernels import JointBlock
-from lwkernels.reference import JointBlockReference
+from lwkernels.ops.reference import JointBlockReference
 
 ACTS = ("relu", "relu6", "none")
 

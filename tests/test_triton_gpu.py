@@ -20,11 +20,11 @@ import torch
 
 from helpers import Case, expected_memory_format, randomize_
 from lwkernels import JointBlock
-from lwkernels.activation import activation_name
-from lwkernels.cuda_backend import cudnn_conv_uses_tf32, register_cuda_kernel
-from lwkernels.folding import fold_batchnorm
-from lwkernels.reference import joint_block_reference
-from lwkernels.shapes import BENCHMARK_BLOCKS
+from lwkernels.ops.activation import activation_name
+from lwkernels.triton.backend import cudnn_conv_uses_tf32, register_cuda_kernel
+from lwkernels.nn.folding import fold_batchnorm
+from lwkernels.ops.reference import joint_block_reference
+from lwkernels.models.shapes import BENCHMARK_BLOCKS
 from triton_helpers import (INTERPRETER_VIEW_CASES, aot_signature, assert_matches_lowp_rule, gpu_cases, make_case_args,
                             poison_kernel_outputs, to_device, transposed_pointwise)
 
@@ -101,7 +101,7 @@ def _compile_offline(dtype: str, arch: int, dot_precision: str, tile, channels_l
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lwkernels import triton_kernel
+    from lwkernels.triton import joint_block as triton_kernel
 
     fn = triton_kernel._joint_block_kernel
     c_in, c_out, hw, n = 32, 64, 56, 128
@@ -142,7 +142,7 @@ def test_compiles_for_gpu_targets_without_a_gpu(dtype, arch, precision, tile, ch
     """The GPU compiler's own checks (dot tiles >= 16, dtype casts, int64 address arithmetic, shared
     memory) that the interpreter skips, run on any Linux machine: the kernel lowers to PTX with
     tensor-core MMAs (fp16/bf16/TF32) or FMAs (full fp32) and assembles for sm_80/sm_90."""
-    from lwkernels import triton_kernel
+    from lwkernels.triton import joint_block as triton_kernel
 
     if triton_kernel.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 in this process: the kernel is an interpreted function")
@@ -160,7 +160,7 @@ def test_compiles_for_gpu_targets_without_a_gpu(dtype, arch, precision, tile, ch
 
 # -- on the GPU --------------------------------------------------------------------------------------
 def _launch(args, config=None):
-    from lwkernels.triton_kernel import joint_block_triton
+    from lwkernels.triton.joint_block import joint_block_triton
 
     return joint_block_triton(*args, allow_tf32=_tf32(args[0].dtype), config=config)
 
@@ -171,7 +171,7 @@ def _launch_tile(args, tile):
     with num_stages=1 instead (the autotuner discards such configs; the tile's logic is the same)."""
     from triton.runtime.errors import OutOfResources
 
-    from lwkernels.triton_kernel import tile_config
+    from lwkernels.triton.joint_block import tile_config
 
     try:
         return _launch(args, tile_config(*tile).all_kwargs())
@@ -183,7 +183,7 @@ def _launch_tile(args, tile):
 
 def _tile_for(case_index: int, case: Case):
     """Rotate through the tiles autotuning may pick for this shape, so the grid covers all of them."""
-    from lwkernels.triton_kernel import select_configs
+    from lwkernels.triton.joint_block import select_configs
 
     tiles = select_configs(case.c_in, case.c_out)
     return tiles[case_index % len(tiles)]
@@ -214,7 +214,7 @@ def test_every_autotune_candidate(layout, dtype):
     or is too big for this GPU's shared memory -- which the autotuner then skips -- but never all."""
     from triton.runtime.errors import OutOfResources
 
-    from lwkernels.triton_kernel import _candidate_configs
+    from lwkernels.triton.joint_block import _candidate_configs
 
     _skip_unsupported(dtype)
     case = Case(n=2, c_in=80, c_out=300, h=15, w=13, stride=2, dilation=3, mid_act="relu", out_act="relu6",
@@ -243,7 +243,7 @@ def test_every_autotune_candidate(layout, dtype):
 @pytest.mark.parametrize("shape", BENCHMARK_BLOCKS, ids=lambda s: s.name.replace(" ", "_"))
 def test_benchmark_shapes_through_the_op(shape, dtype, layout, monkeypatch):
     """The registered op (autotuned kernel) on the benchmark shapes at batch 2."""
-    from lwkernels import triton_kernel
+    from lwkernels.triton import joint_block as triton_kernel
 
     assert register_cuda_kernel()
     calls = []
@@ -407,7 +407,7 @@ def test_opcheck(layout):
 @pytest.mark.usefixtures("nan_outputs")
 def test_random_shapes():
     """Hypothesis-style random sweep (seeded, so failures reproduce): shapes, options, dtypes, tiles."""
-    from lwkernels.triton_kernel import select_configs
+    from lwkernels.triton.joint_block import select_configs
 
     rng = torch.Generator().manual_seed(1234)
 

@@ -3,7 +3,7 @@ inference kernel, against joint_block_reference) and tests/triton_train_interpre
 training forward's kernels, against float64 compositions) under Triton's interpreter
 (TRITON_INTERPRET=1), each file in its own process.
 
-Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when lwkernels.triton_kernel is
+Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when lwkernels.triton.joint_block is
 first imported, and this pytest process may already have imported it (or may later need the real
 GPU compiler, for test_triton_gpu.py). So the interpreter cases run in a fresh pytest process with
 the variable set; this process is left untouched. Its output is shown when it fails.

@@ -17,8 +17,9 @@ import torch
 
 from helpers import randomize_
 from triton_helpers import aot_signature
-from lwkernels import JointBlock, training
-from lwkernels.reference import JointBlockReference
+from lwkernels import JointBlock
+from lwkernels.ops import training
+from lwkernels.ops.reference import JointBlockReference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -31,7 +32,7 @@ cuda_only = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CU
 def test_depthwise_stats_kernel_compiles_without_a_gpu(channels_last):
     """The depthwise statistics kernel lowers and assembles for sm_90 (the fused kernel's statistics
     epilogue is compiled by test_triton_gpu.py's offline test)."""
-    from lwkernels import triton_kernel
+    from lwkernels.triton import joint_block as triton_kernel
 
     if triton_kernel.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 in this process: the kernel is an interpreted function")
@@ -62,7 +63,7 @@ def test_depthwise_stats_kernel_compiles_without_a_gpu(channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_depthwise_backward_kernels_compile_without_a_gpu(kernel, channels_last):
     """The depthwise backward kernels (triton_dw_backward) lower and assemble for sm_90 in bf16."""
-    from lwkernels import triton_dw_backward
+    from lwkernels.triton import dw_backward as triton_dw_backward
 
     if triton_dw_backward.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 in this process: the kernels are interpreted functions")

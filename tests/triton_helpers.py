@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from helpers import Case, expected_memory_format, make_args, reference64
-from lwkernels.reference import joint_block_reference
+from lwkernels.ops.reference import joint_block_reference
 
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
@@ -118,7 +118,7 @@ def poison_kernel_outputs(monkeypatch) -> None:
     not write fails the comparison instead of showing whatever memory held (DESIGN.md section 5)."""
     import math
 
-    from lwkernels import triton_dw_backward, triton_kernel
+    from lwkernels.triton import dw_backward as triton_dw_backward, joint_block as triton_kernel
 
     allocate = triton_kernel.empty_output
 

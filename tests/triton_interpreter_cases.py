@@ -1,4 +1,4 @@
-"""The Triton kernel's logic on the CPU: lwkernels.triton_kernel.joint_block_triton run by Triton's
+"""The Triton kernel's logic on the CPU: lwkernels.triton.joint_block.joint_block_triton run by Triton's
 interpreter on CPU tensors, against joint_block_reference, in float32 and float16.
 
 Not collected by a plain `pytest` run (the name does not start with test_): TRITON_INTERPRET must
@@ -27,9 +27,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from helpers import Case  # noqa: E402
-from lwkernels import triton_kernel  # noqa: E402
-from lwkernels.reference import joint_block_reference  # noqa: E402
-from lwkernels.triton_kernel import PINNED_CONFIG, joint_block_triton  # noqa: E402
+from lwkernels.triton import joint_block as triton_kernel  # noqa: E402
+from lwkernels.ops.reference import joint_block_reference  # noqa: E402
+from lwkernels.triton.joint_block import PINNED_CONFIG, joint_block_triton  # noqa: E402
 from triton_helpers import (INTERPRETER_CASES, INTERPRETER_VIEW_CASES, assert_matches_lowp_rule,  # noqa: E402
                             make_case_args, poison_kernel_outputs, transposed_pointwise)
 

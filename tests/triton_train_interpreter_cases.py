@@ -23,11 +23,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from helpers import Case  # noqa: E402
-from lwkernels import training  # noqa: E402
-from lwkernels.activation import apply_activation  # noqa: E402
-from lwkernels.contract import output_memory_format  # noqa: E402
-from lwkernels.triton_dw_backward import depthwise_backward_triton  # noqa: E402
-from lwkernels.triton_kernel import combine_partials, depthwise_stats_triton, pointwise_stats_triton  # noqa: E402
+from lwkernels.ops import training  # noqa: E402
+from lwkernels.ops.activation import apply_activation  # noqa: E402
+from lwkernels.ops.contract import output_memory_format  # noqa: E402
+from lwkernels.triton.dw_backward import depthwise_backward_triton  # noqa: E402
+from lwkernels.triton.joint_block import combine_partials, depthwise_stats_triton, pointwise_stats_triton  # noqa: E402
 from triton_helpers import assert_matches_lowp_rule, make_case_args, poison_kernel_outputs  # noqa: E402
 
 U32 = 2.0 ** -24

@@ -14,7 +14,7 @@ from typing import Callable, Dict
 
 from torch import nn
 
-from ..fuse import to_reference
+from ..nn.fuse import to_reference
 from ._common import count_parameters
 from .dsrnet import DSRBlock, DSRNet
 from .lightweightnet import LightweightNet

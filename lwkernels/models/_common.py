@@ -18,9 +18,9 @@ def count_parameters(model: nn.Module) -> int:
 
 class ReferenceConvertible:
     """Mixin: ``model.to_reference()`` returns a deep copy in which every JointBlock is the plain
-    PyTorch composition (see :func:`lwkernels.fuse.to_reference`)."""
+    PyTorch composition (see :func:`lwkernels.to_reference`)."""
 
     def to_reference(self) -> nn.Module:
-        from ..fuse import to_reference
+        from ..nn.fuse import to_reference
 
         return to_reference(self)

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..block import JointBlock
+from ..nn.block import JointBlock
 from ._common import ReferenceConvertible, scaled
 
 #: Within a stage, block i uses DILATION_CYCLE[i % 3]; a downsampling block uses DOWNSAMPLE_DILATION.

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..block import JointBlock
-from ..shapes import LIGHTWEIGHTNET_CONFIG
+from ..nn.block import JointBlock
+from .shapes import LIGHTWEIGHTNET_CONFIG
 from ._common import ReferenceConvertible, scaled
 
 
 class LightweightNet(ReferenceConvertible, nn.Module):
     """Nine dilated joint blocks, global average pooling and one fully connected layer.
 
-    Configuration (NETWORKS.md §1; the block table is ``lwkernels.shapes.LIGHTWEIGHTNET_CONFIG``)::
+    Configuration (NETWORKS.md §1; the block table is ``lwkernels.models.shapes.LIGHTWEIGHTNET_CONFIG``)::
 
         block  C_in -> C_out  stride   (output at 224 input)
           1      3  ->   32     2       112

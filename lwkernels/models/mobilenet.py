@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..block import JointBlock
+from ..nn.block import JointBlock
 from ._common import ReferenceConvertible, scaled
 
 #: (C_out, stride) of the 13 depthwise-separable blocks after the 32-channel stem (alpha = 1).

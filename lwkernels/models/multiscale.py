@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..block import JointBlock
+from ..nn.block import JointBlock
 from ._common import ReferenceConvertible, scaled
 
 METHODS = ("concat", "add")

@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 
 from .block import JointBlock, check_joint_modules
-from .reference import JointBlockReference
+from ..ops.reference import JointBlockReference
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .commands import bench, info
+from . import bench, info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(subparsers)
     info.register(subparsers)
     try:
-        from .commands import train
+        from . import train
     except ImportError:  # the training command is optional in a partial checkout
         pass
     else:

@@ -10,7 +10,7 @@ that drifting machine load hits both; the rows give medians. Inference is checke
 logits against the reference) and the error is reported in the rows.
 
 A training step (forward, cross-entropy, backward, SGD step) of a fused model runs each JointBlock
-through the fused training op (training.py: batch statistics from the fused forward, the block's own
+through the fused training op (ops/training.py: batch statistics from the fused forward, the block's own
 backward); the reference twin runs plain nn.Conv2d / nn.BatchNorm2d.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import build_model, to_reference
+from ..models import build_model, to_reference
 
 PROVIDERS = ("reference", "lwkernels")
 
@@ -36,7 +36,7 @@ def default_input_size(model_name: str) -> int:
 
 
 def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
-    from .benchmarking import randomize_batchnorm
+    from .harness import randomize_batchnorm
 
     randomize_batchnorm(model, seed)
 
@@ -177,7 +177,7 @@ def print_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torc
                       train: bool = True, input_size: Optional[int] = None, width_mult: float = 1.0,
                       repeats: int = 5) -> int:
     """`lwkernels bench --model NAME`: print the side-by-side table (and write JSON); 1 on a mismatch."""
-    from .benchmarking import environment
+    from .harness import environment
 
     rows = run_model_bench(model_name, batch=batch, device=device, dtype=dtype, threads=threads, train=train,
                            input_size=input_size, repeats=repeats, min_time=min_time, width_mult=width_mult)

@@ -13,7 +13,7 @@ def run(args) -> int:
     import torch
 
     from .. import __version__
-    from ..cpu_backend import CPU_PATHS, native, parallel_backend_in_use, selected_isa
+    from ..cpu.backend import CPU_PATHS, native, parallel_backend_in_use, selected_isa
 
     _C = native()
     supported = [name for name in CPU_PATHS if _C.isa_supported(name)]

@@ -9,9 +9,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .benchmarking import environment, geomean, make_block, make_input, median_time
-from .fuse import to_reference
-from .shapes import BENCHMARK_BLOCKS, BlockShape, lightweightnet_blocks
+from .harness import environment, geomean, make_block, make_input, median_time
+from ..nn.fuse import to_reference
+from ..models.shapes import BENCHMARK_BLOCKS, BlockShape, lightweightnet_blocks
 
 #: Training-step providers: the reference composition and lwkernels, each in NCHW and channels_last.
 TRAIN_PROVIDERS = ("eager", "eager_channels_last", "lwkernels", "lwkernels_channels_last")
@@ -128,5 +128,5 @@ def print_train_bench(batch: int = 8, device: str = "cpu", dtype: torch.dtype = 
     return result
 
 
-if __name__ == "__main__":  # python -m lwkernels.train_bench
+if __name__ == "__main__":  # python -m lwkernels.bench.training
     print_train_bench()

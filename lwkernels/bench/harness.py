@@ -10,9 +10,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .block import JointBlock
-from .fuse import to_reference
-from .shapes import BlockShape
+from ..nn.block import JointBlock
+from ..nn.fuse import to_reference
+from ..models.shapes import BlockShape
 
 #: Providers, in the order tables show them. "eager" is the plain PyTorch composition (NCHW, BN as
 #: a separate op): the baseline speedups are quoted against.
@@ -114,8 +114,8 @@ def environment(device: str = "cpu") -> Dict[str, str]:
     """Device and versions for extra_info / report headers."""
     import platform
 
-    from . import __version__
-    from .cpu_backend import parallel_backend_in_use, selected_isa
+    from .. import __version__
+    from ..cpu.backend import parallel_backend_in_use, selected_isa
 
     info = {"torch": torch.__version__, "lwkernels": __version__, "threads": str(torch.get_num_threads())}
     if device.startswith("cuda"):

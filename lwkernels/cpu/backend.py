@@ -9,7 +9,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .contract import empty_output, output_memory_format
+from ..ops.contract import empty_output, output_memory_format
 
 #: Environment variable that forces a CPU path ("scalar", "avx2", "avx512", "neon"; "auto" or unset =
 #: best).
@@ -35,7 +35,7 @@ def native():
     if _NATIVE is not None:
         return _NATIVE
     try:
-        from . import _C
+        from .. import _C
     except ImportError as e:  # pragma: no cover - only on a broken install
         raise RuntimeError(
             "lwkernels' C++ extension (lwkernels._C) is missing or failed to load; "
@@ -109,7 +109,7 @@ class _PackCache:
     detach()ed aliases), so an in-place update — optimizer step, load_state_dict, copy_ under
     no_grad — repacks, and memory reused by a new tensor never matches a dead entry. Writes through
     the legacy `.data` attribute bypass version counters; gradcheck perturbs inputs that way, so a
-    call that autograd records drops its packing again (autograd.py) — weights that require grad
+    call that autograd records drops its packing again (ops/inference_backward.py) — weights that require grad
     change every step anyway. Other `.data` writes need lwkernels.clear_cache().
     """
 

@@ -25,7 +25,7 @@ Two ops, both ``torch.library.custom_op`` (so torch.compile(fullgraph=True) trac
     passes for the activation/BatchNorm gradients and for the depthwise backward (grad input and
     grad weight, dilated, strided, NCHW and channels_last); the two pointwise GEMMs
     (grad t = W^T grad z, grad W = grad z t^T) run on PyTorch's BLAS. CUDA: the depthwise backward
-    as Triton kernels (triton_dw_backward.py); the recomputation, the activation/BatchNorm
+    as Triton kernels (triton/dw_backward.py); the recomputation, the activation/BatchNorm
     gradients and the pointwise GEMMs (cuBLAS through aten.convolution_backward) in PyTorch ops.
 
 Running statistics (momentum, momentum=None, num_batches_tracked, unbiased running_var) are
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .activation import activation_grad_mask, activation_name, apply_activation
 from .contract import check_joint_args, output_memory_format
-from .cpu_backend import NATIVE_DTYPES, PACK_CACHE, address, native, selected_isa
+from ..cpu.backend import NATIVE_DTYPES, PACK_CACHE, address, native, selected_isa
 
 _STATS = torch.float64  # per-channel sums are accumulated in double
 
@@ -149,8 +149,8 @@ def _forward_triton(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps
     statistics from the fused depthwise -> pointwise Triton kernel (the depthwise output never reaches
     memory; the statistics come from the kernel's epilogue). Normalise + residual + activation: PyTorch
     ops (one elementwise pass)."""
-    from .cuda_backend import uses_tf32
-    from .triton_kernel import depthwise_stats_triton, pointwise_stats_triton
+    from ..triton.backend import uses_tf32
+    from ..triton.joint_block import depthwise_stats_triton, pointwise_stats_triton
 
     fmt = output_memory_format(x)
     if mid_bn:
@@ -495,7 +495,7 @@ def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mea
         if triton_depthwise is None:
             triton_depthwise = _uses_triton_backward(x)
         if triton_depthwise:
-            from .triton_dw_backward import depthwise_backward_triton
+            from ..triton.dw_backward import depthwise_backward_triton
 
             g_x, g_dw = depthwise_backward_triton(gc, x, dw_weight, stride, padding, dilation, needs[0], needs[1])
         else:
@@ -507,14 +507,14 @@ def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mea
 
 def _uses_triton_backward(x: Tensor) -> bool:
     """CUDA tensors in a Triton kernel dtype (fp16/bf16/fp32), with Triton importable: the depthwise
-    backward runs as Triton kernels (triton_dw_backward.py)."""
+    backward runs as Triton kernels (triton/dw_backward.py)."""
     if x.device.type != "cuda":
         return False
-    from .cuda_backend import triton_available
+    from ..triton.backend import triton_available
 
     if not triton_available():
         return False
-    from .triton_kernel import KERNEL_DTYPES
+    from ..triton.joint_block import KERNEL_DTYPES
 
     return x.dtype in KERNEL_DTYPES
 

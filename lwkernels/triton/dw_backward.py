@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import empty_output
-from .triton_kernel import INTERPRET, _check_blocks, _check_device_dtype, _check_grid, _on_device, _pair
+from ..ops.contract import empty_output
+from .joint_block import INTERPRET, _check_blocks, _check_device_dtype, _check_grid, _on_device, _pair
 
 #: Block sizes: 16 x 16 under the interpreter (fast there, and the smallest the GPU compiler takes),
 #: 64 pixels x 32 channels on a GPU (both passes are memory-bound: no autotuning).

@@ -7,12 +7,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .activation import ActivationSpec, activation_module, activation_name
+from ..ops.activation import ActivationSpec, activation_module, activation_name
 from .folding import fold_batchnorm, uses_running_stats
-from .ops import call_joint_block, direct_call_allowed
-from .prepared_call import PreparedCall
-from .reference import JointBlockReference
-from .training import joint_block_training, uses_batch_stats
+from ..ops.inference import call_joint_block, direct_call_allowed
+from ..cpu.prepared_call import PreparedCall
+from ..ops.reference import JointBlockReference
+from ..ops.training import joint_block_training, uses_batch_stats
 
 
 class JointBlock(JointBlockReference):
@@ -37,8 +37,8 @@ class JointBlock(JointBlockReference):
     output activation). With BatchNorm in eval mode (running statistics) the whole block is one
     fused ``torch.ops.lwkernels.joint_block`` call with BN folded into per-channel scale/shift;
     gradients flow through it. Eager CPU inference prepares that call once and replays it while the
-    input signature and everything the block reads stay the same (prepared_call.py). With batch statistics (training mode, or track_running_stats=False)
-    it is one ``torch.ops.lwkernels.joint_block_train`` call (training.py) with its own backward,
+    input signature and everything the block reads stay the same (cpu/prepared_call.py). With batch statistics (training mode, or track_running_stats=False)
+    it is one ``torch.ops.lwkernels.joint_block_train`` call (ops/training.py) with its own backward,
     updating running statistics exactly as nn.BatchNorm2d; the depthwise output is recomputed in
     backward rather than saved. A mid BatchNorm in a different mode from ``bn`` runs the reference
     composition.

@@ -6,7 +6,7 @@
     lwkernels eval  --data ~/data/cifar10 --checkpoint runs/lwn/checkpoint.pt
     torchrun --nproc_per_node 4 -m lwkernels train --data ...            # DistributedDataParallel
 
-The data directory is CIFAR-10 in its python-pickle format (see lwkernels/cifar.py); nothing is
+The data directory is CIFAR-10 in its python-pickle format (see lwkernels/cli/cifar.py); nothing is
 downloaded. The paper's options: --dilation (delta), --width (alpha), --input-size (rho x 224;
 images are resized on the fly, bilinear), Adam (--optimizer), --epochs, --batch-size, --lr.
 
@@ -88,7 +88,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run `train ...` or `eval ...` (for tests and ``python -m lwkernels.commands.train``)."""
+    """Run `train ...` or `eval ...` (for tests and ``python -m lwkernels.cli.train``)."""
     parser = argparse.ArgumentParser(prog="lwkernels")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
@@ -168,7 +168,7 @@ def preprocess(images, input_size: int, augment: bool, device, generator=None):
     import torch
     import torch.nn.functional as F
 
-    from ..cifar import MEAN, STD
+    from .cifar import MEAN, STD
 
     x = images.to(device, non_blocking=True).float().div_(255)
     if augment:  # vectorised: one gather picks every image's crop (and flip)
@@ -191,7 +191,7 @@ def preprocess(images, input_size: int, augment: bool, device, generator=None):
 
 
 def _load_data(path: str, limit_train: Optional[int], limit_test: Optional[int]):
-    from ..cifar import load_cifar10
+    from .cifar import load_cifar10
 
     data = load_cifar10(path)
     for name, n in (("--limit-train", limit_train), ("--limit-test", limit_test)):
@@ -316,7 +316,7 @@ def run_train(args) -> int:
     from torch.utils.data.distributed import DistributedSampler
 
     from ..models import build_model, count_parameters
-    from ..plotting import write_training_curves
+    from .plotting import write_training_curves
 
     for name in ("epochs", "batch_size", "input_size"):
         if getattr(args, name) < 1:

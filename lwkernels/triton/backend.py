@@ -1,4 +1,4 @@
-"""The op's CUDA implementation: the Triton kernel in triton_kernel.py behind the torch op.
+"""The op's CUDA implementation: the Triton kernel in joint_block.py behind the torch op.
 
 `register_cuda_kernel()` registers it as ``torch.ops.lwkernels.joint_block``'s CUDA kernel; it is a
 no-op returning False where Triton cannot be imported (CUDA tensors then keep the op's default,
@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from .contract import check_joint_args, output_memory_format
-from .reference import joint_block_reference
+from ..ops.contract import check_joint_args, output_memory_format
+from ..ops.reference import joint_block_reference
 
 _registered = False
 _triton_ok: Optional[bool] = None
@@ -46,7 +46,7 @@ def joint_block_cuda(
     args = (x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
             stride, padding, dilation)
     check_joint_args(*args)
-    from .triton_kernel import KERNEL_DTYPES, joint_block_triton
+    from .joint_block import KERNEL_DTYPES, joint_block_triton
 
     if x.dtype not in KERNEL_DTYPES:
         return joint_block_reference(*args).contiguous(memory_format=output_memory_format(x))
@@ -83,7 +83,7 @@ def register_cuda_kernel() -> bool:
         return True
     if not triton_available():
         return False
-    from .ops import joint_block
+    from ..ops.inference import joint_block
 
     @joint_block.register_kernel("cuda")
     def _joint_block_cuda(*args):

@@ -3,10 +3,10 @@
     t = mid_act(dw_scale * depthwise_conv(x; stride, padding, dilation) + dw_shift)
     y = out_act(pw_scale * pointwise_conv(t) + pw_shift + residual)
 
-BatchNorm in inference and conv biases enter as per-channel scale/shift vectors (see folding.py),
+BatchNorm in inference and conv biases enter as per-channel scale/shift vectors (see nn/folding.py),
 so the pointwise weight stays the raw parameter and its packed form can be cached across calls.
 
-Kernels: CPU -> C++ (cpu_backend.py). Any other device runs the reference composition until a
+Kernels: CPU -> C++ (cpu/backend.py). Any other device runs the reference composition until a
 fused kernel is registered for it (the Triton CUDA kernel registers itself with
 ``joint_block.register_kernel("cuda")``). The fake implementation lets torch.compile and
 torch.export trace through the op.
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .contract import check_joint_args, empty_output, output_memory_format
-from .cpu_backend import joint_block_cpu
+from ..cpu.backend import joint_block_cpu
 from .reference import joint_block_reference
 
 

@@ -60,12 +60,12 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype)
 
     if args.model is not None:
-        from ..model_bench import print_model_bench
+        from ..bench.models import print_model_bench
 
         return print_model_bench(args.model, batch=batch, device=device, dtype=dtype, min_time=args.min_time,
                                  json_path=args.json, train=args.train)
     if args.train:
-        from ..train_bench import print_train_bench
+        from ..bench.training import print_train_bench
 
         print_train_bench(batch=batch, device=device, dtype=dtype, min_time=args.min_time, json_path=args.json)
         return 0
@@ -75,9 +75,9 @@ def run(args) -> int:
 def _bench_blocks(args, device: str, batch: int, dtype) -> int:
     import torch
 
-    from ..benchmarking import environment, geomean, make_block, make_input, make_provider, matmul_rate, median_time
-    from ..fuse import to_reference
-    from ..shapes import BENCHMARK_BLOCKS, lightweightnet_blocks
+    from ..bench.harness import environment, geomean, make_block, make_input, make_provider, matmul_rate, median_time
+    from ..nn.fuse import to_reference
+    from ..models.shapes import BENCHMARK_BLOCKS, lightweightnet_blocks
 
     shapes = {
         "blocks": list(BENCHMARK_BLOCKS),
@@ -145,8 +145,8 @@ def _check(shapes, device: str, dtype) -> List[str]:
     """Compare the fused block with the reference on a small batch of every shape."""
     import torch
 
-    from ..benchmarking import make_block, make_input
-    from ..fuse import to_reference
+    from ..bench.harness import make_block, make_input
+    from ..nn.fuse import to_reference
 
     failures = []
     tol = {torch.float32: 1e-4, torch.float64: 1e-10}.get(dtype, 2e-2)

@@ -27,10 +27,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .contract import output_memory_format
-from .activation import activation_name
-from .cpu_backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, address, geometry_for, native, selected_isa
-from .ops import dispatcher_needed
+from ..ops.contract import output_memory_format
+from ..ops.activation import activation_name
+from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, address, geometry_for, native, selected_isa
+from ..ops.inference import dispatcher_needed
 
 # What a JointBlock's fused eval forward reads, per submodule: (dict attribute, keys).
 _MODULE_STATE = {

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .activation import activation_grad_mask, apply_activation
-from .cpu_backend import PACK_CACHE
-from .ops import joint_block
+from ..cpu.backend import PACK_CACHE
+from .inference import joint_block
 
 
 def _masked(g: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import check_joint_args, empty_output
+from ..ops.contract import check_joint_args, empty_output
 
 #: Interpreter mode is fixed when @triton.jit runs (at import), so read it the same way here.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")

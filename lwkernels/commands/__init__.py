@@ -1,1 +1,0 @@
-"""Subcommands of the `lwkernels` command line; each module exposes register(subparsers)."""
