@@ -581,15 +581,20 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
 
   for (int64_t c = 0; c < C; ++c) {
     const T s = t.dw_scale ? t.dw_scale[c] : T(1);
+    bool nan_weight = false;
     for (int64_t k = 0; k < taps; ++k) {
       const T w = t.dw_weight[c * taps + k] * s;
+      nan_weight |= w != w;
       if (nhwc) {
         dw_w[k * C + c] = w;
       } else {
         dw_w[c * taps + k] = w;
       }
     }
-    dw_b[c] = t.dw_shift ? t.dw_shift[c] : T(0);
+    // Zero padding multiplies its taps by the weights, and NaN * 0 is NaN, so a NaN weight makes
+    // every output of its channel NaN. Kernels that skip the padded taps (NHWC, and NCHW rows
+    // outside the padded plane) would leave border outputs finite: the shift carries the NaN there.
+    dw_b[c] = nan_weight ? std::numeric_limits<T>::quiet_NaN() : t.dw_shift ? t.dw_shift[c] : T(0);
   }
   for (int64_t o = 0; o < CO; ++o) {
     sc[o] = t.pw_scale ? t.pw_scale[o] : T(1);

@@ -9,7 +9,7 @@
 //   zero() set1(s) load(p) store(p, v) fma(a, b, c) = a*b + c, add(a, b)
 //   keep_first(v, n)    v with lanes n .. W-1 set to zero (0 <= n <= W)
 //   set_halves(a, b)    lanes [0, W/2) = a, [W/2, W) = b; only needed when W == 2 * MR
-//   max_keep(lo, v) / min_keep(hi, v)     max/min that return v when v is NaN (like torch.relu)
+//   max_keep(lo, v) / min_keep(hi, v)     max/min that return v when v is NaN (activation.h)
 //   load_s2(p)          {p[0], p[2], ..., p[2W-2]} without reading past p[2W-2]
 //   add_f64(p, v)       p[l] += double(v[l]) for the W lanes (double* p)
 //
@@ -31,40 +31,9 @@
 
 #include <cstdint>
 
+#include "activation.h"
+#include "compiler.h"
 #include "internal.h"
-
-#if defined(__GNUC__) || defined(__clang__)
-#define LWK_INLINE inline __attribute__((always_inline))
-#define LWK_NOINLINE __attribute__((noinline))
-#define LWK_RESTRICT __restrict__
-#else
-#define LWK_INLINE inline
-#define LWK_NOINLINE
-#define LWK_RESTRICT
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define LWK_PREFETCH(p) __builtin_prefetch((p), 0, 3)
-#else
-#define LWK_PREFETCH(p) ((void)0)
-#endif
-
-// Marks a loop body as opaque to the compiler's idiom recognition: the short zero-fill and copy
-// loops below must stay inline vector stores, not become memset/memcpy calls (each call costs
-// more than the loop, plus a vzeroupper on x86).
-#if defined(__GNUC__) || defined(__clang__)
-#define LWK_NO_IDIOM() __asm__ __volatile__("" ::: "memory")
-#else
-#define LWK_NO_IDIOM() ((void)0)
-#endif
-
-#if defined(__clang__)
-#define LWK_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define LWK_UNROLL _Pragma("GCC unroll 16")
-#else
-#define LWK_UNROLL
-#endif
 
 namespace lwk {
 namespace detail {
@@ -73,33 +42,6 @@ namespace {
 LWK_INLINE int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 LWK_INLINE int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 LWK_INLINE int64_t iceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Scalar activation; NaN propagates as in torch.relu / relu6.
-template <typename T>
-LWK_INLINE T act_scalar(T v, Activation a) {
-  if (a == Activation::kNone) return v;
-  v = v < T(0) ? T(0) : v;
-  if (a == Activation::kRelu6) v = v > T(6) ? T(6) : v;
-  return v;
-}
-
-template <class V>
-LWK_INLINE typename V::reg act_vec(typename V::reg v, Activation a) {
-  using T = typename V::T;
-  if (a == Activation::kNone) return v;
-  v = V::max_keep(V::zero(), v);
-  if (a == Activation::kRelu6) v = V::min_keep(V::set1(T(6)), v);
-  return v;
-}
-
-template <class V, Activation A>
-LWK_INLINE typename V::reg act_vec_t(typename V::reg v) {
-  using T = typename V::T;
-  if (A == Activation::kNone) return v;
-  v = V::max_keep(V::zero(), v);
-  if (A == Activation::kRelu6) v = V::min_keep(V::set1(T(6)), v);
-  return v;
-}
 
 // Loads W elements p[0], p[s], p[2s], ... ; kS is the stride when known at compile time (1 or 2),
 // 0 for any stride.
@@ -155,7 +97,7 @@ template <typename T>
 LWK_INLINE T store_scalar(const Epi<T>& e, T acc, int64_t ch, int64_t off) {
   T v = acc * e.scale[ch] + e.shift[ch];
   if (e.res) v += e.res[off];
-  v = act_scalar(v, e.act);
+  v = activate(v, e.act);
   e.y[off] = v;
   return v;
 }
@@ -192,7 +134,7 @@ LWK_INLINE void store_full(const typename V::reg (&acc)[MR_][NV_], const Epi<typ
     LWK_UNROLL for (int j = 0; j < NV_; ++j) {
       R v = V::fma(acc[i][j], kNCHW ? sc_row : sc_col[j], kNCHW ? sh_row : sh_col[j]);
       if (e.res) v = V::add(v, V::load(e.res + off + j * W));
-      v = act_vec_t<V, A>(v);
+      v = activate_vec<V, A>(v);
       V::store(yr + j * W, v);
       if (kStats && kNCHW) {
         s_row = V::add(s_row, v);
@@ -489,7 +431,7 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
   const int64_t S = pl.SW, KW = pl.KW, DWi = pl.DW;
   int64_t ox = ox0;
   for (; ox < a; ++ox) {
-    out[ox - ox0] = act_scalar(dw_pixel_nchw(pl, xc, wc, bias, iy0, kyl, kyh, ox), act);
+    out[ox - ox0] = activate(dw_pixel_nchw(pl, xc, wc, bias, iy0, kyl, kyh, ox), act);
   }
   const R vb = V::set1(bias);
   for (; ox + U * W <= b; ox += U * W) {
@@ -506,7 +448,7 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
         }
       }
     }
-    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + (ox - ox0) + u * W, act_vec<V>(acc[u], act));
+    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + (ox - ox0) + u * W, activate_vec<V>(acc[u], act));
   }
   for (; ox + W <= b; ox += W) {
     R acc = vb;
@@ -517,10 +459,10 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
         acc = V::fma(V::set1(wk[kx]), load_strided<V, kS>(row + kx * DWi, S), acc);
       }
     }
-    V::store(out + (ox - ox0), act_vec<V>(acc, act));
+    V::store(out + (ox - ox0), activate_vec<V>(acc, act));
   }
   for (; ox < ox1; ++ox) {
-    out[ox - ox0] = act_scalar(dw_pixel_nchw(pl, xc, wc, bias, iy0, kyl, kyh, ox), act);
+    out[ox - ox0] = activate(dw_pixel_nchw(pl, xc, wc, bias, iy0, kyl, kyh, ox), act);
   }
 }
 
@@ -656,7 +598,7 @@ LWK_INLINE void dw_group_plane(const typename V::T* base, const int64_t* off, in
       }
     }
   }
-  LWK_UNROLL for (int u = 0; u < N; ++u) V::store(out + u * W, act_vec<V>(acc[u], act));
+  LWK_UNROLL for (int u = 0; u < N; ++u) V::store(out + u * W, activate_vec<V>(acc[u], act));
 }
 
 // A tile's output-row segments: plane offset of the segment's first output (row origin plus
@@ -801,7 +743,7 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
     }
     LWK_UNROLL for (int q = 0; q < NP_; ++q) {
       LWK_UNROLL for (int u = 0; u < U; ++u) {
-        V::store(out + q * ldt + c + u * W, act_vec<V>(acc[q][u], act));
+        V::store(out + q * ldt + c + u * W, activate_vec<V>(acc[q][u], act));
       }
     }
   }
@@ -814,13 +756,13 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
         acc[q] = V::fma(wv, V::load(base + q * pstep + off[t] + c), acc[q]);
       }
     }
-    LWK_UNROLL for (int q = 0; q < NP_; ++q) V::store(out + q * ldt + c, act_vec<V>(acc[q], act));
+    LWK_UNROLL for (int q = 0; q < NP_; ++q) V::store(out + q * ldt + c, activate_vec<V>(acc[q], act));
   }
   for (; c < c_hi; ++c) {
     LWK_UNROLL for (int q = 0; q < NP_; ++q) {
       T acc = pl.dw_b[c];
       for (int t = 0; t < 9; ++t) acc += w[t * C + c] * base[q * pstep + off[t] + c];
-      out[q * ldt + c] = act_scalar(acc, act);
+      out[q * ldt + c] = activate(acc, act);
     }
   }
 }
@@ -853,7 +795,7 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
         }
       }
     }
-    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + c + u * W, act_vec<V>(acc[u], act));
+    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + c + u * W, activate_vec<V>(acc[u], act));
   }
   for (; c + W <= c_hi; c += W) {
     R acc = V::load(pl.dw_b + c);
@@ -864,7 +806,7 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
         acc = V::fma(V::load(wr + kx * C), V::load(xr + kx * pl.DW * C), acc);
       }
     }
-    V::store(out + c, act_vec<V>(acc, act));
+    V::store(out + c, activate_vec<V>(acc, act));
   }
   for (; c < c_hi; ++c) {
     T acc = pl.dw_b[c];
@@ -873,7 +815,7 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
       const T* wr = pl.dw_w + ky * pl.KW * C + c;
       for (int64_t kx = kxl; kx < kxh; ++kx) acc += wr[kx * C] * xr[kx * pl.DW * C];
     }
-    out[c] = act_scalar(acc, act);
+    out[c] = activate(acc, act);
   }
 }
 

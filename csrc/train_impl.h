@@ -9,17 +9,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "activation.h"
+#include "compiler.h"
 #include "parallel.h"
 #include "train_kernels.h"
 
 #ifndef LWK_TRAIN_NS
 #error "define LWK_TRAIN_NS before including train_impl.h"
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define LWK_TR_RESTRICT __restrict__
-#else
-#define LWK_TR_RESTRICT
 #endif
 
 namespace lwk {
@@ -96,16 +92,9 @@ struct Partials {
   }
 };
 
-template <typename T>
-inline T activate(T v, Activation act) {
-  if (act == Activation::kRelu) return v > T(0) ? v : T(0);
-  if (act == Activation::kRelu6) return v > T(0) ? (v < T(6) ? v : T(6)) : T(0);
-  return v;
-}
-
 // Sum of a[i] and of a[i]^2 in double, 8 independent lanes (vectorisable without reassociation).
 template <typename T>
-inline void span_stats(const T* LWK_TR_RESTRICT a, int64_t n, double& s, double& ss) {
+inline void span_stats(const T* LWK_RESTRICT a, int64_t n, double& s, double& ss) {
   double ls[8] = {0}, lq[8] = {0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -130,7 +119,7 @@ inline void span_stats(const T* LWK_TR_RESTRICT a, int64_t n, double& s, double&
 
 // sum a[i] * b[i] with T lanes.
 template <typename T>
-inline T dot(const T* LWK_TR_RESTRICT a, const T* LWK_TR_RESTRICT b, int64_t n) {
+inline T dot(const T* LWK_RESTRICT a, const T* LWK_RESTRICT b, int64_t n) {
   T lanes[8] = {0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -175,16 +164,16 @@ struct ColumnPhases {
     return start[p] + (off - p) / S;  // exact: off - p is a multiple of S
   }
   template <typename T>
-  void split(const T* LWK_TR_RESTRICT row, T* LWK_TR_RESTRICT phased) const {
+  void split(const T* LWK_RESTRICT row, T* LWK_RESTRICT phased) const {
     for (int64_t p = 0; p < S && p < W; ++p) {
-      T* LWK_TR_RESTRICT dst = phased + start[p];
+      T* LWK_RESTRICT dst = phased + start[p];
       for (int64_t j = 0, ix = p; ix < W; ++j, ix += S) dst[j] = row[ix];
     }
   }
   template <typename T>
-  void merge(const T* LWK_TR_RESTRICT phased, T* LWK_TR_RESTRICT row) const {
+  void merge(const T* LWK_RESTRICT phased, T* LWK_RESTRICT row) const {
     for (int64_t p = 0; p < S && p < W; ++p) {
-      const T* LWK_TR_RESTRICT src = phased + start[p];
+      const T* LWK_RESTRICT src = phased + start[p];
       for (int64_t j = 0, ix = p; ix < W; ++j, ix += S) row[ix] = src[j];
     }
   }
@@ -213,7 +202,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
         const T sc = a.scale ? a.scale[c] : T(1), sh = a.shift ? a.shift[c] : T(0);
         double s = 0, ss = 0;
         for (int64_t oy = 0; oy < g.OH; ++oy) {
-          T* LWK_TR_RESTRICT r = row.data();
+          T* LWK_RESTRICT r = row.data();
           std::fill(r, r + g.OW, T(0));
           for (int64_t ky = 0; ky < g.KH; ++ky) {
             const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
@@ -224,7 +213,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
               const int64_t off = kx * g.DW - g.PW;
               const int64_t lo = kx_lo[kx], hi = kx_hi[kx];
               if (g.SW == 1) {
-                const T* LWK_TR_RESTRICT src = xr + off;
+                const T* LWK_RESTRICT src = xr + off;
                 for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * src[ox];
               } else {
                 for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * xr[ox * g.SW + off];
@@ -235,7 +224,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
           if (a.raw) std::copy(r, r + g.OW, a.raw + o);
           if (stats) span_stats(r, g.OW, s, ss);
           if (a.out) {
-            T* LWK_TR_RESTRICT dst = a.out + o;
+            T* LWK_RESTRICT dst = a.out + o;
             for (int64_t ox = 0; ox < g.OW; ++ox) dst[ox] = activate(r[ox] * sc + sh, a.act);
           }
         }
@@ -271,7 +260,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
     for (int64_t item = b; item < e; ++item) {
       const int64_t n = item / g.OH, oy = item % g.OH;
       for (int64_t ox = 0; ox < g.OW; ++ox) {
-        T* LWK_TR_RESTRICT ac = acc.data();
+        T* LWK_RESTRICT ac = acc.data();
         std::fill(ac, ac + C, T(0));
         for (int64_t ky = 0; ky < g.KH; ++ky) {
           const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
@@ -279,16 +268,16 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
           for (int64_t kx = 0; kx < g.KW; ++kx) {
             const int64_t ix = ox * g.SW - g.PW + kx * g.DW;
             if (ix < 0 || ix >= g.W) continue;
-            const T* LWK_TR_RESTRICT xp = a.x + ((n * g.H + iy) * g.W + ix) * C;
-            const T* LWK_TR_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;
+            const T* LWK_RESTRICT xp = a.x + ((n * g.H + iy) * g.W + ix) * C;
+            const T* LWK_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;
             for (int64_t c = 0; c < C; ++c) ac[c] += wp[c] * xp[c];
           }
         }
         const int64_t o = ((n * g.OH + oy) * g.OW + ox) * C;
         if (a.raw) std::copy(ac, ac + C, a.raw + o);
         if (stats) {
-          double* LWK_TR_RESTRICT s = part;
-          double* LWK_TR_RESTRICT ss = part + C;
+          double* LWK_RESTRICT s = part;
+          double* LWK_RESTRICT ss = part + C;
           for (int64_t c = 0; c < C; ++c) {
             const double v = static_cast<double>(ac[c]);
             s[c] += v;
@@ -296,9 +285,9 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
           }
         }
         if (a.out) {
-          T* LWK_TR_RESTRICT dst = a.out + o;
-          const T* LWK_TR_RESTRICT sc = scale.data();
-          const T* LWK_TR_RESTRICT sh = shift.data();
+          T* LWK_RESTRICT dst = a.out + o;
+          const T* LWK_RESTRICT sc = scale.data();
+          const T* LWK_RESTRICT sh = shift.data();
           for (int64_t c = 0; c < C; ++c) dst[c] = activate(ac[c] * sc[c] + sh[c], a.act);
         }
       }
@@ -346,13 +335,13 @@ void backward_flat_plane(const DwGeometry& g, const FlatPlanes& f, const T* x_pl
       std::copy(x_plane + iy * g.W, x_plane + (iy + 1) * g.W, xpad + (iy + g.PH) * f.pitch + g.PW);
   }
   if (gx_plane) std::fill(gpad, gpad + f.len, T(0));
-  const T* LWK_TR_RESTRICT gr = gflat;
+  const T* LWK_RESTRICT gr = gflat;
   for (size_t k = 0; k < f.tap_at.size(); ++k) {
     const int64_t at = f.tap_at[k];
     if (grad_w) grad_w[k] += static_cast<double>(dot(gr, xpad + at, f.span));
     if (gx_plane) {
       const T wv = w[k];
-      T* LWK_TR_RESTRICT dst = gpad + at;
+      T* LWK_RESTRICT dst = gpad + at;
       for (int64_t j = 0; j < f.span; ++j) dst[j] += wv * gr[j];
     }
   }
@@ -407,7 +396,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
           T* gx = phased && gx_plane ? gx_phased.data() : gx_plane;
           if (gx) std::fill(gx, gx + HW, T(0));
           for (int64_t oy = 0; oy < g.OH; ++oy) {
-            const T* LWK_TR_RESTRICT gr = gp + oy * g.OW;
+            const T* LWK_RESTRICT gr = gp + oy * g.OW;
             for (int64_t ky = 0; ky < g.KH; ++ky) {
               const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
               if (iy < 0 || iy >= g.H) continue;
@@ -419,7 +408,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
                 if (grad_w) gw[k] += static_cast<double>(dot(gr + lo, xp + at + lo, hi - lo));
                 if (gx) {
                   const T wv = wp[k];
-                  T* LWK_TR_RESTRICT dst = gx + at;
+                  T* LWK_RESTRICT dst = gx + at;
                   for (int64_t ox = lo; ox < hi; ++ox) dst[ox] += wv * gr[ox];
                 }
               }
@@ -454,18 +443,18 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
           if (iy < 0 || iy >= g.H) continue;
           for (int64_t kx = 0; kx < g.KW; ++kx) {
             const int64_t off = kx * g.DW - g.PW;
-            T* LWK_TR_RESTRICT ra = rowacc.data() + (ky * g.KW + kx) * C;
+            T* LWK_RESTRICT ra = rowacc.data() + (ky * g.KW + kx) * C;
             for (int64_t ox = kx_lo[kx]; ox < kx_hi[kx]; ++ox) {
-              const T* LWK_TR_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
-              const T* LWK_TR_RESTRICT xp = x + ((n * g.H + iy) * g.W + ox * g.SW + off) * C;
+              const T* LWK_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
+              const T* LWK_RESTRICT xp = x + ((n * g.H + iy) * g.W + ox * g.SW + off) * C;
               for (int64_t c = 0; c < C; ++c) ra[c] += gp[c] * xp[c];
               any = true;
             }
           }
         }
         if (any) {
-          double* LWK_TR_RESTRICT pp = part;
-          const T* LWK_TR_RESTRICT ra = rowacc.data();
+          double* LWK_RESTRICT pp = part;
+          const T* LWK_RESTRICT ra = rowacc.data();
           for (int64_t i = 0; i < K * C; ++i) pp[i] += static_cast<double>(ra[i]);
         }
       }
@@ -487,7 +476,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
       for (int64_t item = b; item < e; ++item) {
         const int64_t n = item / g.H, iy = item % g.H;
         for (int64_t ix = 0; ix < g.W; ++ix) {
-          T* LWK_TR_RESTRICT dst = grad_x + ((n * g.H + iy) * g.W + ix) * C;
+          T* LWK_RESTRICT dst = grad_x + ((n * g.H + iy) * g.W + ix) * C;
           std::fill(dst, dst + C, T(0));
           for (int64_t ky = 0; ky < g.KH; ++ky) {
             const int64_t ty = iy + g.PH - ky * g.DH;
@@ -499,8 +488,8 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
               if (tx < 0 || tx % g.SW != 0) continue;
               const int64_t ox = tx / g.SW;
               if (ox >= g.OW) continue;
-              const T* LWK_TR_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
-              const T* LWK_TR_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;
+              const T* LWK_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
+              const T* LWK_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;
               for (int64_t c = 0; c < C; ++c) dst[c] += wp[c] * gp[c];
             }
           }
@@ -530,23 +519,23 @@ void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* s
     if (g.layout == Layout::kNCHW) {
       for (int64_t item = b; item < e; ++item) {
         const T sc = scale[item % C], sh = shift[item % C];
-        const T* LWK_TR_RESTRICT zp = z + item * g.HW;
-        T* LWK_TR_RESTRICT yp = y + item * g.HW;
+        const T* LWK_RESTRICT zp = z + item * g.HW;
+        T* LWK_RESTRICT yp = y + item * g.HW;
         if (residual) {
-          const T* LWK_TR_RESTRICT rp = residual + item * g.HW;
+          const T* LWK_RESTRICT rp = residual + item * g.HW;
           for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate(zp[i] * sc + sh + rp[i], act);
         } else {
           for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate(zp[i] * sc + sh, act);
         }
       }
     } else {
-      const T* LWK_TR_RESTRICT sc = scale;
-      const T* LWK_TR_RESTRICT sh = shift;
+      const T* LWK_RESTRICT sc = scale;
+      const T* LWK_RESTRICT sh = shift;
       for (int64_t item = b; item < e; ++item) {
-        const T* LWK_TR_RESTRICT zp = z + item * C;
-        T* LWK_TR_RESTRICT yp = y + item * C;
+        const T* LWK_RESTRICT zp = z + item * C;
+        T* LWK_RESTRICT yp = y + item * C;
         if (residual) {
-          const T* LWK_TR_RESTRICT rp = residual + item * C;
+          const T* LWK_RESTRICT rp = residual + item * C;
           for (int64_t c = 0; c < C; ++c) yp[c] = activate(zp[c] * sc[c] + sh[c] + rp[c], act);
         } else {
           for (int64_t c = 0; c < C; ++c) yp[c] = activate(zp[c] * sc[c] + sh[c], act);
@@ -555,13 +544,6 @@ void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* s
     }
   };
   parallel_items(n_items, grain, tasks, body);
-}
-
-template <typename T>
-inline T act_grad(T g, T out, Activation act) {
-  if (act == Activation::kRelu) return out > T(0) ? g : T(0);
-  if (act == Activation::kRelu6) return (out > T(0) && out < T(6)) ? g : T(0);
-  return g;
 }
 
 template <typename T>
@@ -577,18 +559,18 @@ void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_o
     if (g.layout == Layout::kNCHW) {
       for (int64_t item = b; item < e; ++item) {
         const int64_t c = item % C, o = item * g.HW;
-        const T* LWK_TR_RESTRICT gp = grad + o;
-        T* LWK_TR_RESTRICT bp = gb + o;
+        const T* LWK_RESTRICT gp = grad + o;
+        T* LWK_RESTRICT bp = gb + o;
         if (act == Activation::kNone) {
           std::copy(gp, gp + g.HW, bp);
         } else {
-          const T* LWK_TR_RESTRICT ap = act_out + o;
-          for (int64_t i = 0; i < g.HW; ++i) bp[i] = act_grad(gp[i], ap[i], act);
+          const T* LWK_RESTRICT ap = act_out + o;
+          for (int64_t i = 0; i < g.HW; ++i) bp[i] = activation_grad(gp[i], ap[i], act);
         }
         double ls[8] = {0}, lz[8] = {0};
         int64_t i = 0;
         if (z) {
-          const T* LWK_TR_RESTRICT zp = z + o;
+          const T* LWK_RESTRICT zp = z + o;
           const double m = static_cast<double>(center[c]);
           for (; i + 8 <= g.HW; i += 8)
             for (int l = 0; l < 8; ++l) {
@@ -612,21 +594,21 @@ void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_o
         }
       }
     } else {
-      double* LWK_TR_RESTRICT s = part;
-      double* LWK_TR_RESTRICT sz = part + C;
+      double* LWK_RESTRICT s = part;
+      double* LWK_RESTRICT sz = part + C;
       for (int64_t item = b; item < e; ++item) {
         const int64_t o = item * C;
-        const T* LWK_TR_RESTRICT gp = grad + o;
-        T* LWK_TR_RESTRICT bp = gb + o;
+        const T* LWK_RESTRICT gp = grad + o;
+        T* LWK_RESTRICT bp = gb + o;
         if (act == Activation::kNone) {
           std::copy(gp, gp + C, bp);
         } else {
-          const T* LWK_TR_RESTRICT ap = act_out + o;
-          for (int64_t c = 0; c < C; ++c) bp[c] = act_grad(gp[c], ap[c], act);
+          const T* LWK_RESTRICT ap = act_out + o;
+          for (int64_t c = 0; c < C; ++c) bp[c] = activation_grad(gp[c], ap[c], act);
         }
         if (z) {
-          const T* LWK_TR_RESTRICT zp = z + o;
-          const T* LWK_TR_RESTRICT m = center;
+          const T* LWK_RESTRICT zp = z + o;
+          const T* LWK_RESTRICT m = center;
           for (int64_t c = 0; c < C; ++c) {
             const double v = static_cast<double>(bp[c]);
             s[c] += v;
@@ -656,7 +638,7 @@ void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, co
         const int64_t c = item % C, o = item * g.HW;
         const T av = a[c], bv = b_[c], kv = k[c];
         const T* gp = gb + o;  // may alias out
-        const T* LWK_TR_RESTRICT zp = z + o;
+        const T* LWK_RESTRICT zp = z + o;
         T* op = out + o;
         for (int64_t i = 0; i < g.HW; ++i) op[i] = av * gp[i] + bv * zp[i] + kv;
       }
@@ -664,7 +646,7 @@ void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, co
       for (int64_t item = b; item < e; ++item) {
         const int64_t o = item * C;
         const T* gp = gb + o;
-        const T* LWK_TR_RESTRICT zp = z + o;
+        const T* LWK_RESTRICT zp = z + o;
         T* op = out + o;
         for (int64_t c = 0; c < C; ++c) op[c] = a[c] * gp[c] + b_[c] * zp[c] + k[c];
       }

@@ -736,6 +736,31 @@ void test_nan_propagation() {
   }
 }
 
+// A NaN depthwise weight makes every output of its channel NaN, borders included: zero padding
+// multiplies the padded taps by the weight (NaN * 0 = NaN) even where a kernel skips them.
+void test_nan_weight_poisons_channel() {
+  for (Isa isa : isas_under_test()) {
+    for (Layout layout : {Layout::kNCHW, Layout::kNHWC}) {
+      JointGeometry g = small_geometry(layout);
+      g.in_channels = 2;
+      g.out_channels = 1;
+      std::vector<float> x(2 * 36, 1.0f), dw(18, 1.0f), w(2, 1.0f), y(36, 0.0f);
+      w[1] = 0.0f;         // output = depthwise channel 0 (+ 0 * channel 1, which stays finite)
+      dw[8] = std::nanf("");  // channel 0, bottom-right tap: in the padding for the last row/column
+      auto packed = lwk::pack_pointwise<float>(isa, layout, w.data(), 1, 2);
+      lwk::JointTensors<float> t;
+      t.x = x.data();
+      t.dw_weight = dw.data();
+      t.out_act = Activation::kRelu;
+      t.y = y.data();
+      lwk::joint_forward<float>(*packed, g, t, 1);
+      for (int p = 0; p < 36; ++p)
+        CHECK(std::isnan(y[p]), "[%s %s] pixel %d: a NaN depthwise weight must give NaN, got %g",
+              lwk::isa_name(isa), layout == Layout::kNCHW ? "nchw" : "nhwc", p, y[p]);
+    }
+  }
+}
+
 // An infinite pointwise weight affects its own output channel only. The thin kernel's vector
 // loads run past a weight panel (AVX-512 reads the next panel's first row with the last k of an
 // odd K), and a lane that multiplies what it read there by zero would turn Inf into NaN.
@@ -775,6 +800,7 @@ int main(int argc, char** argv) {
   try {
     test_validation();
     test_nan_propagation();
+    test_nan_weight_poisons_channel();
     test_inf_weight_isolated();
     test_residual_in_place();
     test_grid(quick);

@@ -1,9 +1,11 @@
 // Tests of the training kernels (train_kernels.h) against naive loops: depthwise forward (output
 // and per-channel statistics) and backward (grad input, grad weight), dilated and strided, NCHW and
 // NHWC, every compiled instruction-set variant, float and double; and the per-channel passes.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -141,6 +143,41 @@ void check_channel_passes(Layout layout, Isa isa, int threads, double tol) {
   }
 }
 
+// NaN through the activations and their gradients, as PyTorch: relu/relu6 keep a NaN input; the
+// gradient passes a NaN relu output and gives 0 at a NaN relu6 output (its vectorised CPU rule),
+// and is selected, not multiplied, where the activation is flat (a NaN grad there gives 0).
+template <typename T>
+void check_nan_activations(Layout layout, Isa isa) {
+  ChannelGeometry g{1, 1, 8, layout};
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const std::vector<T> z = {nan, T(-1), T(3), T(7), nan, T(-2), T(0), T(6)};
+  const T one = T(1), zero = T(0);
+  for (Activation act : {Activation::kRelu, Activation::kRelu6}) {
+    std::vector<T> y(8), gb(8);
+    std::vector<T> grad(8, one);
+    grad[5] = nan;  // flat region of both: selected away
+    lwk::train::affine_act<T>(g, z.data(), &one, &zero, nullptr, act, y.data(), isa, 1);
+    double sg = 0;
+    lwk::train::act_backward_reduce<T>(g, grad.data(), y.data(), act, nullptr, nullptr, gb.data(), &sg, nullptr,
+                                       isa, 1);
+    const bool relu = act == Activation::kRelu;
+    for (int i = 0; i < 8; ++i) {
+      const double zi = z[i];
+      const bool nan_in = std::isnan(zi);
+      const double want_y = nan_in ? NAN : std::min(std::max(zi, 0.0), relu ? INFINITY : 6.0);
+      const double want_g = nan_in ? (relu ? 1.0 : 0.0) : (want_y > 0 && (relu || want_y < 6) ? 1.0 : 0.0);
+      const bool ok_y = nan_in ? std::isnan(y[i]) : double(y[i]) == want_y;
+      if (!ok_y || double(gb[i]) != want_g) {
+        if (failures < 20)
+          std::printf("FAIL nan activations (%s, %s, %s) element %d: y %g (want %g), grad %g (want %g)\n",
+                      relu ? "relu" : "relu6", layout == Layout::kNCHW ? "nchw" : "nhwc", lwk::isa_name(isa), i,
+                      double(y[i]), want_y, double(gb[i]), want_g);
+        ++failures;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -195,6 +232,12 @@ int main() {
         check_channel_passes<double>(layout, isa, threads, 1e-12);
         cases += 2;
       }
+  for (Isa isa : isas)
+    for (Layout layout : {Layout::kNCHW, Layout::kNHWC}) {
+      check_nan_activations<float>(layout, isa);
+      check_nan_activations<double>(layout, isa);
+      cases += 2;
+    }
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;

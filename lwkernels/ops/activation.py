@@ -45,11 +45,21 @@ def apply_activation(t: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
-def activation_grad_mask(activated: torch.Tensor, name: str) -> Optional[torch.Tensor]:
-    """d act / d input, read off the activation's output (None for "none"). Zero at the kinks, as
-    PyTorch's threshold/hardtanh backward."""
+def activation_backward(grad: torch.Tensor, activated: torch.Tensor, name: str) -> torch.Tensor:
+    """The gradient through the named activation, read off its output, with PyTorch's rules at the
+    kinks and at NaN (the same rules as the C++ kernels, csrc/activation.h). Where the activation is
+    flat the result is 0 even if grad is NaN or Inf: PyTorch selects, it does not multiply.
+
+    - relu: 0 where the output is <= 0, else grad; a NaN output passes grad (threshold_backward).
+    - relu6: grad where 0 < output < 6, else 0; a NaN output gets 0, as PyTorch's vectorised CPU
+      hardtanh_backward computes it (its scalar tail and its CUDA kernel pass grad there instead).
+    """
+    if name == "none":
+        return grad
     if name == "relu":
-        return activated > 0
-    if name == "relu6":
-        return (activated > 0) & (activated < 6)
-    return None
+        flat = activated <= 0
+    elif name == "relu6":
+        flat = ~((activated > 0) & (activated < 6))
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return torch.where(flat, torch.zeros((), dtype=grad.dtype, device=grad.device), grad)

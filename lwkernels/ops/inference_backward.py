@@ -12,13 +12,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .activation import activation_grad_mask, apply_activation
+from .activation import activation_backward, apply_activation
 from ..cpu.backend import PACK_CACHE
 from .inference import joint_block
-
-
-def _masked(g: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return g if mask is None else g * mask
 
 
 def _channel_sum(t: torch.Tensor) -> torch.Tensor:
@@ -50,19 +46,23 @@ def _backward(ctx, grad_y):
 
     # Recompute the intermediate instead of having stored it.
     u = F.conv2d(x, dw_weight, None, stride, padding, dilation, groups=channels)
+    # As the forward kernels: a NaN weight makes its whole channel NaN (zero padding times NaN),
+    # which PyTorch's float32 convolution does not do (it skips the padded taps).
+    # (Added unconditionally: a data-dependent branch would break torch.compile and export.)
+    u = u + _per_channel(dw_weight.sum(dim=(1, 2, 3)) * 0)
     a = u if dw_scale is None else u * _per_channel(dw_scale)
     if dw_shift is not None:
         a = a + _per_channel(dw_shift)
     t = apply_activation(a, mid_act)
 
-    g_b = _masked(grad_y, activation_grad_mask(y, out_act))  # grad of pre-activation output
+    g_b = activation_backward(grad_y, y, out_act)  # grad of pre-activation output
     g_pw_scale = _channel_sum(g_b * F.conv2d(t, pw_weight)) if needs[6] else None
     g_pw_shift = _channel_sum(g_b) if needs[7] else None
     g_v = g_b if pw_scale is None else g_b * _per_channel(pw_scale)
     g_t, g_pw_weight, _ = torch.ops.aten.convolution_backward(
         g_v, t, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[5], False])
 
-    g_a = _masked(g_t, activation_grad_mask(t, mid_act))
+    g_a = activation_backward(g_t, t, mid_act)
     g_dw_scale = _channel_sum(g_a * u) if needs[2] else None
     g_dw_shift = _channel_sum(g_a) if needs[3] else None
     g_u = g_a if dw_scale is None else g_a * _per_channel(dw_scale)

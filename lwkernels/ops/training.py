@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activation import activation_grad_mask, activation_name, apply_activation
+from .activation import activation_backward, activation_name, apply_activation
 from .contract import check_joint_args, output_memory_format
 from ..cpu.backend import NATIVE_DTYPES, PACK_CACHE, address, native, selected_isa
 
@@ -104,6 +104,12 @@ def _bn_scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: O
     return scale, shift
 
 
+def _with_bias_nan(mid_var: Tensor, dw_bias: Optional[Tensor]) -> Tensor:
+    """mid BatchNorm's batch variance of c + dw_bias, from that of c: the bias cancels in BatchNorm,
+    but a NaN bias still makes its channel's statistics (and so the channel) NaN in PyTorch."""
+    return mid_var if dw_bias is None else mid_var + dw_bias.to(mid_var.dtype) * 0
+
+
 @torch.library.custom_op("lwkernels::joint_block_train", mutates_args=())
 def joint_block_train(
     x: Tensor,
@@ -155,6 +161,7 @@ def _forward_triton(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps
     fmt = output_memory_format(x)
     if mid_bn:
         mid_mean, mid_var = depthwise_stats_triton(x, dw_weight, stride, padding, dilation)
+        mid_var = _with_bias_nan(mid_var, dw_bias)
         # The kernel reads the per-channel affine as fp32 (the bias before BN cancels).
         dw_scale, dw_shift = (v.float() for v in _bn_scale_shift(mid_mean, mid_var, mid_weight, mid_bias, mid_eps))
         mid_mean, mid_var = mid_mean.to(x.dtype), mid_var.to(x.dtype)
@@ -183,7 +190,7 @@ def _forward_torch(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps,
     c = F.conv2d(x, dw_weight, None, stride, padding, dilation, groups=x.shape[1])
     if mid_bn:
         mid_mean = c.mean(dim=(0, 2, 3))
-        mid_var = c.var(dim=(0, 2, 3), unbiased=False)
+        mid_var = _with_bias_nan(c.var(dim=(0, 2, 3), unbiased=False), dw_bias)
         scale, shift = _bn_scale_shift(mid_mean, mid_var, mid_weight, mid_bias, mid_eps)
         a = c * _pc(scale.to(c.dtype)) + _pc(shift.to(c.dtype))
     else:
@@ -235,6 +242,7 @@ def _forward_cpu(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_bn, mid_eps, m
         ss = torch.empty_like(s)
         k.dw_forward(x, dw, sum_=s, sumsq=ss)  # statistics only: nothing stored
         mid_mean, mid_var = _mean_var(s, ss, count)
+        mid_var = _with_bias_nan(mid_var, dw_bias)
         dw_scale, dw_shift = (v.to(x.dtype) for v in _bn_scale_shift(mid_mean, mid_var, mid_weight, mid_bias, mid_eps))
         mid_mean, mid_var = mid_mean.to(x.dtype), mid_var.to(x.dtype)
     else:
@@ -375,8 +383,9 @@ def _backward_cpu(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean,
     gz = torch.empty_like(z) if needs[9] else gb  # in place unless gb is the residual's gradient
     coef = [v.to(x.dtype) for v in (A, B, K)]  # kept alive across the call
     lib.train_affine_backward_apply(dt, isa, k.out_geo, lay, a_(gb), a_(z), *(a_(v) for v in coef), a_(gz), th)
-    # The pointwise bias feeds BatchNorm only: its gradient sum(gz) is exactly zero.
-    g_pw_b = torch.zeros(c_out, dtype=x.dtype) if needs[6] else None
+    # The pointwise bias feeds BatchNorm only, so its gradient sum(gz) is zero up to rounding; it is
+    # still summed, as autograd does, so that a NaN in gz reaches it exactly as in PyTorch.
+    g_pw_b = gz.sum(dim=(0, 2, 3)) if needs[6] else None
 
     if not any(needs[:6]):
         return [None, None, None, None, None, None, g_pw_b, g_bn_w, g_bn_b, g_res]
@@ -424,7 +433,7 @@ def _backward_cpu(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean,
         lib.train_affine_backward_apply(dt, isa, k.mid_geo, lay, a_(gc), a_(c), *(a_(v) for v in coef), a_(gc), th)
         g_mid_w = (s2 * invstd2).to(x.dtype) if needs[3] else None
         g_mid_b = s1.to(x.dtype) if needs[4] else None
-        g_dw_b = torch.zeros(c_in, dtype=x.dtype) if needs[2] else None  # cancels in mid BN
+        g_dw_b = gc.sum(dim=(0, 2, 3)) if needs[2] else None  # cancels in mid BN up to rounding and NaN
     elif mid_act != "none" or needs[2]:
         gc = torch.empty_like(t)
         s1 = torch.empty(c_in, dtype=_STATS)
@@ -453,15 +462,14 @@ def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mea
     c_out, oh, ow = z.shape[1:]
     count = n * oh * ow
     dims = (0, 2, 3)
-    mask = activation_grad_mask(y, out_act)
-    gb = grad_y if mask is None else grad_y * mask
+    gb = activation_backward(grad_y, y, out_act)
     zc = z - _pc(mean)
     sum_g = gb.sum(dims, dtype=_STATS)
     sum_gz = (gb * zc).sum(dims, dtype=_STATS)
     A, B, invstd = _bn_backward_coefficients(sum_g, sum_gz, var, bn_weight, eps, count)
     gz = _pc(A.to(z.dtype)) * (gb - _pc((sum_g / count).to(z.dtype))) + _pc(B.to(z.dtype)) * zc
     grads: List[Optional[Tensor]] = [None] * 10
-    grads[6] = torch.zeros(c_out, dtype=x.dtype, device=x.device) if needs[6] else None
+    grads[6] = gz.sum(dims) if needs[6] else None  # zero up to rounding and NaN, as autograd has it
     grads[7] = (sum_gz * invstd).to(x.dtype) if needs[7] else None
     grads[8] = sum_g.to(x.dtype) if needs[8] else None
     grads[9] = gb if needs[9] else None
@@ -477,8 +485,7 @@ def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mea
     g_t, g_pw_w, _ = torch.ops.aten.convolution_backward(
         gz, t, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[5], False])
     grads[5] = g_pw_w
-    m = activation_grad_mask(t, mid_act)
-    ga = g_t if m is None else g_t * m
+    ga = activation_backward(g_t, t, mid_act)
     if mid_bn:
         cc = c - _pc(mid_mean)
         s1 = ga.sum(dims, dtype=_STATS)
@@ -487,7 +494,7 @@ def _backward_torch(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mea
         gc = _pc(A2.to(c.dtype)) * (ga - _pc((s1 / count).to(c.dtype))) + _pc(B2.to(c.dtype)) * cc
         grads[3] = (s2 * invstd2).to(x.dtype) if needs[3] else None
         grads[4] = s1.to(x.dtype) if needs[4] else None
-        grads[2] = torch.zeros(c_in, dtype=x.dtype, device=x.device) if needs[2] else None
+        grads[2] = gc.sum(dims) if needs[2] else None  # cancels in mid BN up to rounding and NaN
     else:
         gc = ga
         grads[2] = ga.sum(dims) if needs[2] else None
