@@ -29,9 +29,11 @@ def _check_vector(name: str, v: Optional[torch.Tensor], channels: int, x: torch.
 
 def _check_like(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     if t.dtype != x.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all operands must share one dtype")
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all operands must share one dtype "
+                        f"(convert x with x.to({t.dtype}) or the module with .to({x.dtype}))")
     if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all operands must be on one device")
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all operands must be on one device "
+                         f"(move x with x.to('{t.device}') or the module with .to('{x.device}'))")
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -55,17 +57,28 @@ def check_joint_args(
 ) -> Tuple[int, int, int, int]:
     """Raise a clear exception for anything the op cannot compute; return the output shape."""
     if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {x.dim()}-D shape {list(x.shape)}")
+        hint = " (one image needs a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
+        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {x.dim()}-D shape {list(x.shape)}{hint}")
     if not x.dtype.is_floating_point:
-        raise TypeError(f"x must have a floating-point dtype, got {x.dtype}")
+        raise TypeError(f"x must have a floating-point dtype, got {x.dtype} (convert it with x.float())")
     n, c_in, h, w = x.shape
-    if dw_weight.dim() != 4 or dw_weight.shape[0] != c_in or dw_weight.shape[1] != 1:
+    if dw_weight.dim() == 4 and dw_weight.shape[1] == 1 and dw_weight.shape[0] != c_in:
+        raise ValueError(
+            f"x has {c_in} channels (shape {list(x.shape)}) but the block expects {dw_weight.shape[0]}: "
+            f"dw_weight must have shape [C_in={c_in}, 1, kh, kw] to match x, got {list(dw_weight.shape)}"
+        )
+    if dw_weight.dim() != 4 or dw_weight.shape[1] != 1:
         raise ValueError(
             f"dw_weight must have shape [C_in={c_in}, 1, kh, kw] (a depthwise nn.Conv2d weight), "
             f"got {list(dw_weight.shape)}"
         )
     _check_like("dw_weight", dw_weight, x)
-    if pw_weight.dim() != 4 or pw_weight.shape[1] != c_in or tuple(pw_weight.shape[2:]) != (1, 1):
+    if pw_weight.dim() == 4 and pw_weight.shape[1] != c_in and tuple(pw_weight.shape[2:]) == (1, 1):
+        raise ValueError(
+            f"the pointwise conv takes {pw_weight.shape[1]} channels but the depthwise conv gives {c_in}: "
+            f"pw_weight must have shape [C_out, C_in={c_in}, 1, 1], got {list(pw_weight.shape)}"
+        )
+    if pw_weight.dim() != 4 or tuple(pw_weight.shape[2:]) != (1, 1):
         raise ValueError(
             f"pw_weight must have shape [C_out, C_in={c_in}, 1, 1] (a 1x1 nn.Conv2d weight), "
             f"got {list(pw_weight.shape)}"
@@ -98,7 +111,8 @@ def check_joint_args(
     if out_h < 1 or out_w < 1:
         raise ValueError(
             f"the dilated kernel ({dilation[0] * (kh - 1) + 1}x{dilation[1] * (kw - 1) + 1}) is larger than the "
-            f"padded input ({h + 2 * padding[0]}x{w + 2 * padding[1]})"
+            f"padded input ({h + 2 * padding[0]}x{w + 2 * padding[1]}): x of shape {list(x.shape)} is too small for "
+            f"a {kh}x{kw} kernel with dilation {tuple(dilation)} and padding {tuple(padding)}"
         )
     out_shape = (n, c_out, out_h, out_w)
     if residual is not None:
