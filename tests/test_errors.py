@@ -10,6 +10,7 @@ import torch
 import lwkernels  # noqa: F401  (registers the op)
 import lwkernels.cpu.backend as cpu_backend
 from helpers import Case, call_op, make_args, run_python
+from lwkernels import JointBlock
 
 CASE = Case(n=2, c_in=4, c_out=6, h=7, w=7, residual="nchw")
 NAMES = ["x", "dw_weight", "dw_scale", "dw_shift", "mid_act", "pw_weight", "pw_scale", "pw_shift", "residual",
@@ -213,3 +214,28 @@ def test_native_layer_rejects_bad_geometry_without_crashing(tmp_path):
     proc = run_python(["-c", code], cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), \
         f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+# -- what a JointBlock user reads first ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_block_errors_name_what_the_user_passed(mode):
+    """The messages a user of JointBlock meets first speak of x and the block, not of op arguments."""
+    block = JointBlock(32, 64, dilation=3)
+    block.train(mode == "train")
+    cases = [
+        (torch.randn(2, 16, 8, 8), ValueError, r"x has 16 channels \(shape \[2, 16, 8, 8\]\) but the block expects 32"),
+        (torch.randn(32, 8, 8), ValueError, r"got 3-D shape \[32, 8, 8\] \(one image needs a batch dimension"),
+        (torch.ones(2, 32, 8, 8, dtype=torch.long), TypeError, r"got torch.int64 \(convert it with x.float\(\)\)"),
+        (torch.randn(2, 32, 8, 8, dtype=torch.float64), TypeError,
+         r"but x has dtype torch.float64.*convert x with x.to\(torch.float32\) or the module with .to\(torch.float64\)"),
+    ]
+    for x, error, message in cases:
+        with torch.no_grad(), pytest.raises(error, match=message):
+            block(x)
+
+
+def test_too_small_input_names_its_shape():
+    block = JointBlock(4, 4, dilation=3, padding=0).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"x of shape \[1, 4, 5, 5\] is too small for a 3x3 kernel "
+                                                          r"with dilation \(3, 3\) and padding \(0, 0\)"):
+        block(torch.randn(1, 4, 5, 5))
