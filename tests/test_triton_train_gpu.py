@@ -19,6 +19,7 @@ from helpers import randomize_
 from triton_helpers import aot_signature
 from lwkernels import JointBlock
 from lwkernels.ops import training
+from lwkernels.triton import training as triton_training
 from lwkernels.ops.reference import JointBlockReference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -164,7 +165,7 @@ def test_training_step_matches_reference(case, dtype, layout):
     block = copy.deepcopy(block64).to("cuda", dtype)
     lowp = _reference(block64).to("cuda", dtype)
     xd, rd, gd = x.to("cuda", dtype), None if r is None else r.to("cuda", dtype), g.cuda()
-    assert training._uses_triton(xd, (n, c_out, oh, ow)), "the CUDA training forward did not take the Triton path"
+    assert triton_training.uses_triton_forward(xd, (n, c_out, oh, ow)), "the CUDA training forward did not take the Triton path"
     got = _step(block, xd, rd, gd)
     torch_lowp = _step(lowp, xd, rd, gd)
     ref = _step(ref64, x, r, g.double())

@@ -19,10 +19,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from helpers import Case, reference64  # noqa: E402
-from lwkernels.ops import training  # noqa: E402
+from lwkernels.ops import training_reference  # noqa: E402
+from lwkernels.ops.args import TrainArgs  # noqa: E402
+from lwkernels.triton import training as triton_training  # noqa: E402
 from lwkernels.triton.dw_backward import depthwise_backward_triton  # noqa: E402
 from lwkernels.triton.joint_block import joint_block_triton  # noqa: E402
 from triton_helpers import make_case_args  # noqa: E402
@@ -84,8 +85,8 @@ def test_training_forward(poison, mid_bn):
     target.view(-1)[min(7, target.numel() - 1)] = math.nan
     args = [x, dw_weight, dw_bias, mid_w, mid_b, mid_bn, 1e-5, "relu", pw_weight, pw_bias, bn_w, bn_b, 1e-5, None,
             "relu6", [1, 1], [2, 2], [2, 2]]
-    got = training._forward_triton(*args)
-    expected = training._forward_torch(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+    got = triton_training.forward(TrainArgs(*args))
+    expected = training_reference.forward(TrainArgs(*[a.double() if isinstance(a, torch.Tensor) else a for a in args]))
     for name, g, e in zip(("y", "z", "mean", "var", "mid_mean", "mid_var"), got, expected):
         if e.numel():
             a, b = g.double(), e

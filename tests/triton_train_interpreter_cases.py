@@ -2,7 +2,7 @@
 fused depthwise -> pointwise kernel with its statistics epilogue (pointwise_stats_triton: z and the
 batch statistics of z), the depthwise statistics pass for mid BatchNorm (depthwise_stats_triton),
 the depthwise backward (triton_dw_backward: grad input and grad weight), and the training op's CUDA
-forward and backward (training._forward_triton, training._backward_torch with the Triton depthwise
+forward and backward (triton.training.forward, training_reference.backward with the Triton depthwise
 backward) run end to end on CPU tensors, against float64 compositions.
 
 Run by test_triton_interpreter.py in a fresh pytest process with TRITON_INTERPRET=1 (see
@@ -23,7 +23,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from helpers import Case  # noqa: E402
-from lwkernels.ops import training  # noqa: E402
+from lwkernels.ops import training, training_reference  # noqa: E402
+from lwkernels.ops.args import GRAD_NAMES, TrainArgs, TrainSaved  # noqa: E402
+from lwkernels.triton import training as triton_training  # noqa: E402
 from lwkernels.ops.activation import apply_activation  # noqa: E402
 from lwkernels.ops.contract import output_memory_format  # noqa: E402
 from lwkernels.triton.dw_backward import depthwise_backward_triton  # noqa: E402
@@ -210,21 +212,21 @@ def test_depthwise_backward_options():
     (False, "nchw", Case(n=2, c_in=3, c_out=17, h=7, w=8, dilation=3, mid_act="relu6", out_act="relu6")),
 ], ids=str)
 def test_training_backward_end_to_end(mid_bn, layout, case):
-    """training._backward_torch (joint_block_train_backward's CUDA path) with the Triton depthwise
+    """training_reference.backward (joint_block_train_backward's CUDA path) with the Triton depthwise
     backward against the same function with aten's, on CPU tensors, float32: every gradient."""
     gen = torch.Generator().manual_seed(4)
     args = make_case_args(case, torch.float32, layout)
     x, dw, _, dw_bias, mid_act, pw, _, pw_b, _, out_act, stride, padding, dilation = args
     mid_w, mid_b, bn_w, _ = _bn_parameters(x.shape[1], pw.shape[0], gen)
-    y, z, mean, var, mid_mean, mid_var = training._forward_torch(
+    y, z, mean, var, mid_mean, mid_var = training_reference.forward(TrainArgs(
         x, dw, dw_bias, mid_w, mid_b, mid_bn, 1e-5, mid_act, pw, pw_b, bn_w, None, 1e-5, None, out_act, stride,
-        padding, dilation)
+        padding, dilation))
     grad_y = torch.randn(y.shape, generator=gen).contiguous(memory_format=output_memory_format(x))
-    common = (grad_y, x, dw, dw_bias, mid_w, mid_b, mid_mean, mid_var, mid_bn, 1e-5, mid_act, pw, bn_w, y, z, mean,
-              var, 1e-5, out_act, stride, padding, dilation, [True] * 10)
-    got = training._backward_torch(*common, triton_depthwise=True)
-    ref = training._backward_torch(*common, triton_depthwise=False)
-    for name, gt, rf in zip(training._GRAD_NAMES, got, ref):
+    common = (grad_y, TrainSaved(x, dw, dw_bias, mid_w, mid_b, mid_mean, mid_var, mid_bn, 1e-5, mid_act, pw, bn_w, y,
+                                 z, mean, var, 1e-5, out_act, stride, padding, dilation), [True] * 10)
+    got = training_reference.backward(*common, triton_depthwise=True)
+    ref = training_reference.backward(*common, triton_depthwise=False)
+    for name, gt, rf in zip(GRAD_NAMES, got, ref):
         if rf is None:
             assert gt is None, name
             continue
@@ -258,13 +260,13 @@ def _forward_reference64(x, dw, dw_bias, mid_w, mid_b, mid_bn, mid_act, pw, pw_b
     (False, "nhwc", Case(n=3, c_in=1, c_out=1, h=5, w=5, out_act="relu")),
 ], ids=str)
 def test_training_forward_end_to_end(mid_bn, layout, case):
-    """training._forward_triton (what joint_block_train runs on CUDA) on CPU tensors, float32:
+    """triton.training.forward (what joint_block_train runs on CUDA) on CPU tensors, float32:
     every output against the float64 composition."""
     args = make_case_args(case, torch.float32, layout)
     x, dw, _, dw_bias, mid_act, pw, _, pw_b, res, out_act, stride, padding, dilation = args
     mid_w, mid_b, bn_w, bn_b = _bn_parameters(x.shape[1], pw.shape[0], torch.Generator().manual_seed(3))
-    got = training._forward_triton(x, dw, dw_bias, mid_w, mid_b, mid_bn, 1e-5, mid_act, pw, pw_b, bn_w, bn_b, 1e-5,
-                                   res, out_act, stride, padding, dilation)
+    got = triton_training.forward(TrainArgs(x, dw, dw_bias, mid_w, mid_b, mid_bn, 1e-5, mid_act, pw, pw_b, bn_w, bn_b,
+                                            1e-5, res, out_act, stride, padding, dilation))
     ref = _forward_reference64(x, dw, dw_bias, mid_w, mid_b, mid_bn, mid_act, pw, pw_b, bn_w, bn_b, res, out_act,
                                stride, padding, dilation)
     fake = training._joint_block_train_fake(x, dw, dw_bias, mid_w, mid_b, mid_bn, 1e-5, mid_act, pw, pw_b, bn_w,

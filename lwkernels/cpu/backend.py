@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..ops.args import JointArgs
 from ..ops.contract import empty_output, output_memory_format
 
 #: Environment variable that forces a CPU path ("scalar", "avx2", "avx512", "neon"; "auto" or unset =
@@ -100,6 +101,15 @@ def selected_isa() -> str:
     return isa
 
 
+def pack_pointwise(weight: torch.Tensor, isa: str, layout: str):
+    """The pointwise weight [C_out, C_in, 1, 1] packed into the micro-kernel's panels for one path
+    and layout (uncached: PACK_CACHE.get caches it per weight version)."""
+    _C = native()
+    pack = _C.pack_pointwise_f32 if weight.dtype == torch.float32 else _C.pack_pointwise_f64
+    w = weight.detach().reshape(weight.shape[0], weight.shape[1]).contiguous()
+    return pack(isa, layout, w.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
+
+
 class _PackCache:
     """Packed pointwise weights, one entry per weight tensor, valid while that tensor is alive and
     unchanged.
@@ -120,7 +130,7 @@ class _PackCache:
 
     def get(self, weight: torch.Tensor, isa: str, layout: str):
         if weight.is_inference():  # inference tensors have no version counter: pack every call
-            return self._pack(weight, isa, layout)
+            return pack_pointwise(weight, isa, layout)
         key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, isa, layout)
         version = weight._version
         with self._lock:
@@ -130,18 +140,12 @@ class _PackCache:
                 owner = source()
                 if owner is not None and owner.data_ptr() == key[0] and packed_version == version:
                     return packed
-        packed = self._pack(weight, isa, layout)
+        packed = pack_pointwise(weight, isa, layout)
         source = weakref.ref(weight, lambda _ref, k=key: self._drop(k, _ref))
         with self._lock:
             self._entries[key] = (source, version, packed)
         return packed
 
-    @staticmethod
-    def _pack(weight: torch.Tensor, isa: str, layout: str):
-        _C = native()
-        pack = _C.pack_pointwise_f32 if weight.dtype == torch.float32 else _C.pack_pointwise_f64
-        w = weight.detach().reshape(weight.shape[0], weight.shape[1]).contiguous()
-        return pack(isa, layout, w.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
 
     def _drop(self, key: Tuple, ref: weakref.ref) -> None:
         with self._lock:
@@ -200,27 +204,14 @@ def geometry_for(_C, x_shape, out_shape, kernel, stride, padding, dilation, layo
     return geometry
 
 
-def joint_block_cpu(
-    x: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_scale: Optional[torch.Tensor],
-    dw_shift: Optional[torch.Tensor],
-    mid_act: str,
-    pw_weight: torch.Tensor,
-    pw_scale: Optional[torch.Tensor],
-    pw_shift: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    out_act: str,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    out_shape: Tuple[int, int, int, int],
-) -> torch.Tensor:
-    """Arguments already checked by contract.check_joint_args; `out_shape` is what it returned."""
+def joint_block_cpu(args: JointArgs, out_shape: Tuple[int, int, int, int]) -> torch.Tensor:
+    """The op on CPU tensors. `args` are already checked by contract.check_joint_args; `out_shape` is
+    what it returned."""
+    x = args.x
     if x.dtype not in NATIVE_DTYPES:
         # No half-precision CPU kernel: compute in float32 and round once at the end.
-        f32 = [None if t is None else t.float() for t in (x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, pw_shift, residual)]
-        y = joint_block_cpu(*f32[:4], mid_act, *f32[4:7], f32[7], out_act, stride, padding, dilation, out_shape)
+        f32 = JointArgs(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
+        y = joint_block_cpu(f32, out_shape)
         return y.to(dtype=x.dtype, memory_format=output_memory_format(x))  # .float() may re-lay a strided x
 
     memory_format = output_memory_format(x)
@@ -229,19 +220,19 @@ def joint_block_cpu(
     if y.numel() == 0:
         return y
     isa = selected_isa()
-    packed = PACK_CACHE.get(pw_weight, isa, layout)
+    packed = PACK_CACHE.get(args.pw_weight, isa, layout)
 
     x = x.contiguous(memory_format=memory_format)
-    dw = dw_weight.contiguous()
-    vectors = [None if v is None else v.contiguous() for v in (dw_scale, dw_shift, pw_scale, pw_shift)]
-    if residual is not None:
-        residual = residual.contiguous(memory_format=memory_format)
+    dw = args.dw_weight.contiguous()
+    vectors = [None if v is None else v.contiguous() for v in (args.dw_scale, args.dw_shift, args.pw_scale,
+                                                                 args.pw_shift)]
+    residual = None if args.residual is None else args.residual.contiguous(memory_format=memory_format)
     _C = native()
-    geometry = geometry_for(_C, tuple(x.shape), out_shape, tuple(dw.shape[2:]), tuple(stride), tuple(padding),
-                         tuple(dilation), layout)
+    geometry = geometry_for(_C, tuple(x.shape), out_shape, tuple(dw.shape[2:]), tuple(args.stride),
+                            tuple(args.padding), tuple(args.dilation), layout)
     _C.joint_forward(
-        packed, geometry, address(x), address(dw), address(vectors[0]), address(vectors[1]), mid_act,
-        address(vectors[2]), address(vectors[3]), address(residual), out_act, address(y),
+        packed, geometry, address(x), address(dw), address(vectors[0]), address(vectors[1]), args.mid_act,
+        address(vectors[2]), address(vectors[3]), address(residual), args.out_act, address(y),
         torch.get_num_threads(),
     )
     return y

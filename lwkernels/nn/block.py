@@ -12,7 +12,7 @@ from .folding import fold_batchnorm, uses_running_stats
 from ..ops.inference import call_joint_block, direct_call_allowed
 from ..cpu.prepared_call import PreparedCall
 from ..ops.reference import JointBlockReference
-from ..ops.training import joint_block_training, uses_batch_stats
+from .training import joint_block_training, uses_batch_stats
 
 
 class JointBlock(JointBlockReference):

@@ -1,7 +1,7 @@
 """The activations the fused op knows, by name, and their nn.Module / functional forms."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn

@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from .args import JointArgs
 from .contract import check_joint_args, empty_output, output_memory_format
 from ..cpu.backend import joint_block_cpu
 from .reference import joint_block_reference
@@ -42,21 +43,21 @@ def joint_block(
     """Fused dilated depthwise conv -> pointwise conv -> per-channel affine -> activation (+ residual).
 
     Devices without a fused kernel get the reference composition (correct, not fused)."""
-    args = (x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
-            stride, padding, dilation)
+    args = JointArgs(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
+                     stride, padding, dilation)
     check_joint_args(*args)
     return joint_block_reference(*args).contiguous(memory_format=output_memory_format(x))
 
 
-# The kernels below take exactly joint_block's arguments, in its order.
+# The kernels below take exactly joint_block's arguments, in its order (args.JointArgs).
 @joint_block.register_kernel("cpu")
-def _joint_block_cpu(*args):
-    return joint_block_cpu(*args, out_shape=check_joint_args(*args))
+def _joint_block_cpu(*inputs):
+    return joint_block_cpu(JointArgs(*inputs), check_joint_args(*inputs))
 
 
 @joint_block.register_fake
-def _joint_block_fake(*args):
-    return empty_output(args[0], check_joint_args(*args))
+def _joint_block_fake(*inputs):
+    return empty_output(inputs[0], check_joint_args(*inputs))
 
 
 def dispatcher_needed() -> bool:

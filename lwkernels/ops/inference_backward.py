@@ -7,7 +7,6 @@ torch.compile-safe.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

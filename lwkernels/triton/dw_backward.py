@@ -1,5 +1,5 @@
 """Backward of the dilated, strided depthwise convolution as Triton kernels (the training op's CUDA
-backward; see training._backward_torch).
+backward; see ops/training_reference.py).
 
 With c = DW(x; stride S, padding P, dilation D), c[n, ch, oy, ox] = sum over taps (ky, kx) of
 w[ch, ky, kx] * x[n, ch, oy*S - P + ky*D, ox*S - P + kx*D], and gc = dL/dc:
