@@ -12,7 +12,8 @@ images are resized on the fly, bilinear), Adam (--optimizer), --epochs, --batch-
 
 A run directory (--out) receives ``checkpoint.pt`` (the latest epoch: model, optimizer and
 scheduler state, history; --resume continues from it), ``best.pt`` (best test accuracy),
-``metrics.json`` (configuration and per-epoch train/test loss and accuracy) and ``curves.png``.
+``metrics.json`` (configuration and per-epoch train/test loss and accuracy) and ``curves.png``
+(with matplotlib; a progress bar with tqdm: both in the optional `train` extra).
 
 Under torchrun (WORLD_SIZE > 1) every process trains on its DistributedSampler share of each epoch
 with DistributedDataParallel (nccl on CUDA, gloo on CPU); --batch-size is per process; metrics are
@@ -191,7 +192,10 @@ def preprocess(images, input_size: int, augment: bool, device, generator=None):
 
 
 def _load_data(path: str, limit_train: Optional[int], limit_test: Optional[int]):
-    from .cifar import load_cifar10
+    try:
+        from .cifar import load_cifar10
+    except ImportError as e:  # numpy comes with the optional `train` extra
+        raise SystemExit(f"lwkernels train/eval needs {e.name}: pip install 'lwkernels[train]'") from e
 
     data = load_cifar10(path)
     for name, n in (("--limit-train", limit_train), ("--limit-test", limit_test)):
@@ -206,32 +210,37 @@ def _load_data(path: str, limit_train: Optional[int], limit_test: Optional[int])
 # -- progress -----------------------------------------------------------------------------------
 
 class Progress:
-    """One status line on stderr: rewritten in place on a terminal, every ~10% otherwise."""
+    """A progress bar on stderr (tqdm, from the optional `train` extra) plus one summary line per
+    epoch; without tqdm only the summary lines are printed."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.last_decile = -1
+        self._bar = None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self._tqdm = tqdm
 
     def update(self, label: str, step: int, total: int, extra: str = "") -> None:
-        if not self.enabled:
+        if not self.enabled or self._tqdm is None:
             return
-        width = 24
-        filled = int(width * step / max(1, total))
-        line = f"{label} [{'#' * filled}{'.' * (width - filled)}] {step}/{total} {extra}"
-        if self.tty:
-            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
-            return
-        decile = 10 * step // max(1, total)
-        if decile != self.last_decile:
-            self.last_decile = decile
-            print(line, file=sys.stderr, flush=True)
+        if self._bar is None or self._bar.desc != label:
+            self._close_bar()
+            self._bar = self._tqdm(total=total, desc=label, file=sys.stderr, leave=False, dynamic_ncols=True)
+        self._bar.n = step
+        self._bar.set_postfix_str(extra, refresh=False)
+        self._bar.refresh()
 
     def done(self, summary: str = "") -> None:
-        if self.enabled and (summary or self.tty):
-            print(("\r\033[K" if self.tty else "") + summary, end="\n" if summary else "", file=sys.stderr,
-                  flush=True)
-        self.last_decile = -1
+        self._close_bar()
+        if self.enabled and summary:
+            print(summary, file=sys.stderr, flush=True)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -316,7 +325,7 @@ def run_train(args) -> int:
     from torch.utils.data.distributed import DistributedSampler
 
     from ..models import build_model, count_parameters
-    from .plotting import write_training_curves
+    from .plotting import plotting_available, write_training_curves
 
     for name in ("epochs", "batch_size", "input_size"):
         if getattr(args, name) < 1:
@@ -441,10 +450,15 @@ def run_train(args) -> int:
                 metrics = dict(config, epochs=history, best_test_acc=best_acc,
                                best_epoch=max(history, key=lambda h: h["test_acc"])["epoch"])
                 _atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-                write_training_curves(out / "curves.png", history, title=model_name)
+                if plotting_available():
+                    write_training_curves(out / "curves.png", history, title=model_name)
             ctx.barrier()
         if ctx.main:
-            print(f"run directory: {out} (checkpoint.pt, best.pt, metrics.json, curves.png)", file=sys.stderr)
+            files = "checkpoint.pt, best.pt, metrics.json" + (", curves.png" if plotting_available() else "")
+            print(f"run directory: {out} ({files})", file=sys.stderr)
+            if not plotting_available():
+                print("curves.png not written: matplotlib is not installed (pip install 'lwkernels[train]')",
+                      file=sys.stderr)
         return 0
     finally:
         ctx.close()
