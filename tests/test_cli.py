@@ -56,3 +56,12 @@ def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
+
+
+def test_version(capsys):
+    import lwkernels
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lwkernels {lwkernels.__version__}"

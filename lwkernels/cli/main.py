@@ -9,17 +9,17 @@ from . import bench, info
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="lwkernels", description="Fused depthwise-separable joint blocks for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"lwkernels {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     bench.register(subparsers)
     info.register(subparsers)
-    try:
-        from . import train
-    except ImportError:  # the training command is optional in a partial checkout
-        pass
-    else:
-        train.register(subparsers)
+    from . import train
+
+    train.register(subparsers)
     return parser
 
 
