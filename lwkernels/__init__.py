@@ -15,6 +15,7 @@ from .cpu.backend import PACK_CACHE, selected_isa
 from .triton.backend import register_cuda_kernel
 from .nn.fuse import FuseReport, fuse, to_reference
 from .ops.inference import joint_block
+from .ops.onnx import onnx_translation_table, register_symbolic as _register_onnx_symbolic
 from .cpu.prepared_call import invalidate_all as _invalidate_prepared_calls
 from .ops.reference import JointBlockReference, joint_block_reference
 
@@ -24,6 +25,10 @@ __version__ = "0.1.0"
 # them CUDA tensors (if any) get the reference composition. Triton is imported only then.
 if torch.cuda.is_available():
     register_cuda_kernel()
+
+# torch.onnx.export(..., dynamo=False) translates the op through this symbolic; the default exporter
+# takes onnx_translation_table() (JointBlock needs neither: it exports as its plain composition).
+_register_onnx_symbolic()
 
 
 def clear_cache() -> None:
@@ -42,6 +47,7 @@ __all__ = [
     "fuse",
     "joint_block",
     "joint_block_reference",
+    "onnx_translation_table",
     "selected_isa",
     "to_reference",
     "__version__",

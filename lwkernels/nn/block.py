@@ -112,10 +112,12 @@ class JointBlock(JointBlockReference):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not torch.compiler.is_compiling():  # eager CPU inference replays a prepared call
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # eager CPU inference: replay
             prepared = self.__dict__.get("_prepared")
             if prepared is not None and prepared.matches(self, x, residual):
                 return prepared.run(x, residual)
+        if torch.onnx.is_in_onnx_export():  # both exporters translate the plain composition to standard ops
+            return super().forward(x, residual)
         bn, mid_bn = self.bn, self.mid_bn  # each nn.Module attribute lookup costs; fetch once
         if not (uses_running_stats(bn) and uses_running_stats(mid_bn)):
             if uses_batch_stats(bn) and (mid_bn is None or uses_batch_stats(mid_bn)) and x.shape[0] > 0:

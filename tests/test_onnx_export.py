@@ -1,0 +1,118 @@
+"""ONNX export: models with JointBlocks, and modules calling torch.ops.lwkernels.joint_block
+directly, through both torch.onnx exporters, run in ONNX Runtime with the outputs PyTorch gives.
+torch.export keeps the op as one node."""
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import randomize_
+import lwkernels
+from lwkernels import JointBlock
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+EXPORTERS = ("dynamo", "torchscript")
+
+
+def _export(model: nn.Module, inputs, exporter: str, **kwargs) -> bytes:
+    names = [f"in{i}" for i in range(len(inputs))]
+    if exporter == "dynamo":
+        program = torch.onnx.export(model, tuple(inputs), dynamo=True, input_names=names, verbose=False, **kwargs)
+        return program.model_proto.SerializeToString()
+    f = io.BytesIO()
+    torch.onnx.export(model, tuple(inputs), f, dynamo=False, input_names=names, **kwargs)
+    return f.getvalue()
+
+
+def _run_ort(data: bytes, inputs):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: inputs[int(i.name[2:])].numpy() for i in session.get_inputs()}
+    return torch.from_numpy(session.run(None, feeds)[0])
+
+
+def _assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """The acceptance rule: max |difference| / max |output| <= 1e-5."""
+    assert got.shape == expected.shape
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = ((got - expected).abs().max() / scale).item()
+    assert err <= 1e-5, f"relative max error {err:.2e}"
+
+
+def _op_nodes(data: bytes):
+    return [n.op_type for n in onnx.load_from_string(data).graph.node]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("mid_norm,residual,act", list(itertools.product([False, True], [False, True],
+                                                                         ["relu", "relu6", "none"])))
+def test_joint_block_exports(exporter, mid_norm, residual, act, single_thread):
+    block = randomize_(JointBlock(5, 7, stride=2, dilation=2, mid_norm=mid_norm, bias=True,
+                                  activation=None if act == "none" else act), seed=3).eval()
+    x = torch.randn(2, 5, 11, 9)
+    inputs = [x, torch.randn(2, 7, 6, 5)] if residual else [x]
+    with torch.no_grad():
+        expected = block(*inputs)
+    data = _export(block, inputs, exporter)
+    assert not any("lwkernels" in op for op in _op_nodes(data)), "the exported graph must use standard ops only"
+    _assert_same(_run_ort(data, inputs), expected)
+
+
+class CallsTheOp(nn.Module):
+    """A user's module that calls the op itself, with every optional operand present."""
+
+    def __init__(self, mid_act: str, out_act: str):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.dw = nn.Parameter(torch.randn(6, 1, 3, 3, generator=g))
+        self.dw_scale = nn.Parameter(torch.rand(6, generator=g) + 0.5)
+        self.dw_shift = nn.Parameter(torch.randn(6, generator=g))
+        self.pw = nn.Parameter(torch.randn(4, 6, 1, 1, generator=g))
+        self.pw_scale = nn.Parameter(torch.rand(4, generator=g) + 0.5)
+        self.pw_shift = nn.Parameter(torch.randn(4, generator=g))
+        self.acts = (mid_act, out_act)
+
+    def forward(self, x, residual):
+        return torch.ops.lwkernels.joint_block(x, self.dw, self.dw_scale, self.dw_shift, self.acts[0], self.pw,
+                                               self.pw_scale, self.pw_shift, residual, self.acts[1], [1, 1], [3, 3],
+                                               [3, 3])
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("acts", [("relu", "relu6"), ("relu6", "none"), ("none", "relu")], ids=str)
+def test_direct_op_call_exports(exporter, acts, single_thread):
+    model = CallsTheOp(*acts).eval()
+    inputs = [torch.randn(1, 6, 10, 12), torch.randn(1, 4, 10, 12)]
+    with torch.no_grad():
+        expected = model(*inputs)
+    kwargs = {"custom_translation_table": lwkernels.onnx_translation_table()} if exporter == "dynamo" else {}
+    data = _export(model, inputs, exporter, **kwargs)
+    assert {"Conv", "Add"} <= set(_op_nodes(data))
+    _assert_same(_run_ort(data, inputs), expected)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_fused_model_exports(exporter, single_thread):
+    from lwkernels.models import MobileNetV1
+
+    model = randomize_(MobileNetV1(num_classes=10, width_mult=0.25), seed=1).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    _assert_same(_run_ort(_export(model, [x], exporter), [x]), expected)
+
+
+def test_torch_export_keeps_the_op_as_one_node():
+    block = randomize_(JointBlock(4, 6, dilation=2), seed=0).eval()
+    program = torch.export.export(block, (torch.randn(1, 4, 8, 8),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("lwkernels.joint_block.default") == 1, targets
+    assert not any("convolution" in t for t in targets), targets
