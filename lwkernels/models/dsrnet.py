@@ -1,5 +1,5 @@
 """DSRNet — "a lightweight feature extraction network" with depthwise-separable, dilated residual
-blocks (seed 004)."""
+blocks (docs/networks.md, DSRNet)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,5 +1,5 @@
 """Multi-scale separable network — "An multi-scale learning network with depthwise separable
-convolutions" (seed 003)."""
+convolutions" (docs/networks.md, MultiScaleNet)."""
 from __future__ import annotations
 
 from typing import Sequence
