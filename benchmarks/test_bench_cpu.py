@@ -1,7 +1,8 @@
 """CPU microbenchmarks of the joint block: PyTorch eager (NCHW and channels_last), torch.compile and
-lwkernels side by side, per block shape (NETWORKS.md §2 and LightweightNet's nine blocks at 224 and
-32 input), batch 1 and 8, fp32. Compare within a group: `pytest --benchmark-only
---benchmark-group-by=group --benchmark-columns=median,ops`."""
+lwkernels side by side, per block shape (docs/networks.md, Benchmark block shapes: the
+MobileNet-style blocks and LightweightNet's nine blocks at 224 and 32 input), batch 1 and 8, fp32.
+Compare within a group: `pytest --benchmark-only --benchmark-group-by=group
+--benchmark-columns=median,ops`."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
 """CPU training-step microbenchmarks: forward + backward of one joint block in training mode
 (batch statistics), the plain PyTorch composition vs lwkernels, NCHW and channels_last, side by
-side per block shape (NETWORKS.md §2) at batch 8, fp32. Compare within a group:
+side per block shape (docs/networks.md, Benchmark block shapes) at batch 8, fp32. Compare within a group:
 `pytest benchmarks/test_bench_train.py --benchmark-only --benchmark-group-by=group
 --benchmark-columns=median,ops`. Plain `pytest` runs each once as a smoke test."""
 import pytest

@@ -48,7 +48,8 @@ def single_thread():
 @pytest.fixture
 def nan_outputs(monkeypatch):
     """Outputs the CPU backend allocates come pre-filled with NaN, so a kernel that skips a tile
-    (or accumulates into its output instead of writing it) fails loudly (DESIGN.md section 5)."""
+    (or accumulates into its output instead of writing it) fails loudly (docs/testing.md,
+    NaN-poisoned outputs)."""
 
     def poisoned(x, shape):
         y = empty_output(x, shape)

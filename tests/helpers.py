@@ -325,7 +325,7 @@ def plain_modules(c_in: int, c_out: int, *, kernel: int = 3, stride: IntPair = 1
 
 def plain_forward(mods: nn.ModuleDict, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                   mid_act: str = "none", act: str = "relu") -> torch.Tensor:
-    """The joint block spelled out with PyTorch's modules, in the order DESIGN.md defines it."""
+    """The joint block spelled out with PyTorch's modules, in the order docs/design.md defines it."""
     with torch_threads(1):  # see reference64
         return _plain_forward(mods, x, residual, mid_act, act)
 

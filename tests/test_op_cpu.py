@@ -1,5 +1,5 @@
 """torch.ops.lwkernels.joint_block on the CPU against the float64 reference, on every CPU path this
-machine has (LWKERNELS_CPU_ISA), over the grid of DESIGN.md section 5.
+machine has (LWKERNELS_CPU_ISA), over the grid of docs/testing.md, The awkward-shape grid.
 
 Outputs the backend allocates are pre-filled with NaN (fixture `nan_outputs`), and every input is
 random and nonzero, so a skipped, zero-filled or stale tile cannot match the reference."""

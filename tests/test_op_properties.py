@@ -77,8 +77,9 @@ def test_fake_implementation_agrees_with_the_kernel(case, seed):
 
 
 def test_strategy_reaches_the_edges():
-    """The case strategy can produce the awkward cases of DESIGN.md section 5 (a guard against
-    it silently narrowing): a kernel larger than the unpadded input, batch 0, a 1x1 output."""
+    """The case strategy can produce the awkward cases of docs/testing.md, The awkward-shape grid (a
+    guard against it silently narrowing): a kernel larger than the unpadded input, batch 0, a 1x1
+    output."""
     assert conv_out(1, 5, 1, 2, 1) == 1  # 5-tap kernel on a 1-pixel input with default padding
     found = {"kernel>input": False, "batch0": False, "1x1out": False}
 

@@ -1,4 +1,4 @@
-"""The model zoo: the seed papers' networks built from JointBlocks (see NETWORKS.md).
+"""The model zoo: the seed papers' networks built from JointBlocks (see docs/networks.md).
 
     from lwkernels.models import LightweightNet, build_model
     model = LightweightNet(num_classes=10, width_mult=1.0, dilation=3)

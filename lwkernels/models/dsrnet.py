@@ -1,5 +1,5 @@
 """DSRNet — "a lightweight feature extraction network" with depthwise-separable, dilated residual
-blocks (seed 004)."""
+blocks (docs/networks.md, DSRNet)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -16,7 +16,8 @@ DOWNSAMPLE_DILATION = 2
 
 
 def dsrnet_dilation(index: int, stride: int) -> int:
-    """The depthwise dilation of block `index` (0-based) within its stage (NETWORKS.md §4's choice)."""
+    """The depthwise dilation of block `index` (0-based) within its stage (the reconstruction choice
+    of docs/networks.md, DSRNet)."""
     return DOWNSAMPLE_DILATION if stride > 1 else DILATION_CYCLE[index % len(DILATION_CYCLE)]
 
 
@@ -51,7 +52,7 @@ class DSRBlock(nn.Module):
 
 class DSRNet(ReferenceConvertible, nn.Module):
     """DSRNet: a ResNet-50-like layout whose residual blocks replace the 3x3 + 1x1 pair by one
-    dilated depthwise-separable conv (NETWORKS.md §4).
+    dilated depthwise-separable conv (docs/networks.md, DSRNet).
 
     Configuration::
 
@@ -64,7 +65,7 @@ class DSRNet(ReferenceConvertible, nn.Module):
 
     (widths times ``width_mult``.) Depthwise dilations: within a stage block i uses 1, 2, 3, 1, ...
     (``DILATION_CYCLE``) and a downsampling block uses 2 (``dsrnet_dilation``, the reconstruction
-    choice of NETWORKS.md). Strides sit on the depthwise conv (and the projection shortcut).
+    choice of docs/networks.md, DSRNet). Strides sit on the depthwise conv (and the projection shortcut).
 
     Paper facts reproduced: the stem (7x7, 64, stride 2, dilation 3) and max pool; stages of
     [3, 4, 6, 3] blocks with widths 64/128/256/512 and outputs 4 x width; each block a 1x1 conv

@@ -13,7 +13,8 @@ from ._common import ReferenceConvertible, scaled
 class LightweightNet(ReferenceConvertible, nn.Module):
     """Nine dilated joint blocks, global average pooling and one fully connected layer.
 
-    Configuration (NETWORKS.md §1; the block table is ``lwkernels.models.shapes.LIGHTWEIGHTNET_CONFIG``)::
+    Configuration (docs/networks.md, LightweightNet; the block table is
+    ``lwkernels.models.shapes.LIGHTWEIGHTNET_CONFIG``)::
 
         block  C_in -> C_out  stride   (output at 224 input)
           1      3  ->   32     2       112

@@ -17,7 +17,7 @@ MOBILENET_V1_BLOCKS = (
 class MobileNetV1(ReferenceConvertible, nn.Module):
     """MobileNet-V1: 3x3 conv stem (32 channels, stride 2) -> BN -> ReLU, then 13 blocks of
     ``DW 3x3 -> BN -> ReLU -> PW 1x1 -> BN -> ReLU`` — each one ``JointBlock(mid_norm=True)`` —
-    then global average pooling and a fully connected layer (NETWORKS.md §5).
+    then global average pooling and a fully connected layer (docs/networks.md, MobileNetV1).
 
     Reproduces the paper's table (channel widths and strides in ``MOBILENET_V1_BLOCKS``; 224 input
     gives a 7x7x1024 final map) and its size: 4,231,976 parameters at alpha = 1 with 1000 classes

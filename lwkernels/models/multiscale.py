@@ -1,5 +1,5 @@
 """Multi-scale separable network — "An multi-scale learning network with depthwise separable
-convolutions" (seed 003)."""
+convolutions" (docs/networks.md, MultiScaleNet)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -72,7 +72,7 @@ class MultiScaleUnit(nn.Module):
 
 
 class MultiScaleNet(ReferenceConvertible, nn.Module):
-    """Multi-scale separable network for small (e.g. 32 x 32) images, NETWORKS.md §3.
+    """Multi-scale separable network for small (e.g. 32 x 32) images (docs/networks.md, MultiScaleNet).
 
     Configuration (channel widths are not given in the paper; this is the documented choice)::
 

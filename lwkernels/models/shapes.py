@@ -1,5 +1,5 @@
-"""The canonical joint-block shapes (../NETWORKS.md): the single source for models, benchmarks and
-the `lwkernels bench` command."""
+"""The canonical joint-block shapes (docs/networks.md, Benchmark block shapes): the single source for
+models, benchmarks and the `lwkernels bench` command."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +41,7 @@ class BlockShape:
         return (x + y + w) * itemsize
 
 
-#: NETWORKS.md §2: the MobileNet-style joint blocks at 224 input, dilation 3.
+#: The MobileNet-style joint blocks at 224 input, dilation 3 (docs/networks.md, Benchmark block shapes).
 BENCHMARK_BLOCKS: Tuple[BlockShape, ...] = tuple(
     BlockShape(ci, co, s, hw)
     for ci, co, s, hw in [
@@ -50,7 +50,7 @@ BENCHMARK_BLOCKS: Tuple[BlockShape, ...] = tuple(
     ]
 )
 
-#: NETWORKS.md §1: LightweightNet's nine joint blocks (C_in, C_out, stride) at width 1.0.
+#: LightweightNet's nine joint blocks (C_in, C_out, stride) at width 1.0 (docs/networks.md, LightweightNet).
 LIGHTWEIGHTNET_CONFIG: Tuple[Tuple[int, int, int], ...] = (
     (3, 32, 2), (32, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2),
     (512, 512, 1), (512, 1024, 2), (1024, 1024, 1), (1024, 1024, 1),
