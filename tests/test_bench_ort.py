@@ -116,3 +116,17 @@ def test_thread_pools_follow_the_cpu_kernels_backend(monkeypatch):
     assert thread_pool("lwkernels") == thread_pool("lwkernels_channels_last") == "openmp"
     monkeypatch.setattr(backend, "parallel_backend_in_use", lambda: "threadpool")
     assert thread_pool("lwkernels") == "lwkernels"
+
+
+@pytest.mark.parametrize("name", ["chain", "lightweightnet", "mobilenetv1"])
+def test_workloads_pair_the_fused_module_with_its_reference(name):
+    from lwkernels.bench.workloads import build_workload
+
+    w = build_workload(name, batch=1)
+    modules = dict(w.fused.named_modules())
+    assert w.layers and all(path in modules for path in w.layers)
+    assert len([p for p in w.layers if p.startswith("features.") or name == "chain"]) == {
+        "chain": 9, "lightweightnet": 9, "mobilenetv1": 13}[name]
+    with torch.inference_mode():
+        expected = w.reference(w.x)
+        torch.testing.assert_close(w.fused(w.x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -116,9 +116,38 @@ def thread_pool(provider: str) -> str:
     return "openmp"
 
 
+def cpu_busy(window: float = 0.05) -> Optional[float]:
+    """Fraction of the machine's CPU time spent busy (any process, niced ones too) over the next
+    `window` seconds, from /proc/stat; None where that file does not exist."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:9]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window)
+        t1, i1 = sample()
+    except OSError:
+        return None
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_idle_cpu(max_busy: float = 0.1, timeout: float = 5.0, window: float = 0.05) -> float:
+    """Sleep until the CPUs were at most `max_busy` busy over `window` seconds (other processes'
+    load: call it while this process idles), for at most `timeout` seconds; returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        busy = cpu_busy(window)
+        if busy is None or busy <= max_busy:
+            break
+    return time.perf_counter() - start
+
+
 def time_in_rounds(fns: Dict[str, Callable[[], object]], min_time: float = 0.3, rounds: int = 5,
                    pause: float = ROUND_PAUSE, warmup: int = 1, min_calls: int = 3,
-                   max_calls: int = 200, pools: Optional[Dict[str, str]] = None) -> Dict[str, List[float]]:
+                   max_calls: int = 200, pools: Optional[Dict[str, str]] = None,
+                   idle_cpu: Optional[float] = None) -> Dict[str, List[float]]:
     """Seconds per call of every provider in `fns`, the providers taking turns in rounds.
 
     Engines leave worker threads spinning for a while after each call (ONNX Runtime's thread pool,
@@ -132,6 +161,9 @@ def time_in_rounds(fns: Dict[str, Callable[[], object]], min_time: float = 0.3, 
     2. `warmup` untimed calls (they wake this provider's threads and refill the caches);
     3. back-to-back timed calls for at least ``min_time / rounds`` seconds (`min_calls` to
        `max_calls` calls).
+
+    With `idle_cpu` (a fraction, e.g. 0.1), every turn first waits (up to 5 s) until the machine's
+    CPUs are at most that busy with other processes' work: for shared machines.
 
     The provider order rotates from round to round, so no provider always follows the same one,
     and slow drifts of the machine's load reach every provider alike. Returns every timed call's
@@ -148,6 +180,8 @@ def time_in_rounds(fns: Dict[str, Callable[[], object]], min_time: float = 0.3, 
             fn = fns[name]
             if pools is None or previous is None or pools[name] != pools[previous]:
                 time.sleep(pause)
+            if idle_cpu is not None:
+                wait_for_idle_cpu(idle_cpu)
             previous = name
             for _ in range(warmup):
                 fn()
