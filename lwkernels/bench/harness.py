@@ -117,12 +117,13 @@ def thread_pool(provider: str) -> str:
 
 
 def cpu_busy(window: float = 0.05) -> Optional[float]:
-    """Fraction of the machine's CPU time spent busy (any process, niced ones too) over the next
-    `window` seconds, from /proc/stat; None where that file does not exist."""
+    """Fraction of the machine's CPU time spent busy over the next `window` seconds, from
+    /proc/stat (niced processes count: they still delay a 2-thread team at every barrier); None
+    where that file does not exist."""
     def sample():
         with open("/proc/stat") as f:
             v = [int(t) for t in f.readline().split()[1:9]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
+        return sum(v), v[3] + v[4]  # total; idle + iowait
 
     try:
         t0, i0 = sample()
@@ -134,8 +135,9 @@ def cpu_busy(window: float = 0.05) -> Optional[float]:
 
 
 def wait_for_idle_cpu(max_busy: float = 0.1, timeout: float = 5.0, window: float = 0.05) -> float:
-    """Sleep until the CPUs were at most `max_busy` busy over `window` seconds (other processes'
-    load: call it while this process idles), for at most `timeout` seconds; returns the seconds waited."""
+    """Sleep until the CPUs were at most `max_busy` busy (cpu_busy) over `window` seconds (other
+    processes' load: call it while this process idles), for at most `timeout` seconds; returns the
+    seconds waited."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
         busy = cpu_busy(window)
