@@ -95,7 +95,7 @@ def _time_side_by_side(steps: Dict[str, Callable[[], None]], repeats: int, warmu
 
 
 def _time_in_rounds(steps: Dict[str, Callable[[], None]], repeats: int, warmup: int, min_time: Optional[float],
-                    rounds: int, pause: Optional[float]) -> Dict[str, List[float]]:
+                    rounds: int, pause: Optional[float], idle_cpu: Optional[float]) -> Dict[str, List[float]]:
     from .harness import ROUND_PAUSE, thread_pool, time_in_rounds
 
     if rounds < 1:
@@ -105,14 +105,14 @@ def _time_in_rounds(steps: Dict[str, Callable[[], None]], repeats: int, warmup: 
             step()
     return time_in_rounds(steps, min_time or 0.0, rounds, ROUND_PAUSE if pause is None else pause, warmup=1,
                           min_calls=max(1, -(-repeats // rounds)), max_calls=1000,
-                          pools={p: thread_pool(p) for p in steps})
+                          pools={p: thread_pool(p) for p in steps}, idle_cpu=idle_cpu)
 
 
 def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.dtype = torch.float32,
                     threads: Optional[int] = None, train: bool = False, input_size: Optional[int] = None,
                     repeats: int = 20, warmup: int = 3, min_time: Optional[float] = None, width_mult: float = 1.0,
                     num_classes: int = 10, channels_last: bool = False, seed: int = 0, onnxruntime: bool = False,
-                    rounds: int = 5, pause: Optional[float] = None) -> List[Dict]:
+                    rounds: int = 5, pause: Optional[float] = None, idle_cpu: Optional[float] = None) -> List[Dict]:
     """Median time per call of `model_name` (see lwkernels.models.MODELS), reference vs fused.
 
     Returns one row per (mode, provider): mode "inference" (and "train" when `train`; batch at least 2
@@ -122,7 +122,8 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
     row's: above 1 is faster than ORT) when ORT ran, and (for inference) the max error of the
     row's logits relative to the largest reference logit. Inference runs `rounds` rounds of at least
     ``repeats / rounds`` calls per provider (and `min_time` / `rounds` seconds), `pause` seconds
-    between thread pools (harness.ROUND_PAUSE by default)."""
+    between thread pools (harness.ROUND_PAUSE by default), waiting for `idle_cpu` (see
+    harness.time_in_rounds) when given."""
     device = torch.device(device)
     if batch < 1 or repeats < 1:
         raise ValueError("batch and repeats must be positive")
@@ -169,7 +170,7 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
                 steps = {p: _inference_step(m, x, sync) for p, m in models.items()}
                 if ort_step is not None:
                     steps = {"reference": steps["reference"], "onnxruntime": ort_step, "lwkernels": steps["lwkernels"]}
-                times = _time_in_rounds(steps, repeats, warmup, min_time, rounds, pause)
+                times = _time_in_rounds(steps, repeats, warmup, min_time, rounds, pause, idle_cpu)
             else:  # separate copies: the optimizer steps must not leak into the other provider's weights
                 # BatchNorm needs 2 values per channel in training: batch 1 with a 1x1 final map would fail.
                 xt, yt = (x, y) if batch > 1 else (x.expand(2, -1, -1, -1).contiguous(memory_format=memory_format),
@@ -218,13 +219,13 @@ def print_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torc
                       min_time: float = 0.3, json_path: Optional[str] = None, threads: Optional[int] = None,
                       train: bool = True, input_size: Optional[int] = None, width_mult: float = 1.0,
                       repeats: int = 5, onnxruntime: bool = False, rounds: int = 5,
-                      pause: Optional[float] = None) -> int:
+                      pause: Optional[float] = None, idle_cpu: Optional[float] = None) -> int:
     """`lwkernels bench --model NAME`: print the side-by-side table (and write JSON); 1 on a mismatch."""
     from .harness import ROUND_PAUSE, environment
 
     rows = run_model_bench(model_name, batch=batch, device=device, dtype=dtype, threads=threads, train=train,
                            input_size=input_size, repeats=repeats, min_time=min_time, width_mult=width_mult,
-                           onnxruntime=onnxruntime, rounds=rounds, pause=pause)
+                           onnxruntime=onnxruntime, rounds=rounds, pause=pause, idle_cpu=idle_cpu)
     env = environment(str(device))
     if onnxruntime:
         import onnxruntime as ort
@@ -245,7 +246,8 @@ def print_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torc
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"environment": env, "timing": {"method": "rounds", "rounds": rounds, "pause_s": pause,
-                                                      "min_time_s": min_time}, "rows": rows}, f, indent=2)
+                                                      "min_time_s": min_time, "idle_cpu": idle_cpu},
+                       "rows": rows}, f, indent=2)
     bad = {p: e for p, e in errors.items() if not e <= tol}
     for p, e in bad.items():
         print(f"MISMATCH: {p} differs from the reference by {e:.2e}", file=sys.stderr)

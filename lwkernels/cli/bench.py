@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                    help="rounds in which the providers take turns (each gets min-time / rounds per round)")
     p.add_argument("--pause", type=float, default=None,
                    help="seconds of idle before a provider's turn when the thread pool changes (default 0.1)")
+    p.add_argument("--idle-cpu", type=float, default=None, metavar="FRACTION",
+                   help="on a shared machine: before each turn wait (up to 5 s) until other processes keep "
+                        "the CPUs at most this busy")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds spent timing each provider per shape")
     p.add_argument("--model", default=None, help="time a whole model instead (e.g. lightweightnet)")
     p.add_argument("--train", action="store_true",
@@ -75,7 +78,7 @@ def run(args) -> int:
         return print_model_bench(args.model, batch=batch, device=device, dtype=dtype, min_time=args.min_time,
                                  json_path=args.json, train=args.train,
                                  onnxruntime=_with_onnxruntime(args, device, dtype), rounds=args.rounds,
-                                 pause=args.pause)
+                                 pause=args.pause, idle_cpu=args.idle_cpu)
     if args.train:
         from ..bench.training import print_train_bench
 
@@ -143,7 +146,7 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
             if not err <= _tolerance(dtype):
                 raise _Mismatch(f"onnxruntime on {name}: max relative error {err:.3g} > {_tolerance(dtype):g}")
         times = medians(time_in_rounds(fns, args.min_time, args.rounds, pause,
-                                       pools={p: thread_pool(p) for p in providers}))
+                                       pools={p: thread_pool(p) for p in providers}, idle_cpu=args.idle_cpu))
         return _row(name, times, flops)
 
     # 2. Per-shape timings, then 3. the chains.
@@ -193,7 +196,7 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "batch": batch, "dtype": args.dtype, "device": device,
                        "timing": {"method": "rounds", "rounds": args.rounds, "min_time_s": args.min_time,
-                                  "pause_s": pause},
+                                  "pause_s": pause, "idle_cpu": args.idle_cpu},
                        "rows": rows, "chain": chain_rows[-1], "chains": chain_rows, "geomean_speedup": mean,
                        **summary, "matmul_gflops": rate / 1e9, "ceiling_geomean_speedup": ceiling}, f, indent=2)
     return 0
