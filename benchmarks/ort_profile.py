@@ -46,12 +46,16 @@ def _hooked_layers(model, layers: List[str], sink: Dict[str, List[float]], shape
     return handles
 
 
-def _layer_of(node_name: str, layers: List[str]) -> str:
-    """The layer a node belongs to: the exporter names nodes after module paths (/features/features.3/...)."""
+def _layer_of(node_name: str, layers: List[str], output_name: str = "y") -> str:
+    """The layer a node belongs to: the exporter names nodes after module paths (/features/features.3/...);
+    ORT names a rewritten node after its output, so the node making the graph output is the last layer's."""
+    name = re.sub(r"_kernel_time$", "", node_name)
     for path in sorted(layers, key=len, reverse=True):
-        if f"/{path}/" in node_name or node_name.startswith(f"{path}/"):
+        if f"/{path}/" in name or name.startswith(f"{path}/"):
             return path
-    return "other: " + re.sub(r"_kernel_time$", "", node_name).strip("/")
+    if name == output_name or name.startswith(output_name + "_"):
+        return layers[-1]
+    return "other: " + name.strip("/")
 
 
 def _describe(module) -> str:
