@@ -198,11 +198,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--idle-cpu", type=float, default=None,
                    help="before each turn wait until other processes keep the CPUs at most this busy (0-1)")
+    p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: torch's)")
     p.add_argument("--out", default=None, help="write the Markdown tables here (and JSON next to it)")
     args = p.parse_args(argv)
 
     import onnxruntime
     import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from lwkernels.bench.harness import environment
 
