@@ -23,6 +23,8 @@ from typing import Dict, List, Optional
 
 #: --idle-cpu: wait for other processes' load to fall below this before each turn.
 IDLE_CPU: Optional[float] = None
+#: Threads of both engines, passed on to the worker processes.
+THREADS = 0
 #: The fastest call of each provider by the rounds method, per workload (a load-resistant floor).
 BEST: Dict[str, Dict[str, float]] = {}
 
@@ -69,7 +71,7 @@ def by_processes(workload_name: str, batch: int, names, min_time: float, rounds:
     for r in range(repeats):
         for p in (names if r % 2 == 0 else names[::-1]):
             out = subprocess.run([sys.executable, __file__, "--worker", workload_name, str(batch), p,
-                                  "--min-time", str(min_time), "--rounds", str(rounds)]
+                                  "--min-time", str(min_time), "--rounds", str(rounds), "--threads", str(THREADS)]
                                  + ([] if IDLE_CPU is None else ["--idle-cpu", str(IDLE_CPU)]),
                                  capture_output=True, text=True, check=True)
             results[p].append(float(out.stdout.strip().splitlines()[-1]))
@@ -96,21 +98,25 @@ def main(argv=None) -> int:
     p.add_argument("--process-repeats", type=int, default=3, help="processes per provider")
     p.add_argument("--idle-cpu", type=float, default=None,
                    help="before each turn wait until other processes keep the CPUs at most this busy (0-1)")
+    p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: torch's)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", nargs=3, metavar=("WORKLOAD", "BATCH", "PROVIDER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    global IDLE_CPU
+    global IDLE_CPU, THREADS
     IDLE_CPU = args.idle_cpu
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    THREADS = torch.get_num_threads()
     if args.worker:
         _worker(args.worker[0], int(args.worker[1]), args.worker[2], args.min_time, args.rounds)
         return 0
 
-    import torch
+    import onnxruntime
 
     from lwkernels.bench.harness import environment
     from lwkernels.bench.workloads import build_workload
-
-    import onnxruntime
 
     env = dict(environment("cpu"), onnxruntime=onnxruntime.__version__)
     print(f"{env['device']}, CPU path {env['cpu_path']}, threads {torch.get_num_threads()}, torch {env['torch']}, "
