@@ -1,5 +1,6 @@
 """What the microbenchmarks and `lwkernels bench` share: building a block of a given shape with
-realistic parameters, the providers compared side by side, and a median timer."""
+realistic parameters, the providers compared side by side, and the timers (a median timer for one
+provider, rounds with pauses for several)."""
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ from ..nn.fuse import to_reference
 from ..models.shapes import BlockShape
 
 #: Providers, in the order tables show them. "eager" is the plain PyTorch composition (NCHW, BN as
-#: a separate op): the baseline speedups are quoted against.
-PROVIDERS = ("eager", "eager_channels_last", "compile", "lwkernels", "lwkernels_channels_last")
+#: a separate op): the baseline speedups are quoted against. "onnxruntime" (the same composition
+#: exported to ONNX, see onnxrt.py) needs the optional onnxruntime and onnx packages.
+PROVIDERS = ("eager", "eager_channels_last", "compile", "onnxruntime", "lwkernels", "lwkernels_channels_last")
 
 
 def randomize_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -62,6 +64,10 @@ def make_provider(name: str, module: nn.Module, x: torch.Tensor, reference: Opti
         fn, arg = reference.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     elif name == "compile":
         fn, arg = torch.compile(reference, mode=compile_mode), x
+    elif name == "onnxruntime":
+        from .onnxrt import make_ort_provider
+
+        return make_ort_provider(reference, x, torch.get_num_threads())
     elif name == "lwkernels":
         fn, arg = module.eval(), x
     elif name == "lwkernels_channels_last":
@@ -90,6 +96,109 @@ def median_time(fn: Callable[[], object], min_time: float = 0.2, max_reps: int =
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+#: Seconds every provider's round starts with, idle: long enough for the worker threads of the
+#: provider before it (ONNX Runtime's pool, PyTorch's OpenMP team) to stop spinning and sleep.
+ROUND_PAUSE = 0.1
+
+
+def thread_pool(provider: str) -> str:
+    """Which worker threads a CPU provider runs on: ONNX Runtime its own pool; PyTorch (eager and
+    torch.compile's code) its OpenMP team; lwkernels' kernels that same team, or their own pool
+    where PyTorch's OpenMP runtime is not loaded."""
+    if provider == "onnxruntime":
+        return "onnxruntime"
+    if provider.startswith("lwkernels"):
+        from ..cpu import backend
+
+        return "openmp" if backend.parallel_backend_in_use().startswith("openmp") else "lwkernels"
+    return "openmp"
+
+
+def cpu_busy(window: float = 0.05) -> Optional[float]:
+    """Fraction of the machine's CPU time spent busy over the next `window` seconds, from
+    /proc/stat (niced processes count: they still delay a 2-thread team at every barrier); None
+    where that file does not exist."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:9]]
+        return sum(v), v[3] + v[4]  # total; idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window)
+        t1, i1 = sample()
+    except OSError:
+        return None
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_idle_cpu(max_busy: float = 0.1, timeout: float = 5.0, window: float = 0.05) -> float:
+    """Sleep until the CPUs were at most `max_busy` busy (cpu_busy) over `window` seconds (other
+    processes' load: call it while this process idles), for at most `timeout` seconds; returns the
+    seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        busy = cpu_busy(window)
+        if busy is None or busy <= max_busy:
+            break
+    return time.perf_counter() - start
+
+
+def time_in_rounds(fns: Dict[str, Callable[[], object]], min_time: float = 0.3, rounds: int = 5,
+                   pause: float = ROUND_PAUSE, warmup: int = 1, min_calls: int = 3,
+                   max_calls: int = 200, pools: Optional[Dict[str, str]] = None,
+                   idle_cpu: Optional[float] = None) -> Dict[str, List[float]]:
+    """Seconds per call of every provider in `fns`, the providers taking turns in rounds.
+
+    Engines leave worker threads spinning for a while after each call (ONNX Runtime's thread pool,
+    PyTorch's OpenMP team), and those threads take cores from whatever runs next: timed call by
+    call, one provider is billed for the other's spinning (lwkernels measured twice as slow right
+    after ONNX Runtime calls). So each round gives every provider, in turn:
+
+    1. a pause of `pause` seconds, in which the previous provider's threads go to sleep (only
+       where the two run on different thread pools when `pools` names each provider's pool,
+       e.g. by :func:`thread_pool`: a team spinning for its own next call takes nothing away);
+    2. `warmup` untimed calls (they wake this provider's threads and refill the caches);
+    3. back-to-back timed calls for at least ``min_time / rounds`` seconds (`min_calls` to
+       `max_calls` calls).
+
+    With `idle_cpu` (a fraction, e.g. 0.1), every turn first waits (up to 5 s) until the machine's
+    CPUs are at most that busy with other processes' work: for shared machines.
+
+    The provider order rotates from round to round, so no provider always follows the same one,
+    and slow drifts of the machine's load reach every provider alike. Returns every timed call's
+    seconds per provider; callers quote the median."""
+    if rounds < 1 or min_calls < 1:
+        raise ValueError("rounds and min_calls must be positive")
+    names = list(fns)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    budget = min_time / rounds
+    previous: Optional[str] = None
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
+            if pools is None or previous is None or pools[name] != pools[previous]:
+                time.sleep(pause)
+            if idle_cpu is not None:
+                wait_for_idle_cpu(idle_cpu)
+            previous = name
+            for _ in range(warmup):
+                fn()
+            calls, start = 0, time.perf_counter()
+            while calls < min_calls or (time.perf_counter() - start < budget and calls < max_calls):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+                calls += 1
+    return times
+
+
+def medians(times: Dict[str, List[float]]) -> Dict[str, float]:
+    """The median of every provider's call times."""
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def geomean(values: List[float]) -> float:

@@ -1,13 +1,18 @@
-"""Whole-model throughput, reference vs fused, measured side by side in one process.
+"""Whole-model throughput, reference vs fused (and ONNX Runtime), measured side by side in one process.
 
-    rows = run_model_bench("lightweightnet", batch=1, device="cpu", input_size=224, train=True)
+    rows = run_model_bench("lightweightnet", batch=1, device="cpu", input_size=224, train=True,
+                           onnxruntime=True)
     print(format_rows(rows))
 
 `lwkernels bench --model NAME` calls :func:`print_model_bench`. For each mode (inference, and a
 training step when asked) the plain-PyTorch twin of the model (every JointBlock replaced by
-JointBlockReference, same weights) and the fused model are timed alternately, call after call, so
-that drifting machine load hits both; the rows give medians. Inference is checked first (fused
-logits against the reference) and the error is reported in the rows.
+JointBlockReference, same weights) and the fused model are timed side by side so that drifting
+machine load hits both; the rows give medians. Inference is timed in rounds
+(:func:`lwkernels.bench.harness.time_in_rounds`), which also admits ONNX Runtime running the
+reference twin exported to ONNX (``onnxruntime=True``: CPU, fp32, onnxruntime installed) without
+billing one engine's spinning threads to the other; training steps alternate call by call (both
+run on PyTorch's threads). Inference is checked first (fused and ONNX Runtime logits against the
+reference) and the errors are reported in the rows.
 
 A training step (forward, cross-entropy, backward, SGD step) of a fused model runs each JointBlock
 through the fused training op (ops/training.py: batch statistics from the fused forward, the block's own
@@ -27,7 +32,7 @@ from torch import nn
 
 from ..models import build_model, to_reference
 
-PROVIDERS = ("reference", "lwkernels")
+PROVIDERS = ("reference", "onnxruntime", "lwkernels")
 
 
 def default_input_size(model_name: str) -> int:
@@ -89,16 +94,36 @@ def _time_side_by_side(steps: Dict[str, Callable[[], None]], repeats: int, warmu
     return times
 
 
+def _time_in_rounds(steps: Dict[str, Callable[[], None]], repeats: int, warmup: int, min_time: Optional[float],
+                    rounds: int, pause: Optional[float], idle_cpu: Optional[float]) -> Dict[str, List[float]]:
+    from .harness import ROUND_PAUSE, thread_pool, time_in_rounds
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be positive, got {rounds}")
+    for step in steps.values():  # first calls (allocations, caches) before any round
+        for _ in range(warmup):
+            step()
+    return time_in_rounds(steps, min_time or 0.0, rounds, ROUND_PAUSE if pause is None else pause, warmup=1,
+                          min_calls=max(1, -(-repeats // rounds)), max_calls=1000,
+                          pools={p: thread_pool(p) for p in steps}, idle_cpu=idle_cpu)
+
+
 def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.dtype = torch.float32,
                     threads: Optional[int] = None, train: bool = False, input_size: Optional[int] = None,
                     repeats: int = 20, warmup: int = 3, min_time: Optional[float] = None, width_mult: float = 1.0,
-                    num_classes: int = 10, channels_last: bool = False, seed: int = 0) -> List[Dict]:
+                    num_classes: int = 10, channels_last: bool = False, seed: int = 0, onnxruntime: bool = False,
+                    rounds: int = 5, pause: Optional[float] = None, idle_cpu: Optional[float] = None) -> List[Dict]:
     """Median time per call of `model_name` (see lwkernels.models.MODELS), reference vs fused.
 
     Returns one row per (mode, provider): mode "inference" (and "train" when `train`; batch at least 2
     there, as BatchNorm in training needs it), provider
-    "reference" or "lwkernels", with median/min ms, images/s, speedup over the reference, and (for
-    inference) the fused model's max error relative to the largest reference logit."""
+    "reference", "onnxruntime" (inference only, when `onnxruntime`) or "lwkernels", with median/min
+    ms, images/s, speedup over the reference, ``vs_onnxruntime`` (ONNX Runtime's median over this
+    row's: above 1 is faster than ORT) when ORT ran, and (for inference) the max error of the
+    row's logits relative to the largest reference logit. Inference runs `rounds` rounds of at least
+    ``repeats / rounds`` calls per provider (and `min_time` / `rounds` seconds), `pause` seconds
+    between thread pools (harness.ROUND_PAUSE by default), waiting for `idle_cpu` (see
+    harness.time_in_rounds) when given."""
     device = torch.device(device)
     if batch < 1 or repeats < 1:
         raise ValueError("batch and repeats must be positive")
@@ -116,6 +141,8 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
         fused = fused.to(device=device, dtype=dtype, memory_format=memory_format).eval()
         reference = to_reference(fused)
         models = {"reference": reference, "lwkernels": fused}
+        if onnxruntime and (device.type != "cpu" or dtype != torch.float32):
+            raise ValueError("the onnxruntime provider runs fp32 on the CPU only")
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, 3, input_size, input_size, generator=g).to(device=device, dtype=dtype)
         x = x.contiguous(memory_format=memory_format)
@@ -125,7 +152,13 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
         with torch.inference_mode():
             expected, got = reference(x).double(), fused(x).double()
         scale = expected.abs().max().item() or 1.0
-        error = (got - expected).abs().max().item() / scale
+        errors = {"lwkernels": (got - expected).abs().max().item() / scale}
+        ort_step = None
+        if onnxruntime:
+            from .onnxrt import make_ort_provider
+
+            ort_step = make_ort_provider(reference, x)
+            errors["onnxruntime"] = (ort_step().double() - expected).abs().max().item() / scale
 
         base = {"model": model_name, "batch": batch, "input_size": input_size, "device": str(device),
                 "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
@@ -135,21 +168,28 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
         for mode in modes:
             if mode == "inference":
                 steps = {p: _inference_step(m, x, sync) for p, m in models.items()}
+                if ort_step is not None:
+                    steps = {"reference": steps["reference"], "onnxruntime": ort_step, "lwkernels": steps["lwkernels"]}
+                times = _time_in_rounds(steps, repeats, warmup, min_time, rounds, pause, idle_cpu)
             else:  # separate copies: the optimizer steps must not leak into the other provider's weights
                 # BatchNorm needs 2 values per channel in training: batch 1 with a 1x1 final map would fail.
                 xt, yt = (x, y) if batch > 1 else (x.expand(2, -1, -1, -1).contiguous(memory_format=memory_format),
                                                    y.expand(2).contiguous())
                 steps = {p: _train_step(to_reference(m) if p == "reference" else _copy(m), xt, yt, sync)
                          for p, m in models.items()}
-            times = _time_side_by_side(steps, repeats, warmup, min_time)
+                times = _time_side_by_side(steps, repeats, warmup, min_time)
             ref_median = statistics.median(times["reference"])
+            ort_median = statistics.median(times["onnxruntime"]) if "onnxruntime" in times else None
             n = batch if mode == "inference" else max(batch, 2)
-            for provider in PROVIDERS:
+            for provider in (p for p in PROVIDERS if p in times):
                 median = statistics.median(times[provider])
-                rows.append(dict(base, batch=n, mode=mode, provider=provider, median_ms=median * 1e3,
-                                 min_ms=min(times[provider]) * 1e3, repeats=len(times[provider]),
-                                 images_per_s=n / median, speedup=ref_median / median,
-                                 max_rel_error=error if mode == "inference" and provider == "lwkernels" else None))
+                row = dict(base, batch=n, mode=mode, provider=provider, median_ms=median * 1e3,
+                           min_ms=min(times[provider]) * 1e3, repeats=len(times[provider]),
+                           images_per_s=n / median, speedup=ref_median / median,
+                           max_rel_error=errors.get(provider) if mode == "inference" else None)
+                if ort_median is not None:
+                    row["vs_onnxruntime"] = ort_median / median
+                rows.append(row)
         return rows
     finally:
         torch.set_num_threads(old_threads)
@@ -162,9 +202,12 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def format_rows(rows: List[Dict]) -> str:
+    ort = any("vs_onnxruntime" in r for r in rows)
     headers = ["model", "mode", "provider", "batch", "input", "median ms", "min ms", "images/s", "speedup"]
+    headers += ["vs ORT"] if ort else []
     table = [[r["model"], r["mode"], r["provider"], str(r["batch"]), str(r["input_size"]), f"{r['median_ms']:.3f}",
-              f"{r['min_ms']:.3f}", f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}x"] for r in rows]
+              f"{r['min_ms']:.3f}", f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}x"]
+             + ([f"{r['vs_onnxruntime']:.2f}x" if "vs_onnxruntime" in r else ""] if ort else []) for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in table)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
     for line in table:
@@ -175,24 +218,37 @@ def format_rows(rows: List[Dict]) -> str:
 def print_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.dtype = torch.float32,
                       min_time: float = 0.3, json_path: Optional[str] = None, threads: Optional[int] = None,
                       train: bool = True, input_size: Optional[int] = None, width_mult: float = 1.0,
-                      repeats: int = 5) -> int:
+                      repeats: int = 5, onnxruntime: bool = False, rounds: int = 5,
+                      pause: Optional[float] = None, idle_cpu: Optional[float] = None) -> int:
     """`lwkernels bench --model NAME`: print the side-by-side table (and write JSON); 1 on a mismatch."""
-    from .harness import environment
+    from .harness import ROUND_PAUSE, environment
 
     rows = run_model_bench(model_name, batch=batch, device=device, dtype=dtype, threads=threads, train=train,
-                           input_size=input_size, repeats=repeats, min_time=min_time, width_mult=width_mult)
+                           input_size=input_size, repeats=repeats, min_time=min_time, width_mult=width_mult,
+                           onnxruntime=onnxruntime, rounds=rounds, pause=pause, idle_cpu=idle_cpu)
     env = environment(str(device))
+    if onnxruntime:
+        import onnxruntime as ort
+
+        env["onnxruntime"] = ort.__version__
     print(f"lwkernels bench --model {model_name}: {env['device']}, {device}, {rows[0]['dtype']}, batch {batch}, "
-          f"input {rows[0]['input_size']}, threads {rows[0]['threads']}, torch {env['torch']}")
+          f"input {rows[0]['input_size']}, threads {rows[0]['threads']}, torch {env['torch']}"
+          + (f", onnxruntime {env['onnxruntime']}" if onnxruntime else ""))
     print(format_rows(rows))
-    error = next(r["max_rel_error"] for r in rows if r["max_rel_error"] is not None)
+    errors = {r["provider"]: r["max_rel_error"] for r in rows if r["max_rel_error"] is not None}
     tol = {torch.float32: 1e-3, torch.float64: 1e-9}.get(dtype, 5e-2)
-    print(f"fused vs reference logits: max error {error:.2e} of the largest logit (tolerance {tol:g}); "
-          "speedup = reference median / median (same process, alternating calls)")
+    pause = ROUND_PAUSE if pause is None else pause
+    print("; ".join(f"{p} vs reference logits: max error {e:.2e} of the largest logit" for p, e in errors.items())
+          + f" (tolerance {tol:g})")
+    print(f"speedup = reference median / median; inference in {rounds} rounds per provider, {pause:g} s pause "
+          "where the thread pool changes" + ("; training steps alternating call by call" if train else "")
+          + ("; vs ORT = onnxruntime median / median (above 1: faster than ONNX Runtime)" if onnxruntime else ""))
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=2)
-    if not error <= tol:
-        print(f"MISMATCH: the fused model differs from the reference by {error:.2e}", file=sys.stderr)
-        return 1
-    return 0
+            json.dump({"environment": env, "timing": {"method": "rounds", "rounds": rounds, "pause_s": pause,
+                                                      "min_time_s": min_time, "idle_cpu": idle_cpu},
+                       "rows": rows}, f, indent=2)
+    bad = {p: e for p, e in errors.items() if not e <= tol}
+    for p, e in bad.items():
+        print(f"MISMATCH: {p} differs from the reference by {e:.2e}", file=sys.stderr)
+    return 1 if bad else 0

@@ -1,0 +1,132 @@
+"""ONNX Runtime as a benchmark provider: its outputs match the reference, and the plumbing (the
+harness provider, the rounds timer, the bench command's column and JSON) works. Skipped where
+onnxruntime is not installed (it is an optional extra); the rounds timer is tested either way."""
+import json
+
+import pytest
+import torch
+
+from lwkernels.bench.harness import make_block, make_input, make_provider, medians, thread_pool, time_in_rounds
+from lwkernels.bench.onnxrt import onnxruntime_available
+from lwkernels.models.shapes import BlockShape
+from lwkernels.nn.fuse import to_reference
+
+needs_ort = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime and onnx are not installed")
+
+SHAPE = BlockShape(8, 16, 2, 12)
+
+
+@needs_ort
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnxruntime_matches_the_reference(batch):
+    block = make_block(SHAPE)
+    x = make_input(SHAPE, batch)
+    reference = to_reference(block)
+    y = make_provider("onnxruntime", block, x, reference)()
+    with torch.inference_mode():
+        expected = reference.double()(x.double())
+    assert y.dtype == torch.float32 and y.shape == expected.shape
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_ort
+def test_onnxruntime_session_uses_torch_threads_and_default_optimisations():
+    import onnxruntime as ort
+
+    from lwkernels.bench.onnxrt import export_onnx, make_session
+
+    block = make_block(SHAPE)
+    x = make_input(SHAPE, 1)
+    session = make_session(export_onnx(to_reference(block), x), threads=2)
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+@needs_ort
+def test_onnxruntime_provider_rejects_what_it_cannot_run():
+    block = make_block(SHAPE)
+    with pytest.raises(ValueError, match="fp32 on the CPU"):
+        make_provider("onnxruntime", block.double(), make_input(SHAPE, 1).double())
+
+
+@needs_ort
+def test_model_bench_with_onnxruntime_reports_its_error_and_ratio():
+    from lwkernels.bench.models import format_rows, run_model_bench
+
+    rows = run_model_bench("lightweightnet", batch=1, input_size=32, width_mult=0.25, repeats=2, warmup=1,
+                           threads=1, onnxruntime=True, rounds=2, pause=0.0)
+    by_provider = {r["provider"]: r for r in rows}
+    assert list(by_provider) == ["reference", "onnxruntime", "lwkernels"]
+    assert by_provider["onnxruntime"]["max_rel_error"] < 1e-4
+    ort_ms = by_provider["onnxruntime"]["median_ms"]
+    for r in rows:
+        assert r["vs_onnxruntime"] == pytest.approx(ort_ms / r["median_ms"])
+    assert "vs ORT" in format_rows(rows)
+
+
+@needs_ort
+def test_bench_command_has_an_onnxruntime_column(tmp_path, capsys):
+    from lwkernels.cli.main import main
+
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--shapes", "lightweightnet32", "--no-compile", "--min-time", "0.01", "--threads", "1",
+                 "--rounds", "1", "--pause", "0", "--json", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime ms" in out and "lwkernels / ONNX Runtime speed" in out
+    report = json.loads(path.read_text())
+    assert report["environment"]["onnxruntime"] and report["timing"]["method"] == "rounds"
+    for row in report["rows"] + report["chains"]:
+        assert row["speedup_vs_onnxruntime"] == pytest.approx(row["ms"]["onnxruntime"] / row["ms"]["lwkernels"])
+
+
+def test_rounds_alternate_providers_with_pauses_between_thread_pools(monkeypatch):
+    """Every provider gets every round; the order rotates; pauses fall only where the pool changes."""
+    import lwkernels.bench.harness as harness
+
+    log = []
+    monkeypatch.setattr(harness.time, "sleep", lambda s: log.append(("pause", s)))
+    fns = {name: (lambda name=name: log.append(name)) for name in ("eager", "onnxruntime", "lwkernels")}
+    pools = {"eager": "openmp", "onnxruntime": "onnxruntime", "lwkernels": "openmp"}
+    times = time_in_rounds(fns, min_time=0.0, rounds=3, pause=0.25, warmup=1, min_calls=2, pools=pools)
+    assert {name: len(t) for name, t in times.items()} == {"eager": 6, "onnxruntime": 6, "lwkernels": 6}
+    turns = []  # (provider, calls) per turn, and the pauses in between
+    for entry in log:
+        if isinstance(entry, tuple):
+            turns.append(entry)
+        elif turns and turns[-1][0] == entry:
+            turns[-1] = (entry, turns[-1][1] + 1)
+        else:
+            turns.append((entry, 1))
+    assert turns == [
+        ("pause", 0.25), ("eager", 3), ("pause", 0.25), ("onnxruntime", 3), ("pause", 0.25), ("lwkernels", 3),
+        ("pause", 0.25), ("onnxruntime", 3), ("pause", 0.25), ("lwkernels", 3), ("eager", 3),
+        ("lwkernels", 3), ("eager", 3), ("pause", 0.25), ("onnxruntime", 3),
+    ]
+    assert medians({"a": [3.0, 1.0, 2.0]}) == {"a": 2.0}
+
+
+def test_thread_pools_follow_the_cpu_kernels_backend(monkeypatch):
+    import lwkernels.cpu.backend as backend
+
+    assert thread_pool("onnxruntime") == "onnxruntime" and thread_pool("eager") == thread_pool("compile") == "openmp"
+    monkeypatch.setattr(backend, "parallel_backend_in_use", lambda: "openmp (libgomp.so.1)")
+    assert thread_pool("lwkernels") == thread_pool("lwkernels_channels_last") == "openmp"
+    monkeypatch.setattr(backend, "parallel_backend_in_use", lambda: "threadpool")
+    assert thread_pool("lwkernels") == "lwkernels"
+
+
+@pytest.mark.parametrize("name", ["chain", "lightweightnet", "mobilenetv1"])
+def test_workloads_pair_the_fused_module_with_its_reference(name):
+    from lwkernels.bench.workloads import build_workload
+
+    w = build_workload(name, batch=1)
+    modules = dict(w.fused.named_modules())
+    assert w.layers and all(path in modules for path in w.layers)
+    assert len([p for p in w.layers if p.startswith("features.") or name == "chain"]) == {
+        "chain": 9, "lightweightnet": 9, "mobilenetv1": 13}[name]
+    with torch.inference_mode():
+        expected = w.reference(w.x)
+        torch.testing.assert_close(w.fused(w.x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
