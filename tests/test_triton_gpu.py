@@ -3,7 +3,7 @@ channels_last), every autotuning candidate, the autotuned op on the benchmark sh
 int64 offsets (tensors past 2^31 elements), non-contiguous operands, opcheck and
 torch.compile(fullgraph=True).
 
-Everything is compared with the dtype-aware rule of DESIGN.md §5 (triton_helpers.py): the kernel's
+Everything is compared with the dtype-aware rule of triton_helpers.py: the kernel's
 error against a float64 reference is at most twice PyTorch's own error in the same dtype, plus the
 rounding the kernel's precision contract allows. Every element is compared, and the launcher's
 outputs are pre-filled with NaN so an unwritten tile fails.
@@ -410,7 +410,8 @@ def test_random_shapes():
             raise AssertionError(f"trial {trial}: {case} {dtype} tile {tile}: {e}") from e
 
 
-# Keep the grid honest: it must contain the awkward cases DESIGN.md §5 lists.
+# Keep the grid honest: it must contain the awkward cases (channels crossing tiles, every dilation and
+# stride, empty and single batches, odd sizes with stride 2, images smaller than the dilated kernel).
 def test_grid_covers_the_awkward_cases():
     channels = {c.c_in for c in GRID} | {c.c_out for c in GRID}
     assert {1, 3, 17} <= channels

@@ -3,7 +3,7 @@ depthwise statistics pass for mid BatchNorm, the depthwise backward) on a CUDA d
 JointBlock training step (forward, backward, running statistics) against the float64 nn-module
 composition, in fp32, fp16 and bf16, NCHW and channels_last, with and without mid BatchNorm.
 
-Low precision follows DESIGN.md §5: the fused step's error against float64 may be at most twice
+Low precision follows triton_helpers.py's rule: the fused step's error against float64 may be at most twice
 PyTorch's own error running the same nn modules in that dtype on the GPU, plus a small atol.
 The offline-compilation test runs anywhere Triton is installed; the rest are skipped without CUDA.
 """

@@ -1,5 +1,5 @@
 """What the Triton kernel's tests share (in the interpreter and on a GPU): the case grid, moving
-arguments to a device with their exact strides, and the dtype-aware comparison rule of DESIGN.md §5.
+arguments to a device with their exact strides, and the dtype-aware comparison rule.
 
 The rule: the kernel's error against the float64 reference may be at most twice the error of
 PyTorch itself computing the block in the same dtype (same device, same TF32 setting), plus an
@@ -117,7 +117,7 @@ def assert_matches_lowp_rule(y: torch.Tensor, args: Sequence, *, tf32: bool = Fa
 
 def poison_kernel_outputs(monkeypatch) -> None:
     """Make the Triton launcher allocate its outputs pre-filled with NaN, so a tile the kernel does
-    not write fails the comparison instead of showing whatever memory held (DESIGN.md section 5)."""
+    not write fails the comparison instead of showing whatever memory held."""
     import math
 
     from lwkernels.triton import dw_backward as triton_dw_backward, joint_block as triton_kernel
