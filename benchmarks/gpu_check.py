@@ -152,20 +152,30 @@ def _child_env(extra: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
-def start(part: Part, log: Path) -> subprocess.Popen:
+def start(part: Part, log: Path) -> Optional[subprocess.Popen]:
+    """Start the part's command with its output going to its log; None when it cannot start (a
+    missing program), which is then recorded as the part's failure."""
     handle = log.open("w")
     handle.write(f"$ {' '.join(part.command)}\n(limit {part.limit_s:.0f} s)\n\n")
     handle.flush()
-    # A session of its own, so a timeout ends the part's whole process tree (pytest workers,
-    # the sanitizer's target, compile workers), and nothing else.
-    proc = subprocess.Popen(part.command, cwd=ROOT, env=_child_env(part.env), stdout=handle,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # A session of its own, so a timeout ends the part's whole process tree (pytest workers,
+        # the sanitizer's target, compile workers), and nothing else.
+        proc = subprocess.Popen(part.command, cwd=ROOT, env=_child_env(part.env), stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        handle.write(f"[gpu_check] could not start: {e}\n")
+        handle.close()
+        part.status, part.summary = "failed", f"could not start: {e}"
+        return None
     proc._log_handle = handle  # type: ignore[attr-defined]
     proc._started = time.time()  # type: ignore[attr-defined]
     return proc
 
 
-def finish(part: Part, proc: subprocess.Popen, log: Path, deadline: float) -> None:
+def finish(part: Part, proc: Optional[subprocess.Popen], log: Path, deadline: float) -> None:
+    if proc is None:  # did not start; start() recorded why
+        return
     try:
         proc.wait(timeout=max(1.0, deadline - time.time()))
         part.returncode = proc.returncode
@@ -192,7 +202,11 @@ def summarize(part: Part, log: str) -> str:
     """One line for the summary table."""
     if part.name == "tests":
         lines = [ln for ln in log.splitlines() if re.search(r"\b(passed|failed|error|no tests ran)\b", ln)]
-        return lines[-1].strip("= ") if lines else "no pytest summary line"
+        if lines:
+            return lines[-1].strip("= ")
+        # killed before pytest's summary: count the verbose per-test lines
+        counts = {w: len(re.findall(rf"\b{w}\b", log)) for w in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+        return "no summary; so far " + ", ".join(f"{n} {w.lower()}" for w, n in counts.items())
     if part.name == "bench" and part.result:
         return bench_headline(part.result)
     if part.name == "train" and part.result:
@@ -278,9 +292,9 @@ def run(args) -> int:
         else:
             for p in [q for q in parts if q.name == "env"]:
                 finish(p, start(p, logs[p.name]), logs[p.name], time.time() + p.limit_s)
-            side_by_side = [(p, start(p, logs[p.name])) for p in parts if p.name in PHASES[0]]
-            for p, proc in side_by_side:
-                finish(p, proc, logs[p.name], proc._started + p.limit_s)  # type: ignore[attr-defined]
+            side_by_side = [(p, start(p, logs[p.name]), time.time() + p.limit_s) for p in parts if p.name in PHASES[0]]
+            for p, proc, deadline in side_by_side:
+                finish(p, proc, logs[p.name], deadline)
             for p in [q for q in parts if q.name in PHASES[1]]:  # timing: alone, one after another
                 finish(p, start(p, logs[p.name]), logs[p.name], time.time() + p.limit_s)
         meta = {"mode": mode, "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
