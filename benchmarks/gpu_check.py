@@ -13,7 +13,8 @@ Parts, each a subprocess with its own time limit (one failing or timing out neve
               the bench and train parts will autotune or launch, in parallel processes, into
               Triton's on-disk cache, so those parts time kernels instead of compiling them
     tests     tests/test_triton_gpu.py and tests/test_triton_train_gpu.py (the grid sized by
-              LWKERNELS_GPU_GRID; in parallel workers when pytest-xdist is installed)
+              LWKERNELS_GPU_GRID; in parallel workers when pytest-xdist is installed; --quick
+              leaves out the tests that compile dozens of kernels each)
     memcheck  compute-sanitizer memcheck on border-heavy shapes (benchmarks/gpu_memcheck_cases.py)
     bench     microbenchmarks + roofline (benchmarks/gpu_bench.py), alone on the GPU
     train     one training step of the nine-block chain, batch 128 fp16, with peak memory
@@ -120,7 +121,9 @@ def plan(args, scratch: Path) -> List[Part]:
     if _has_module("xdist") and jobs > 1:
         tests += ["-n", str(jobs)]
     if mode == "quick":
-        tests += ["-m", "not slow", "-k", "not torch_compile and not compiled_training"]
+        # the tests that compile dozens of kernels each: the full run's job
+        tests += ["-m", "not slow", "-k", "not torch_compile and not compiled_training and not every_autotune_candidate"
+                  " and not random_shapes and not benchmark_shapes"]
     parts.append(Part("tests", tests, limits["tests"], env={"LWKERNELS_GPU_GRID": mode}))
     sanitizer = shutil.which("compute-sanitizer") or "compute-sanitizer"
     parts.append(Part("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", py,
