@@ -80,6 +80,25 @@ def test_register_cuda_kernel():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("lwkernels::joint_block", "CUDA")
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_int64_indexing_exactly_when_an_offset_may_pass_2_pow_31():
+    """The launcher's INDEX_64 decision: int32 for ordinary tensors, int64 once M or any tensor's
+    reachable offset (its extent plus the masked lanes' margin) may reach 2^31."""
+    from lwkernels.triton.joint_block import _needs_int64
+
+    def meta(size, stride):  # shapes and strides only, no memory
+        return torch.empty_strided(size, stride, device="meta")
+
+    small = meta((128, 64, 112, 112), (64 * 112 * 112, 112 * 112, 112, 1))
+    assert not _needs_int64(128 * 112 * 112, [small, None], margin=300)
+    assert _needs_int64(2 ** 31 - 100, [small], margin=300)  # the pixel index itself
+    huge_n = meta((257, 16, 512, 1024), (16 * 512 * 1024, 512 * 1024, 1024, 1))
+    assert _needs_int64(1, [huge_n], margin=300)  # > 2^31 elements
+    # a one-image view of a larger tensor: few elements, but masked lanes past the batch reach far
+    view = meta((1, 8, 8, 8), (2 ** 24, 64, 8, 1))
+    assert _needs_int64(64, [view], margin=300) and not _needs_int64(64, [view], margin=1)
+
+
 def test_tf32_follows_pytorch_conv_setting(cudnn_tf32):
     torch.backends.cudnn.allow_tf32 = False
     assert cudnn_conv_uses_tf32() is False

@@ -54,6 +54,7 @@ def test_detects_spills():
     assert r.spills and r.registers >= 250, r
 
 
+@pytest.mark.slow
 def test_no_candidate_spills_and_occupancy_holds():
     _needs_compiler()
     variants = candidate_variants()
