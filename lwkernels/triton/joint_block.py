@@ -291,21 +291,22 @@ def _depthwise_stats_kernel(
 
 # -- autotuning ----------------------------------------------------------------------------------
 
+#: (BLOCK_P, BLOCK_CO, num_warps) of the candidate tiles: for each C_out tile width 32..256, the
+#: full width at one or two pixel counts, at about one warp per 512 fp32 accumulator elements (at most
+#: 16-32 accumulator registers per thread). Every one compiles without spills and with >= 8 resident
+#: warps per SM in every dtype, layout and epilogue, on Triton 3.6 and 3.9 (benchmarks/
+#: resource_report.py). 64 x 256 is not among them: at 16 warps (512 threads, so at most 128
+#: registers each) Triton 3.6's code for it spills, so 256-wide tiles take 32 pixels on 8 warps.
+_TILES = ((64, 32, 4), (128, 32, 8), (64, 64, 8), (128, 64, 16), (64, 128, 16), (32, 128, 8), (32, 256, 8))
+_TILE_WARPS = {(p, co): w for p, co, w in _TILES}
+
+
 def tile_config(block_p: int, block_co: int, block_ci: int, num_stages: int = 1) -> triton.Config:
-    """A launch config with one warp per 512 fp32 accumulator elements (at least 4, at most 16): the
-    accumulator takes at most 16 registers per thread (32 for 64 x 256), which leaves room for the
-    depthwise tile, its addresses and the epilogue's without spilling and for 8 or more resident
-    warps per SM (the resource report, benchmarks/resource_report.py, measures every candidate)."""
-    warps = max(4, min(16, block_p * block_co // 512))
+    """A launch config: a candidate tile's own warp count, else one warp per 512 fp32 accumulator
+    elements (4 to 16), which keeps the accumulator at 16 registers per thread or fewer."""
+    warps = _TILE_WARPS.get((block_p, block_co), max(4, min(16, block_p * block_co // 512)))
     return triton.Config({"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci},
                          num_warps=warps, num_stages=num_stages)
-
-
-#: (BLOCK_P, BLOCK_CO) pairs: for each C_out tile width (32..256), the full width at 64 pixels, the
-#: full width at 128 pixels where that stays within 8 warps (else at 32 pixels, up to 128 wide), and
-#: half the width at 64 pixels (twice the programs, for shapes with few pixels). 32 x 256 is left
-#: out: at 16 warps ptxas squeezes its fp32 full-precision variant to 64 registers and spills.
-_TILES = ((64, 32), (128, 32), (64, 64), (128, 64), (64, 128), (32, 128), (64, 256))
 
 
 def _candidate_configs() -> List[triton.Config]:
@@ -314,8 +315,8 @@ def _candidate_configs() -> List[triton.Config]:
 
     One stage: the channel loop holds the (deliberately not unrolled) tap loop, and Triton's
     pipeliner does not pipeline a loop that contains another, so num_stages > 1 would compile to the
-    same code; the loads' latency is hidden by the 8-20 warps each SM keeps resident instead."""
-    return [tile_config(p, co, ci) for p, co in _TILES for ci in (16, 32)]
+    same code; the loads' latency is hidden by the 8-32 warps each SM keeps resident instead."""
+    return [tile_config(p, co, ci) for p, co, _ in _TILES for ci in (16, 32)]
 
 
 def _next_pow2(v: int) -> int:
@@ -326,14 +327,11 @@ def select_configs(c_in: int, c_out: int) -> Tuple[Tuple[int, int, int, int], ..
     """The (BLOCK_P, BLOCK_CO, BLOCK_CI, num_stages) worth timing for a shape (at most 6).
 
     BLOCK_CO: the smallest power of two covering C_out (capped at 256, floor 32), so the input is read
-    and the depthwise part computed once per pixel tile when C_out <= 256; at 64 pixels, and up to 128
-    wide also at 128 pixels (or 32 where 128 would need more than 8 warps); plus half of it at 64
-    pixels (twice the programs, for shapes with few pixels). BLOCK_CI: 16 for C_in <= 16 (the dot's
-    minimum K), else 16 and 32."""
+    and the depthwise part computed once per pixel tile when C_out <= 256: every candidate tile of that
+    width, plus half of it at 64 pixels (twice the programs, for shapes with few pixels). BLOCK_CI: 16
+    for C_in <= 16 (the dot's minimum K), else 16 and 32."""
     co_full = min(256, max(32, _next_pow2(c_out)))
-    pairs = [(64, co_full)]
-    if co_full <= 128:
-        pairs.append((128, co_full) if 128 * co_full <= 8192 else (32, co_full))
+    pairs = [(p, co) for p, co, _ in _TILES if co == co_full]
     if co_full > 32:
         pairs.append((64, co_full // 2))
     chunks = (16,) if c_in <= 16 else (16, 32)
