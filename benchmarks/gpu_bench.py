@@ -95,7 +95,8 @@ def _warm_one(job):
 
 def warm_triton_cache(dtypes, layouts, batch: int, jobs: int, train_dtype=None) -> Dict:
     """Compile, in `jobs` processes, every candidate tile of each shape x dtype x layout (True:
-    channels_last) into Triton's on-disk cache, and the training step's kernels in train_dtype."""
+    channels_last) into Triton's on-disk cache, and the training step's kernels in train_dtype
+    (same layouts)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -104,7 +105,7 @@ def warm_triton_cache(dtypes, layouts, batch: int, jobs: int, train_dtype=None) 
     blocks = range(len(BENCHMARK_BLOCKS))
     work = [(i, d, cl, batch, False) for d in dtypes for cl in layouts for i in blocks]
     if train_dtype is not None:  # first: each is a whole training step, the longest jobs
-        work = [(i, train_dtype, cl, batch, True) for cl in (True, False) for i in blocks] + work
+        work = [(i, train_dtype, cl, batch, True) for cl in layouts for i in blocks] + work
     start = time.time()
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         kernels = sum(pool.map(_warm_one, work))

@@ -135,9 +135,11 @@ def plan(args, scratch: Path) -> List[Part]:
              str(limits["bench"] - WRITE_MARGIN), "--warm-jobs", "0" if warmed else str(jobs)] + bench_what
     parts.append(Part("bench", bench, limits["bench"], json_out=bench_json))
     train_json = scratch / "train.json"
-    parts.append(Part("train", [py, str(BENCH / "gpu_train_step.py"), "--json", str(train_json),
-                                "--deadline", str(limits["train"] - WRITE_MARGIN)], limits["train"],
-                      json_out=train_json))
+    train = [py, str(BENCH / "gpu_train_step.py"), "--json", str(train_json), "--deadline",
+             str(limits["train"] - WRITE_MARGIN)]
+    if mode == "quick":  # the layouts prepare compiled the training kernels for
+        train += ["--providers", "eager_channels_last", "lwkernels_channels_last"]
+    parts.append(Part("train", train, limits["train"], json_out=train_json))
     return [p for p in parts if p.name in args.parts and p.limit_s > 0]
 
 

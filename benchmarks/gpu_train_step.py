@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds; later providers are skipped")
     p.add_argument("--rep-ms", type=int, default=100)
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     return p.parse_args(argv)
 
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     register_cuda_kernel()
     dtype = DTYPES[args.dtype]
     rows, skipped = [], []
-    for provider in PROVIDERS:
+    for provider in args.providers:
         if time.time() - start > args.deadline:
             skipped.append(provider)
             continue
