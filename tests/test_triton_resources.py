@@ -38,7 +38,8 @@ def test_occupancy_rules():
     """The occupancy arithmetic on known sm_90 cases (CUDA occupancy calculator)."""
     assert occupancy(255, 4, 0) == (2, "registers")        # 255 -> 256 regs x 32 = 8192 per warp
     assert occupancy(128, 8, 17408) == (2, "registers")
-    assert occupancy(64, 4, 0) == (16, "warps")             # 64 warps per SM at most
+    assert occupancy(64, 4, 0) == (8, "registers")         # 2048 registers per warp: 32 warps
+    assert occupancy(24, 4, 0) == (16, "warps")             # 64 warps per SM at most
     assert occupancy(32, 1, 0) == (32, "blocks")
     assert occupancy(32, 4, 100 * 1024) == (2, "shared memory")
     assert occupancy(32, 4, ARCH_LIMITS[90]["smem_per_block"] + 1)[0] == 0
