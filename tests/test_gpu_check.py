@@ -71,3 +71,15 @@ def test_out_must_be_a_directory(tmp_path):
     target.write_text("")
     proc = _run("--out", str(target), "--dry-run", timeout=60)
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
+
+
+@pytest.mark.interpreter
+def test_memcheck_cases_pass_in_the_interpreter():
+    """The memcheck part's shapes and checks, run by Triton's interpreter on the CPU: the script
+    works, and every kernel handles those border-heavy shapes with the tiles autotuning may pick."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_memcheck_cases.py"), "--device", "cpu"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and ", 0 failed" in proc.stdout, proc.stdout[-5000:] + proc.stderr[-5000:]
