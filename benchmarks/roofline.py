@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp16", "fp32"])
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the 'compile' provider")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of the 'compile' provider (max-autotune takes minutes per shape)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and Markdown results")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement (ms)")
     return p.parse_args(argv)

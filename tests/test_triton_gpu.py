@@ -25,7 +25,7 @@ from lwkernels.triton.backend import cudnn_conv_uses_tf32, register_cuda_kernel
 from lwkernels.nn.folding import fold_batchnorm
 from lwkernels.ops.reference import joint_block_reference
 from lwkernels.models.shapes import BENCHMARK_BLOCKS
-from triton_helpers import (INTERPRETER_VIEW_CASES, aot_signature, assert_matches_lowp_rule, gpu_cases, make_case_args,
+from triton_helpers import (INTERPRETER_VIEW_CASES, assert_matches_lowp_rule, gpu_cases, gpu_grid_subset, make_case_args,
                             poison_kernel_outputs, to_device, transposed_pointwise)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -80,6 +80,25 @@ def test_register_cuda_kernel():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("lwkernels::joint_block", "CUDA")
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_int64_indexing_exactly_when_an_offset_may_pass_2_pow_31():
+    """The launcher's INDEX_64 decision: int32 for ordinary tensors, int64 once M or any tensor's
+    reachable offset (its extent plus the masked lanes' margin) may reach 2^31."""
+    from lwkernels.triton.joint_block import _needs_int64
+
+    def meta(size, stride):  # shapes and strides only, no memory
+        return torch.empty_strided(size, stride, device="meta")
+
+    small = meta((128, 64, 112, 112), (64 * 112 * 112, 112 * 112, 112, 1))
+    assert not _needs_int64(128 * 112 * 112, [small, None], margin=300)
+    assert _needs_int64(2 ** 31 - 100, [small], margin=300)  # the pixel index itself
+    huge_n = meta((257, 16, 512, 1024), (16 * 512 * 1024, 512 * 1024, 1024, 1))
+    assert _needs_int64(1, [huge_n], margin=300)  # > 2^31 elements
+    # a one-image view of a larger tensor: few elements, but masked lanes past the batch reach far
+    view = meta((1, 8, 8, 8), (2 ** 24, 64, 8, 1))
+    assert _needs_int64(64, [view], margin=300) and not _needs_int64(64, [view], margin=1)
+
+
 def test_tf32_follows_pytorch_conv_setting(cudnn_tf32):
     torch.backends.cudnn.allow_tf32 = False
     assert cudnn_conv_uses_tf32() is False
@@ -93,52 +112,20 @@ def test_tf32_follows_pytorch_conv_setting(cudnn_tf32):
         assert cudnn_conv_uses_tf32() is True
 
 
-def _compile_offline(dtype: str, arch: int, dot_precision: str, tile, channels_last: bool, stats: bool = False):
-    """Compile the kernel for sm_<arch> without a GPU (Triton's own ptxas), specialised the way a
-    runtime call would be: 32 -> 64 channels, 56 x 56, 3x3 dilation 3, aligned pointers, ints
-    divisible by 16 marked so and ints equal to 1 folded to constants. Returns the compiled kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from lwkernels.triton import joint_block as triton_kernel
-
-    fn = triton_kernel._joint_block_kernel
-    c_in, c_out, hw, n = 32, 64, 56, 128
-    values = dict(M=n * hw * hw, OHW=hw * hw, C_IN=c_in, C_OUT=c_out, H=hw, W=hw, OW=hw, sdc=9, sdh=3, sdw=1,
-                  spo=c_in, spc=1, srn=0, src=0, srh=0, srw=0, STRIDE_H=1, STRIDE_W=1, PAD_H=3, PAD_W=3,
-                  DIL_H=3, DIL_W=3, M_BUCKET=1 << 19, CHANNELS_LAST=int(channels_last))
-    if channels_last:
-        values.update(sxn=hw * hw * c_in, sxc=1, sxh=hw * c_in, sxw=c_in, syn=hw * hw * c_out, syc=1,
-                      syh=hw * c_out, syw=c_out)
-    else:
-        values.update(sxn=hw * hw * c_in, sxc=hw * hw, sxh=hw, sxw=1, syn=hw * hw * c_out, syc=hw * hw,
-                      syh=hw, syw=1)
-    block_p, block_co, block_ci, stages = tile
-    constexprs = dict(KH=3, KW=3, HAS_DW_SCALE=True, HAS_DW_SHIFT=True, MID_ACT=1, HAS_PW_SCALE=True,
-                      HAS_PW_SHIFT=True, HAS_RESIDUAL=True, OUT_ACT=2, DOT_PRECISION=dot_precision,
-                      HAS_STATS=stats, BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci)
-    signature, constexprs, attrs = aot_signature(
-        fn, values, constexprs, lambda name: "*fp32" if name in ("sum_ptr", "m2_ptr", "cnt_ptr") else "*" + dtype,
-        divisibility=True)
-    config = triton_kernel.tile_config(*tile)
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": config.num_warps, "num_stages": stages})
-
-
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-@pytest.mark.parametrize("dtype,arch,precision,tile,channels_last,stats", [
-    ("fp16", 90, "tf32", (64, 32, 16, 1), True, False),
-    ("bf16", 90, "tf32", (64, 32, 16, 1), True, False),
-    ("fp32", 90, "tf32", (64, 32, 16, 1), True, False),
-    ("fp32", 90, "ieee", (64, 32, 16, 1), False, False),
-    ("fp16", 90, "tf32", (64, 32, 16, 2), False, False),
-    ("fp16", 80, "tf32", (64, 32, 16, 1), True, False),
-    ("bf16", 90, "tf32", (64, 32, 16, 1), True, True),   # the training statistics epilogue
-    ("fp16", 80, "tf32", (128, 64, 32, 2), False, True),
+@pytest.mark.parametrize("dtype,arch,precision,tile,channels_last,stats,index_64", [
+    ("fp16", 90, "tf32", (64, 32, 16, 1), True, False, False),
+    ("bf16", 90, "tf32", (64, 32, 16, 1), True, False, False),
+    ("fp32", 90, "tf32", (64, 32, 16, 1), True, False, False),
+    ("fp32", 90, "ieee", (64, 32, 16, 1), False, False, False),
+    ("fp16", 90, "tf32", (64, 32, 16, 2), False, False, False),
+    ("fp16", 80, "tf32", (64, 32, 16, 1), True, False, False),
+    ("bf16", 90, "tf32", (64, 32, 16, 1), True, True, False),   # the training statistics epilogue
+    ("fp16", 80, "tf32", (128, 64, 32, 2), False, True, False),
+    ("fp16", 90, "tf32", (64, 128, 32, 1), False, False, True),  # int64 indexing (tensors past 2^31)
+    ("fp16", 90, "tf32", (64, 128, 32, 1), True, True, True),
 ], ids=str)
-def test_compiles_for_gpu_targets_without_a_gpu(dtype, arch, precision, tile, channels_last, stats):
+def test_compiles_for_gpu_targets_without_a_gpu(dtype, arch, precision, tile, channels_last, stats, index_64):
     """The GPU compiler's own checks (dot tiles >= 16, dtype casts, int64 address arithmetic, shared
     memory) that the interpreter skips, run on any Linux machine: the kernel lowers to PTX with
     tensor-core MMAs (fp16/bf16/TF32) or FMAs (full fp32) and assembles for sm_80/sm_90."""
@@ -151,11 +138,17 @@ def test_compiles_for_gpu_targets_without_a_gpu(dtype, arch, precision, tile, ch
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no ASTSource/GPUTarget ahead-of-time API")
-    kernel = _compile_offline(dtype, arch, precision, tile, channels_last, stats)
+    from lwkernels.triton.offline import compile_joint_block
+
+    kernel = compile_joint_block(dtype, arch, precision, tile, channels_last, stats=stats, index_64=index_64)
     ptx = kernel.asm["ptx"]
     assert "mma" in ptx if precision == "tf32" else "mma" not in ptx
     if channels_last:
         assert "ld.global.v" in ptx or "cp.async" in ptx, "channels_last tap loads are not vectorised"
+    # int32 indexing unless asked for int64: a 64-bit multiply of indices shows in the PTX as mul.lo.s64
+    # (or mul.wide from 32-bit factors, which int32 address arithmetic also uses), a 64-bit division
+    # of pixel indices as div.s64 / rem.s64.
+    assert ("div.s64" in ptx or "rem.s64" in ptx) == index_64, "the pixel index type is not the one asked for"
 
 
 # -- on the GPU --------------------------------------------------------------------------------------
@@ -190,16 +183,19 @@ def _tile_for(case_index: int, case: Case):
 
 
 GRID = gpu_cases()
+#: The part of GRID test_grid runs: all of it, or a third under LWKERNELS_GPU_GRID=quick (the GPU
+#: check's short rerun), which still crosses every dtype and layout, odd channel counts and tiles.
+RUN_GRID = gpu_grid_subset(GRID)
 
 
 @_cuda
 @pytest.mark.usefixtures("nan_outputs")
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("index", range(len(GRID)), ids=[str(c) for c in GRID])
+@pytest.mark.parametrize("index", range(len(RUN_GRID)), ids=[str(c) for c in RUN_GRID])
 def test_grid(index, dtype, layout):
     _skip_unsupported(dtype)
-    case = GRID[index]
+    case = RUN_GRID[index]
     args = make_case_args(case, dtype, layout, device="cuda", seed=index)
     y = _launch_tile(args, _tile_for(index, case))
     assert_matches_lowp_rule(y, args, tf32=_tf32(dtype))

@@ -52,7 +52,7 @@ def test_depthwise_stats_kernel_compiles_without_a_gpu(channels_last):
         values.update(sxn=hw * hw * c, sxc=1, sxh=hw * c, sxw=c)
     else:
         values.update(sxn=hw * hw * c, sxc=hw * hw, sxh=hw, sxw=1)
-    constexprs = dict(KH=3, KW=3, BLOCK_P=64, BLOCK_CI=32)
+    constexprs = dict(KH=3, KW=3, BLOCK_P=64, BLOCK_CI=32, CHANNELS_LAST=channels_last, INDEX_64=False)
     signature, constexprs, _ = aot_signature(
         fn, values, constexprs, lambda name: "*bf16" if name in ("x_ptr", "dw_w_ptr") else "*fp32")
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),

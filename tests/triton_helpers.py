@@ -17,6 +17,7 @@ magnitude above this bound; every element is compared, and NaN/inf anywhere fail
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -24,6 +25,7 @@ import torch
 
 from helpers import Case, expected_memory_format, make_args, reference64
 from lwkernels.ops.reference import joint_block_reference
+from lwkernels.triton.offline import aot_signature  # noqa: F401  (the offline-compilation tests use it)
 
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
@@ -194,6 +196,14 @@ def gpu_cases() -> List[Case]:
     return cases
 
 
+def gpu_grid_subset(cases: List[Case]) -> List[Case]:
+    """The cases to run: all, or every third under LWKERNELS_GPU_GRID=quick."""
+    size = os.environ.get("LWKERNELS_GPU_GRID", "full")
+    if size not in ("full", "quick"):
+        raise ValueError(f"LWKERNELS_GPU_GRID must be 'full' or 'quick', got {size!r}")
+    return list(cases) if size == "full" else list(cases[::3])
+
+
 def make_case_args(case: Case, dtype: torch.dtype, layout: str, device="cpu", seed: int = 0) -> List:
     """helpers.make_args for `case` in `dtype` with x laid out as `layout`, on `device` (same strides)."""
     args = make_args(case.with_(dtype=dtype, layout=layout), seed=seed)
@@ -206,26 +216,3 @@ def transposed_pointwise(args: Sequence) -> List:
     w = a[5]
     a[5] = w.reshape(w.shape[0], w.shape[1]).t().contiguous().t()[:, :, None, None]
     return a
-
-
-def aot_signature(fn, values: dict, constexprs: dict, pointer_type: Callable[[str], str],
-                  divisibility: bool = False):
-    """The ahead-of-time (triton.compile) signature of kernel `fn`, specialised as Triton's launcher
-    would: pointers typed by `pointer_type(name)`, integer arguments equal to 1 become constexpr,
-    the others i32; with `divisibility`, pointers and multiples of 16 get the 16-divisibility hint.
-    Returns (signature, constexprs, attrs); `constexprs` is extended in place."""
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name.endswith("_ptr"):
-            signature[name] = pointer_type(name)
-            if divisibility:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in constexprs:
-            signature[name] = "constexpr"
-        elif values[name] == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if divisibility and values[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return signature, constexprs, attrs

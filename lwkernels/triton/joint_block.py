@@ -11,10 +11,13 @@ One program computes an output tile of BLOCK_P pixels x BLOCK_CO output channels
 The depthwise intermediate lives only in registers; HBM sees x (plus halo re-reads, which hit L1/L2),
 the weights, the optional residual, and y once.
 
-Pixels are the GEMM's M dimension, flattened over (n, oh, ow). Every tensor is addressed through its
-own strides, so NCHW, channels_last and non-contiguous views need no copies; the output follows the
-input's memory format (contract.output_memory_format). All address arithmetic that can exceed 2^31
-is done in int64: the pixel index, and every product of an index with a stride.
+Pixels are flattened over (n, oh, ow). Every tensor is addressed through its own strides, so NCHW,
+channels_last and non-contiguous views need no copies; the output follows the input's memory format
+(contract.output_memory_format). Tiles are laid out the way x is stored (CHANNELS_LAST): [pixels,
+channels] with y = t @ pw for channels_last, [channels, pixels] with y^T = pw @ t^T otherwise, so a
+warp's threads run along the contiguous dimension. Index arithmetic is int32 unless some pixel index
+or offset may reach 2^31 (the launcher decides, INDEX_64); then the pixel index and every product of
+an index with a stride are int64. docs/gpu.md says why (registers), with the resource report.
 
 Precision: fp16/bf16 load and store in their own dtype and accumulate in fp32; the dot's operands are
 the compute dtype. fp32 uses TF32 in the dot exactly when the caller says so (cuda_backend decides it
@@ -66,41 +69,98 @@ def _activation(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _depthwise_tile(x_ptr, dw_w_ptr, x_pix, ih0, iw0, m_mask, offs_ci64, ci_mask, H, W, sxc, sxh, sxw,
+def _index(v, INDEX_64: tl.constexpr):
+    """v in the kernel's index type: int64 when some offset may pass 2^31 (INDEX_64), else int32,
+    which halves the registers every pixel and channel offset takes."""
+    if INDEX_64:
+        v = v.to(tl.int64)
+    return v
+
+
+@triton.jit
+def _channel_vector(ptr, offs_c, c_mask, CHANNELS_LAST: tl.constexpr):
+    """A per-channel vector as fp32, shaped to broadcast over a tile: [1, C] for [pixels, channels]
+    tiles (CHANNELS_LAST), [C, 1] for [channels, pixels] tiles."""
+    v = tl.load(ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    if CHANNELS_LAST:
+        v = v[None, :]
+    else:
+        v = v[:, None]
+    return v
+
+
+@triton.jit
+def _tile_offsets(pix, chan, CHANNELS_LAST: tl.constexpr):
+    """pix [P] + chan [C] as a tile: [P, C] (CHANNELS_LAST) or [C, P]."""
+    if CHANNELS_LAST:
+        off = pix[:, None] + chan[None, :]
+    else:
+        off = chan[:, None] + pix[None, :]
+    return off
+
+
+@triton.jit
+def _tile_mask(pix_ok, chan_ok, CHANNELS_LAST: tl.constexpr):
+    """pix_ok [P] & chan_ok [C] as a tile: [P, C] (CHANNELS_LAST) or [C, P]."""
+    if CHANNELS_LAST:
+        ok = pix_ok[:, None] & chan_ok[None, :]
+    else:
+        ok = chan_ok[:, None] & pix_ok[None, :]
+    return ok
+
+
+@triton.jit
+def _depthwise_tile(x_ptr, dw_w_ptr, x_pix, ih0, iw0, m_mask, offs_ci_i, ci_mask, H, W, sxc, sxh, sxw,
                     sdc, sdh, sdw, DIL_H, DIL_W,
-                    KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr):
-    """The raw depthwise output of a [BLOCK_P pixels, BLOCK_CI channels] tile, fp32."""
+                    KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr):
+    """The raw depthwise output of a tile of BLOCK_P pixels x BLOCK_CI channels, fp32: [P, CI] when
+    CHANNELS_LAST, else [CI, P]. The tile's last dimension is the one x is contiguous in, so the
+    compiler spreads a warp's threads along it (coalesced, vectorised loads) and each thread holds
+    few of the int64 pixel offsets, which are the bulk of the registers otherwise."""
     # k x k dilated taps, fp32 multiply-accumulate. Out-of-image taps, pixels past M and channels
     # past C_IN load 0 (zero padding), so they contribute nothing.
-    x_chan = offs_ci64 * sxc  # [CI] int64
-    t = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    x_chan = offs_ci_i * sxc  # [CI]
+    if CHANNELS_LAST:
+        t = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
+    else:
+        t = tl.zeros((BLOCK_CI, BLOCK_P), dtype=tl.float32)
+    # A loop, not unrolled: unrolled, the compiler issues every tap's loads (and holds their
+    # addresses) at once and runs out of registers; one tap at a time, the latency is hidden by
+    # the other resident warps instead.
+    for tap in range(KH * KW):
+        kh = tap // KW
+        kw = tap - kh * KW
         ih = ih0 + kh * DIL_H
-        row_ok = m_mask & (ih >= 0) & (ih < H)
-        x_row = x_pix + ih * sxh
-        for kw in tl.static_range(KW):
-            iw = iw0 + kw * DIL_W
-            ok = row_ok & (iw >= 0) & (iw < W)
-            x_off = (x_row + iw * sxw)[:, None] + x_chan[None, :]
-            xv = tl.load(x_ptr + x_off, mask=ok[:, None] & ci_mask[None, :], other=0.0)
-            wv = tl.load(dw_w_ptr + offs_ci64 * sdc + (kh * sdh + kw * sdw), mask=ci_mask, other=0.0)
-            t += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        iw = iw0 + kw * DIL_W
+        ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_off = _tile_offsets(x_pix + ih * sxh + iw * sxw, x_chan, CHANNELS_LAST)
+        xv = tl.load(x_ptr + x_off, mask=_tile_mask(ok, ci_mask, CHANNELS_LAST), other=0.0)
+        wv = _channel_vector(dw_w_ptr + kh * sdh + kw * sdw, offs_ci_i * sdc, ci_mask, CHANNELS_LAST)
+        t += xv.to(tl.float32) * wv
     return t
 
 
 @triton.jit
-def _store_tile_stats(v, m_mask, offs_c, c_mask, pid_m, C, write_count, sum_ptr, m2_ptr, cnt_ptr):
-    """Per-channel partial statistics of one pixel tile of v [P, C-tile] (fp32): the sum and the sum
-    of squared deviations from the tile's own mean (M2) into row pid_m of the [rows, C] buffers, and
-    the tile's pixel count into cnt[pid_m] (by one program per pixel tile: write_count).
+def _store_tile_stats(v, m_mask, offs_c, c_mask, pid_m, C, write_count, sum_ptr, m2_ptr, cnt_ptr,
+                      CHANNELS_LAST: tl.constexpr):
+    """Per-channel partial statistics of one pixel tile of v (fp32; [P, C] when CHANNELS_LAST, else
+    [C, P]): the sum and the sum of squared deviations from the tile's own mean (M2) into row pid_m
+    of the [rows, C] buffers, and the tile's pixel count into cnt[pid_m] (by one program per pixel
+    tile: write_count).
 
     Centring per tile keeps the variance free of the E[v^2] - E[v]^2 cancellation; the host merges the
     rows in float64 (combine_partials), in a fixed order, so the result is deterministic."""
-    valid = m_mask[:, None] & c_mask[None, :]
+    valid = _tile_mask(m_mask, c_mask, CHANNELS_LAST)
     cnt = tl.sum(m_mask.to(tl.float32), axis=0)
-    s = tl.sum(tl.where(valid, v, 0.0), axis=0)
-    d = tl.where(valid, v - (s / tl.maximum(cnt, 1.0))[None, :], 0.0)
-    m2 = tl.sum(d * d, axis=0)
+    pixel_axis: tl.constexpr = 0 if CHANNELS_LAST else 1
+    s = tl.sum(tl.where(valid, v, 0.0), axis=pixel_axis)
+    mean = s / tl.maximum(cnt, 1.0)
+    if CHANNELS_LAST:
+        d = tl.where(valid, v - mean[None, :], 0.0)
+    else:
+        d = tl.where(valid, v - mean[:, None], 0.0)
+    m2 = tl.sum(d * d, axis=pixel_axis)
     row = pid_m.to(tl.int64) * C
     tl.store(sum_ptr + row + offs_c, s, mask=c_mask)
     tl.store(m2_ptr + row + offs_c, m2, mask=c_mask)
@@ -118,11 +178,11 @@ def _joint_block_kernel(
     srn, src, srh, srw,          # residual strides (unused without residual)
     syn, syc, syh, syw,          # y strides
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    M_BUCKET, CHANNELS_LAST,     # autotune key only (not read)
+    M_BUCKET,                    # autotune key only (not read)
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_DW_SCALE: tl.constexpr, HAS_DW_SHIFT: tl.constexpr, MID_ACT: tl.constexpr,
     HAS_PW_SCALE: tl.constexpr, HAS_PW_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_ACT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_STATS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
     # Output-channel tiles of one pixel tile are neighbours in launch order, so when C_out is split
@@ -132,9 +192,9 @@ def _joint_block_kernel(
     pid_co = pid % num_co
     pid_m = pid // num_co
 
-    # Pixel coordinates, int64 from the start: M = N * OH * OW may exceed 2^31 and so may any
-    # index * stride below.
-    offs_m = pid_m.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # Pixel coordinates in the index type from the start: with INDEX_64, M = N * OH * OW may exceed
+    # 2^31 and so may any index * stride below.
+    offs_m = _index(pid_m, INDEX_64) * BLOCK_P + tl.arange(0, BLOCK_P)
     m_mask = offs_m < M
     n = offs_m // OHW
     r = offs_m - n * OHW
@@ -142,50 +202,60 @@ def _joint_block_kernel(
     ow = r - oh * OW
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
-    x_pix = n * sxn  # [P] int64
+    x_pix = n * sxn  # [P]
 
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = offs_co < C_OUT
-    offs_co64 = offs_co.to(tl.int64)
+    offs_co_i = _index(offs_co, INDEX_64)
 
-    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    # The GEMM runs in the orientation of x's memory: y[P, CO] = t[P, CI] @ pw[CI, CO] for
+    # channels_last, y^T[CO, P] = pw^T[CO, CI] @ t[CI, P] for NCHW (see _depthwise_tile).
+    if CHANNELS_LAST:
+        acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
     for c0 in range(0, C_IN, BLOCK_CI):
         offs_ci = c0 + tl.arange(0, BLOCK_CI)
         ci_mask = offs_ci < C_IN
-        offs_ci64 = offs_ci.to(tl.int64)
+        offs_ci_i = _index(offs_ci, INDEX_64)
 
-        t = _depthwise_tile(x_ptr, dw_w_ptr, x_pix, ih0, iw0, m_mask, offs_ci64, ci_mask, H, W, sxc, sxh, sxw,
-                            sdc, sdh, sdw, DIL_H, DIL_W, KH, KW, BLOCK_P, BLOCK_CI)
+        t = _depthwise_tile(x_ptr, dw_w_ptr, x_pix, ih0, iw0, m_mask, offs_ci_i, ci_mask, H, W, sxc, sxh, sxw,
+                            sdc, sdh, sdw, DIL_H, DIL_W, KH, KW, BLOCK_P, BLOCK_CI, CHANNELS_LAST)
         # Masked channels stay exactly 0 through the affine (scale/shift load 0 there) and the
         # activation, and their pointwise rows load 0 too.
         if HAS_DW_SCALE:
-            t = t * tl.load(dw_scale_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)[None, :]
+            t = t * _channel_vector(dw_scale_ptr, offs_ci, ci_mask, CHANNELS_LAST)
         if HAS_DW_SHIFT:
-            t = t + tl.load(dw_shift_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)[None, :]
+            t = t + _channel_vector(dw_shift_ptr, offs_ci, ci_mask, CHANNELS_LAST)
         t = _activation(t, MID_ACT)
 
-        # Pointwise: [P, CI] x [CI, CO] on the tensor cores, operands in the compute dtype.
-        w_off = offs_ci64[:, None] * spc + offs_co64[None, :] * spo
-        pw = tl.load(pw_w_ptr + w_off, mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
-        acc = tl.dot(t.to(pw.dtype), pw, acc, input_precision=DOT_PRECISION)
+        # Pointwise on the tensor cores, operands in the compute dtype.
+        if CHANNELS_LAST:
+            w_off = offs_ci_i[:, None] * spc + offs_co_i[None, :] * spo
+            pw = tl.load(pw_w_ptr + w_off, mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
+            acc = tl.dot(t.to(pw.dtype), pw, acc, input_precision=DOT_PRECISION)
+        else:
+            w_off = offs_co_i[:, None] * spo + offs_ci_i[None, :] * spc
+            pw = tl.load(pw_w_ptr + w_off, mask=co_mask[:, None] & ci_mask[None, :], other=0.0)
+            acc = tl.dot(pw, t.to(pw.dtype), acc, input_precision=DOT_PRECISION)
 
     # Epilogue: per-channel affine (folded BN + bias), residual, activation, one store.
     if HAS_PW_SCALE:
-        acc = acc * tl.load(pw_scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+        acc = acc * _channel_vector(pw_scale_ptr, offs_co, co_mask, CHANNELS_LAST)
     if HAS_PW_SHIFT:
-        acc = acc + tl.load(pw_shift_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
-    out_mask = m_mask[:, None] & co_mask[None, :]
+        acc = acc + _channel_vector(pw_shift_ptr, offs_co, co_mask, CHANNELS_LAST)
+    out_mask = _tile_mask(m_mask, co_mask, CHANNELS_LAST)
     if HAS_RESIDUAL:
-        r_off = (n * srn + oh * srh + ow * srw)[:, None] + (offs_co64 * src)[None, :]
+        r_off = _tile_offsets(n * srn + oh * srh + ow * srw, offs_co_i * src, CHANNELS_LAST)
         acc = acc + tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
     acc = _activation(acc, OUT_ACT)
-    y_off = (n * syn + oh * syh + ow * syw)[:, None] + (offs_co64 * syc)[None, :]
+    y_off = _tile_offsets(n * syn + oh * syh + ow * syw, offs_co_i * syc, CHANNELS_LAST)
     yv = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_off, yv, mask=out_mask)
     if HAS_STATS:
         # Training: statistics of y exactly as stored (rounded to its dtype), for its BatchNorm.
         _store_tile_stats(yv.to(tl.float32), m_mask, offs_co, co_mask, pid_m, C_OUT, pid_co == 0,
-                          sum_ptr, m2_ptr, cnt_ptr)
+                          sum_ptr, m2_ptr, cnt_ptr, CHANNELS_LAST)
 
 
 @triton.jit
@@ -195,6 +265,7 @@ def _depthwise_stats_kernel(
     sxn, sxc, sxh, sxw, sdc, sdh, sdw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Per-channel partial statistics of the raw depthwise output (for mid BatchNorm in training),
     which is computed by the fused kernel's own depthwise code and never stored. One program per
@@ -203,7 +274,7 @@ def _depthwise_stats_kernel(
     num_ci = tl.cdiv(C_IN, BLOCK_CI)
     pid_ci = pid % num_ci
     pid_m = pid // num_ci
-    offs_m = pid_m.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_m = _index(pid_m, INDEX_64) * BLOCK_P + tl.arange(0, BLOCK_P)
     m_mask = offs_m < M
     n = offs_m // OHW
     r = offs_m - n * OHW
@@ -212,31 +283,40 @@ def _depthwise_stats_kernel(
     offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_mask = offs_ci < C_IN
     t = _depthwise_tile(x_ptr, dw_w_ptr, n * sxn, oh * STRIDE_H - PAD_H, ow * STRIDE_W - PAD_W, m_mask,
-                        offs_ci.to(tl.int64), ci_mask, H, W, sxc, sxh, sxw, sdc, sdh, sdw, DIL_H, DIL_W,
-                        KH, KW, BLOCK_P, BLOCK_CI)
-    _store_tile_stats(t, m_mask, offs_ci, ci_mask, pid_m, C_IN, pid_ci == 0, sum_ptr, m2_ptr, cnt_ptr)
+                        _index(offs_ci, INDEX_64), ci_mask, H, W, sxc, sxh, sxw, sdc, sdh, sdw, DIL_H, DIL_W,
+                        KH, KW, BLOCK_P, BLOCK_CI, CHANNELS_LAST)
+    _store_tile_stats(t, m_mask, offs_ci, ci_mask, pid_m, C_IN, pid_ci == 0, sum_ptr, m2_ptr, cnt_ptr,
+                      CHANNELS_LAST)
 
 
 # -- autotuning ----------------------------------------------------------------------------------
 
-def tile_config(block_p: int, block_co: int, block_ci: int, num_stages: int) -> triton.Config:
-    """A launch config: 4 warps while the fp32 accumulator is <= 64 elements per thread, else 8."""
-    warps = 4 if block_p * block_co // 128 <= 64 else 8
+#: (BLOCK_P, BLOCK_CO, num_warps) of the candidate tiles: for each C_out tile width 32..256, the
+#: full width at one or two pixel counts, at about one warp per 512 fp32 accumulator elements (at most
+#: 16-32 accumulator registers per thread). Every one compiles without spills and with >= 8 resident
+#: warps per SM in every dtype, layout and epilogue, on Triton 3.6 and 3.9 (benchmarks/
+#: resource_report.py). 64 x 256 is not among them: at 16 warps (512 threads, so at most 128
+#: registers each) Triton 3.6's code for it spills, so 256-wide tiles take 32 pixels on 8 warps.
+_TILES = ((64, 32, 4), (128, 32, 8), (64, 64, 8), (128, 64, 16), (64, 128, 16), (32, 128, 8), (32, 256, 8))
+_TILE_WARPS = {(p, co): w for p, co, w in _TILES}
+
+
+def tile_config(block_p: int, block_co: int, block_ci: int, num_stages: int = 1) -> triton.Config:
+    """A launch config: a candidate tile's own warp count, else one warp per 512 fp32 accumulator
+    elements (4 to 16), which keeps the accumulator at 16 registers per thread or fewer."""
+    warps = _TILE_WARPS.get((block_p, block_co), max(4, min(16, block_p * block_co // 512)))
     return triton.Config({"BLOCK_P": block_p, "BLOCK_CO": block_co, "BLOCK_CI": block_ci},
                          num_warps=warps, num_stages=num_stages)
 
 
 def _candidate_configs() -> List[triton.Config]:
-    """Tiles: pixels {64, 128} x out channels {32, 64, 128, 256} x in-channel chunk {16, 32} x
-    stages {1, 2}. `select_configs` keeps at most 8 of them for a given shape.
+    """Every config autotuning may time: the _TILES x in-channel chunk {16, 32}, one stage each.
+    `select_configs` keeps at most 6 of them for a given shape.
 
-    num_stages=2 lets Triton's pipeliner turn the tap loads into cp.async copies through shared
-    memory (about (KH*KW*BLOCK_P*BLOCK_CI + 2*BLOCK_CI*BLOCK_CO) elements), prefetching the next
-    channel chunk at the cost of occupancy; num_stages=1 keeps plain vectorised loads and little shared
-    memory. Which wins is a measurement; configs that do not fit in shared memory are discarded by
-    the autotuner (OutOfResources)."""
-    return [tile_config(p, co, ci, st) for p in (64, 128) for co in (32, 64, 128, 256) for ci in (16, 32)
-            for st in (1, 2)]
+    One stage: the channel loop holds the (deliberately not unrolled) tap loop, and Triton's
+    pipeliner does not pipeline a loop that contains another, so num_stages > 1 would compile to the
+    same code; the loads' latency is hidden by the 8-32 warps each SM keeps resident instead."""
+    return [tile_config(p, co, ci) for p, co, _ in _TILES for ci in (16, 32)]
 
 
 def _next_pow2(v: int) -> int:
@@ -244,15 +324,18 @@ def _next_pow2(v: int) -> int:
 
 
 def select_configs(c_in: int, c_out: int) -> Tuple[Tuple[int, int, int, int], ...]:
-    """The (BLOCK_P, BLOCK_CO, BLOCK_CI, num_stages) worth timing for a shape (at most 8).
+    """The (BLOCK_P, BLOCK_CO, BLOCK_CI, num_stages) worth timing for a shape (at most 6).
 
     BLOCK_CO: the smallest power of two covering C_out (capped at 256, floor 32), so the input is read
-    and the depthwise part computed once per pixel tile when C_out <= 256, plus half of it (twice the
-    programs, for shapes with few pixels). BLOCK_CI: 16 for C_in <= 16 (the dot's minimum K), else 32."""
+    and the depthwise part computed once per pixel tile when C_out <= 256: every candidate tile of that
+    width, plus half of it at 64 pixels (twice the programs, for shapes with few pixels). BLOCK_CI: 16
+    for C_in <= 16 (the dot's minimum K), else 16 and 32."""
     co_full = min(256, max(32, _next_pow2(c_out)))
-    co_tiles = (co_full,) if co_full == 32 else (co_full, co_full // 2)
-    ci = 16 if c_in <= 16 else 32
-    return tuple((p, co, ci, st) for p in (64, 128) for co in co_tiles for st in (1, 2))
+    pairs = [(p, co) for p, co, _ in _TILES if co == co_full]
+    if co_full > 32:
+        pairs.append((64, co_full // 2))
+    chunks = (16,) if c_in <= 16 else (16, 32)
+    return tuple((p, co, ci, 1) for p, co in pairs for ci in chunks)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -388,7 +471,9 @@ def depthwise_stats_triton(
     args = (x, dw_weight, s, m2, cnt, m, out_h * out_w, c_in, h, w, out_w, *x.stride(),
             dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3),
             *_pair(stride), *_pair(padding), *_pair(dilation))
-    _on_device(x, lambda: _depthwise_stats_kernel[(programs,)](*args, KH=kh, KW=kw, **cfg))
+    index_64 = _needs_int64(m, (x, dw_weight), _index_margin(dw_weight, padding, dilation, cfg["BLOCK_P"]))
+    _on_device(x, lambda: _depthwise_stats_kernel[(programs,)](*args, KH=kh, KW=kw, CHANNELS_LAST=_tiles_channels_last(x),
+                                                               INDEX_64=index_64, **cfg))
     return combine_partials(s, m2, cnt)
 
 
@@ -461,7 +546,6 @@ def _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, p
     # Statistics rows: one per pixel tile of the launch, sized for the smallest candidate BLOCK_P.
     partials = (_partial_buffers(triton.cdiv(m, cfg["BLOCK_P"] if cfg else 64), c_out, x.device)
                 if stats else (dummy, dummy, dummy))
-    channels_last = int(x.dim() == 4 and x.stride(1) == 1 and c_in > 1)
     dot_precision = "tf32" if (x.dtype != torch.float32 or allow_tf32) else "ieee"
     # fp16/bf16 dots ignore input_precision; "tf32" there is Triton's default, i.e. the usual path.
 
@@ -475,14 +559,16 @@ def _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, p
         *(res.stride() if residual is not None else (0, 0, 0, 0)),
         *y.stride(),
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        _next_pow2(m), channels_last,
+        _next_pow2(m),
     )
     meta = dict(
         KH=kh, KW=kw,
         HAS_DW_SCALE=vectors[0] is not None, HAS_DW_SHIFT=vectors[1] is not None, MID_ACT=_ACT_CODES[mid_act],
         HAS_PW_SCALE=vectors[2] is not None, HAS_PW_SHIFT=vectors[3] is not None,
         HAS_RESIDUAL=residual is not None, OUT_ACT=_ACT_CODES[out_act],
-        DOT_PRECISION=dot_precision, HAS_STATS=stats,
+        DOT_PRECISION=dot_precision, HAS_STATS=stats, CHANNELS_LAST=_tiles_channels_last(x),
+        INDEX_64=_needs_int64(m, (x, dw_weight, pw_weight, residual, y),
+                              _index_margin(dw_weight, padding, dilation, _MAX_BLOCK_P)),
     )
 
     if cfg is not None:
@@ -500,6 +586,36 @@ def _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, p
 
     _on_device(x, launch)
     return y, (partials if stats else None)
+
+
+def _needs_int64(m: int, tensors, margin: int) -> bool:
+    """Whether the kernels must index in int64: some pixel index or element offset they compute may
+    reach 2^31. Offsets are bounded per tensor by sum over dims of (size + margin) * |stride|, where
+    margin covers the coordinates that masked lanes compute past the edges (padding, dilated taps,
+    the pixels of a last partial tile)."""
+    limit = 2 ** 31 - 1
+    if m + margin >= limit:
+        return True
+    for t in tensors:
+        if t is not None and sum((size + margin) * abs(st) for size, st in zip(t.shape, t.stride())) >= limit:
+            return True
+    return False
+
+
+def _index_margin(dw_weight: torch.Tensor, padding, dilation, block_p: int) -> int:
+    (ph, pw), (dh, dwl) = _pair(padding), _pair(dilation)
+    return block_p + max(ph, pw) + max(dh, dwl) * max(int(dw_weight.shape[2]), int(dw_weight.shape[3])) + 1
+
+
+#: The largest BLOCK_P any config uses (bounds the pixels a last partial tile computes past M).
+_MAX_BLOCK_P = 256
+
+
+def _tiles_channels_last(x: torch.Tensor) -> bool:
+    """Whether the kernels tile x as [pixels, channels] (channels contiguous, as channels_last stores
+    them) rather than [channels, pixels]. Either is correct for any strides; this one reads x along
+    its unit stride."""
+    return bool(x.stride(1) == 1 and x.shape[1] > 1)
 
 
 def _check_grid(programs: int) -> None:
