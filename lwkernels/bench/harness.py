@@ -49,6 +49,23 @@ def make_input(shape: BlockShape, batch: int, dtype: torch.dtype = torch.float32
     return torch.randn(batch, shape.in_channels, shape.size, shape.size, generator=g).to(device=device, dtype=dtype)
 
 
+#: Compiled variants torch.compile may keep per function. Every benchmark shape compiles the same
+#: forward() again; past dynamo's default limit (8) it would warn mid-run and then silently run the
+#: remaining shapes uncompiled, so the "compile" column would time eager PyTorch.
+COMPILES_PER_FUNCTION = 256
+
+
+def allow_one_compile_per_shape() -> None:
+    """Raise torch.compile's recompile limit (process-wide) so each benchmark shape is compiled."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if config.recompile_limit < COMPILES_PER_FUNCTION:
+        config.recompile_limit = COMPILES_PER_FUNCTION
+    if config.accumulated_recompile_limit < COMPILES_PER_FUNCTION:
+        config.accumulated_recompile_limit = COMPILES_PER_FUNCTION
+
+
 def make_provider(name: str, module: nn.Module, x: torch.Tensor, reference: Optional[nn.Module] = None,
                   compile_mode: Optional[str] = None) -> Callable[[], torch.Tensor]:
     """A no-argument callable running `module`'s computation on `x` the way provider `name` does.
@@ -63,6 +80,7 @@ def make_provider(name: str, module: nn.Module, x: torch.Tensor, reference: Opti
     elif name == "eager_channels_last":
         fn, arg = reference.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     elif name == "compile":
+        allow_one_compile_per_shape()
         fn, arg = torch.compile(reference, mode=compile_mode), x
     elif name == "onnxruntime":
         from .onnxrt import make_ort_provider
