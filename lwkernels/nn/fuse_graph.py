@@ -244,7 +244,9 @@ class ChainMatcher:
         nxt, passed, why = self.follow(cur)
         bn = self.norm_of(nxt, fed(cur, passed)) if nxt is not None else None
         if bn is None:
-            return f"pointwise conv is followed by {why or self.describe(nxt)}, not a BatchNorm2d"
+            if nxt is None:
+                return f"after the pointwise conv: {why}"
+            return f"pointwise conv is followed by {self.describe(nxt)}, not a BatchNorm2d"
         carried, why = norm_activation(bn)
         if why:
             return f"{why} at {nxt.target}"
