@@ -229,6 +229,25 @@ def test_untraceable_models_fall_back_and_say_so():
     assert_same_function(model, fused, (2, c, 7, 7))
 
 
+def test_chains_inside_modules_with_hooks_are_fused_and_the_hooks_keep_firing():
+    calls = []
+    c = 8
+    hooked_seq = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.Conv2d(c, c, 1, bias=False),
+                               nn.BatchNorm2d(c))
+    hooked_block = FunctionalReluBlock(c)  # its chain needs its own forward replaced: not with a hook on it
+    for m in (hooked_seq, hooked_block):
+        m.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    model = randomize(nn.Sequential(hooked_seq, hooked_block), seed=13).eval()
+    fused, report = fuse(model)
+    assert [c.path for c in report.fused] == ["0.0"]
+    assert [s.path for s in report.skipped] == ["1.dw"] and "hooks" in report.skipped[0].reason
+    assert_same_function(model, fused, (2, c, 9, 9))
+    calls.clear()
+    with torch.no_grad():
+        fused(torch.randn(1, c, 5, 5))
+    assert calls == ["Sequential", "FunctionalReluBlock"]
+
+
 def test_non_float_dtypes_are_skipped():
     c = 4
     model = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False, dtype=torch.complex64),

@@ -65,7 +65,7 @@ class _Fuser:
             other = trace_in_mode(module, not module.training)
         except Exception as e:  # noqa: BLE001 - whatever torch.fx raises, look inside instead
             return self._fallback(module, path, e)
-        return GraphFusion(self.report, module, path, traced, other).run()
+        return GraphFusion(self.report, module, path, traced, other, self.fuse_module).run()
 
     def _fallback(self, module: nn.Module, path: str, error: Exception) -> nn.Module:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""

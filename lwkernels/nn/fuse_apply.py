@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter, defaultdict
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from torch import fx, nn
 
 from .block import JointBlock
+from ..ops.reference import JointBlockReference
 from .fuse_graph import Chain, ChainMatcher, Traced, block_arguments, describe, owner_candidates, trace, \
     trace_in_mode
 from .fuse_patterns import has_hooks
@@ -48,8 +49,10 @@ class GraphFusion:
     """Fuses the chains of `module` (at `path` in the user's model) from its trace in its current
     mode (`traced`) and in the other mode (`other`)."""
 
-    def __init__(self, report: FuseReport, module: nn.Module, path: str, traced: Traced, other: Traced) -> None:
+    def __init__(self, report: FuseReport, module: nn.Module, path: str, traced: Traced, other: Traced,
+                 fuse_inside: Callable[[nn.Module, str], nn.Module]) -> None:
         self.report, self.module, self.path = report, module, path
+        self.fuse_inside = fuse_inside  # fuse() on a module the trace kept whole (one with hooks)
         self.traced, self.other = traced, other
         graph = traced.graph
         self.call_counts = Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -87,8 +90,8 @@ class GraphFusion:
 
     def pick_owner(self, chain: Chain) -> Optional[str]:
         for candidate in owner_candidates(chain):
-            if candidate == "":
-                return ""
+            if candidate == "":  # the traced module itself: its hooks would not survive the replacement
+                return None if has_hooks(self.module) else ""
             m = self.module.get_submodule(candidate)
             if takes_one_argument(m) and len(self.paths[id(m)]) == 1 and not has_hooks(m):
                 return candidate
@@ -122,9 +125,11 @@ class GraphFusion:
                 continue
             owner = self.pick_owner(found)
             if owner is None:
-                self.skip(dw.target, "no module containing the chain can be replaced by its trace")
+                self.skip(dw.target, "no module containing the chain can be replaced by its trace (forward() "
+                                     "takes more than x, or hooks)")
                 continue
             owned[owner].append(dw.target)
+        self.fuse_hooked_leaves()
         module = self.module
         kept: Dict[str, List[str]] = {}
         for owner in sorted(owned, key=len):  # an owner inside another one is covered by the outer trace
@@ -135,6 +140,20 @@ class GraphFusion:
             if replacement is not None and owner == "":
                 module = replacement
         return module
+
+    def fuse_hooked_leaves(self) -> None:
+        """Modules with hooks are leaves of the trace (their hooks must keep firing), so chains inside
+        them are searched with a trace of their own; the hooked module itself stays."""
+        seen = set()
+        for node in list(self.traced.graph.nodes):
+            if node.op != "call_module" or node.target in seen:
+                continue
+            seen.add(node.target)
+            m = self.module.get_submodule(node.target)
+            if has_hooks(m) and next(m.children(), None) is not None and not isinstance(m, JointBlockReference):
+                new = self.fuse_inside(m, join(self.path, node.target))
+                if new is not m:
+                    set_submodule(self.module, node.target, new)
 
     # -- applying ------------------------------------------------------------------------------------
     def key_map(self, chain: Chain, dw_path: str, prefix: str = "") -> Dict[str, str]:
