@@ -15,7 +15,7 @@ from torch import nn
 from lwkernels import JointBlock
 from lwkernels.nn.fuse import fuse, to_reference
 from lwkernels.ops.activation import ACTIVATIONS
-from test_fuse import assert_nothing_else_changed, randomize
+from test_fuse import Plain, assert_nothing_else_changed, randomize
 from zoo_modules import (BatchNormAct2d, Conv2dNormActivation, Conv2dSame, DataDependent, DepthwiseSeparableConv,
                          FunctionalReluBlock, InvertedResidual, MixedConv2d, ScaledNorm, SharedNormBlock,
                          SharedReluBlock, SqueezeExcite, TimmLikeNet, TorchvisionV3Block, TrainingBranchBlock)
@@ -246,6 +246,42 @@ def test_chains_inside_modules_with_hooks_are_fused_and_the_hooks_keep_firing():
     with torch.no_grad():
         fused(torch.randn(1, c, 5, 5))
     assert calls == ["Sequential", "FunctionalReluBlock"]
+
+
+class ReadsNormWeight(nn.Module):
+    """forward() uses a chain module's parameter itself: that module must keep its slot."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.pw(self.dw(x))) * self.bn.weight.mean()
+
+
+def test_modules_registered_twice_or_read_directly_are_skipped():
+    c = 8
+    aliased = Plain(c)
+    aliased.alias = aliased.bn  # the same BatchNorm2d at a second path (called once)
+    model = nn.Sequential(aliased, ReadsNormWeight(c))
+    _, report = fuse(model)
+    assert report.fused == []
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert "registered at several paths (0.bn, 0.alias)" in reasons["0.dw"]
+    assert "forward() reads 1.bn.weight directly" in reasons["1.dw"]
+
+
+def test_a_chain_issued_by_the_model_itself_replaces_the_model():
+    model = randomize(FunctionalReluBlock(8), seed=14).eval()
+    fused, report = fuse(model, inplace=True)
+    assert fused is not model and isinstance(fused, torch.fx.GraphModule)
+    assert [(c.path, c.owner) for c in report.fused] == [("dw", "")]
+    assert isinstance(fused.dw, JointBlock) and fused.dw.depthwise is model.dw  # shares the model's modules
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), FunctionalReluBlock.forward(model, x), rtol=1e-4, atol=1e-5)
 
 
 def test_non_float_dtypes_are_skipped():
