@@ -300,7 +300,7 @@ class ChainMatcher:
         if len(dtypes) > 1:
             return f"the chain's parameters have different dtypes {sorted(map(str, dtypes))}"
         try:
-            check_joint_modules(*block_arguments(chain, check_only=True))
+            check_joint_modules(*block_arguments(chain))
         except ValueError as e:
             return str(e)
         return chain
@@ -310,7 +310,7 @@ class ChainMatcher:
         return str(chain.roles[role].target)
 
 
-def block_arguments(chain: Chain, check_only: bool = False):
+def block_arguments(chain: Chain):
     """(depthwise, pointwise, bn, act, mid_bn, mid_act) for JointBlock.from_modules: the chain's own
     conv modules, stock BatchNorm2d modules (a norm that applies its own activation is replaced by a
     plain one sharing its tensors) and fresh activation modules."""

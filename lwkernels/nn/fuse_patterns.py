@@ -143,7 +143,7 @@ def depthwise_problem(m: nn.Conv2d) -> Optional[str]:
         return (f"{type(m).__name__} overrides Conv2d.forward (run-time padding such as timm's Conv2dSame "
                 "is not supported)")
     if has_hooks(m):
-        return f"modules with hooks would stop firing: the depthwise conv"
+        return "modules with hooks would stop firing: the depthwise conv"
     return dtype_problem(m)
 
 
