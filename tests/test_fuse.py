@@ -11,6 +11,7 @@ from torch import nn
 from lwkernels import JointBlock, JointBlockReference
 from lwkernels.nn.fuse import FuseReport, fuse, to_reference
 from lwkernels.models import LightweightNet
+from lwkernels.ops.activation import ACTIVATIONS
 
 
 # -- model-library-style test models ---------------------------------------------------------------
@@ -111,7 +112,7 @@ class ResidualDSBlock(nn.Module):
 
 
 class Plain(nn.Module):
-    """Chains wired in forward (not in a Sequential) are not fused."""
+    """A chain wired in forward (not in a Sequential): found by tracing, fused by swapping modules."""
 
     def __init__(self, c):
         super().__init__()
@@ -164,6 +165,10 @@ def near_miss_model():
     )
 
 
+def hardswish_supported():
+    return "hardswish" in ACTIVATIONS
+
+
 NEAR_MISS_REASONS = {
     "0.0": "grouped conv",
     "1.0": "is not a 1x1 pointwise conv",
@@ -207,12 +212,18 @@ def assert_nothing_else_changed(original, fused, report: FuseReport):
     assert set(after) == {key_map.get(k, k) for k in before}
     for k, v in before.items():
         assert torch.equal(after[key_map.get(k, k)], v), k
-    # Every module outside a fused chain is still at its path (same type; same object when inplace).
+    # Every module outside a fused chain is still at its path (same type; same object when inplace);
+    # a module replaced by its traced GraphModule keeps its class name.
     consumed = {p for chain in report.fused for p in chain.modules.values()}
+    owners = {chain.owner for chain in report.fused if chain.owner is not None}
     fused_paths = module_paths(fused)
     for path, m in module_paths(original).items():
         if path and path not in consumed and not any(path.startswith(c + ".") for c in consumed):
-            assert type(fused_paths[path]) is type(m), path
+            if path in owners:
+                assert isinstance(fused_paths[path], torch.fx.GraphModule), path
+                assert type(fused_paths[path]).__name__ == type(m).__name__, path
+            else:
+                assert type(fused_paths[path]) is type(m), path
 
 
 # -- tests -----------------------------------------------------------------------------------------------
@@ -237,10 +248,20 @@ def test_mobilenet_v1_library_style_fuses_every_block():
 def test_mobilenet_v2_inverted_residuals():
     model = randomize(MobileNetV2Like(), seed=1).eval()
     fused, report = fuse(model)
-    # The depthwise ConvNormActivation + linear 1x1 + BN of each of the 5 inverted residuals.
+    # The depthwise ConvNormActivation + linear 1x1 + BN of each of the 5 inverted residuals; where the
+    # block adds its input (stride 1, same width), that add in forward() is the op's residual and the
+    # block becomes a traced GraphModule.
     assert len(report.fused) == 5 and report.skipped == []
+    with_residual = {f"features.{i}" for i, b in enumerate(model.features)
+                     if isinstance(b, InvertedResidual) and b.use_res_connect}
+    assert with_residual == {"features.1", "features.3", "features.5"}
     for chain in report.fused:
-        assert set(chain.modules) == {"depthwise", "mid_bn", "mid_act", "pointwise", "bn"}  # linear bottleneck
+        owner = chain.path.split(".conv.")[0]
+        linear_bottleneck = {"depthwise", "mid_bn", "mid_act", "pointwise", "bn"}
+        if owner in with_residual:
+            assert set(chain.modules) == linear_bottleneck | {"add"} and chain.owner == owner
+        else:
+            assert set(chain.modules) == linear_bottleneck and chain.owner is None
     block = fused.features[2].conv[1][0]
     assert isinstance(block, JointBlock) and block.act.__class__ is nn.Identity
     assert isinstance(fused.features[2].conv[0], ConvNormActivation)  # the expand conv is untouched
@@ -258,14 +279,18 @@ def test_near_misses_are_reported_and_left_alone():
     original = copy.deepcopy(model)
     fused, report = fuse(model, inplace=True)
     assert fused is model
-    assert [c.path for c in report.fused] == ["9.0", "10.0", "11.body.0", "13.0"]
-    assert set(report.fused[3].modules) == {"depthwise", "mid_act", "pointwise", "bn", "act"}
+    # Forward-wired chains are found now: 11's add (+ relu) is the op's residual, 12 swaps modules.
+    assert [c.path for c in report.fused] == ["9.0", "10.0", "11.body.0", "12.dw", "13.0"]
+    assert set(report.fused[2].modules) == {"depthwise", "pointwise", "bn", "add", "act"}
+    assert report.fused[2].owner == "11" and report.fused[3].owner is None
+    assert set(report.fused[4].modules) == {"depthwise", "mid_act", "pointwise", "bn", "act"}
     skipped = {s.path: s.reason for s in report.skipped}
     assert set(skipped) == set(NEAR_MISS_REASONS), report
     for path, fragment in NEAR_MISS_REASONS.items():
         assert fragment in skipped[path], (path, skipped[path])
-    assert isinstance(model[9][5], nn.Hardswish) and model[9][0].act.__class__ is nn.Identity
-    assert isinstance(model[12].dw, nn.Conv2d)  # forward-wired: not touched
+    if not hardswish_supported():  # the op's output activation ends the chain: Hardswish stays a module
+        assert isinstance(model[9][5], nn.Hardswish) and model[9][0].act.__class__ is nn.Identity
+    assert isinstance(model[12].dw, JointBlock) and isinstance(model[12].pw, nn.Identity)
     # Skipped chains: same module objects in place.
     for i in range(9):
         assert not any(isinstance(m, JointBlock) for m in model[i].modules())
@@ -284,15 +309,21 @@ def test_inplace_shares_parameters_and_keeps_other_modules():
     _, report = fuse(model, inplace=True)
     after = module_paths(model)
     consumed = {p for chain in report.fused for p in chain.modules.values()}
+    owners = {chain.owner for chain in report.fused if chain.owner is not None}
+    assert owners == {"features.1", "features.3", "features.5"}  # the blocks with a residual add
     for path, m in before.items():
-        if path not in consumed:
+        if path in owners:  # replaced by a GraphModule holding the very same children
+            assert isinstance(after[path], torch.fx.GraphModule)
+            assert dict(after[path].named_children()).keys() == dict(m.named_children()).keys()
+        elif path not in consumed:
             assert after[path] is m, path  # identical objects
     assert {id(p) for p in model.parameters()} == params_before  # shared, not copied
     chain = report.fused[0]
     block = after[chain.path]
     assert block.depthwise is before[chain.modules["depthwise"]] and block.bn is before[chain.modules["bn"]]
     for role, path in list(chain.modules.items())[1:]:
-        assert isinstance(after[path], nn.Identity), (role, path)
+        if role != "add":  # the add is an op of the owner's forward, not a module
+            assert isinstance(after[path], nn.Identity), (role, path)
 
 
 def test_train_mode_matches_and_gradients_flow():

@@ -5,4 +5,9 @@ models written with plain PyTorch modules.
     folding.py   eval-mode BatchNorm and conv biases as per-channel scale/shift pairs
     training.py  JointBlock's training-mode forward and the running-statistics update
     fuse.py      fuse() and to_reference()
+    fuse_graph.py       the torch.fx trace and the data-flow chain matcher fuse() uses
+    fuse_patterns.py    the modules and functional calls a chain is recognised from
+    fuse_apply.py       applying found chains: module swaps, or a traced GraphModule of the owner
+    fuse_sequential.py  the nn.Sequential matcher for containers torch.fx cannot trace
+    fuse_report.py      FuseReport, FusedChain, SkippedChain, TraceFallback
 """

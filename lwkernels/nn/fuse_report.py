@@ -1,0 +1,72 @@
+"""What fuse() did: the chains it fused, the near-misses with the reason, and where it could not trace."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass(frozen=True)
+class FusedChain:
+    """One chain replaced by a JointBlock at ``path`` (the depthwise conv's old place).
+
+    ``modules`` maps each role (depthwise, mid_bn, mid_act, pointwise, bn, act, add) to the path the
+    module had (or, for an op written in a forward(), which forward); ``key_map`` maps old
+    state_dict keys to the fused model's keys. ``owner`` is the path of the module that was replaced
+    by a torch.fx GraphModule of itself ("" for the whole model), or None when only the chain's
+    module slots changed."""
+
+    path: str
+    modules: Dict[str, str]
+    key_map: Dict[str, str] = field(default_factory=dict)
+    owner: Optional[str] = None
+
+    def __str__(self) -> str:
+        s = f"{self.path}: " + " -> ".join(f"{role}={p}" for role, p in self.modules.items())
+        if self.owner is not None:
+            s += f" [{self.owner or 'the model'} became a traced GraphModule]"
+        return s
+
+
+@dataclass(frozen=True)
+class SkippedChain:
+    """A near-miss: a grouped/depthwise conv (at ``path``) that starts no fusable chain, and why."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class TraceFallback:
+    """A module (at ``path``, "" for the model) torch.fx could not trace; fuse() looked inside it
+    (``how``: its children traced one by one, or the nn.Sequential matcher)."""
+
+    path: str
+    reason: str
+    how: str
+
+    def __str__(self) -> str:
+        return f"{self.path or 'the model'}: {self.reason}; {self.how}"
+
+
+@dataclass
+class FuseReport:
+    fused: List[FusedChain] = field(default_factory=list)
+    skipped: List[SkippedChain] = field(default_factory=list)
+    fallbacks: List[TraceFallback] = field(default_factory=list)
+
+    def key_map(self) -> Dict[str, str]:
+        """Old state_dict key -> fused model's key, for every fused chain."""
+        out: Dict[str, str] = {}
+        for chain in self.fused:
+            out.update(chain.key_map)
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"fused {len(self.fused)} chain(s), skipped {len(self.skipped)} near-miss(es)"]
+        lines += [f"  fused   {c}" for c in self.fused]
+        lines += [f"  skipped {s}" for s in self.skipped]
+        lines += [f"  not traced {f}" for f in self.fallbacks]
+        return "\n".join(lines)
