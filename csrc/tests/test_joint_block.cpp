@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "check.h"
 #include "internal.h"
 #include "joint_block.h"
 
@@ -31,18 +32,8 @@ using lwk::Isa;
 using lwk::JointGeometry;
 using lwk::Layout;
 
-int g_failures = 0;
+using lwk_test::g_failures;
 int64_t g_cases = 0;
-
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);   \
-      std::fprintf(stderr, __VA_ARGS__);                          \
-      std::fprintf(stderr, "\n");                                 \
-      ++g_failures;                                               \
-    }                                                             \
-  } while (0)
 
 struct Case {
   int64_t n, cin, cout, h, w, k, stride, pad, dil;

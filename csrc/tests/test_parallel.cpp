@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "check.h"
 #include "parallel.h"
 
 #if defined(__linux__)
@@ -27,17 +28,7 @@
 
 namespace {
 
-int g_failures = 0;
-
-#define CHECK(cond, ...)                                       \
-  do {                                                         \
-    if (!(cond)) {                                             \
-      ++g_failures;                                            \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);         \
-      std::printf(__VA_ARGS__);                                \
-      std::printf("\n");                                       \
-    }                                                          \
-  } while (0)
+using lwk_test::g_failures;
 
 using lwk::detail::parallel_run;
 
