@@ -240,8 +240,8 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
 // panels A_g and TC consecutive columns j at once. Each load of A feeds TC FMAs and each
 // broadcast of B feeds G*RV, and the G*RV*TC independent accumulator chains cover the FMA
 // latency. run_items calls it for a group of panels right after their wide blocks, while those
-// weights are still in cache: a separate pass per column streamed every weight again (from L3
-// for 1024 x 1024), which cost 12-19% of the late blocks' time. Reads up to RV*W - MR elements
+// weights are still in cache: a separate pass per column would stream every weight again (from
+// L3 for the largest late-network weights). Reads up to RV*W - MR elements
 // past a panel row (the packed weights carry slack for that). `rows` is the valid row count of
 // the last panel.
 template <class V>
