@@ -62,7 +62,7 @@ template <typename T>
 struct Plan {
   // Geometry.
   int64_t C = 0, H = 0, W = 0, CO = 0, OH = 0, OW = 0;
-  int64_t KH = 0, KW = 0, SH = 1, SW = 1, PH = 0, PW = 0, DH = 1, DW = 1;
+  int64_t KH = 0, KW = 0, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
   Layout layout = Layout::kNCHW;
 
   // Tensors.
@@ -86,22 +86,24 @@ struct Plan {
   int64_t ox_in_lo = 0, ox_in_hi = 0;
 
   // NCHW depthwise through a zero-padded, stride-deinterleaved copy of the input rows a tile needs
-  // (the "plane"): padded row j = x[iy][j - PW] (0 outside the image, and whole zero rows for iy
-  // outside it), split into SW phases, phase r holding padded elements r, r + SW, r + 2*SW, ...
-  // from phase_off[r] on (the phases of one row lie in SW*lp elements; phase_off[r] = r*lp plus
-  // a shift that puts the phase's first inside element on a vector boundary: the fill's stores
-  // then never split a cache line). Tap (ky, kx) of output (oy, ox) then reads plane element
-  // (oy*SH - PH - iy_base) * SW*lp + tap_off[ky*KW + kx] + ox, where iy_base is the tile's first
-  // plane row: unit-stride vector loads, no border cases, no branches. plane_rows bounds the rows
-  // of one tile. When the plane would be too large (huge padding or dilation) use_plane is false
-  // and the direct path (border columns scalar) runs instead.
+  // (the "plane"): padded row j = x[iy][j - pad_w] (0 outside the image, and whole zero rows for
+  // iy outside it), split into stride_w phases, phase r holding padded elements r, r + stride_w,
+  // r + 2*stride_w, ... from phase_off[r] on (the phases of one row lie in stride_w*lp elements;
+  // phase_off[r] = r*lp plus a shift that puts the phase's first inside element on a vector
+  // boundary: the fill's stores then never split a cache line). Tap (ky, kx) of output (oy, ox)
+  // then reads plane element (oy*stride_h - pad_h - iy_base) * stride_w*lp + tap_off[ky*KW + kx]
+  // + ox, where iy_base is the tile's first plane row: unit-stride vector loads, no border cases,
+  // no branches. plane_rows bounds the rows of one tile. When the plane would be too large (huge
+  // padding or dilation) use_plane is false and the direct path (border columns scalar) runs
+  // instead.
   bool use_plane = false;
   int64_t lp = 0, plane_rows = 0;
   const int64_t* tap_off = nullptr;  // [KH*KW]
-  // Phase r's elements inside the image: [phase_lo[r], phase_hi[r]) (0 <= m*SW + r - PW < W).
-  const int64_t* phase_lo = nullptr;  // [SW]
-  const int64_t* phase_hi = nullptr;  // [SW]
-  const int64_t* phase_off = nullptr;  // [SW]
+  // Phase r's elements inside the image: [phase_lo[r], phase_hi[r])
+  // (0 <= m*stride_w + r - pad_w < W).
+  const int64_t* phase_lo = nullptr;  // [stride_w]
+  const int64_t* phase_hi = nullptr;  // [stride_w]
+  const int64_t* phase_off = nullptr;  // [stride_w]
   // A tile's output-row segments (at most max_segs), computed once per tile at seg_offset.
   int64_t max_segs = 0;
   std::size_t seg_offset = 0;

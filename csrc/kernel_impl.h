@@ -404,13 +404,13 @@ void fill_kernels(KernelFn<typename V::T> (&table)[V::MR][V::NV]) {
 template <typename T>
 LWK_INLINE T dw_pixel_nchw(const Plan<T>& pl, const T* xc, const T* wc, T bias, int64_t iy0,
                            int64_t kyl, int64_t kyh, int64_t ox) {
-  const int64_t ix0 = ox * pl.SW - pl.PW;
+  const int64_t ix0 = ox * pl.stride_w - pl.pad_w;
   const int64_t kxl = pl.kx_lo[ox], kxh = pl.kx_hi[ox];
   T acc = bias;
   for (int64_t ky = kyl; ky < kyh; ++ky) {
-    const T* row = xc + (iy0 + ky * pl.DH) * pl.W;
+    const T* row = xc + (iy0 + ky * pl.dil_h) * pl.W;
     const T* wk = wc + ky * pl.KW;
-    for (int64_t kx = kxl; kx < kxh; ++kx) acc += wk[kx] * row[ix0 + kx * pl.DW];
+    for (int64_t kx = kxl; kx < kxh; ++kx) acc += wk[kx] * row[ix0 + kx * pl.dil_w];
   }
   return acc;
 }
@@ -425,10 +425,10 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
   constexpr int U = 4;
   const Activation act = pl.mid_act;
   const int64_t kyl = pl.ky_lo[oy], kyh = pl.ky_hi[oy];
-  const int64_t iy0 = oy * pl.SH - pl.PH;
+  const int64_t iy0 = oy * pl.stride_h - pl.pad_h;
   const int64_t a = imax(ox0, imin(ox1, pl.ox_in_lo));
   const int64_t b = imax(a, imin(ox1, pl.ox_in_hi));
-  const int64_t S = pl.SW, KW = pl.KW, DWi = pl.DW;
+  const int64_t S = pl.stride_w, KW = pl.KW, dil = pl.dil_w;
   int64_t ox = ox0;
   for (; ox < a; ++ox) {
     out[ox - ox0] = activate(dw_pixel_nchw(pl, xc, wc, bias, iy0, kyl, kyh, ox), act);
@@ -438,11 +438,11 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
     R acc[U];
     LWK_UNROLL for (int u = 0; u < U; ++u) acc[u] = vb;
     for (int64_t ky = kyl; ky < kyh; ++ky) {
-      const T* row = xc + (iy0 + ky * pl.DH) * pl.W + ox * S - pl.PW;
+      const T* row = xc + (iy0 + ky * pl.dil_h) * pl.W + ox * S - pl.pad_w;
       const T* wk = wc + ky * KW;
       for (int64_t kx = 0; kx < KW; ++kx) {
         const R w = V::set1(wk[kx]);
-        const T* q = row + kx * DWi;
+        const T* q = row + kx * dil;
         LWK_UNROLL for (int u = 0; u < U; ++u) {
           acc[u] = V::fma(w, load_strided<V, kS>(q + u * W * S, S), acc[u]);
         }
@@ -453,10 +453,10 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
   for (; ox + W <= b; ox += W) {
     R acc = vb;
     for (int64_t ky = kyl; ky < kyh; ++ky) {
-      const T* row = xc + (iy0 + ky * pl.DH) * pl.W + ox * S - pl.PW;
+      const T* row = xc + (iy0 + ky * pl.dil_h) * pl.W + ox * S - pl.pad_w;
       const T* wk = wc + ky * KW;
       for (int64_t kx = 0; kx < KW; ++kx) {
-        acc = V::fma(V::set1(wk[kx]), load_strided<V, kS>(row + kx * DWi, S), acc);
+        acc = V::fma(V::set1(wk[kx]), load_strided<V, kS>(row + kx * dil, S), acc);
       }
     }
     V::store(out + (ox - ox0), activate_vec<V>(acc, act));
@@ -518,10 +518,10 @@ void dw_tile_nchw(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
 
 // NCHW through the plane (see Plan::use_plane). The plane of input rows iy_base ..
 // iy_base + rows - 1 holds, for phase r of row iy,
-// plane[(iy - iy_base) * SW * lp + phase_off[r] + m] = x[iy][m * SW + r - PW], 0 outside the
-// image. Which elements are inside is the same for every channel of a tile, so zero_plane()
-// clears a plane once per tile and fill_plane() then only writes the inside elements of each
-// channel.
+// plane[(iy - iy_base) * stride_w * lp + phase_off[r] + m] = x[iy][m * stride_w + r - pad_w],
+// 0 outside the image. Which elements are inside is the same for every channel of a tile, so
+// zero_plane() clears a plane once per tile and fill_plane() then only writes the inside elements
+// of each channel.
 template <class V>
 void zero_plane(typename V::T* plane, int64_t elems) {
   const typename V::reg z = V::zero();
@@ -536,7 +536,7 @@ void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, int64_t 
                 int64_t rows, typename V::T* plane) {
   using T = typename V::T;
   constexpr int W = V::W;
-  const int64_t S = pl.SW, lp = pl.lp, Win = pl.W, P = pl.PW;
+  const int64_t S = pl.stride_w, lp = pl.lp, Win = pl.W, P = pl.pad_w;
   const int64_t i_a = imax(0, -iy_base), i_b = imin(rows, pl.H - iy_base);
   for (int64_t i = i_a; i < i_b; ++i) {
     const T* src = xc + (iy_base + i) * Win;
@@ -669,21 +669,21 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
   using T = typename V::T;
   const int64_t HW = pl.H * pl.W, taps = pl.KH * pl.KW;
   const int64_t oy_a = p0 / pl.OW, oy_b = (p0 + np - 1) / pl.OW;
-  const int64_t iy_base = oy_a * pl.SH - pl.PH;
-  const int64_t rows = (oy_b - oy_a) * pl.SH + (pl.KH - 1) * pl.DH + 1;
-  const int64_t rowsz = pl.SW * pl.lp;
+  const int64_t iy_base = oy_a * pl.stride_h - pl.pad_h;
+  const int64_t rows = (oy_b - oy_a) * pl.stride_h + (pl.KH - 1) * pl.dil_h + 1;
+  const int64_t rowsz = pl.stride_w * pl.lp;
   int64_t nsegs = 0;
   for (int64_t p = p0, pend = p0 + np; p < pend;) {
     const int64_t oy = p / pl.OW, ox0 = p - oy * pl.OW;
     const int64_t len = imin(pl.OW - ox0, pend - p);
-    segs[nsegs++] = Segment{(oy * pl.SH - pl.PH - iy_base) * rowsz + ox0, p - p0, len};
+    segs[nsegs++] = Segment{(oy * pl.stride_h - pl.pad_h - iy_base) * rowsz + ox0, p - p0, len};
     p += len;
   }
   const bool k3 = taps == 9;
   // Software pipeline over channels: fill the plane of c+1, compute c, scatter c-1, with two
   // planes and two rows, so every load reads data stored one channel earlier.
   const T* const xn = pl.x + n * pl.C * HW;
-  const int64_t plane_elems = rows * pl.SW * pl.lp;
+  const int64_t plane_elems = rows * pl.stride_w * pl.lp;
   zero_plane<V>(plane, plane_elems);
   zero_plane<V>(plane + pl.plane_stride, plane_elems);
   fill_plane<V, kS>(pl, xn + c_lo * HW, iy_base, rows, plane + (c_lo & 1) * pl.plane_stride);
@@ -779,16 +779,16 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
   const Activation act = pl.mid_act;
   const int64_t kyl = pl.ky_lo[oy], kyh = pl.ky_hi[oy];
   const int64_t kxl = pl.kx_lo[ox], kxh = pl.kx_hi[ox];
-  const int64_t iy0 = oy * pl.SH - pl.PH, ix0 = ox * pl.SW - pl.PW;
+  const int64_t iy0 = oy * pl.stride_h - pl.pad_h, ix0 = ox * pl.stride_w - pl.pad_w;
   int64_t c = c_lo;
   for (; c + U * W <= c_hi; c += U * W) {
     R acc[U];
     LWK_UNROLL for (int u = 0; u < U; ++u) acc[u] = V::load(pl.dw_b + c + u * W);
     for (int64_t ky = kyl; ky < kyh; ++ky) {
-      const T* xr = xn + ((iy0 + ky * pl.DH) * pl.W + ix0) * C + c;
+      const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
       const T* wr = pl.dw_w + ky * pl.KW * C + c;
       for (int64_t kx = kxl; kx < kxh; ++kx) {
-        const T* xp = xr + kx * pl.DW * C;
+        const T* xp = xr + kx * pl.dil_w * C;
         const T* wp = wr + kx * C;
         LWK_UNROLL for (int u = 0; u < U; ++u) {
           acc[u] = V::fma(V::load(wp + u * W), V::load(xp + u * W), acc[u]);
@@ -800,10 +800,10 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
   for (; c + W <= c_hi; c += W) {
     R acc = V::load(pl.dw_b + c);
     for (int64_t ky = kyl; ky < kyh; ++ky) {
-      const T* xr = xn + ((iy0 + ky * pl.DH) * pl.W + ix0) * C + c;
+      const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
       const T* wr = pl.dw_w + ky * pl.KW * C + c;
       for (int64_t kx = kxl; kx < kxh; ++kx) {
-        acc = V::fma(V::load(wr + kx * C), V::load(xr + kx * pl.DW * C), acc);
+        acc = V::fma(V::load(wr + kx * C), V::load(xr + kx * pl.dil_w * C), acc);
       }
     }
     V::store(out + c, activate_vec<V>(acc, act));
@@ -811,9 +811,9 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
   for (; c < c_hi; ++c) {
     T acc = pl.dw_b[c];
     for (int64_t ky = kyl; ky < kyh; ++ky) {
-      const T* xr = xn + ((iy0 + ky * pl.DH) * pl.W + ix0) * C + c;
+      const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
       const T* wr = pl.dw_w + ky * pl.KW * C + c;
-      for (int64_t kx = kxl; kx < kxh; ++kx) acc += wr[kx * C] * xr[kx * pl.DW * C];
+      for (int64_t kx = kxl; kx < kxh; ++kx) acc += wr[kx * C] * xr[kx * pl.dil_w * C];
     }
     out[c] = activate(acc, act);
   }
@@ -828,9 +828,9 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
   const bool k3 = pl.KH == 3 && pl.KW == 3;
   int64_t off[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
   if (k3) {
-    for (int t = 0; t < 9; ++t) off[t] = ((t / 3) * pl.DH * pl.W + (t % 3) * pl.DW) * C;
+    for (int t = 0; t < 9; ++t) off[t] = ((t / 3) * pl.dil_h * pl.W + (t % 3) * pl.dil_w) * C;
   }
-  const int64_t pstep = pl.SW * C;
+  const int64_t pstep = pl.stride_w * C;
   int64_t oy = p0 / pl.OW, ox = p0 - oy * pl.OW;  // advanced incrementally (no division per pixel)
   for (int64_t j = 0; j < np;) {
     if (ox == pl.OW) {
@@ -840,7 +840,7 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
     T* out = tile + j * pl.ldt;
     const bool rows_inside = pl.ky_hi[oy] - pl.ky_lo[oy] == 3;
     if (k3 && rows_inside && ox >= pl.ox_in_lo && ox < pl.ox_in_hi) {
-      const T* base = xn + ((oy * pl.SH - pl.PH) * pl.W + ox * pl.SW - pl.PW) * C;
+      const T* base = xn + ((oy * pl.stride_h - pl.pad_h) * pl.W + ox * pl.stride_w - pl.pad_w) * C;
       if (ox + 1 < pl.ox_in_hi && j + 1 < np) {
         dw_nhwc_inside9<V, 2>(base, pstep, off, pl, c_lo, c_hi, out, pl.ldt);
         j += 2;
@@ -873,16 +873,16 @@ void depthwise_tile(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_
   if (pl.use_plane) {
     T* plane = reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.plane_offset);
     Segment* segs = reinterpret_cast<Segment*>(static_cast<char*>(scratch) + pl.seg_offset);
-    if (pl.SW == 1) {
+    if (pl.stride_w == 1) {
       dw_tile_nchw_plane<V, 1>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, segs);
-    } else if (pl.SW == 2) {
+    } else if (pl.stride_w == 2) {
       dw_tile_nchw_plane<V, 2>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, segs);
     } else {
       dw_tile_nchw_plane<V, 0>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, segs);
     }
-  } else if (pl.SW == 1) {
+  } else if (pl.stride_w == 1) {
     dw_tile_nchw<V, 1>(pl, n, p0, np, c_lo, c_hi, tile, row);
-  } else if (pl.SW == 2) {
+  } else if (pl.stride_w == 2) {
     dw_tile_nchw<V, 2>(pl, n, p0, np, c_lo, c_hi, tile, row);
   } else {
     dw_tile_nchw<V, 0>(pl, n, p0, np, c_lo, c_hi, tile, row);

@@ -130,7 +130,7 @@ inline T dot(const T* LWK_RESTRICT a, const T* LWK_RESTRICT b, int64_t n) {
   return r;
 }
 
-// Output columns [lo, hi) whose tap kx reads inside the row: 0 <= ox*SW - PW + kx*DW < W.
+// Output columns [lo, hi) whose tap kx reads inside the row: 0 <= ox*stride_w - pad_w + kx*dil_w < W.
 inline void tap_range(int64_t k, int64_t S, int64_t P, int64_t D, int64_t in, int64_t out,
                       int64_t& lo, int64_t& hi) {
   const int64_t off = k * D - P;  // input index = o * S + off
@@ -184,7 +184,7 @@ template <typename T>
 void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
   const int64_t K = g.KH * g.KW, OHW = g.OH * g.OW, HW = g.H * g.W, C = g.C;
   std::vector<int64_t> kx_lo(g.KW), kx_hi(g.KW);
-  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.SW, g.PW, g.DW, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
+  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.stride_w, g.pad_w, g.dil_w, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
   const bool stats = a.sum != nullptr;
 
   if (g.layout == Layout::kNCHW) {
@@ -205,18 +205,18 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
           T* LWK_RESTRICT r = row.data();
           std::fill(r, r + g.OW, T(0));
           for (int64_t ky = 0; ky < g.KH; ++ky) {
-            const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+            const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
             if (iy < 0 || iy >= g.H) continue;
             const T* xr = xp + iy * g.W;
             for (int64_t kx = 0; kx < g.KW; ++kx) {
               const T wv = wp[ky * g.KW + kx];
-              const int64_t off = kx * g.DW - g.PW;
+              const int64_t off = kx * g.dil_w - g.pad_w;
               const int64_t lo = kx_lo[kx], hi = kx_hi[kx];
-              if (g.SW == 1) {
+              if (g.stride_w == 1) {
                 const T* LWK_RESTRICT src = xr + off;
                 for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * src[ox];
               } else {
-                for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * xr[ox * g.SW + off];
+                for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * xr[ox * g.stride_w + off];
               }
             }
           }
@@ -263,10 +263,10 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
         T* LWK_RESTRICT ac = acc.data();
         std::fill(ac, ac + C, T(0));
         for (int64_t ky = 0; ky < g.KH; ++ky) {
-          const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+          const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
           if (iy < 0 || iy >= g.H) continue;
           for (int64_t kx = 0; kx < g.KW; ++kx) {
-            const int64_t ix = ox * g.SW - g.PW + kx * g.DW;
+            const int64_t ix = ox * g.stride_w - g.pad_w + kx * g.dil_w;
             if (ix < 0 || ix >= g.W) continue;
             const T* LWK_RESTRICT xp = a.x + ((n * g.H + iy) * g.W + ix) * C;
             const T* LWK_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;
@@ -305,19 +305,19 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
 // ---- depthwise backward ------------------------------------------------------------------------
 // Stride-1 planes with short rows (7x7 and 14x14 maps): per row, every tap was a loop of at most W
 // elements, so loop overhead dominated. Here each tap is one loop over the whole plane. x and
-// grad_x live in zero-padded planes of pitch P = W + 2*PW, grad in a plane of the same pitch whose
-// columns past OW are zero: output j = oy*P + ox then meets padded input j + ky*DH*P + kx*DW for
+// grad_x live in zero-padded planes of pitch P = W + 2*pad_w, grad in a plane of the same pitch whose
+// columns past OW are zero: output j = oy*P + ox then meets padded input j + ky*dil_h*P + kx*dil_w for
 // every tap, and the zero columns make the terms that wrap into the next row vanish.
 struct FlatPlanes {
   int64_t pitch, span, len;     // row pitch, grad elements (OH * pitch), padded plane + slack
   std::vector<int64_t> tap_at;  // per tap: its offset in the padded plane
-  static bool applies(const DwGeometry& g) { return g.SH == 1 && g.SW == 1 && g.W < 64; }
+  static bool applies(const DwGeometry& g) { return g.stride_h == 1 && g.stride_w == 1 && g.W < 64; }
   explicit FlatPlanes(const DwGeometry& g)
-      : pitch(g.W + 2 * g.PW), span(g.OH * pitch),
-        // Stride 1: OH + (KH-1)*DH == H + 2*PH rows; the last tap reads (KW-1)*DW past the end.
-        len((g.H + 2 * g.PH) * pitch + (g.KW - 1) * g.DW), tap_at(static_cast<size_t>(g.KH * g.KW)) {
+      : pitch(g.W + 2 * g.pad_w), span(g.OH * pitch),
+        // Stride 1: OH + (KH-1)*dil_h == H + 2*pad_h rows; the last tap reads (KW-1)*dil_w past the end.
+        len((g.H + 2 * g.pad_h) * pitch + (g.KW - 1) * g.dil_w), tap_at(static_cast<size_t>(g.KH * g.KW)) {
     for (int64_t ky = 0; ky < g.KH; ++ky)
-      for (int64_t kx = 0; kx < g.KW; ++kx) tap_at[ky * g.KW + kx] = ky * g.DH * pitch + kx * g.DW;
+      for (int64_t kx = 0; kx < g.KW; ++kx) tap_at[ky * g.KW + kx] = ky * g.dil_h * pitch + kx * g.dil_w;
   }
 };
 
@@ -332,7 +332,7 @@ void backward_flat_plane(const DwGeometry& g, const FlatPlanes& f, const T* x_pl
     std::copy(grad_plane + oy * g.OW, grad_plane + (oy + 1) * g.OW, gflat + oy * f.pitch);
   if (grad_w) {
     for (int64_t iy = 0; iy < g.H; ++iy)
-      std::copy(x_plane + iy * g.W, x_plane + (iy + 1) * g.W, xpad + (iy + g.PH) * f.pitch + g.PW);
+      std::copy(x_plane + iy * g.W, x_plane + (iy + 1) * g.W, xpad + (iy + g.pad_h) * f.pitch + g.pad_w);
   }
   if (gx_plane) std::fill(gpad, gpad + f.len, T(0));
   const T* LWK_RESTRICT gr = gflat;
@@ -347,7 +347,7 @@ void backward_flat_plane(const DwGeometry& g, const FlatPlanes& f, const T* x_pl
   }
   if (gx_plane) {
     for (int64_t iy = 0; iy < g.H; ++iy) {
-      const T* src = gpad + (iy + g.PH) * f.pitch + g.PW;
+      const T* src = gpad + (iy + g.pad_h) * f.pitch + g.pad_w;
       std::copy(src, src + g.W, gx_plane + iy * g.W);
     }
   }
@@ -358,16 +358,16 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
                  int threads) {
   const int64_t K = g.KH * g.KW, OHW = g.OH * g.OW, HW = g.H * g.W, C = g.C;
   std::vector<int64_t> kx_lo(g.KW), kx_hi(g.KW);
-  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.SW, g.PW, g.DW, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
+  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.stride_w, g.pad_w, g.dil_w, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
 
   if (g.layout == Layout::kNCHW) {
     // One channel per item (all images): grad_w[c] needs no merging, grad_x planes are disjoint.
     // With a horizontal stride, x and grad_x are handled as column phases (ColumnPhases).
     const int tasks = num_tasks(C, 1, threads);
-    const ColumnPhases phases(g.SW, g.W);
+    const ColumnPhases phases(g.stride_w, g.W);
     std::vector<int64_t> kx_shift(g.KW);
-    for (int64_t kx = 0; kx < g.KW; ++kx) kx_shift[kx] = phases.shift(kx * g.DW - g.PW);
-    const bool phased = g.SW > 1;
+    for (int64_t kx = 0; kx < g.KW; ++kx) kx_shift[kx] = phases.shift(kx * g.dil_w - g.pad_w);
+    const bool phased = g.stride_w > 1;
     const bool flat = FlatPlanes::applies(g);
     const FlatPlanes fp(flat ? g : DwGeometry{});
     auto body = [&](int, int64_t b, int64_t e) {
@@ -398,7 +398,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
           for (int64_t oy = 0; oy < g.OH; ++oy) {
             const T* LWK_RESTRICT gr = gp + oy * g.OW;
             for (int64_t ky = 0; ky < g.KH; ++ky) {
-              const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+              const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
               if (iy < 0 || iy >= g.H) continue;
               for (int64_t kx = 0; kx < g.KW; ++kx) {
                 const int64_t lo = kx_lo[kx], hi = kx_hi[kx];
@@ -439,14 +439,14 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
         std::fill(rowacc.begin(), rowacc.end(), T(0));
         bool any = false;
         for (int64_t ky = 0; ky < g.KH; ++ky) {
-          const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+          const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
           if (iy < 0 || iy >= g.H) continue;
           for (int64_t kx = 0; kx < g.KW; ++kx) {
-            const int64_t off = kx * g.DW - g.PW;
+            const int64_t off = kx * g.dil_w - g.pad_w;
             T* LWK_RESTRICT ra = rowacc.data() + (ky * g.KW + kx) * C;
             for (int64_t ox = kx_lo[kx]; ox < kx_hi[kx]; ++ox) {
               const T* LWK_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
-              const T* LWK_RESTRICT xp = x + ((n * g.H + iy) * g.W + ox * g.SW + off) * C;
+              const T* LWK_RESTRICT xp = x + ((n * g.H + iy) * g.W + ox * g.stride_w + off) * C;
               for (int64_t c = 0; c < C; ++c) ra[c] += gp[c] * xp[c];
               any = true;
             }
@@ -479,14 +479,14 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
           T* LWK_RESTRICT dst = grad_x + ((n * g.H + iy) * g.W + ix) * C;
           std::fill(dst, dst + C, T(0));
           for (int64_t ky = 0; ky < g.KH; ++ky) {
-            const int64_t ty = iy + g.PH - ky * g.DH;
-            if (ty < 0 || ty % g.SH != 0) continue;
-            const int64_t oy = ty / g.SH;
+            const int64_t ty = iy + g.pad_h - ky * g.dil_h;
+            if (ty < 0 || ty % g.stride_h != 0) continue;
+            const int64_t oy = ty / g.stride_h;
             if (oy >= g.OH) continue;
             for (int64_t kx = 0; kx < g.KW; ++kx) {
-              const int64_t tx = ix + g.PW - kx * g.DW;
-              if (tx < 0 || tx % g.SW != 0) continue;
-              const int64_t ox = tx / g.SW;
+              const int64_t tx = ix + g.pad_w - kx * g.dil_w;
+              if (tx < 0 || tx % g.stride_w != 0) continue;
+              const int64_t ox = tx / g.stride_w;
               if (ox >= g.OW) continue;
               const T* LWK_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
               const T* LWK_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;

@@ -49,12 +49,12 @@ void check(const ChannelGeometry& g) {
 std::string validate(const DwGeometry& g) {
   if (g.N < 0 || g.C < 1 || g.H < 1 || g.W < 1) return "invalid input size";
   if (g.KH < 1 || g.KW < 1) return "kernel size must be positive";
-  if (g.SH < 1 || g.SW < 1) return "stride must be positive";
-  if (g.DH < 1 || g.DW < 1) return "dilation must be positive";
-  if (g.PH < 0 || g.PW < 0) return "padding must be non-negative";
-  const int64_t oh = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
-  const int64_t ow = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
-  if (g.H + 2 * g.PH < g.DH * (g.KH - 1) + 1 || g.W + 2 * g.PW < g.DW * (g.KW - 1) + 1)
+  if (g.stride_h < 1 || g.stride_w < 1) return "stride must be positive";
+  if (g.dil_h < 1 || g.dil_w < 1) return "dilation must be positive";
+  if (g.pad_h < 0 || g.pad_w < 0) return "padding must be non-negative";
+  const int64_t oh = (g.H + 2 * g.pad_h - g.dil_h * (g.KH - 1) - 1) / g.stride_h + 1;
+  const int64_t ow = (g.W + 2 * g.pad_w - g.dil_w * (g.KW - 1) - 1) / g.stride_w + 1;
+  if (g.H + 2 * g.pad_h < g.dil_h * (g.KH - 1) + 1 || g.W + 2 * g.pad_w < g.dil_w * (g.KW - 1) + 1)
     return "the dilated kernel is larger than the padded input";
   if (oh != g.OH || ow != g.OW) return "output size does not match the convolution geometry";
   return std::string();

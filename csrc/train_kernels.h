@@ -29,7 +29,7 @@ namespace train {
 // Depthwise geometry: x [N, C, H, W], output [N, C, OH, OW], weight [C, KH, KW].
 struct DwGeometry {
   int64_t N = 0, C = 0, H = 0, W = 0, OH = 0, OW = 0;
-  int64_t KH = 3, KW = 3, SH = 1, SW = 1, PH = 0, PW = 0, DH = 1, DW = 1;
+  int64_t KH = 3, KW = 3, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
   Layout layout = Layout::kNCHW;
 };
 

@@ -2,8 +2,8 @@
 //
 // As in bindings.cpp, tensors cross as raw data addresses (0 = absent) and the Python layer
 // (lwkernels/training.py) owns validation, layout and lifetime. `dtype` is "f32" or "f64";
-// per-channel statistics are float64 buffers. Geometry: [N, C, H, W, OH, OW, KH, KW, SH, SW, PH,
-// PW, DH, DW] for the depthwise kernels, [N, C, HW] for the per-channel passes.
+// per-channel statistics are float64 buffers. Geometry: [N, C, H, W, OH, OW, KH, KW, stride_h, stride_w, pad_h,
+// pad_w, dil_h, dil_w] for the depthwise kernels, [N, C, HW] for the per-channel passes.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -27,8 +27,8 @@ lwk::train::DwGeometry dw_geometry(const std::vector<int64_t>& v, const std::str
   if (v.size() != 14) throw std::invalid_argument("depthwise geometry needs 14 integers");
   lwk::train::DwGeometry g;
   g.N = v[0]; g.C = v[1]; g.H = v[2]; g.W = v[3]; g.OH = v[4]; g.OW = v[5];
-  g.KH = v[6]; g.KW = v[7]; g.SH = v[8]; g.SW = v[9]; g.PH = v[10]; g.PW = v[11];
-  g.DH = v[12]; g.DW = v[13];
+  g.KH = v[6]; g.KW = v[7]; g.stride_h = v[8]; g.stride_w = v[9]; g.pad_h = v[10]; g.pad_w = v[11];
+  g.dil_h = v[12]; g.dil_w = v[13];
   g.layout = layout_of(layout);
   return g;
 }

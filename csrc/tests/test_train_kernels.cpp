@@ -26,7 +26,7 @@ void expect_close(double got, double want, double tol, const char* what, const D
   if (!(std::fabs(got - want) <= tol * (1.0 + std::fabs(want)))) {
     if (failures < 20)
       std::printf("FAIL %s: got %.9g want %.9g (C=%lld H=%lld W=%lld S=%lld D=%lld layout=%d)\n", what, got, want,
-                  (long long)g.C, (long long)g.H, (long long)g.W, (long long)g.SH, (long long)g.DH, (int)g.layout);
+                  (long long)g.C, (long long)g.H, (long long)g.W, (long long)g.stride_h, (long long)g.dil_h, (int)g.layout);
     ++failures;
   }
 }
@@ -39,8 +39,8 @@ int64_t at(Layout l, int64_t N, int64_t C, int64_t H, int64_t W, int64_t n, int6
 
 template <typename T>
 void check_dw(DwGeometry g, Isa isa, int threads, double tol) {
-  g.OH = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
-  g.OW = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
+  g.OH = (g.H + 2 * g.pad_h - g.dil_h * (g.KH - 1) - 1) / g.stride_h + 1;
+  g.OW = (g.W + 2 * g.pad_w - g.dil_w * (g.KW - 1) - 1) / g.stride_w + 1;
   const int64_t K = g.KH * g.KW;
   std::mt19937 rng(42);
   std::normal_distribution<double> nd;
@@ -56,7 +56,7 @@ void check_dw(DwGeometry g, Isa isa, int threads, double tol) {
         for (int64_t ox = 0; ox < g.OW; ++ox)
           for (int64_t ky = 0; ky < g.KH; ++ky)
             for (int64_t kx = 0; kx < g.KW; ++kx) {
-              const int64_t iy = oy * g.SH - g.PH + ky * g.DH, ix = ox * g.SW - g.PW + kx * g.DW;
+              const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h, ix = ox * g.stride_w - g.pad_w + kx * g.dil_w;
               if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) continue;
               const int64_t xi = at(g.layout, g.N, g.C, g.H, g.W, n, c, iy, ix);
               const int64_t oi = at(g.layout, g.N, g.C, g.OH, g.OW, n, c, oy, ox);
@@ -192,12 +192,12 @@ int main() {
           for (int64_t D : {1, 2, 3})
             for (int threads : {1, 2}) {
               DwGeometry g;
-              g.N = 2; g.C = C; g.H = 9; g.W = 11; g.KH = g.KW = 3; g.SH = g.SW = S; g.DH = g.DW = D;
-              g.PH = g.PW = D;
+              g.N = 2; g.C = C; g.H = 9; g.W = 11; g.KH = g.KW = 3; g.stride_h = g.stride_w = S; g.dil_h = g.dil_w = D;
+              g.pad_h = g.pad_w = D;
               g.layout = layout;
               check_dw<float>(g, isa, threads, 2e-5);
               check_dw<double>(g, isa, threads, 1e-12);
-              g.H = 3; g.W = 4; g.PH = g.PW = 0; g.DH = g.DW = 1;  // small image, no padding
+              g.H = 3; g.W = 4; g.pad_h = g.pad_w = 0; g.dil_h = g.dil_w = 1;  // small image, no padding
               check_dw<float>(g, isa, threads, 2e-5);
               cases += 3;
             }
@@ -206,7 +206,7 @@ int main() {
   // kernels wider or taller than the image, more padding than the kernel reaches, widths 1 and 2,
   // even widths.
   struct Awkward {
-    int64_t H, W, KH, KW, SH, SW, PH, PW, DH, DW;
+    int64_t H, W, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   };
   const Awkward awkward[] = {
       {7, 12, 3, 3, 1, 2, 1, 1, 1, 1}, {8, 13, 3, 5, 2, 3, 2, 0, 2, 1}, {5, 2, 3, 3, 2, 2, 3, 3, 3, 3},
@@ -218,8 +218,8 @@ int main() {
       for (const Awkward& a : awkward)
         for (int threads : {1, 2}) {
           DwGeometry g;
-          g.N = 2; g.C = 5; g.H = a.H; g.W = a.W; g.KH = a.KH; g.KW = a.KW; g.SH = a.SH; g.SW = a.SW;
-          g.PH = a.PH; g.PW = a.PW; g.DH = a.DH; g.DW = a.DW;
+          g.N = 2; g.C = 5; g.H = a.H; g.W = a.W; g.KH = a.KH; g.KW = a.KW; g.stride_h = a.stride_h; g.stride_w = a.stride_w;
+          g.pad_h = a.pad_h; g.pad_w = a.pad_w; g.dil_h = a.dil_h; g.dil_w = a.dil_w;
           g.layout = layout;
           check_dw<float>(g, isa, threads, 2e-5);
           check_dw<double>(g, isa, threads, 1e-12);
