@@ -13,8 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "conv_geometry.h"
 #include "internal.h"
-#include "parallel.h"
+#include "work_sharing.h"
 
 namespace lwk {
 namespace detail {
@@ -116,9 +117,6 @@ const char* layout_name(Layout l) { return l == Layout::kNHWC ? "NHWC" : "NCHW";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-int64_t floor_div(int64_t a, int64_t b) {  // b > 0
-  return a >= 0 ? a / b : -((-a + b - 1) / b);
-}
 
 // Leading dimension (elements) of a scratch row of n elements: whole cache lines, and an odd
 // number of them once rows are long, so that walking a column does not alias cache sets.
@@ -149,73 +147,32 @@ struct ScratchBuf {
 
 thread_local ScratchBuf t_scratch;
 
-// Work sharing between the tasks of one call: task t owns items [next, end) of its static range
-// (contiguous, so consecutive output-channel blocks of one tile reuse its depthwise output) and
-// claims them one at a time; when its range is empty it claims from the other ranges. On an idle
-// machine every task just runs its own range; on a busy one a descheduled worker's items are
-// taken over instead of delaying the call.
-struct alignas(64) Claim {
-  std::atomic<int64_t> next{0};
-  int64_t end = 0;
-};
-
-template <typename T>
-struct DispatchCtx {
-  const Plan<T>* plan;
-  const IsaOps<T>* ops;
-  bool depthwise;      // the shared-depthwise phase's items rather than the work items
-  char* scratch;
-  std::size_t stride;  // bytes of scratch per task
-  int tasks;
-  Claim* claims;       // [tasks]
-};
-
-template <typename T>
-void run_task(void* p, int task) {
-  const auto& c = *static_cast<const DispatchCtx<T>*>(p);
-  void* scratch = c.scratch + c.stride * task;
-  int64_t dw_tile = -1;
-  for (int k = 0; k < c.tasks; ++k) {
-    Claim& cl = c.claims[(task + k) % c.tasks];
-    for (;;) {
-      const int64_t i = cl.next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= cl.end) break;
-      if (c.depthwise) {
-        c.ops->run_depthwise(*c.plan, i, i + 1, scratch);
-      } else {
-        c.ops->run_items(*c.plan, i, i + 1, scratch, &dw_tile);
-      }
-    }
-  }
-}
-
-// Runs items [0, n_items) on up to `tasks` tasks, task t using scratch + stride * t.
+// Runs items [0, n_items) (the shared-depthwise phase's when `depthwise`, else the work items) on
+// up to `tasks` tasks, task t using scratch + stride * t. Items are claimed one at a time
+// (work_sharing.h); a task's consecutive items of one tile reuse its depthwise output, so each
+// task remembers which tile its scratch holds.
 template <typename T>
 void dispatch(const Plan<T>& plan, const IsaOps<T>* ops, bool depthwise, int64_t n_items,
               char* scratch, std::size_t stride, int tasks) {
-  tasks = static_cast<int>(std::min<int64_t>(tasks, n_items));
-  if (tasks <= 1) {
+  struct alignas(64) CachedTile {
+    int64_t id = -1;
+  };
+  tasks = tasks_for(n_items, 1, tasks);
+  std::unique_ptr<CachedTile[]> cached(new CachedTile[tasks]);
+  share_work(n_items, 1, tasks, [&](int task, int64_t begin, int64_t end) {
+    void* own = scratch + stride * task;
     if (depthwise) {
-      ops->run_depthwise(plan, 0, n_items, scratch);
+      ops->run_depthwise(plan, begin, end, own);
     } else {
-      int64_t dw_tile = -1;
-      ops->run_items(plan, 0, n_items, scratch, &dw_tile);
+      ops->run_items(plan, begin, end, own, &cached[task].id);
     }
-    return;
-  }
-  std::unique_ptr<Claim[]> claims(new Claim[tasks]);
-  for (int i = 0; i < tasks; ++i) {
-    claims[i].next.store(n_items * i / tasks, std::memory_order_relaxed);
-    claims[i].end = n_items * (i + 1) / tasks;
-  }
-  DispatchCtx<T> ctx{&plan, ops, depthwise, scratch, stride, tasks, claims.get()};
-  parallel_run(tasks, &run_task<T>, &ctx);
+  });
 }
 
 // Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:
 // depthwise work (once per tile and worker), pointwise work on the columns the micro-kernels
 // really compute, streaming the packed weights once per item, and a fixed per-item overhead. The
-// makespan is what the busiest worker does under the static contiguous partition of run_task
+// makespan is what the busiest worker does under the static contiguous partition of share_work
 // (estimated in closed form: this runs on every call).
 // Tiles need not be whole micro-kernel blocks: 7 x 7 = 49 pixels is better one tile of a 48-wide
 // block and a thin column than a 48-pixel tile and a 1-pixel tile, which repeats the depthwise
@@ -352,25 +309,6 @@ void pack_panels(const T* weight, int64_t c_out, int64_t c_in, int panel, int64_
 }
 
 template <typename T>
-struct PackCtx {
-  const T* weight;
-  int64_t c_out, c_in, n_panels, chunk;
-  int panel;
-  T* dst;
-  std::atomic<int64_t> next{0};
-};
-
-template <typename T>
-void pack_task(void* p, int) {
-  auto* c = static_cast<PackCtx<T>*>(p);
-  for (;;) {
-    const int64_t lo = c->next.fetch_add(c->chunk, std::memory_order_relaxed);
-    if (lo >= c->n_panels) return;
-    pack_panels(c->weight, c->c_out, c->c_in, c->panel, lo, std::min(c->n_panels, lo + c->chunk), c->dst);
-  }
-}
-
-template <typename T>
 std::shared_ptr<const PackedPointwise<T>> pack_impl(Isa isa, Layout layout, const T* weight,
                                                     int64_t c_out, int64_t c_in, int num_threads) {
   if (!valid_isa(isa)) throw std::invalid_argument("pack_pointwise: unknown ISA value");
@@ -395,14 +333,9 @@ std::shared_ptr<const PackedPointwise<T>> pack_impl(Isa isa, Layout layout, cons
   const int64_t np = packed->num_panels();
   // Threads share panels in chunks of ~64K elements; small weights are packed on this thread.
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 16) / (c_in * panel));
-  const int64_t chunks = (np + chunk - 1) / chunk;
-  const int tasks = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), chunks));
-  if (tasks <= 1) {
-    pack_panels(weight, c_out, c_in, panel, 0, np, dst);
-  } else {
-    PackCtx<T> ctx{weight, c_out, c_in, np, chunk, panel, dst};
-    parallel_run(tasks, &pack_task<T>, &ctx);
-  }
+  share_work(np, chunk, num_threads, [&](int, int64_t p_lo, int64_t p_hi) {
+    pack_panels(weight, c_out, c_in, panel, p_lo, p_hi, dst);
+  });
   return packed;
 }
 
@@ -599,23 +532,12 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
     sc[o] = t.pw_scale ? t.pw_scale[o] : T(1);
     sh[o] = t.pw_shift ? t.pw_shift[o] : T(0);
   }
-  // Valid tap ranges: the input coordinate of tap k is o*S - P + k*D, inside when in [0, size).
-  auto tap_range = [](int64_t o, int64_t S, int64_t P, int64_t D, int64_t K, int64_t size,
-                      int64_t* lo, int64_t* hi) {
-    const int64_t i0 = o * S - P;
-    int64_t l = i0 >= 0 ? 0 : ceil_div(-i0, D);
-    int64_t h = i0 > size - 1 ? 0 : std::min(K, floor_div(size - 1 - i0, D) + 1);
-    l = std::min(l, K);
-    if (h < l) h = l;
-    *lo = l;
-    *hi = h;
-  };
   for (int64_t oy = 0; oy < OH; ++oy) {
-    tap_range(oy, g.stride_h, g.pad_h, g.dil_h, KH, g.in_h, &ky_lo[oy], &ky_hi[oy]);
+    taps_inside(oy, g.stride_h, g.pad_h, g.dil_h, KH, g.in_h, &ky_lo[oy], &ky_hi[oy]);
   }
   int64_t in_lo = OW, in_hi = OW;
   for (int64_t ox = 0; ox < OW; ++ox) {
-    tap_range(ox, g.stride_w, g.pad_w, g.dil_w, KW, g.in_w, &kx_lo[ox], &kx_hi[ox]);
+    taps_inside(ox, g.stride_w, g.pad_w, g.dil_w, KW, g.in_w, &kx_lo[ox], &kx_hi[ox]);
     const bool inside = kx_lo[ox] == 0 && kx_hi[ox] == KW;
     if (inside && in_lo == OW) in_lo = ox;
     if (inside) in_hi = ox + 1;
@@ -682,57 +604,31 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
 
 std::string validate(const JointGeometry& g) {
   auto s = [](int64_t v) { return std::to_string(v); };
-  if (g.layout != Layout::kNCHW && g.layout != Layout::kNHWC) return "layout must be NCHW or NHWC";
-  if (g.batch < 0) return "batch must be >= 0, got " + s(g.batch);
   if (g.in_channels < 1) return "in_channels must be >= 1, got " + s(g.in_channels);
   if (g.out_channels < 1) return "out_channels must be >= 1, got " + s(g.out_channels);
-  if (g.in_h < 1 || g.in_w < 1) {
-    return "input height and width must be >= 1, got " + s(g.in_h) + " x " + s(g.in_w);
-  }
-  if (g.kernel_h < 1 || g.kernel_w < 1) {
-    return "kernel size must be >= 1, got " + s(g.kernel_h) + " x " + s(g.kernel_w);
-  }
-  if (g.stride_h < 1 || g.stride_w < 1) {
-    return "stride must be >= 1, got " + s(g.stride_h) + " x " + s(g.stride_w);
-  }
-  if (g.dil_h < 1 || g.dil_w < 1) {
-    return "dilation must be >= 1, got " + s(g.dil_h) + " x " + s(g.dil_w);
-  }
-  if (g.pad_h < 0 || g.pad_w < 0) {
-    return "padding must be >= 0, got " + s(g.pad_h) + " x " + s(g.pad_w);
-  }
-  // Keep every index computation far from int64 overflow.
-  constexpr int64_t kDimMax = int64_t(1) << 30;
-  for (int64_t v : {g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.kernel_h, g.kernel_w,
-                    g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, g.out_h, g.out_w}) {
-    if (v > kDimMax) return "a size, stride, padding or dilation exceeds 2^30";
-  }
-  const int64_t ext_h = g.dil_h * (g.kernel_h - 1) + 1, ext_w = g.dil_w * (g.kernel_w - 1) + 1;
-  if (ext_h > g.in_h + 2 * g.pad_h || ext_w > g.in_w + 2 * g.pad_w) {
-    return "dilated kernel (" + s(ext_h) + " x " + s(ext_w) + ") is larger than the padded input (" +
-           s(g.in_h + 2 * g.pad_h) + " x " + s(g.in_w + 2 * g.pad_w) + ")";
-  }
-  const int64_t oh = (g.in_h + 2 * g.pad_h - ext_h) / g.stride_h + 1;
-  const int64_t ow = (g.in_w + 2 * g.pad_w - ext_w) / g.stride_w + 1;
-  if (g.out_h != oh || g.out_w != ow) {
-    return "output size " + s(g.out_h) + " x " + s(g.out_w) + " does not match the convolution (" +
-           s(oh) + " x " + s(ow) + ")";
-  }
-  // Element counts of x, y and the per-call tables must fit comfortably in int64.
-  auto fits = [](std::initializer_list<int64_t> dims) {
-    int64_t p = 1;
-    for (int64_t d : dims) {
-      if (d != 0 && p > (int64_t(1) << 60) / d) return false;
-      p *= d;
-    }
-    return true;
-  };
-  if (!fits({g.batch, g.in_channels, g.in_h, g.in_w}) ||
-      !fits({g.batch, g.out_channels, g.out_h, g.out_w}) ||
-      !fits({g.in_channels, g.kernel_h, g.kernel_w})) {
+  if (g.out_channels > detail::kConvDimMax) return "a size, stride, padding or dilation exceeds 2^30";
+  detail::ConvShape c;
+  c.batch = g.batch;
+  c.channels = g.in_channels;
+  c.in_h = g.in_h;
+  c.in_w = g.in_w;
+  c.out_h = g.out_h;
+  c.out_w = g.out_w;
+  c.kernel_h = g.kernel_h;
+  c.kernel_w = g.kernel_w;
+  c.stride_h = g.stride_h;
+  c.stride_w = g.stride_w;
+  c.pad_h = g.pad_h;
+  c.pad_w = g.pad_w;
+  c.dil_h = g.dil_h;
+  c.dil_w = g.dil_w;
+  c.layout = g.layout;
+  std::string msg = detail::validate_conv(c);
+  if (!msg.empty()) return msg;
+  if (!detail::fits_int64_index({g.batch, g.out_channels, g.out_h, g.out_w})) {
     return "tensor sizes overflow 64-bit indexing";
   }
-  return std::string();
+  return msg;
 }
 
 template <typename T>

@@ -5,14 +5,14 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
 #include "activation.h"
 #include "compiler.h"
-#include "parallel.h"
+#include "conv_geometry.h"
 #include "train_kernels.h"
+#include "work_sharing.h"
 
 #ifndef LWK_TRAIN_NS
 #error "define LWK_TRAIN_NS before including train_impl.h"
@@ -42,41 +42,9 @@ const TrainOps<float>* avx2_train_ops_f32();
 
 namespace LWK_TRAIN_NS {
 
-// ---- work sharing ----------------------------------------------------------------------------
-// Tasks claim chunks of `grain` items from a shared counter until none are left (parallel.h: a
-// backend may drop tasks that have not started, so every task must be able to finish the whole
-// range alone). body(task, begin, end).
-template <typename F>
-struct ParallelCtx {
-  std::atomic<int64_t> next{0};
-  int64_t n = 0, grain = 1;
-  const F* body = nullptr;
-};
-
-template <typename F>
-void parallel_task(void* p, int task) {
-  auto* ctx = static_cast<ParallelCtx<F>*>(p);
-  for (;;) {
-    const int64_t b = ctx->next.fetch_add(ctx->grain, std::memory_order_relaxed);
-    if (b >= ctx->n) return;
-    (*ctx->body)(task, b, std::min(ctx->n, b + ctx->grain));
-  }
-}
-
-inline int num_tasks(int64_t n, int64_t grain, int threads) {
-  const int64_t chunks = (n + grain - 1) / grain;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(threads, 1), chunks)));
-}
-
-template <typename F>
-void parallel_items(int64_t n, int64_t grain, int tasks, const F& body) {
-  if (n <= 0) return;
-  ParallelCtx<F> ctx;
-  ctx.n = n;
-  ctx.grain = std::max<int64_t>(1, grain);
-  ctx.body = &body;
-  lwk::detail::parallel_run(tasks, &parallel_task<F>, &ctx);
-}
+// ---- work sharing: lwk::detail::share_work (work_sharing.h) ---------------------------------
+using lwk::detail::share_work;
+using lwk::detail::tasks_for;
 
 // Per-task double accumulators [tasks][len], summed into out[len] at the end.
 struct Partials {
@@ -130,18 +98,6 @@ inline T dot(const T* LWK_RESTRICT a, const T* LWK_RESTRICT b, int64_t n) {
   return r;
 }
 
-// Output columns [lo, hi) whose tap kx reads inside the row: 0 <= ox*stride_w - pad_w + kx*dil_w < W.
-inline void tap_range(int64_t k, int64_t S, int64_t P, int64_t D, int64_t in, int64_t out,
-                      int64_t& lo, int64_t& hi) {
-  const int64_t off = k * D - P;  // input index = o * S + off
-  // o*S + off >= 0  <=>  o >= ceil(-off / S)
-  lo = off >= 0 ? 0 : (-off + S - 1) / S;
-  // o*S + off <= in - 1  <=>  o <= floor((in - 1 - off) / S)
-  hi = (in - 1 - off) < 0 ? 0 : (in - 1 - off) / S + 1;
-  lo = std::min(lo, out);
-  hi = std::min(std::max(hi, lo), out);
-}
-
 // Column phases of a strided row (NCHW backward, horizontal stride S > 1): a row of W inputs is
 // stored as S runs, run p holding columns p, p + S, p + 2S, ... from offset start[p]. The inputs
 // that output columns ox = lo..hi-1 touch at tap offset `off` (column ox * S + off) then sit
@@ -184,13 +140,15 @@ template <typename T>
 void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
   const int64_t K = g.KH * g.KW, OHW = g.OH * g.OW, HW = g.H * g.W, C = g.C;
   std::vector<int64_t> kx_lo(g.KW), kx_hi(g.KW);
-  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.stride_w, g.pad_w, g.dil_w, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
+  for (int64_t kx = 0; kx < g.KW; ++kx) {
+    lwk::detail::outputs_inside(kx, g.stride_w, g.pad_w, g.dil_w, g.W, g.OW, &kx_lo[kx], &kx_hi[kx]);
+  }
   const bool stats = a.sum != nullptr;
 
   if (g.layout == Layout::kNCHW) {
     const int64_t n_items = g.N * C;
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, OHW));
-    const int tasks = num_tasks(n_items, grain, threads);
+    const int tasks = tasks_for(n_items, grain, threads);
     Partials ps(tasks, stats ? 2 * C : 0);
     auto body = [&](int task, int64_t b, int64_t e) {
       std::vector<T> row(static_cast<size_t>(g.OW));
@@ -234,7 +192,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
         }
       }
     };
-    parallel_items(n_items, grain, tasks, body);
+    share_work(n_items, grain, tasks, body);
     if (stats) {
       std::vector<double> out(2 * C);
       ps.reduce_into(out.data());
@@ -252,7 +210,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
   if (a.scale) std::copy(a.scale, a.scale + C, scale.begin());
   if (a.shift) std::copy(a.shift, a.shift + C, shift.begin());
   const int64_t n_items = g.N * g.OH;
-  const int tasks = num_tasks(n_items, 1, threads);
+  const int tasks = tasks_for(n_items, 1, threads);
   Partials ps(tasks, stats ? 2 * C : 0);
   auto body = [&](int task, int64_t b, int64_t e) {
     std::vector<T> acc(static_cast<size_t>(C));
@@ -293,7 +251,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
       }
     }
   };
-  parallel_items(n_items, 1, tasks, body);
+  share_work(n_items, 1, tasks, body);
   if (stats) {
     std::vector<double> out(2 * C);
     ps.reduce_into(out.data());
@@ -358,12 +316,14 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
                  int threads) {
   const int64_t K = g.KH * g.KW, OHW = g.OH * g.OW, HW = g.H * g.W, C = g.C;
   std::vector<int64_t> kx_lo(g.KW), kx_hi(g.KW);
-  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.stride_w, g.pad_w, g.dil_w, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
+  for (int64_t kx = 0; kx < g.KW; ++kx) {
+    lwk::detail::outputs_inside(kx, g.stride_w, g.pad_w, g.dil_w, g.W, g.OW, &kx_lo[kx], &kx_hi[kx]);
+  }
 
   if (g.layout == Layout::kNCHW) {
     // One channel per item (all images): grad_w[c] needs no merging, grad_x planes are disjoint.
     // With a horizontal stride, x and grad_x are handled as column phases (ColumnPhases).
-    const int tasks = num_tasks(C, 1, threads);
+    const int tasks = tasks_for(C, 1, threads);
     const ColumnPhases phases(g.stride_w, g.W);
     std::vector<int64_t> kx_shift(g.KW);
     for (int64_t kx = 0; kx < g.KW; ++kx) kx_shift[kx] = phases.shift(kx * g.dil_w - g.pad_w);
@@ -422,14 +382,14 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
           for (int64_t k = 0; k < K; ++k) grad_w[c * K + k] = static_cast<T>(gw[k]);
       }
     };
-    parallel_items(C, 1, tasks, body);
+    share_work(C, 1, tasks, body);
     return;
   }
 
   // NHWC. grad_w: item = output row; per-row T accumulators flushed to per-task doubles.
   if (grad_w) {
     const int64_t n_items = g.N * g.OH;
-    const int tasks = num_tasks(n_items, 1, threads);
+    const int tasks = tasks_for(n_items, 1, threads);
     Partials ps(tasks, K * C);
     auto body = [&](int task, int64_t b, int64_t e) {
       std::vector<T> rowacc(static_cast<size_t>(K * C));
@@ -459,7 +419,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
         }
       }
     };
-    parallel_items(n_items, 1, tasks, body);
+    share_work(n_items, 1, tasks, body);
     std::vector<double> out(static_cast<size_t>(K * C));
     ps.reduce_into(out.data());
     for (int64_t c = 0; c < C; ++c)
@@ -471,7 +431,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
     for (int64_t c = 0; c < C; ++c)
       for (int64_t k = 0; k < K; ++k) wt[k * C + c] = w[c * K + k];
     const int64_t n_items = g.N * g.H;
-    const int tasks = num_tasks(n_items, 1, threads);
+    const int tasks = tasks_for(n_items, 1, threads);
     auto body = [&](int, int64_t b, int64_t e) {
       for (int64_t item = b; item < e; ++item) {
         const int64_t n = item / g.H, iy = item % g.H;
@@ -496,7 +456,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
         }
       }
     };
-    parallel_items(n_items, 1, tasks, body);
+    share_work(n_items, 1, tasks, body);
   }
 }
 
@@ -514,7 +474,7 @@ template <typename T>
 void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* shift,
                 const T* residual, Activation act, T* y, int threads) {
   const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
-  const int tasks = num_tasks(n_items, grain, threads);
+  const int tasks = tasks_for(n_items, grain, threads);
   auto body = [&](int, int64_t b, int64_t e) {
     if (g.layout == Layout::kNCHW) {
       for (int64_t item = b; item < e; ++item) {
@@ -543,7 +503,7 @@ void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* s
       }
     }
   };
-  parallel_items(n_items, grain, tasks, body);
+  share_work(n_items, grain, tasks, body);
 }
 
 template <typename T>
@@ -551,7 +511,7 @@ void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_o
                          const T* z, const T* center, T* gb, double* sum_g, double* sum_gz,
                          int threads) {
   const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
-  const int tasks = num_tasks(n_items, grain, threads);
+  const int tasks = tasks_for(n_items, grain, threads);
   if (act_out == nullptr) act = Activation::kNone;
   Partials ps(tasks, 2 * C);
   auto body = [&](int task, int64_t b, int64_t e) {
@@ -620,7 +580,7 @@ void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_o
       }
     }
   };
-  parallel_items(n_items, grain, tasks, body);
+  share_work(n_items, grain, tasks, body);
   std::vector<double> out(2 * C);
   ps.reduce_into(out.data());
   std::copy(out.begin(), out.begin() + C, sum_g);
@@ -631,7 +591,7 @@ template <typename T>
 void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, const T* a,
                            const T* b_, const T* k, T* out, int threads) {
   const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
-  const int tasks = num_tasks(n_items, grain, threads);
+  const int tasks = tasks_for(n_items, grain, threads);
   auto body = [&](int, int64_t b, int64_t e) {
     if (g.layout == Layout::kNCHW) {
       for (int64_t item = b; item < e; ++item) {
@@ -652,7 +612,7 @@ void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, co
       }
     }
   };
-  parallel_items(n_items, grain, tasks, body);
+  share_work(n_items, grain, tasks, body);
 }
 
 template <typename T>

@@ -47,17 +47,23 @@ void check(const ChannelGeometry& g) {
 }  // namespace
 
 std::string validate(const DwGeometry& g) {
-  if (g.N < 0 || g.C < 1 || g.H < 1 || g.W < 1) return "invalid input size";
-  if (g.KH < 1 || g.KW < 1) return "kernel size must be positive";
-  if (g.stride_h < 1 || g.stride_w < 1) return "stride must be positive";
-  if (g.dil_h < 1 || g.dil_w < 1) return "dilation must be positive";
-  if (g.pad_h < 0 || g.pad_w < 0) return "padding must be non-negative";
-  const int64_t oh = (g.H + 2 * g.pad_h - g.dil_h * (g.KH - 1) - 1) / g.stride_h + 1;
-  const int64_t ow = (g.W + 2 * g.pad_w - g.dil_w * (g.KW - 1) - 1) / g.stride_w + 1;
-  if (g.H + 2 * g.pad_h < g.dil_h * (g.KH - 1) + 1 || g.W + 2 * g.pad_w < g.dil_w * (g.KW - 1) + 1)
-    return "the dilated kernel is larger than the padded input";
-  if (oh != g.OH || ow != g.OW) return "output size does not match the convolution geometry";
-  return std::string();
+  detail::ConvShape c;
+  c.batch = g.N;
+  c.channels = g.C;
+  c.in_h = g.H;
+  c.in_w = g.W;
+  c.out_h = g.OH;
+  c.out_w = g.OW;
+  c.kernel_h = g.KH;
+  c.kernel_w = g.KW;
+  c.stride_h = g.stride_h;
+  c.stride_w = g.stride_w;
+  c.pad_h = g.pad_h;
+  c.pad_w = g.pad_w;
+  c.dil_h = g.dil_h;
+  c.dil_w = g.dil_w;
+  c.layout = g.layout;
+  return detail::validate_conv(c);
 }
 
 template <typename T>

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "joint_block.h"
@@ -178,6 +179,45 @@ void check_nan_activations(Layout layout, Isa isa) {
   }
 }
 
+
+// The training geometry gets the same validation as the inference one (conv_geometry.h), overflow
+// checks included: the kernels must never index past a buffer because a size was huge.
+void check_validation() {
+  DwGeometry g;
+  g.N = 2; g.C = 4; g.H = 9; g.W = 9; g.KH = g.KW = 3; g.pad_h = g.pad_w = 1;
+  g.OH = 9; g.OW = 9;
+  auto rejects = [&](DwGeometry b, const char* word) {
+    const std::string m = lwk::train::validate(b);
+    if (m.empty() || m.find(word) == std::string::npos) {
+      std::printf("FAIL validate: want a message containing '%s', got '%s'\n", word, m.c_str());
+      ++failures;
+    }
+  };
+  if (!lwk::train::validate(g).empty()) {
+    std::printf("FAIL validate rejected a valid geometry: %s\n", lwk::train::validate(g).c_str());
+    ++failures;
+  }
+  DwGeometry b = g;
+  b.C = 0;
+  rejects(b, "channels");
+  b = g;
+  b.stride_w = 0;
+  rejects(b, "stride");
+  b = g;
+  b.OH = 8;
+  rejects(b, "output size");
+  b = g;
+  b.H = int64_t(1) << 40;  // a single size past 2^30
+  rejects(b, "2^30");
+  b = g;  // every size allowed, their product not: [2^20, 2^20, 2^21, 2^21] elements
+  b.N = b.C = int64_t(1) << 20;
+  b.H = b.W = b.OH = b.OW = int64_t(1) << 21;
+  b.pad_h = b.pad_w = 1;
+  rejects(b, "overflow");
+  b = g;
+  b.dil_h = b.dil_w = 8;
+  rejects(b, "larger than the padded input");
+}
 }  // namespace
 
 int main() {
@@ -238,6 +278,7 @@ int main() {
       check_nan_activations<double>(layout, isa);
       cases += 2;
     }
+  check_validation();
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;
