@@ -36,7 +36,7 @@ LWK_INLINE T activation_grad(T grad, T out, Activation a) {
   return grad;
 }
 
-// Vector forms over the kernels' traits V (kernel_impl.h): V::max_keep(lo, v) and
+// Vector forms over the kernels' traits V (kernel_common.h): V::max_keep(lo, v) and
 // V::min_keep(hi, v) return v when v is NaN, so these agree with activate() lane by lane.
 template <class V, Activation A>
 LWK_INLINE typename V::reg activate_vec(typename V::reg v) {

@@ -6,9 +6,12 @@
 //   joint_block.cpp  validation, CPU feature detection, weight packing (a pure layout transform),
 //                    per-call preparation (Plan: folded depthwise weights, border tables, tiling,
 //                    work decomposition), scratch memory and the thread dispatch;
-//   kernel_impl.h    the fused tile computation (depthwise tile -> register-blocked GEMM ->
-//                    epilogue), written once as templates over a small vector-traits struct and
-//                    instantiated in each ISA translation unit with that unit's compiler flags.
+//   kernel_work_items.h  the fused tile computation (depthwise tile -> register-blocked GEMM ->
+//                    epilogue), written once as templates over a small vector-traits struct
+//                    (kernel_common.h) and instantiated in each ISA translation unit with that
+//                    unit's compiler flags: kernel_depthwise_nchw.h and kernel_depthwise_nhwc.h
+//                    compute a tile's depthwise output, kernel_gemm.h its pointwise GEMM and
+//                    epilogue.
 #pragma once
 
 #include <cstddef>

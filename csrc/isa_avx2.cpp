@@ -2,7 +2,7 @@
 // only entered after isa_supported(Isa::kAvx2) confirmed the CPU has both.
 #include <immintrin.h>
 
-#include "kernel_impl.h"
+#include "kernel_work_items.h"
 
 namespace lwk {
 namespace detail {

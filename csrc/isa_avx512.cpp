@@ -10,7 +10,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-#include "kernel_impl.h"
+#include "kernel_work_items.h"
 
 namespace lwk {
 namespace detail {

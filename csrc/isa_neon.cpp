@@ -1,7 +1,7 @@
 // NEON path (aarch64 only, where Advanced SIMD is baseline: no extra flags needed).
 #include <arm_neon.h>
 
-#include "kernel_impl.h"
+#include "kernel_work_items.h"
 
 namespace lwk {
 namespace detail {
