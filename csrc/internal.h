@@ -4,8 +4,9 @@
 //
 // Split of responsibilities:
 //   joint_block.cpp  validation, CPU feature detection, weight packing (a pure layout transform),
-//                    per-call preparation (Plan: folded depthwise weights, border tables, tiling,
-//                    work decomposition), scratch memory and the thread dispatch;
+//                    the forward call: its checks, planning (Plan: work decomposition from
+//                    tiling.cpp's cost model), the per-worker scratch layout, the per-call tables
+//                    (folded depthwise weights, border tables) and the thread dispatch;
 //   kernel_work_items.h  the fused tile computation (depthwise tile -> register-blocked GEMM ->
 //                    epilogue), written once as templates over a small vector-traits struct
 //                    (kernel_common.h) and instantiated in each ISA translation unit with that

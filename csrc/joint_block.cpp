@@ -15,6 +15,7 @@
 
 #include "conv_geometry.h"
 #include "internal.h"
+#include "tiling.h"
 #include "work_sharing.h"
 
 namespace lwk {
@@ -169,118 +170,6 @@ void dispatch(const Plan<T>& plan, const IsaOps<T>* ops, bool depthwise, int64_t
   });
 }
 
-// Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:
-// depthwise work (once per tile and worker), pointwise work on the columns the micro-kernels
-// really compute, streaming the packed weights once per item, and a fixed per-item overhead. The
-// makespan is what the busiest worker does under the static contiguous partition of share_work
-// (estimated in closed form: this runs on every call).
-// Tiles need not be whole micro-kernel blocks: 7 x 7 = 49 pixels is better one tile of a 48-wide
-// block and a thin column than a 48-pixel tile and a 1-pixel tile, which repeats the depthwise
-// for one pixel and streams all the weights again for it.
-struct Tiling {
-  int64_t tile_px, n_tiles, co_chunk, n_co;
-  bool shared_dw;  // see Plan::shared_dw
-};
-
-struct TileShape {
-  int64_t gran;       // NCHW: micro-kernel columns (pixels); NHWC: micro-kernel rows (pixels)
-  int64_t vw;         // vector width (elements)
-  int64_t panel;      // packed weight panel width (output channels)
-  bool nchw;
-};
-
-// Pointwise cost of a tile of q pixels in units of one pixel column of the wide micro-kernel.
-// NCHW: whole blocks, then a last block of at most vw/4 columns through the thin kernel (about
-// twice a wide column each: it is bound by loading the weights) or rounded up to whole vectors.
-// NHWC: pixels are rows; a partial row block costs about what its rows do.
-double pw_columns(int64_t q, const TileShape& ts) {
-  if (!ts.nchw) return double(q);
-  const int64_t full = q / ts.gran * ts.gran, rest = q - full;
-  if (rest == 0) return double(full);
-  if (rest <= ts.vw / 4) return double(full) + 2.0 * double(rest);
-  return double(full) + double(round_up(rest, ts.vw));
-}
-
-// Shared-depthwise mode: the largest buffer for all tiles' depthwise outputs; the fixed cost of
-// its extra dispatch and the cost of one vector of tile data computed by another worker (it comes
-// from that core's cache), in the cost model's units (about one vector FMA each).
-constexpr int64_t kSharedDwBytes = int64_t(4) << 20;
-constexpr double kSharedDwOverhead = 4000.0;
-constexpr double kSharedDwRemoteCost = 2.0;
-
-Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads) {
-  const int64_t npix = g.out_h * g.out_w;
-  const int64_t C = g.in_channels, CO = g.out_channels;
-  const int64_t taps = g.kernel_h * g.kernel_w;
-  const int64_t gran = ts.gran;
-  const int64_t budget = static_cast<int64_t>(tile_budget_bytes());
-  // The largest tile the budget allows (at least one micro-kernel block).
-  const int64_t pmax = std::max(gran, budget / std::max<int64_t>(1, C * elem_size));
-  const int64_t base_tiles = ceil_div(npix, pmax);
-  const int64_t npanels = ceil_div(CO, ts.panel);
-  const int workers = std::max(1, threads);
-
-  Tiling best{0, 0, 0, 0, false};
-  double best_cost = std::numeric_limits<double>::infinity();
-  // Re-tiling only matters when there are too few items to balance; otherwise keep the largest
-  // tiles that fit the budget.
-  const bool few = g.batch * base_tiles < 8 * int64_t(workers);
-  const int64_t max_tiles = few ? std::min<int64_t>(npix, base_tiles * workers * 2) : base_tiles;
-  const int64_t max_co = (workers > 1 && few) ? std::min<int64_t>(npanels, 2 * workers) : 1;
-  const int shared_mode = shared_depthwise();
-  auto shared_fits = [&](int64_t p) {
-    return workers > 1 && g.batch * ceil_div(npix, p) * p * C * elem_size <= kSharedDwBytes;
-  };
-  auto consider = [&](int64_t p) {
-    p = std::min(std::max<int64_t>(p, 1), npix);
-    if (p > pmax) return;
-    const int64_t tiles = ceil_div(npix, p);
-    const int64_t last_px = npix - (tiles - 1) * p;
-    for (int64_t nco = 1; nco <= max_co; ++nco) {
-      const int64_t chunk_panels = ceil_div(npanels, nco);
-      if (ceil_div(npanels, chunk_panels) != nco) continue;
-      const int64_t chunk = std::min(CO, chunk_panels * ts.panel);
-      const int64_t items = g.batch * tiles * nco;
-      // The busiest worker: ceil(items / workers) consecutive items of full tiles, which span at
-      // most ceil((k - 1) / nco) + 1 tiles (one depthwise each).
-      const int64_t k = ceil_div(items, workers);
-      const int64_t q = tiles == 1 ? last_px : p;
-      const int64_t dw_tiles = ceil_div(k - 1, nco) + 1;
-      const double dw = double(dw_tiles) * double(q) * C * taps / double(ts.vw);
-      const double per_item = pw_columns(q, ts) * double(chunk) * C / double(2 * ts.vw) +
-                              double(chunk) * C * 0.25 + 2000.0;
-      const double worst = dw + double(k) * per_item;
-      if (worst < best_cost * 0.999) {
-        best_cost = worst;
-        best = Tiling{p, tiles, chunk, nco, false};
-      }
-      // Shared depthwise: every tile's depthwise once, spread over the workers, then a second
-      // dispatch, and each item reads the part of its tile that other workers computed.
-      if (shared_mode != 0 && nco > 1 && shared_fits(p)) {
-        const double dw_all = double(g.batch * tiles) * double(q) * C * taps / double(ts.vw);
-        const double remote = double(q) * C / double(ts.vw) * double(workers - 1) / workers;
-        const double shared = dw_all / workers + kSharedDwOverhead +
-                              double(k) * (per_item + kSharedDwRemoteCost * remote);
-        if (shared < best_cost * 0.999) {
-          best_cost = shared;
-          best = Tiling{p, tiles, chunk, nco, true};
-        }
-      }
-    }
-  };
-  for (int64_t nt = base_tiles; nt <= max_tiles; ++nt) {
-    const int64_t even = ceil_div(npix, nt);
-    consider(round_up(even, gran));  // whole blocks, the last tile takes the rest
-    consider(even);                  // equal tiles
-  }
-  if (best.tile_px == 0) {
-    const int64_t p = std::min(npix, pmax);
-    best = Tiling{p, ceil_div(npix, p), CO, 1, false};
-  }
-  if (shared_mode == 1 && shared_fits(best.tile_px)) best.shared_dw = true;
-  return best;
-}
-
 // Copies panels [p_lo, p_hi) of `weight` into their packed layout.
 template <typename T>
 void pack_panels(const T* weight, int64_t c_out, int64_t c_in, int panel, int64_t p_lo, int64_t p_hi,
@@ -339,9 +228,15 @@ std::shared_ptr<const PackedPointwise<T>> pack_impl(Isa isa, Layout layout, cons
   return packed;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The forward call, in the order it runs: checks, planning (tiling and the Plan's geometry),
+// the per-worker scratch layout, the per-call tables, then the dispatch.
+
+// What validate() cannot see: the packing must match the geometry and come from pack_pointwise,
+// the activations and the statistics buffers must be valid. Returns the packed weights.
 template <typename T>
-void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
-                  const JointTensors<T>& t, int num_threads) {
+const PackedImpl<T>& check_call(const PackedPointwise<T>& packed_base, const JointGeometry& g,
+                                const JointTensors<T>& t) {
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("joint_forward: " + err);
   const auto* packed = dynamic_cast<const PackedImpl<T>*>(&packed_base);
@@ -361,39 +256,39 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   }
   if (!valid_act(t.mid_act)) throw std::invalid_argument("joint_forward: unknown mid_act value");
   if (!valid_act(t.out_act)) throw std::invalid_argument("joint_forward: unknown out_act value");
-  const IsaOps<T>* ops = ops_for<T>(packed->isa());
-  if (ops == nullptr || !isa_supported(packed->isa())) {
+  if (ops_for<T>(packed->isa()) == nullptr || !isa_supported(packed->isa())) {
     throw std::invalid_argument("joint_forward: the packed weights' ISA is not supported here");
   }
   if ((t.y_sum == nullptr) != (t.y_sumsq == nullptr)) {
     throw std::invalid_argument("joint_forward: y_sum and y_sumsq must be given together");
   }
-  if (t.y_sum != nullptr) {
-    std::fill(t.y_sum, t.y_sum + g.out_channels, 0.0);
-    std::fill(t.y_sumsq, t.y_sumsq + g.out_channels, 0.0);
-  }
-  if (g.batch == 0) return;
+  return *packed;
+}
+
+template <typename T>
+void check_tensors(const JointTensors<T>& t) {
   if (t.x == nullptr) throw std::invalid_argument("joint_forward: x is null");
   if (t.dw_weight == nullptr) throw std::invalid_argument("joint_forward: dw_weight is null");
   if (t.y == nullptr) throw std::invalid_argument("joint_forward: y is null");
+}
 
-  const int64_t C = g.in_channels, CO = g.out_channels;
-  const int64_t KH = g.kernel_h, KW = g.kernel_w, taps = KH * KW;
-  const bool nhwc = g.layout == Layout::kNHWC;
-  const int threads = std::max(1, num_threads);
+std::size_t aligned_bytes(int64_t bytes) {
+  return static_cast<std::size_t>(round_up(bytes, static_cast<int64_t>(kScratchAlign)));
+}
 
-  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, packed->panel(), !nhwc};
-  const Tiling tl = choose_tiling(g, sizeof(T), ts, threads);
-
+// Planning: the Plan's geometry, tensors and work decomposition for tiling `tl`.
+template <typename T>
+Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const PackedImpl<T>& packed,
+                  const Tiling& tl) {
   Plan<T> plan;
-  plan.C = C;
+  plan.C = g.in_channels;
   plan.H = g.in_h;
   plan.W = g.in_w;
-  plan.CO = CO;
+  plan.CO = g.out_channels;
   plan.OH = g.out_h;
   plan.OW = g.out_w;
-  plan.KH = KH;
-  plan.KW = KW;
+  plan.KH = g.kernel_h;
+  plan.KW = g.kernel_w;
   plan.stride_h = g.stride_h;
   plan.stride_w = g.stride_w;
   plan.pad_h = g.pad_h;
@@ -402,85 +297,94 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.dil_w = g.dil_w;
   plan.layout = g.layout;
   plan.x = t.x;
-  plan.x_end = t.x + g.batch * C * g.in_h * g.in_w;
+  plan.x_end = t.x + g.batch * g.in_channels * g.in_h * g.in_w;
   plan.residual = t.residual;
   plan.y = t.y;
   plan.mid_act = t.mid_act;
   plan.out_act = t.out_act;
-  plan.packed = packed;
+  plan.packed = &packed;
   plan.tile_px = tl.tile_px;
   plan.n_tiles = tl.n_tiles;
   plan.co_chunk = tl.co_chunk;
   plan.n_co = tl.n_co;
   plan.n_items = g.batch * tl.n_tiles * tl.n_co;
-  auto aligned = [](int64_t bytes) {
-    return static_cast<std::size_t>(round_up(bytes, static_cast<int64_t>(kScratchAlign)));
-  };
-  // The depthwise tile: in each worker's scratch at offset 0, or in shared-depthwise mode one per
-  // (image, tile) in the shared buffer.
+  plan.stats = t.y_sum != nullptr;
+  return plan;
+}
+
+// Scratch layout of one worker (Plan's per-worker scratch comment): the depthwise tile (unless
+// shared-depthwise mode keeps the tiles in a shared buffer), NCHW's rows, plane and segments, and
+// the statistics. Sets the offsets, ldt, the plane's geometry and scratch_bytes.
+template <typename T>
+void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling& tl,
+                            const IsaOps<T>& ops) {
+  const int64_t C = g.in_channels;
+  const bool nhwc = g.layout == Layout::kNHWC;
   if (nhwc) {
     plan.ldt = padded_ld(C, sizeof(T));
     plan.tile_elems = tl.tile_px * plan.ldt;
   } else {
-    plan.tile_elems = ceil_div(tl.tile_px, ops->nr) * C * ops->nr;
+    plan.tile_elems = ceil_div(tl.tile_px, ops.nr) * C * ops.nr;
   }
   const std::size_t own_tile_bytes =
-      tl.shared_dw ? 0 : aligned(plan.tile_elems * int64_t(sizeof(T)));
+      tl.shared_dw ? 0 : aligned_bytes(plan.tile_elems * int64_t(sizeof(T)));
   if (nhwc) {
     plan.scratch_bytes = own_tile_bytes;
   } else {
-    const int64_t nr = ops->nr;
+    const int64_t nr = ops.nr;
     plan.row_offset = own_tile_bytes;
     // Row slack of one micro-tile: the depthwise writes whole vectors past a segment's end.
     plan.ldt = round_up(tl.tile_px, nr) + nr;
-    plan.row_stride = static_cast<int64_t>(aligned(plan.ldt * int64_t(sizeof(T))) / sizeof(T));
+    plan.row_stride = static_cast<int64_t>(aligned_bytes(plan.ldt * int64_t(sizeof(T))) / sizeof(T));
     plan.plane_offset = plan.row_offset + 2 * plan.row_stride * sizeof(T);  // two rows
     plan.scratch_bytes = plan.plane_offset;
     const int64_t S = g.stride_w;
-    const int64_t qmax = (KW - 1) * g.dil_w / S;
+    const int64_t qmax = (g.kernel_w - 1) * g.dil_w / S;
     // + vw - 1: each phase starts up to vw - 1 elements in, so its first inside element (where
     // the fill's stores begin) is vector-aligned.
-    plan.lp = round_up(g.out_w + ops->vw + qmax + 1 + ops->vw - 1, ops->vw);
+    plan.lp = round_up(g.out_w + ops.vw + qmax + 1 + ops.vw - 1, ops.vw);
     const int64_t rows_out = std::min(g.out_h, ceil_div(tl.tile_px, g.out_w) + 1);
-    plan.plane_rows = (rows_out - 1) * g.stride_h + (KH - 1) * g.dil_h + 1;
-    const int64_t plane_elems = plan.plane_rows * S * plan.lp + ops->vw;  // + store slack
+    plan.plane_rows = (rows_out - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1;
+    const int64_t plane_elems = plan.plane_rows * S * plan.lp + ops.vw;  // + store slack
     plan.use_plane = plane_elems <= plane_limit_elems();
     if (plan.use_plane) {
       plan.plane_stride =
-          static_cast<int64_t>(aligned(plane_elems * int64_t(sizeof(T))) / sizeof(T));
+          static_cast<int64_t>(aligned_bytes(plane_elems * int64_t(sizeof(T))) / sizeof(T));
       plan.max_segs = rows_out;
       plan.seg_offset = plan.scratch_bytes + 2 * plan.plane_stride * sizeof(T);  // two planes
-      plan.scratch_bytes = plan.seg_offset + aligned(rows_out * 3 * int64_t(sizeof(int64_t)));
+      plan.scratch_bytes = plan.seg_offset + aligned_bytes(rows_out * 3 * int64_t(sizeof(int64_t)));
     }
   }
-
-  plan.stats = t.y_sum != nullptr;
   if (plan.stats) {
     plan.stats_offset = plan.scratch_bytes;
-    plan.scratch_bytes += aligned(2 * CO * int64_t(sizeof(double)));
+    plan.scratch_bytes += aligned_bytes(2 * g.out_channels * int64_t(sizeof(double)));
   }
+}
 
-  std::size_t b_shared = 0;
-  int64_t n_dw_items = 0;
-  if (tl.shared_dw) {
-    // About four depthwise items per worker, in whole cache lines of channels (NHWC tiles hold
-    // channels along rows: two workers must not write one line).
-    const int64_t tiles_all = g.batch * plan.n_tiles;
-    const int64_t line = 64 / int64_t(sizeof(T));
-    plan.dw_chunk = round_up(ceil_div(C, ceil_div(4 * int64_t(threads), tiles_all)), line);
-    plan.n_dw_chunks = ceil_div(C, plan.dw_chunk);
-    n_dw_items = tiles_all * plan.n_dw_chunks;
-    b_shared = aligned(tiles_all * plan.tile_elems * int64_t(sizeof(T)));
-  }
-  const int tasks =
-      static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
+// Shared-depthwise mode's first phase: about four depthwise items per worker, in whole cache lines
+// of channels (NHWC tiles hold channels along rows: two workers must not write one line). Sets
+// dw_chunk and n_dw_chunks; returns the number of depthwise items.
+template <typename T>
+int64_t plan_shared_depthwise(Plan<T>& plan, int64_t batch, int threads) {
+  const int64_t tiles_all = batch * plan.n_tiles;
+  const int64_t line = 64 / int64_t(sizeof(T));
+  plan.dw_chunk = round_up(ceil_div(plan.C, ceil_div(4 * int64_t(threads), tiles_all)), line);
+  plan.n_dw_chunks = ceil_div(plan.C, plan.dw_chunk);
+  return tiles_all * plan.n_dw_chunks;
+}
 
-  // Per-call tables and folded parameters live in the head of the calling thread's scratch;
-  // the per-task depthwise tiles follow.
+// The per-call tables, in the head of the calling thread's scratch: folded depthwise weights and
+// shift, pointwise scale and shift, the border tables, the plane's phase and tap tables, and in
+// shared-depthwise mode the shared tiles (`shared_bytes`). Returns where the per-task scratch
+// (plan.scratch_bytes per task) begins.
+template <typename T>
+char* set_up_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& t,
+                  const IsaOps<T>& ops, std::size_t shared_bytes, int tasks) {
+  const int64_t C = g.in_channels, CO = g.out_channels;
+  const int64_t KH = g.kernel_h, KW = g.kernel_w, taps = KH * KW;
   const int64_t OH = g.out_h, OW = g.out_w;
-  auto bytes_of = [](int64_t n, std::size_t es) {
-    return static_cast<std::size_t>(round_up(static_cast<int64_t>(n * es), kScratchAlign));
-  };
+  const bool nhwc = g.layout == Layout::kNHWC;
+  auto bytes_of = [](int64_t n, std::size_t es) { return aligned_bytes(n * int64_t(es)); };
   const std::size_t b_dw = bytes_of(C * taps, sizeof(T));
   const std::size_t b_c = bytes_of(C, sizeof(T));
   const std::size_t b_co = bytes_of(CO, sizeof(T));
@@ -488,9 +392,9 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   const std::size_t b_ow = bytes_of(OW, sizeof(int64_t));
   const std::size_t b_kw = bytes_of(taps, sizeof(int64_t));
   const std::size_t b_ph = bytes_of(plan.use_plane ? g.stride_w : 0, sizeof(int64_t));
-  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 3 * b_ph + b_shared;
-  char* base = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
-  char* cur = base;
+  const std::size_t head =
+      b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 3 * b_ph + shared_bytes;
+  char* cur = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
   auto take = [&cur](std::size_t b) {
     char* p = cur;
     cur += b;
@@ -508,8 +412,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   int64_t* phase_lo = reinterpret_cast<int64_t*>(take(b_ph));
   int64_t* phase_hi = reinterpret_cast<int64_t*>(take(b_ph));
   int64_t* phase_off = reinterpret_cast<int64_t*>(take(b_ph));
-  if (tl.shared_dw) plan.shared_dw = reinterpret_cast<T*>(take(b_shared));
-  char* tiles = cur;
+  if (shared_bytes) plan.shared_dw = reinterpret_cast<T*>(take(shared_bytes));
 
   for (int64_t c = 0; c < C; ++c) {
     const T s = t.dw_scale ? t.dw_scale[c] : T(1);
@@ -555,7 +458,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.ox_in_hi = in_hi;
   if (plan.use_plane) {
     const int64_t S = g.stride_w, P = g.pad_w, Win = g.in_w;
-    const int64_t cap = plan.lp - (ops->vw - 1);  // room left after the largest shift
+    const int64_t cap = plan.lp - (ops.vw - 1);  // room left after the largest shift
     for (int64_t r = 0; r < S; ++r) {
       int64_t lo = P - r <= 0 ? 0 : ceil_div(P - r, S);
       int64_t hi = Win - 1 + P - r < 0 ? 0 : (Win - 1 + P - r) / S + 1;
@@ -563,7 +466,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
       hi = std::min(hi, cap);
       phase_lo[r] = lo;
       phase_hi[r] = std::max(lo, hi);
-      phase_off[r] = r * plan.lp + (ops->vw - lo % ops->vw) % ops->vw;
+      phase_off[r] = r * plan.lp + (ops.vw - lo % ops.vw) % ops.vw;
     }
     for (int64_t ky = 0; ky < KH; ++ky) {
       for (int64_t kx = 0; kx < KW; ++kx) {
@@ -576,15 +479,25 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.phase_lo = phase_lo;
   plan.phase_hi = phase_hi;
   plan.phase_off = phase_off;
+  return cur;
+}
 
+// Dispatch: the shared-depthwise phase (when planned), the work items, then the workers'
+// statistics added into y_sum/y_sumsq.
+template <typename T>
+void run_call(const Plan<T>& plan, const IsaOps<T>* ops, int64_t n_dw_items, char* task_scratch,
+              int tasks, const JointTensors<T>& t) {
+  const int64_t CO = plan.CO;
   auto worker_stats = [&](int task) {
-    return reinterpret_cast<double*>(tiles + plan.scratch_bytes * task + plan.stats_offset);
+    return reinterpret_cast<double*>(task_scratch + plan.scratch_bytes * task + plan.stats_offset);
   };
   if (plan.stats) {
     for (int i = 0; i < tasks; ++i) std::fill(worker_stats(i), worker_stats(i) + 2 * CO, 0.0);
   }
-  if (plan.shared_dw) dispatch(plan, ops, true, n_dw_items, tiles, plan.scratch_bytes, tasks);
-  dispatch(plan, ops, false, plan.n_items, tiles, plan.scratch_bytes, tasks);
+  if (plan.shared_dw) {
+    dispatch(plan, ops, true, n_dw_items, task_scratch, plan.scratch_bytes, tasks);
+  }
+  dispatch(plan, ops, false, plan.n_items, task_scratch, plan.scratch_bytes, tasks);
   if (plan.stats) {
     for (int i = 0; i < tasks; ++i) {
       const double* w = worker_stats(i);
@@ -594,6 +507,37 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
       }
     }
   }
+}
+
+template <typename T>
+void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
+                  const JointTensors<T>& t, int num_threads) {
+  const PackedImpl<T>& packed = check_call(packed_base, g, t);
+  if (t.y_sum != nullptr) {
+    std::fill(t.y_sum, t.y_sum + g.out_channels, 0.0);
+    std::fill(t.y_sumsq, t.y_sumsq + g.out_channels, 0.0);
+  }
+  if (g.batch == 0) return;
+  check_tensors(t);
+
+  const IsaOps<T>* ops = ops_for<T>(packed.isa());
+  const bool nhwc = g.layout == Layout::kNHWC;
+  const int threads = std::max(1, num_threads);
+  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, packed.panel(), !nhwc};
+  const Tiling tl = choose_tiling(g, sizeof(T), ts, threads);
+
+  Plan<T> plan = plan_call(g, t, packed, tl);
+  lay_out_worker_scratch(plan, g, tl, *ops);
+  std::size_t shared_bytes = 0;
+  int64_t n_dw_items = 0;
+  if (tl.shared_dw) {
+    n_dw_items = plan_shared_depthwise(plan, g.batch, threads);
+    shared_bytes = aligned_bytes(g.batch * plan.n_tiles * plan.tile_elems * int64_t(sizeof(T)));
+  }
+  const int tasks =
+      static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
+  char* task_scratch = set_up_call(plan, g, t, *ops, shared_bytes, tasks);
+  run_call(plan, ops, n_dw_items, task_scratch, tasks, t);
 }
 
 }  // namespace
