@@ -159,7 +159,9 @@ void dispatch(const Plan<T>& plan, const IsaOps<T>* ops, bool depthwise, int64_t
     int64_t id = -1;
   };
   tasks = tasks_for(n_items, 1, tasks);
-  std::unique_ptr<CachedTile[]> cached(new CachedTile[tasks]);
+  CachedTile few[8];  // no allocation for the usual thread counts
+  std::unique_ptr<CachedTile[]> many(tasks > 8 ? new CachedTile[tasks] : nullptr);
+  CachedTile* cached = many ? many.get() : few;
   share_work(n_items, 1, tasks, [&](int task, int64_t begin, int64_t end) {
     void* own = scratch + stride * task;
     if (depthwise) {
