@@ -155,7 +155,17 @@ struct IsaOps {
                     int64_t* dw_tile);
   // Shared-depthwise mode's first phase: depthwise items [begin, end) (see Plan::shared_dw).
   void (*run_depthwise)(const Plan<T>& plan, int64_t begin, int64_t end, void* scratch);
+  // Test hooks: p[i] = activation a of p[i] for i in [0, n), as the kernels compute it (whole
+  // vectors, then the rest one by one); y[i] = e^x[i] by the path's exp (exp_vec for the vector
+  // paths, on every element; std::exp for the scalar one).
+  void (*activate_n)(Activation a, T* p, int64_t n);
+  void (*exp_n)(const T* x, T* y, int64_t n);
 };
+
+// The entry points of `isa` for T (double: the scalar path for every isa), or null when this
+// build lacks the path.
+template <typename T>
+const IsaOps<T>* ops_for(Isa isa);
 
 const IsaOps<float>* scalar_ops_f32();
 const IsaOps<double>* scalar_ops_f64();

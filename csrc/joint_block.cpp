@@ -71,14 +71,7 @@ std::size_t tile_budget_bytes() {
   return b ? b : std::size_t(256) * 1024;
 }
 
-namespace {
-
-// ---------------------------------------------------------------------------------------------
 // Dispatch tables.
-
-template <typename T>
-const IsaOps<T>* ops_for(Isa isa);
-
 template <>
 const IsaOps<float>* ops_for<float>(Isa isa) {
   switch (isa) {
@@ -106,12 +99,15 @@ const IsaOps<double>* ops_for<double>(Isa) {
   return scalar_ops_f64();  // double always runs the scalar path
 }
 
+namespace {
+
 bool valid_isa(Isa isa) {
   return isa == Isa::kScalar || isa == Isa::kAvx2 || isa == Isa::kAvx512 || isa == Isa::kNeon;
 }
 bool valid_layout(Layout l) { return l == Layout::kNCHW || l == Layout::kNHWC; }
 bool valid_act(Activation a) {
-  return a == Activation::kNone || a == Activation::kRelu || a == Activation::kRelu6;
+  return a == Activation::kNone || a == Activation::kRelu || a == Activation::kRelu6 ||
+         a == Activation::kHardswish || a == Activation::kSilu;
 }
 
 const char* layout_name(Layout l) { return l == Layout::kNHWC ? "NHWC" : "NCHW"; }

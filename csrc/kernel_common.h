@@ -12,6 +12,9 @@
 //   max_keep(lo, v) / min_keep(hi, v)     max/min that return v when v is NaN (activation.h)
 //   load_s2(p)          {p[0], p[2], ..., p[2W-2]} without reading past p[2W-2]
 //   add_f64(p, v)       p[l] += double(v[l]) for the W lanes (double* p)
+//   sub(a, b) mul(a, b) div(a, b), round_nearest(v) (to the nearest integer, as a float) and
+//   pow2i(n) (2^n for integral n in [-126, 127]): used by hardswish and silu (activation.h,
+//   vec_math.h) only; one-lane traits (W == 1) may leave them out.
 //
 // In an anonymous namespace like every kernel header: each ISA translation unit compiles its own
 // copy with its own flags (kernel_work_items.h says why).

@@ -2,6 +2,8 @@
 // columns, either directly from x (border columns scalar) or through the zero-padded,
 // stride-deinterleaved plane (Plan::use_plane), written into the column-blocked tile that the
 // NCHW micro-kernels read as packed panels.
+// The mid activation applied here is a clamping one (none, relu, relu6): depthwise_tile
+// (kernel_work_items.h) applies hardswish and silu in a pass over the finished tile.
 //
 // In an anonymous namespace like every kernel header: each ISA translation unit compiles its own
 // copy with its own flags (kernel_work_items.h says why).
@@ -52,7 +54,7 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
   const int64_t S = pl.stride_w, KW = pl.KW, dil = pl.dil_w;
   int64_t ox = ox0;
   for (; ox < a; ++ox) {
-    out[ox - ox0] = activate(dw_pixel_nchw(pl, xc, wc, bias, iy0, kyl, kyh, ox), act);
+    out[ox - ox0] = activate_clamping(dw_pixel_nchw(pl, xc, wc, bias, iy0, kyl, kyh, ox), act);
   }
   const R vb = V::set1(bias);
   for (; ox + U * W <= b; ox += U * W) {
@@ -69,7 +71,7 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
         }
       }
     }
-    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + (ox - ox0) + u * W, activate_vec<V>(acc[u], act));
+    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + (ox - ox0) + u * W, activate_vec_clamping<V>(acc[u], act));
   }
   for (; ox + W <= b; ox += W) {
     R acc = vb;
@@ -80,10 +82,10 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
         acc = V::fma(V::set1(wk[kx]), load_strided<V, kS>(row + kx * dil, S), acc);
       }
     }
-    V::store(out + (ox - ox0), activate_vec<V>(acc, act));
+    V::store(out + (ox - ox0), activate_vec_clamping<V>(acc, act));
   }
   for (; ox < ox1; ++ox) {
-    out[ox - ox0] = activate(dw_pixel_nchw(pl, xc, wc, bias, iy0, kyl, kyh, ox), act);
+    out[ox - ox0] = activate_clamping(dw_pixel_nchw(pl, xc, wc, bias, iy0, kyl, kyh, ox), act);
   }
 }
 
@@ -219,7 +221,7 @@ LWK_INLINE void dw_group_plane(const typename V::T* base, const int64_t* off, in
       }
     }
   }
-  LWK_UNROLL for (int u = 0; u < N; ++u) V::store(out + u * W, activate_vec<V>(acc[u], act));
+  LWK_UNROLL for (int u = 0; u < N; ++u) V::store(out + u * W, activate_vec_clamping<V>(acc[u], act));
 }
 
 // A tile's output-row segments: plane offset of the segment's first output (row origin plus

@@ -1,6 +1,8 @@
 // The depthwise side of a work item in NHWC: tile[pixel][channel], vectorised along channels,
 // with the folded weights stored tap-major; 3x3 pixels whose taps are all inside take a path
 // without border tables.
+// The mid activation applied here is a clamping one (none, relu, relu6): depthwise_tile
+// (kernel_work_items.h) applies hardswish and silu in a pass over the finished tile.
 //
 // In an anonymous namespace like every kernel header: each ISA translation unit compiles its own
 // copy with its own flags (kernel_work_items.h says why).
@@ -54,7 +56,7 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
     }
     LWK_UNROLL for (int q = 0; q < NP_; ++q) {
       LWK_UNROLL for (int u = 0; u < U; ++u) {
-        V::store(out + q * ldt + c + u * W, activate_vec<V>(acc[q][u], act));
+        V::store(out + q * ldt + c + u * W, activate_vec_clamping<V>(acc[q][u], act));
       }
     }
   }
@@ -67,13 +69,13 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
         acc[q] = V::fma(wv, V::load(base + q * pstep + off[t] + c), acc[q]);
       }
     }
-    LWK_UNROLL for (int q = 0; q < NP_; ++q) V::store(out + q * ldt + c, activate_vec<V>(acc[q], act));
+    LWK_UNROLL for (int q = 0; q < NP_; ++q) V::store(out + q * ldt + c, activate_vec_clamping<V>(acc[q], act));
   }
   for (; c < c_hi; ++c) {
     LWK_UNROLL for (int q = 0; q < NP_; ++q) {
       T acc = pl.dw_b[c];
       for (int t = 0; t < 9; ++t) acc += w[t * C + c] * base[q * pstep + off[t] + c];
-      out[q * ldt + c] = activate(acc, act);
+      out[q * ldt + c] = activate_clamping(acc, act);
     }
   }
 }
@@ -106,7 +108,7 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
         }
       }
     }
-    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + c + u * W, activate_vec<V>(acc[u], act));
+    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + c + u * W, activate_vec_clamping<V>(acc[u], act));
   }
   for (; c + W <= c_hi; c += W) {
     R acc = V::load(pl.dw_b + c);
@@ -117,7 +119,7 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
         acc = V::fma(V::load(wr + kx * C), V::load(xr + kx * pl.dil_w * C), acc);
       }
     }
-    V::store(out + c, activate_vec<V>(acc, act));
+    V::store(out + c, activate_vec_clamping<V>(acc, act));
   }
   for (; c < c_hi; ++c) {
     T acc = pl.dw_b[c];
@@ -126,7 +128,7 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
       const T* wr = pl.dw_w + ky * pl.KW * C + c;
       for (int64_t kx = kxl; kx < kxh; ++kx) acc += wr[kx * C] * xr[kx * pl.dil_w * C];
     }
-    out[c] = activate(acc, act);
+    out[c] = activate_clamping(acc, act);
   }
 }
 

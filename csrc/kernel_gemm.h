@@ -49,14 +49,43 @@ LWK_INLINE void stats_add(double* sum, double* sq, T v) {
   *sq += d * d;
 }
 
-// The epilogue of one element: y[off] = act(acc * scale[ch] + shift[ch] + res[off]); returns it.
+// The epilogue of one element: y[off] = act(acc * scale[ch] + shift[ch] + res[off]) for a
+// clamping activation (activation.h); returns it. Its callers leave hardswish and silu to
+// store_then_activate and activate_stored, so their loops stay free of calls (and vectorised).
 template <typename T>
 LWK_INLINE T store_scalar(const Epi<T>& e, T acc, int64_t ch, int64_t off) {
   T v = acc * e.scale[ch] + e.shift[ch];
   if (e.res) v += e.res[off];
-  v = activate(v, e.act);
+  v = activate_clamping(v, e.act);
   e.y[off] = v;
   return v;
+}
+
+// e itself for a clamping activation; for hardswish and silu, e without the activation and the
+// statistics, which activate_stored then adds.
+template <typename T>
+LWK_INLINE Epi<T> clamping_part(const Epi<T>& e) {
+  Epi<T> c = e;
+  if (!is_clamping(e.act)) {
+    c.act = Activation::kNone;
+    c.part_sum = c.part_sq = c.ch_sum = c.ch_sq = nullptr;
+  }
+  return c;
+}
+
+// hardswish or silu (e.act) of elements an element-wise epilogue stored without it:
+// y[(r0 + i) * ldy + c] for i in [0, rows), c in [c0, c1), in place; with sum/sq, element (i, c)'s
+// activated value also goes into sum[i * si + (c - c0) * sc] (and its square into sq).
+template <typename T>
+LWK_NOINLINE void activate_stored(const Epi<T>& e, int64_t r0, int64_t rows, int64_t c0,
+                                  int64_t c1, double* sum, double* sq, int64_t si, int64_t sc) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* y = e.y + (r0 + i) * e.ldy + c;
+      *y = activate(*y, e.act);
+      if (sum) stats_add(sum + i * si + (c - c0) * sc, sq + i * si + (c - c0) * sc, *y);
+    }
+  }
 }
 
 template <class V>
@@ -120,6 +149,66 @@ LWK_INLINE void store_full_dispatch(const typename V::reg (&acc)[MR_][NV_],
   }
 }
 
+// hardswish and silu share this one out-of-line epilogue per micro-kernel shape instead of an
+// inline instance each (build time; the clamping activations' epilogues stay as they were). The
+// accumulators come spilled to `spilled` ([MR_][NV_ * W]): passing the register array by reference
+// would let its address escape the micro-kernel and keep it out of registers. A full tile stores
+// y = acc * scale + shift (+ residual) by vectors, then activates it in place (still in L1) and
+// adds the statistics of the activated values; a partial one goes element by element.
+template <class V, int MR_, int NV_, bool kNCHW>
+LWK_NOINLINE void store_then_activate(const typename V::T* spilled, const Epi<typename V::T>& e,
+                                      int64_t r0, int64_t c0, int cols) {
+  using T = typename V::T;
+  using R = typename V::reg;
+  constexpr int W = V::W;
+  if (cols < NV_ * W) {
+    for (int i = 0; i < MR_; ++i) {
+      for (int c = 0; c < cols; ++c) {
+        const int64_t ch = kNCHW ? r0 + i : c0 + c;
+        const int64_t off = (r0 + i) * e.ldy + c0 + c;
+        T v = spilled[i * NV_ * W + c] * e.scale[ch] + e.shift[ch];
+        if (e.res) v += e.res[off];
+        v = activate(v, e.act);
+        e.y[off] = v;
+        if (e.part_sum) {
+          const int p = kNCHW ? i * W : c;
+          stats_add(e.part_sum + p, e.part_sq + p, v);
+        }
+      }
+    }
+    return;
+  }
+  R acc[MR_][NV_];
+  for (int i = 0; i < MR_; ++i) {
+    for (int j = 0; j < NV_; ++j) acc[i][j] = V::load(spilled + (i * NV_ + j) * W);
+  }
+  store_full<V, MR_, NV_, kNCHW, Activation::kNone, false>(acc, e, r0, c0);
+  R s_col[NV_], q_col[NV_];
+  for (int j = 0; j < NV_; ++j) s_col[j] = q_col[j] = V::zero();
+  for (int i = 0; i < MR_; ++i) {
+    T* yr = e.y + (r0 + i) * e.ldy + c0;
+    activate_array<V>(yr, NV_ * W, e.act);
+    if (!e.part_sum) continue;
+    R s_row = V::zero(), q_row = V::zero();
+    for (int j = 0; j < NV_; ++j) {
+      const R v = V::load(yr + j * W);
+      if (kNCHW) {
+        s_row = V::add(s_row, v);
+        q_row = V::fma(v, v, q_row);
+      } else {
+        s_col[j] = V::add(s_col[j], v);
+        q_col[j] = V::fma(v, v, q_col[j]);
+      }
+    }
+    if (kNCHW) stats_add_vec<V>(e.part_sum + i * W, e.part_sq + i * W, s_row, q_row);
+  }
+  if (e.part_sum && !kNCHW) {
+    for (int j = 0; j < NV_; ++j) {
+      stats_add_vec<V>(e.part_sum + j * W, e.part_sq + j * W, s_col[j], q_col[j]);
+    }
+  }
+}
+
 // The micro-kernel: acc[MR_ x NV_*W] = sum_k A(i, k) * B(k, j), then the epilogue for `cols` valid
 // columns (rows are always all valid: callers pick MR_ = remaining rows).
 // B is always a packed panel, B(k, j) = B[k * V::NR + j] (NHWC: pointwise weights; NCHW: a column
@@ -159,6 +248,14 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
     }
   }
 
+  if (!is_clamping(e.act)) {  // hardswish, silu
+    alignas(64) T spilled[MR_ * NV_ * W];
+    LWK_UNROLL for (int i = 0; i < MR_; ++i) {
+      LWK_UNROLL for (int j = 0; j < NV_; ++j) V::store(spilled + (i * NV_ + j) * W, acc[i][j]);
+    }
+    store_then_activate<V, MR_, NV_, kNCHW>(spilled, e, r0, c0, cols);
+    return;
+  }
   if (cols == NV_ * W) {
     switch (e.act) {
       case Activation::kNone:
@@ -169,6 +266,8 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
         break;
       case Activation::kRelu6:
         store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kRelu6>(acc, e, r0, c0);
+        break;
+      default:  // hardswish and silu went to store_then_activate
         break;
     }
     return;

@@ -18,8 +18,10 @@
 // never merge, say, an AVX2-compiled helper into the scalar path.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
+#include "activation.h"
 #include "compiler.h"
 #include "internal.h"
 #include "kernel_common.h"
@@ -31,11 +33,12 @@ namespace lwk {
 namespace detail {
 namespace {
 
-// Depthwise output of channels [c_lo, c_hi) of the tile p0 .. p0+np-1 of image n into `tile`;
-// `scratch` is the worker's (its row, plane and segment buffers).
+// Depthwise output of channels [c_lo, c_hi) of the tile p0 .. p0+np-1 of image n into `tile`,
+// with a clamping mid activation (activation.h); `scratch` is the worker's (its row, plane and
+// segment buffers).
 template <class V>
-void depthwise_tile(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
-                    int64_t c_lo, int64_t c_hi, typename V::T* tile, void* scratch) {
+void depthwise_tile_clamping(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
+                             int64_t c_lo, int64_t c_hi, typename V::T* tile, void* scratch) {
   using T = typename V::T;
   if (pl.layout == Layout::kNHWC) {
     dw_tile_nhwc<V>(pl, n, p0, np, c_lo, c_hi, tile);
@@ -58,6 +61,29 @@ void depthwise_tile(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_
     dw_tile_nchw<V, 2>(pl, n, p0, np, c_lo, c_hi, tile, row);
   } else {
     dw_tile_nchw<V, 0>(pl, n, p0, np, c_lo, c_hi, tile, row);
+  }
+}
+
+// The depthwise kernels apply clamping mid activations as they store (activation.h); hardswish
+// and silu follow in a pass over the channels [c_lo, c_hi) of the finished tile, still in cache
+// (NCHW: every column block's rows, padding columns included, where they stay 0).
+template <class V>
+void depthwise_tile(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
+                    int64_t c_lo, int64_t c_hi, typename V::T* tile, void* scratch) {
+  if (is_clamping(pl.mid_act)) {
+    depthwise_tile_clamping<V>(pl, n, p0, np, c_lo, c_hi, tile, scratch);
+    return;
+  }
+  Plan<typename V::T> affine_only = pl;
+  affine_only.mid_act = Activation::kNone;
+  depthwise_tile_clamping<V>(affine_only, n, p0, np, c_lo, c_hi, tile, scratch);
+  const Activation act = pl.mid_act;
+  if (pl.layout == Layout::kNHWC) {
+    for (int64_t j = 0; j < np; ++j) activate_array<V>(tile + j * pl.ldt + c_lo, c_hi - c_lo, act);
+    return;
+  }
+  for (int64_t b = 0; b < iceil_div(np, V::NR); ++b) {
+    for (int64_t c = c_lo; c < c_hi; ++c) activate_array<V>(tile + (b * pl.C + c) * V::NR, V::NR, act);
   }
 }
 
@@ -160,7 +186,13 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
           }
           if (ch_sum) panel_end(co, rows, W);
         }
-        if (tc > 0) thin_dispatch<V>(tc, C, packed, B_thin, e, cg, cg_end, wide_np);
+        if (tc > 0) {  // (hardswish and silu: activated and counted afterwards)
+          thin_dispatch<V>(tc, C, packed, B_thin, clamping_part(e), cg, cg_end, wide_np);
+          if (!is_clamping(e.act)) {
+            activate_stored(e, cg, cg_end - cg, wide_np, wide_np + tc, ch_sum ? ch_sum + cg : nullptr,
+                            ch_sq ? ch_sq + cg : nullptr, 1, 0);
+          }
+        }
       }
     } else {
       const int64_t off = (n * npix + p0) * CO;
@@ -183,10 +215,34 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
   *dw_tile = last;
 }
 
+template <class V>
+void activate_n(Activation a, typename V::T* p, int64_t n) {
+  activate_array<V>(p, n, a);
+}
+
+template <class V>
+void exp_n(const typename V::T* x, typename V::T* y, int64_t n) {
+  using T = typename V::T;
+  if constexpr (V::W == 1) {
+    for (int64_t i = 0; i < n; ++i) y[i] = std::exp(x[i]);
+  } else {
+    int64_t i = 0;
+    for (; i + V::W <= n; i += V::W) V::store(y + i, exp_vec<V>(V::load(x + i)));
+    if (i < n) {  // the rest through one whole vector too
+      alignas(64) T tmp[V::W] = {};
+      for (int64_t j = i; j < n; ++j) tmp[j - i] = x[j];
+      V::store(tmp, exp_vec<V>(V::load(tmp)));
+      for (int64_t j = i; j < n; ++j) y[j] = tmp[j - i];
+    }
+  }
+}
+
 // The entry points of the path whose vector traits are V (one table per ISA translation unit).
 template <class V>
 const IsaOps<typename V::T>* isa_ops(Isa isa) {
-  static const IsaOps<typename V::T> ops{isa, V::MR, V::NR, V::W, &run_items<V>, &run_depthwise<V>};
+  static const IsaOps<typename V::T> ops{isa,           V::MR,           V::NR,
+                                         V::W,          &run_items<V>,   &run_depthwise<V>,
+                                         &activate_n<V>, &exp_n<V>};
   return &ops;
 }
 
