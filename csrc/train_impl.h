@@ -28,8 +28,8 @@ struct TrainOps {
   void (*dw_backward)(const DwGeometry&, const T*, const T*, const T*, T*, T*, int);
   void (*affine_act)(const ChannelGeometry&, const T*, const T*, const T*, const T*, Activation, T*,
                      int);
-  void (*act_backward_reduce)(const ChannelGeometry&, const T*, const T*, Activation, const T*,
-                              const T*, T*, double*, double*, int);
+  void (*act_backward_reduce)(const ChannelGeometry&, const T*, const T*, Activation,
+                              const ActInput<T>&, const T*, const T*, T*, double*, double*, int);
   void (*affine_backward_apply)(const ChannelGeometry&, const T*, const T*, const T*, const T*,
                                 const T*, T*, int);
 };
@@ -45,6 +45,13 @@ namespace LWK_TRAIN_NS {
 // ---- work sharing: lwk::detail::share_work (work_sharing.h) ---------------------------------
 using lwk::detail::share_work;
 using lwk::detail::tasks_for;
+
+// The input of an activation, written once: the forward (dw_forward, affine_act) and the backward
+// (act_backward_reduce, which recomputes it for hardswish and silu) compute it alike.
+template <typename T>
+LWK_INLINE T affine(T z, T scale, T shift) {
+  return z * scale + shift;
+}
 
 // Per-task double accumulators [tasks][len], summed into out[len] at the end.
 struct Partials {
@@ -183,7 +190,10 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
           if (stats) span_stats(r, g.OW, s, ss);
           if (a.out) {
             T* LWK_RESTRICT dst = a.out + o;
-            for (int64_t ox = 0; ox < g.OW; ++ox) dst[ox] = activate(r[ox] * sc + sh, a.act);
+            with_activation(a.act, [&](auto act) {
+              constexpr Activation A = decltype(act)::value;
+              for (int64_t ox = 0; ox < g.OW; ++ox) dst[ox] = activate<A>(affine(r[ox], sc, sh));
+            });
           }
         }
         if (stats) {
@@ -246,7 +256,10 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
           T* LWK_RESTRICT dst = a.out + o;
           const T* LWK_RESTRICT sc = scale.data();
           const T* LWK_RESTRICT sh = shift.data();
-          for (int64_t c = 0; c < C; ++c) dst[c] = activate(ac[c] * sc[c] + sh[c], a.act);
+          with_activation(a.act, [&](auto act) {
+            constexpr Activation A = decltype(act)::value;
+            for (int64_t c = 0; c < C; ++c) dst[c] = activate<A>(affine(ac[c], sc[c], sh[c]));
+          });
         }
       }
     }
@@ -476,43 +489,70 @@ void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* s
   const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
   const int tasks = tasks_for(n_items, grain, threads);
   auto body = [&](int, int64_t b, int64_t e) {
-    if (g.layout == Layout::kNCHW) {
-      for (int64_t item = b; item < e; ++item) {
-        const T sc = scale[item % C], sh = shift[item % C];
-        const T* LWK_RESTRICT zp = z + item * g.HW;
-        T* LWK_RESTRICT yp = y + item * g.HW;
-        if (residual) {
-          const T* LWK_RESTRICT rp = residual + item * g.HW;
-          for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate(zp[i] * sc + sh + rp[i], act);
-        } else {
-          for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate(zp[i] * sc + sh, act);
+    with_activation(act, [&](auto act_tag) {
+      constexpr Activation A = decltype(act_tag)::value;
+      if (g.layout == Layout::kNCHW) {
+        for (int64_t item = b; item < e; ++item) {
+          const T sc = scale[item % C], sh = shift[item % C];
+          const T* LWK_RESTRICT zp = z + item * g.HW;
+          T* LWK_RESTRICT yp = y + item * g.HW;
+          if (residual) {
+            const T* LWK_RESTRICT rp = residual + item * g.HW;
+            for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate<A>(affine(zp[i], sc, sh) + rp[i]);
+          } else {
+            for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate<A>(affine(zp[i], sc, sh));
+          }
+        }
+      } else {
+        const T* LWK_RESTRICT sc = scale;
+        const T* LWK_RESTRICT sh = shift;
+        for (int64_t item = b; item < e; ++item) {
+          const T* LWK_RESTRICT zp = z + item * C;
+          T* LWK_RESTRICT yp = y + item * C;
+          if (residual) {
+            const T* LWK_RESTRICT rp = residual + item * C;
+            for (int64_t c = 0; c < C; ++c) yp[c] = activate<A>(affine(zp[c], sc[c], sh[c]) + rp[c]);
+          } else {
+            for (int64_t c = 0; c < C; ++c) yp[c] = activate<A>(affine(zp[c], sc[c], sh[c]));
+          }
         }
       }
-    } else {
-      const T* LWK_RESTRICT sc = scale;
-      const T* LWK_RESTRICT sh = shift;
-      for (int64_t item = b; item < e; ++item) {
-        const T* LWK_RESTRICT zp = z + item * C;
-        T* LWK_RESTRICT yp = y + item * C;
-        if (residual) {
-          const T* LWK_RESTRICT rp = residual + item * C;
-          for (int64_t c = 0; c < C; ++c) yp[c] = activate(zp[c] * sc[c] + sh[c] + rp[c], act);
-        } else {
-          for (int64_t c = 0; c < C; ++c) yp[c] = activate(zp[c] * sc[c] + sh[c], act);
-        }
-      }
-    }
+    });
   };
   share_work(n_items, grain, tasks, body);
 }
 
+// gb[0, n) = grad * the activation's derivative at its input, recomputed as the forward computed
+// it: affine(src, scale, shift) (+ residual).
+template <Activation A, typename T>
+void grad_from_input(const T* LWK_RESTRICT grad, const T* LWK_RESTRICT src, const T* scale,
+                     const T* shift, const T* LWK_RESTRICT residual, int64_t n, bool per_element,
+                     T* LWK_RESTRICT gb) {
+  // per_element: scale/shift index along the n elements (NHWC: channels), else one value each.
+  if (per_element) {
+    for (int64_t i = 0; i < n; ++i) {
+      T v = affine(src[i], scale ? scale[i] : T(1), shift ? shift[i] : T(0));
+      if (residual) v += residual[i];
+      gb[i] = activation_grad_from_input<A>(grad[i], v);
+    }
+  } else {
+    const T sc = scale ? *scale : T(1), sh = shift ? *shift : T(0);
+    if (residual) {
+      for (int64_t i = 0; i < n; ++i) gb[i] = activation_grad_from_input<A>(grad[i], affine(src[i], sc, sh) + residual[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) gb[i] = activation_grad_from_input<A>(grad[i], affine(src[i], sc, sh));
+    }
+  }
+}
+
 template <typename T>
 void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_out, Activation act,
-                         const T* z, const T* center, T* gb, double* sum_g, double* sum_gz,
-                         int threads) {
+                         const ActInput<T>& act_in, const T* z, const T* center, T* gb,
+                         double* sum_g, double* sum_gz, int threads) {
   const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
   const int tasks = tasks_for(n_items, grain, threads);
-  if (act_out == nullptr) act = Activation::kNone;
+  const bool from_input = act_in.src != nullptr;
+  if (!from_input && act_out == nullptr) act = Activation::kNone;
   Partials ps(tasks, 2 * C);
   auto body = [&](int task, int64_t b, int64_t e) {
     double* part = ps.of(task);
@@ -521,7 +561,14 @@ void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_o
         const int64_t c = item % C, o = item * g.HW;
         const T* LWK_RESTRICT gp = grad + o;
         T* LWK_RESTRICT bp = gb + o;
-        if (act == Activation::kNone) {
+        if (from_input && act != Activation::kNone) {
+          with_activation(act, [&](auto act_tag) {
+            grad_from_input<decltype(act_tag)::value>(
+                gp, act_in.src + o, act_in.scale ? act_in.scale + c : nullptr,
+                act_in.shift ? act_in.shift + c : nullptr,
+                act_in.residual ? act_in.residual + o : nullptr, g.HW, false, bp);
+          });
+        } else if (act == Activation::kNone) {
           std::copy(gp, gp + g.HW, bp);
         } else {
           const T* LWK_RESTRICT ap = act_out + o;
@@ -560,7 +607,13 @@ void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_o
         const int64_t o = item * C;
         const T* LWK_RESTRICT gp = grad + o;
         T* LWK_RESTRICT bp = gb + o;
-        if (act == Activation::kNone) {
+        if (from_input && act != Activation::kNone) {
+          with_activation(act, [&](auto act_tag) {
+            grad_from_input<decltype(act_tag)::value>(
+                gp, act_in.src + o, act_in.scale, act_in.shift,
+                act_in.residual ? act_in.residual + o : nullptr, C, true, bp);
+          });
+        } else if (act == Activation::kNone) {
           std::copy(gp, gp + C, bp);
         } else {
           const T* LWK_RESTRICT ap = act_out + o;
