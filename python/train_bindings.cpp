@@ -1,7 +1,7 @@
 // pybind11 binding of the training kernels (csrc/train_kernels.h) into lwkernels._C.
 //
 // As in bindings.cpp, tensors cross as raw data addresses (0 = absent) and the Python layer
-// (lwkernels/training.py) owns validation, layout and lifetime. `dtype` is "f32" or "f64";
+// (lwkernels/ops/training.py) owns validation, layout and lifetime. `dtype` is "f32" or "f64";
 // per-channel statistics are float64 buffers. Geometry: [N, C, H, W, OH, OW, KH, KW, stride_h, stride_w, pad_h,
 // pad_w, dil_h, dil_w] for the depthwise kernels, [N, C, HW] for the per-channel passes.
 #include <pybind11/pybind11.h>
