@@ -15,8 +15,9 @@
 //          PyTorch's own result at a NaN depends on where the element falls, see docs/numerics.md)
 // hardswish and silu are not invertible, so theirs need the activation's input v
 // (activation_grad_from_input, which also serves relu and relu6 with the same results):
-//   hardswish: 0 where v <= -3, grad * (v / 3 + 0.5) where -3 < v < 3, grad where v >= 3 or v is
-//              NaN (PyTorch's hardswish_backward)
+//   hardswish: 0 where v <= -3, grad where v >= 3, else grad * (v / 3 + 0.5), so NaN where v is
+//              NaN (hardswish_backward as PyTorch's vectorised CPU kernel computes it; its scalar
+//              kernel, which takes a tensor's last few elements, passes grad at a NaN instead)
 //   silu:      s = 1 / (1 + exp(-v)), grad * s * (1 + v * (1 - s))   (silu_backward)
 // Every comparison is written so that a NaN operand takes the branch PyTorch takes: a max/min or
 // `v > 0 ? v : 0` would turn NaN into a finite number and hide a diverging run.
@@ -89,8 +90,8 @@ LWK_INLINE T activation_grad_from_input(T grad, T v) {
     return (v > T(0) && v < T(6)) ? grad : T(0);
   } else if constexpr (A == Activation::kHardswish) {
     if (v <= T(-3)) return T(0);
-    if (v < T(3)) return grad * (v / T(3) + T(0.5));
-    return grad;
+    if (v >= T(3)) return grad;
+    return grad * (v / T(3) + T(0.5));  // NaN v: NaN
   } else if constexpr (A == Activation::kSilu) {
     const T s = T(1) / (T(1) + std::exp(-v));
     return grad * s * (T(1) + v * (T(1) - s));

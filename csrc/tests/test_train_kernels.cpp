@@ -59,7 +59,7 @@ double act_grad_ref(double grad, double v, Activation a) {
     case Activation::kRelu6:
       return v > 0 && v < 6 ? grad : 0.0;
     case Activation::kHardswish:
-      return v <= -3 ? 0.0 : v < 3 ? grad * (v / 3 + 0.5) : grad;
+      return v <= -3 ? 0.0 : v >= 3 ? grad : grad * (v / 3 + 0.5);  // NaN v: NaN
     case Activation::kSilu: {
       const double s = 1 / (1 + std::exp(-v));
       return grad * s * (1 + v * (1 - s));
