@@ -1,4 +1,4 @@
-// Compiler hints shared by the kernel headers (kernel_impl.h, train_impl.h): one spelling each,
+// Compiler hints shared by the kernel headers (kernel_*.h, train_impl.h): one spelling each,
 // empty where the compiler has no equivalent.
 #pragma once
 

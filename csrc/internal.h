@@ -4,11 +4,15 @@
 //
 // Split of responsibilities:
 //   joint_block.cpp  validation, CPU feature detection, weight packing (a pure layout transform),
-//                    per-call preparation (Plan: folded depthwise weights, border tables, tiling,
-//                    work decomposition), scratch memory and the thread dispatch;
-//   kernel_impl.h    the fused tile computation (depthwise tile -> register-blocked GEMM ->
-//                    epilogue), written once as templates over a small vector-traits struct and
-//                    instantiated in each ISA translation unit with that unit's compiler flags.
+//                    the forward call: its checks, planning (Plan: work decomposition from
+//                    tiling.cpp's cost model), the per-worker scratch layout, the per-call tables
+//                    (folded depthwise weights, border tables) and the thread dispatch;
+//   kernel_work_items.h  the fused tile computation (depthwise tile -> register-blocked GEMM ->
+//                    epilogue), written once as templates over a small vector-traits struct
+//                    (kernel_common.h) and instantiated in each ISA translation unit with that
+//                    unit's compiler flags: kernel_depthwise_nchw.h and kernel_depthwise_nhwc.h
+//                    compute a tile's depthwise output, kernel_gemm.h its pointwise GEMM and
+//                    epilogue.
 #pragma once
 
 #include <cstddef>
@@ -62,7 +66,7 @@ template <typename T>
 struct Plan {
   // Geometry.
   int64_t C = 0, H = 0, W = 0, CO = 0, OH = 0, OW = 0;
-  int64_t KH = 0, KW = 0, SH = 1, SW = 1, PH = 0, PW = 0, DH = 1, DW = 1;
+  int64_t KH = 0, KW = 0, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
   Layout layout = Layout::kNCHW;
 
   // Tensors.
@@ -86,22 +90,24 @@ struct Plan {
   int64_t ox_in_lo = 0, ox_in_hi = 0;
 
   // NCHW depthwise through a zero-padded, stride-deinterleaved copy of the input rows a tile needs
-  // (the "plane"): padded row j = x[iy][j - PW] (0 outside the image, and whole zero rows for iy
-  // outside it), split into SW phases, phase r holding padded elements r, r + SW, r + 2*SW, ...
-  // from phase_off[r] on (the phases of one row lie in SW*lp elements; phase_off[r] = r*lp plus
-  // a shift that puts the phase's first inside element on a vector boundary: the fill's stores
-  // then never split a cache line). Tap (ky, kx) of output (oy, ox) then reads plane element
-  // (oy*SH - PH - iy_base) * SW*lp + tap_off[ky*KW + kx] + ox, where iy_base is the tile's first
-  // plane row: unit-stride vector loads, no border cases, no branches. plane_rows bounds the rows
-  // of one tile. When the plane would be too large (huge padding or dilation) use_plane is false
-  // and the direct path (border columns scalar) runs instead.
+  // (the "plane"): padded row j = x[iy][j - pad_w] (0 outside the image, and whole zero rows for
+  // iy outside it), split into stride_w phases, phase r holding padded elements r, r + stride_w,
+  // r + 2*stride_w, ... from phase_off[r] on (the phases of one row lie in stride_w*lp elements;
+  // phase_off[r] = r*lp plus a shift that puts the phase's first inside element on a vector
+  // boundary: the fill's stores then never split a cache line). Tap (ky, kx) of output (oy, ox)
+  // then reads plane element (oy*stride_h - pad_h - iy_base) * stride_w*lp + tap_off[ky*KW + kx]
+  // + ox, where iy_base is the tile's first plane row: unit-stride vector loads, no border cases,
+  // no branches. plane_rows bounds the rows of one tile. When the plane would be too large (huge
+  // padding or dilation) use_plane is false and the direct path (border columns scalar) runs
+  // instead.
   bool use_plane = false;
   int64_t lp = 0, plane_rows = 0;
   const int64_t* tap_off = nullptr;  // [KH*KW]
-  // Phase r's elements inside the image: [phase_lo[r], phase_hi[r]) (0 <= m*SW + r - PW < W).
-  const int64_t* phase_lo = nullptr;  // [SW]
-  const int64_t* phase_hi = nullptr;  // [SW]
-  const int64_t* phase_off = nullptr;  // [SW]
+  // Phase r's elements inside the image: [phase_lo[r], phase_hi[r])
+  // (0 <= m*stride_w + r - pad_w < W).
+  const int64_t* phase_lo = nullptr;  // [stride_w]
+  const int64_t* phase_hi = nullptr;  // [stride_w]
+  const int64_t* phase_off = nullptr;  // [stride_w]
   // A tile's output-row segments (at most max_segs), computed once per tile at seg_offset.
   int64_t max_segs = 0;
   std::size_t seg_offset = 0;
@@ -149,7 +155,17 @@ struct IsaOps {
                     int64_t* dw_tile);
   // Shared-depthwise mode's first phase: depthwise items [begin, end) (see Plan::shared_dw).
   void (*run_depthwise)(const Plan<T>& plan, int64_t begin, int64_t end, void* scratch);
+  // Test hooks: p[i] = activation a of p[i] for i in [0, n), as the kernels compute it (whole
+  // vectors, then the rest one by one); y[i] = e^x[i] by the path's exp (exp_vec for the vector
+  // paths, on every element; std::exp for the scalar one).
+  void (*activate_n)(Activation a, T* p, int64_t n);
+  void (*exp_n)(const T* x, T* y, int64_t n);
 };
+
+// The entry points of `isa` for T (double: the scalar path for every isa), or null when this
+// build lacks the path.
+template <typename T>
+const IsaOps<T>* ops_for(Isa isa);
 
 const IsaOps<float>* scalar_ops_f32();
 const IsaOps<double>* scalar_ops_f64();

@@ -2,7 +2,7 @@
 // only entered after isa_supported(Isa::kAvx2) confirmed the CPU has both.
 #include <immintrin.h>
 
-#include "kernel_impl.h"
+#include "kernel_work_items.h"
 
 namespace lwk {
 namespace detail {
@@ -21,6 +21,17 @@ struct Avx2F32 {
   static LWK_INLINE void store(T* p, reg v) { _mm256_storeu_ps(p, v); }
   static LWK_INLINE reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static LWK_INLINE reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static LWK_INLINE reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static LWK_INLINE reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static LWK_INLINE reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static LWK_INLINE reg round_nearest(reg v) {
+    return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // 2^n for integral n in [-126, 127]: the exponent field set directly.
+  static LWK_INLINE reg pow2i(reg n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
   static LWK_INLINE reg keep_first(reg v, int n) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);

@@ -10,7 +10,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-#include "kernel_impl.h"
+#include "kernel_work_items.h"
 
 namespace lwk {
 namespace detail {
@@ -32,6 +32,17 @@ struct Avx512F32 {
   static LWK_INLINE void store(T* p, reg v) { _mm512_storeu_ps(p, v); }
   static LWK_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static LWK_INLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static LWK_INLINE reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static LWK_INLINE reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static LWK_INLINE reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static LWK_INLINE reg round_nearest(reg v) {
+    return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // 2^n for integral n in [-126, 127]: the exponent field set directly.
+  static LWK_INLINE reg pow2i(reg n) {
+    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
   static LWK_INLINE reg set_halves(T lo, T hi) {
     return _mm512_mask_broadcastss_ps(_mm512_set1_ps(lo), __mmask16(0xFF00), _mm_set_ss(hi));
   }

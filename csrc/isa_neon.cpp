@@ -1,7 +1,7 @@
 // NEON path (aarch64 only, where Advanced SIMD is baseline: no extra flags needed).
 #include <arm_neon.h>
 
-#include "kernel_impl.h"
+#include "kernel_work_items.h"
 
 namespace lwk {
 namespace detail {
@@ -20,6 +20,15 @@ struct NeonF32 {
   static LWK_INLINE void store(T* p, reg v) { vst1q_f32(p, v); }
   static LWK_INLINE reg fma(reg a, reg b, reg c) { return vfmaq_f32(c, a, b); }
   static LWK_INLINE reg add(reg a, reg b) { return vaddq_f32(a, b); }
+  static LWK_INLINE reg sub(reg a, reg b) { return vsubq_f32(a, b); }
+  static LWK_INLINE reg mul(reg a, reg b) { return vmulq_f32(a, b); }
+  static LWK_INLINE reg div(reg a, reg b) { return vdivq_f32(a, b); }
+  static LWK_INLINE reg round_nearest(reg v) { return vrndnq_f32(v); }
+  // 2^n for integral n in [-126, 127]: the exponent field set directly.
+  static LWK_INLINE reg pow2i(reg n) {
+    const int32x4_t e = vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127));
+    return vreinterpretq_f32_s32(vshlq_n_s32(e, 23));
+  }
   static LWK_INLINE reg keep_first(reg v, int n) {
     static const uint32_t lanes[4] = {0, 1, 2, 3};
     const uint32x4_t keep = vcltq_u32(vld1q_u32(lanes), vdupq_n_u32(static_cast<uint32_t>(n)));

@@ -1,5 +1,5 @@
 // Portable scalar path (float and double): plain C++, compiled with baseline flags.
-#include "kernel_impl.h"
+#include "kernel_work_items.h"
 
 namespace lwk {
 namespace detail {

@@ -13,8 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "conv_geometry.h"
 #include "internal.h"
-#include "parallel.h"
+#include "tiling.h"
+#include "work_sharing.h"
 
 namespace lwk {
 namespace detail {
@@ -69,14 +71,7 @@ std::size_t tile_budget_bytes() {
   return b ? b : std::size_t(256) * 1024;
 }
 
-namespace {
-
-// ---------------------------------------------------------------------------------------------
 // Dispatch tables.
-
-template <typename T>
-const IsaOps<T>* ops_for(Isa isa);
-
 template <>
 const IsaOps<float>* ops_for<float>(Isa isa) {
   switch (isa) {
@@ -104,21 +99,21 @@ const IsaOps<double>* ops_for<double>(Isa) {
   return scalar_ops_f64();  // double always runs the scalar path
 }
 
+namespace {
+
 bool valid_isa(Isa isa) {
   return isa == Isa::kScalar || isa == Isa::kAvx2 || isa == Isa::kAvx512 || isa == Isa::kNeon;
 }
 bool valid_layout(Layout l) { return l == Layout::kNCHW || l == Layout::kNHWC; }
 bool valid_act(Activation a) {
-  return a == Activation::kNone || a == Activation::kRelu || a == Activation::kRelu6;
+  return a == Activation::kNone || a == Activation::kRelu || a == Activation::kRelu6 ||
+         a == Activation::kHardswish || a == Activation::kSilu;
 }
 
 const char* layout_name(Layout l) { return l == Layout::kNHWC ? "NHWC" : "NCHW"; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-int64_t floor_div(int64_t a, int64_t b) {  // b > 0
-  return a >= 0 ? a / b : -((-a + b - 1) / b);
-}
 
 // Leading dimension (elements) of a scratch row of n elements: whole cache lines, and an odd
 // number of them once rows are long, so that walking a column does not alias cache sets.
@@ -149,179 +144,28 @@ struct ScratchBuf {
 
 thread_local ScratchBuf t_scratch;
 
-// Work sharing between the tasks of one call: task t owns items [next, end) of its static range
-// (contiguous, so consecutive output-channel blocks of one tile reuse its depthwise output) and
-// claims them one at a time; when its range is empty it claims from the other ranges. On an idle
-// machine every task just runs its own range; on a busy one a descheduled worker's items are
-// taken over instead of delaying the call.
-struct alignas(64) Claim {
-  std::atomic<int64_t> next{0};
-  int64_t end = 0;
-};
-
-template <typename T>
-struct DispatchCtx {
-  const Plan<T>* plan;
-  const IsaOps<T>* ops;
-  bool depthwise;      // the shared-depthwise phase's items rather than the work items
-  char* scratch;
-  std::size_t stride;  // bytes of scratch per task
-  int tasks;
-  Claim* claims;       // [tasks]
-};
-
-template <typename T>
-void run_task(void* p, int task) {
-  const auto& c = *static_cast<const DispatchCtx<T>*>(p);
-  void* scratch = c.scratch + c.stride * task;
-  int64_t dw_tile = -1;
-  for (int k = 0; k < c.tasks; ++k) {
-    Claim& cl = c.claims[(task + k) % c.tasks];
-    for (;;) {
-      const int64_t i = cl.next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= cl.end) break;
-      if (c.depthwise) {
-        c.ops->run_depthwise(*c.plan, i, i + 1, scratch);
-      } else {
-        c.ops->run_items(*c.plan, i, i + 1, scratch, &dw_tile);
-      }
-    }
-  }
-}
-
-// Runs items [0, n_items) on up to `tasks` tasks, task t using scratch + stride * t.
+// Runs items [0, n_items) (the shared-depthwise phase's when `depthwise`, else the work items) on
+// up to `tasks` tasks, task t using scratch + stride * t. Items are claimed one at a time
+// (work_sharing.h); a task's consecutive items of one tile reuse its depthwise output, so each
+// task remembers which tile its scratch holds.
 template <typename T>
 void dispatch(const Plan<T>& plan, const IsaOps<T>* ops, bool depthwise, int64_t n_items,
               char* scratch, std::size_t stride, int tasks) {
-  tasks = static_cast<int>(std::min<int64_t>(tasks, n_items));
-  if (tasks <= 1) {
+  struct alignas(64) CachedTile {
+    int64_t id = -1;
+  };
+  tasks = tasks_for(n_items, 1, tasks);
+  CachedTile few[8];  // no allocation for the usual thread counts
+  std::unique_ptr<CachedTile[]> many(tasks > 8 ? new CachedTile[tasks] : nullptr);
+  CachedTile* cached = many ? many.get() : few;
+  share_work(n_items, 1, tasks, [&](int task, int64_t begin, int64_t end) {
+    void* own = scratch + stride * task;
     if (depthwise) {
-      ops->run_depthwise(plan, 0, n_items, scratch);
+      ops->run_depthwise(plan, begin, end, own);
     } else {
-      int64_t dw_tile = -1;
-      ops->run_items(plan, 0, n_items, scratch, &dw_tile);
+      ops->run_items(plan, begin, end, own, &cached[task].id);
     }
-    return;
-  }
-  std::unique_ptr<Claim[]> claims(new Claim[tasks]);
-  for (int i = 0; i < tasks; ++i) {
-    claims[i].next.store(n_items * i / tasks, std::memory_order_relaxed);
-    claims[i].end = n_items * (i + 1) / tasks;
-  }
-  DispatchCtx<T> ctx{&plan, ops, depthwise, scratch, stride, tasks, claims.get()};
-  parallel_run(tasks, &run_task<T>, &ctx);
-}
-
-// Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:
-// depthwise work (once per tile and worker), pointwise work on the columns the micro-kernels
-// really compute, streaming the packed weights once per item, and a fixed per-item overhead. The
-// makespan is what the busiest worker does under the static contiguous partition of run_task
-// (estimated in closed form: this runs on every call).
-// Tiles need not be whole micro-kernel blocks: 7 x 7 = 49 pixels is better one tile of a 48-wide
-// block and a thin column than a 48-pixel tile and a 1-pixel tile, which repeats the depthwise
-// for one pixel and streams all the weights again for it.
-struct Tiling {
-  int64_t tile_px, n_tiles, co_chunk, n_co;
-  bool shared_dw;  // see Plan::shared_dw
-};
-
-struct TileShape {
-  int64_t gran;       // NCHW: micro-kernel columns (pixels); NHWC: micro-kernel rows (pixels)
-  int64_t vw;         // vector width (elements)
-  int64_t panel;      // packed weight panel width (output channels)
-  bool nchw;
-};
-
-// Pointwise cost of a tile of q pixels in units of one pixel column of the wide micro-kernel.
-// NCHW: whole blocks, then a last block of at most vw/4 columns through the thin kernel (about
-// twice a wide column each: it is bound by loading the weights) or rounded up to whole vectors.
-// NHWC: pixels are rows; a partial row block costs about what its rows do.
-double pw_columns(int64_t q, const TileShape& ts) {
-  if (!ts.nchw) return double(q);
-  const int64_t full = q / ts.gran * ts.gran, rest = q - full;
-  if (rest == 0) return double(full);
-  if (rest <= ts.vw / 4) return double(full) + 2.0 * double(rest);
-  return double(full) + double(round_up(rest, ts.vw));
-}
-
-// Shared-depthwise mode: the largest buffer for all tiles' depthwise outputs; the fixed cost of
-// its extra dispatch and the cost of one vector of tile data computed by another worker (it comes
-// from that core's cache), in the cost model's units (about one vector FMA each).
-constexpr int64_t kSharedDwBytes = int64_t(4) << 20;
-constexpr double kSharedDwOverhead = 4000.0;
-constexpr double kSharedDwRemoteCost = 2.0;
-
-Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads) {
-  const int64_t npix = g.out_h * g.out_w;
-  const int64_t C = g.in_channels, CO = g.out_channels;
-  const int64_t taps = g.kernel_h * g.kernel_w;
-  const int64_t gran = ts.gran;
-  const int64_t budget = static_cast<int64_t>(tile_budget_bytes());
-  // The largest tile the budget allows (at least one micro-kernel block).
-  const int64_t pmax = std::max(gran, budget / std::max<int64_t>(1, C * elem_size));
-  const int64_t base_tiles = ceil_div(npix, pmax);
-  const int64_t npanels = ceil_div(CO, ts.panel);
-  const int workers = std::max(1, threads);
-
-  Tiling best{0, 0, 0, 0, false};
-  double best_cost = std::numeric_limits<double>::infinity();
-  // Re-tiling only matters when there are too few items to balance; otherwise keep the largest
-  // tiles that fit the budget.
-  const bool few = g.batch * base_tiles < 8 * int64_t(workers);
-  const int64_t max_tiles = few ? std::min<int64_t>(npix, base_tiles * workers * 2) : base_tiles;
-  const int64_t max_co = (workers > 1 && few) ? std::min<int64_t>(npanels, 2 * workers) : 1;
-  const int shared_mode = shared_depthwise();
-  auto shared_fits = [&](int64_t p) {
-    return workers > 1 && g.batch * ceil_div(npix, p) * p * C * elem_size <= kSharedDwBytes;
-  };
-  auto consider = [&](int64_t p) {
-    p = std::min(std::max<int64_t>(p, 1), npix);
-    if (p > pmax) return;
-    const int64_t tiles = ceil_div(npix, p);
-    const int64_t last_px = npix - (tiles - 1) * p;
-    for (int64_t nco = 1; nco <= max_co; ++nco) {
-      const int64_t chunk_panels = ceil_div(npanels, nco);
-      if (ceil_div(npanels, chunk_panels) != nco) continue;
-      const int64_t chunk = std::min(CO, chunk_panels * ts.panel);
-      const int64_t items = g.batch * tiles * nco;
-      // The busiest worker: ceil(items / workers) consecutive items of full tiles, which span at
-      // most ceil((k - 1) / nco) + 1 tiles (one depthwise each).
-      const int64_t k = ceil_div(items, workers);
-      const int64_t q = tiles == 1 ? last_px : p;
-      const int64_t dw_tiles = ceil_div(k - 1, nco) + 1;
-      const double dw = double(dw_tiles) * double(q) * C * taps / double(ts.vw);
-      const double per_item = pw_columns(q, ts) * double(chunk) * C / double(2 * ts.vw) +
-                              double(chunk) * C * 0.25 + 2000.0;
-      const double worst = dw + double(k) * per_item;
-      if (worst < best_cost * 0.999) {
-        best_cost = worst;
-        best = Tiling{p, tiles, chunk, nco, false};
-      }
-      // Shared depthwise: every tile's depthwise once, spread over the workers, then a second
-      // dispatch, and each item reads the part of its tile that other workers computed.
-      if (shared_mode != 0 && nco > 1 && shared_fits(p)) {
-        const double dw_all = double(g.batch * tiles) * double(q) * C * taps / double(ts.vw);
-        const double remote = double(q) * C / double(ts.vw) * double(workers - 1) / workers;
-        const double shared = dw_all / workers + kSharedDwOverhead +
-                              double(k) * (per_item + kSharedDwRemoteCost * remote);
-        if (shared < best_cost * 0.999) {
-          best_cost = shared;
-          best = Tiling{p, tiles, chunk, nco, true};
-        }
-      }
-    }
-  };
-  for (int64_t nt = base_tiles; nt <= max_tiles; ++nt) {
-    const int64_t even = ceil_div(npix, nt);
-    consider(round_up(even, gran));  // whole blocks, the last tile takes the rest
-    consider(even);                  // equal tiles
-  }
-  if (best.tile_px == 0) {
-    const int64_t p = std::min(npix, pmax);
-    best = Tiling{p, ceil_div(npix, p), CO, 1, false};
-  }
-  if (shared_mode == 1 && shared_fits(best.tile_px)) best.shared_dw = true;
-  return best;
+  });
 }
 
 // Copies panels [p_lo, p_hi) of `weight` into their packed layout.
@@ -330,9 +174,8 @@ void pack_panels(const T* weight, int64_t c_out, int64_t c_in, int panel, int64_
                  T* dst) {
   // A blocked transpose: each weight row is read contiguously kBlock elements at a time while
   // the panel rows it lands in (kBlock * panel elements) stay in L1. Walking all `panel` rows at
-  // once instead reads `panel` streams a row (often 4 KiB) apart, which alias in L1: packing a
-  // 1024 x 1024 weight in 16-wide NHWC panels took 2.2-2.4 ms that way, 1.05-1.3 ms blocked
-  // (NCHW's 6-wide panels and 512 x 512: unchanged). Training packs every step.
+  // once instead reads `panel` streams a row (often 4 KiB) apart, which alias in L1 and made
+  // packing wide NHWC panels about twice as slow. Training packs every step.
   constexpr int64_t kBlock = 64;
   for (int64_t p = p_lo; p < p_hi; ++p) {
     T* panel_dst = dst + p * c_in * panel;
@@ -349,25 +192,6 @@ void pack_panels(const T* weight, int64_t c_out, int64_t c_in, int panel, int64_
         }
       }
     }
-  }
-}
-
-template <typename T>
-struct PackCtx {
-  const T* weight;
-  int64_t c_out, c_in, n_panels, chunk;
-  int panel;
-  T* dst;
-  std::atomic<int64_t> next{0};
-};
-
-template <typename T>
-void pack_task(void* p, int) {
-  auto* c = static_cast<PackCtx<T>*>(p);
-  for (;;) {
-    const int64_t lo = c->next.fetch_add(c->chunk, std::memory_order_relaxed);
-    if (lo >= c->n_panels) return;
-    pack_panels(c->weight, c->c_out, c->c_in, c->panel, lo, std::min(c->n_panels, lo + c->chunk), c->dst);
   }
 }
 
@@ -396,20 +220,21 @@ std::shared_ptr<const PackedPointwise<T>> pack_impl(Isa isa, Layout layout, cons
   const int64_t np = packed->num_panels();
   // Threads share panels in chunks of ~64K elements; small weights are packed on this thread.
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 16) / (c_in * panel));
-  const int64_t chunks = (np + chunk - 1) / chunk;
-  const int tasks = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), chunks));
-  if (tasks <= 1) {
-    pack_panels(weight, c_out, c_in, panel, 0, np, dst);
-  } else {
-    PackCtx<T> ctx{weight, c_out, c_in, np, chunk, panel, dst};
-    parallel_run(tasks, &pack_task<T>, &ctx);
-  }
+  share_work(np, chunk, num_threads, [&](int, int64_t p_lo, int64_t p_hi) {
+    pack_panels(weight, c_out, c_in, panel, p_lo, p_hi, dst);
+  });
   return packed;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The forward call, in the order it runs: checks, planning (tiling and the Plan's geometry),
+// the per-worker scratch layout, the per-call tables, then the dispatch.
+
+// What validate() cannot see: the packing must match the geometry and come from pack_pointwise,
+// the activations and the statistics buffers must be valid. Returns the packed weights.
 template <typename T>
-void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
-                  const JointTensors<T>& t, int num_threads) {
+const PackedImpl<T>& check_call(const PackedPointwise<T>& packed_base, const JointGeometry& g,
+                                const JointTensors<T>& t) {
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("joint_forward: " + err);
   const auto* packed = dynamic_cast<const PackedImpl<T>*>(&packed_base);
@@ -429,126 +254,135 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   }
   if (!valid_act(t.mid_act)) throw std::invalid_argument("joint_forward: unknown mid_act value");
   if (!valid_act(t.out_act)) throw std::invalid_argument("joint_forward: unknown out_act value");
-  const IsaOps<T>* ops = ops_for<T>(packed->isa());
-  if (ops == nullptr || !isa_supported(packed->isa())) {
+  if (ops_for<T>(packed->isa()) == nullptr || !isa_supported(packed->isa())) {
     throw std::invalid_argument("joint_forward: the packed weights' ISA is not supported here");
   }
   if ((t.y_sum == nullptr) != (t.y_sumsq == nullptr)) {
     throw std::invalid_argument("joint_forward: y_sum and y_sumsq must be given together");
   }
-  if (t.y_sum != nullptr) {
-    std::fill(t.y_sum, t.y_sum + g.out_channels, 0.0);
-    std::fill(t.y_sumsq, t.y_sumsq + g.out_channels, 0.0);
-  }
-  if (g.batch == 0) return;
+  return *packed;
+}
+
+template <typename T>
+void check_tensors(const JointTensors<T>& t) {
   if (t.x == nullptr) throw std::invalid_argument("joint_forward: x is null");
   if (t.dw_weight == nullptr) throw std::invalid_argument("joint_forward: dw_weight is null");
   if (t.y == nullptr) throw std::invalid_argument("joint_forward: y is null");
+}
 
-  const int64_t C = g.in_channels, CO = g.out_channels;
-  const int64_t KH = g.kernel_h, KW = g.kernel_w, taps = KH * KW;
-  const bool nhwc = g.layout == Layout::kNHWC;
-  const int threads = std::max(1, num_threads);
+std::size_t aligned_bytes(int64_t bytes) {
+  return static_cast<std::size_t>(round_up(bytes, static_cast<int64_t>(kScratchAlign)));
+}
 
-  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, packed->panel(), !nhwc};
-  const Tiling tl = choose_tiling(g, sizeof(T), ts, threads);
-
+// Planning: the Plan's geometry, tensors and work decomposition for tiling `tl`.
+template <typename T>
+Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const PackedImpl<T>& packed,
+                  const Tiling& tl) {
   Plan<T> plan;
-  plan.C = C;
+  plan.C = g.in_channels;
   plan.H = g.in_h;
   plan.W = g.in_w;
-  plan.CO = CO;
+  plan.CO = g.out_channels;
   plan.OH = g.out_h;
   plan.OW = g.out_w;
-  plan.KH = KH;
-  plan.KW = KW;
-  plan.SH = g.stride_h;
-  plan.SW = g.stride_w;
-  plan.PH = g.pad_h;
-  plan.PW = g.pad_w;
-  plan.DH = g.dil_h;
-  plan.DW = g.dil_w;
+  plan.KH = g.kernel_h;
+  plan.KW = g.kernel_w;
+  plan.stride_h = g.stride_h;
+  plan.stride_w = g.stride_w;
+  plan.pad_h = g.pad_h;
+  plan.pad_w = g.pad_w;
+  plan.dil_h = g.dil_h;
+  plan.dil_w = g.dil_w;
   plan.layout = g.layout;
   plan.x = t.x;
-  plan.x_end = t.x + g.batch * C * g.in_h * g.in_w;
+  plan.x_end = t.x + g.batch * g.in_channels * g.in_h * g.in_w;
   plan.residual = t.residual;
   plan.y = t.y;
   plan.mid_act = t.mid_act;
   plan.out_act = t.out_act;
-  plan.packed = packed;
+  plan.packed = &packed;
   plan.tile_px = tl.tile_px;
   plan.n_tiles = tl.n_tiles;
   plan.co_chunk = tl.co_chunk;
   plan.n_co = tl.n_co;
   plan.n_items = g.batch * tl.n_tiles * tl.n_co;
-  auto aligned = [](int64_t bytes) {
-    return static_cast<std::size_t>(round_up(bytes, static_cast<int64_t>(kScratchAlign)));
-  };
-  // The depthwise tile: in each worker's scratch at offset 0, or in shared-depthwise mode one per
-  // (image, tile) in the shared buffer.
+  plan.stats = t.y_sum != nullptr;
+  return plan;
+}
+
+// Scratch layout of one worker (Plan's per-worker scratch comment): the depthwise tile (unless
+// shared-depthwise mode keeps the tiles in a shared buffer), NCHW's rows, plane and segments, and
+// the statistics. Sets the offsets, ldt, the plane's geometry and scratch_bytes.
+template <typename T>
+void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling& tl,
+                            const IsaOps<T>& ops) {
+  const int64_t C = g.in_channels;
+  const bool nhwc = g.layout == Layout::kNHWC;
   if (nhwc) {
     plan.ldt = padded_ld(C, sizeof(T));
     plan.tile_elems = tl.tile_px * plan.ldt;
   } else {
-    plan.tile_elems = ceil_div(tl.tile_px, ops->nr) * C * ops->nr;
+    plan.tile_elems = ceil_div(tl.tile_px, ops.nr) * C * ops.nr;
   }
   const std::size_t own_tile_bytes =
-      tl.shared_dw ? 0 : aligned(plan.tile_elems * int64_t(sizeof(T)));
+      tl.shared_dw ? 0 : aligned_bytes(plan.tile_elems * int64_t(sizeof(T)));
   if (nhwc) {
     plan.scratch_bytes = own_tile_bytes;
   } else {
-    const int64_t nr = ops->nr;
+    const int64_t nr = ops.nr;
     plan.row_offset = own_tile_bytes;
     // Row slack of one micro-tile: the depthwise writes whole vectors past a segment's end.
     plan.ldt = round_up(tl.tile_px, nr) + nr;
-    plan.row_stride = static_cast<int64_t>(aligned(plan.ldt * int64_t(sizeof(T))) / sizeof(T));
+    plan.row_stride = static_cast<int64_t>(aligned_bytes(plan.ldt * int64_t(sizeof(T))) / sizeof(T));
     plan.plane_offset = plan.row_offset + 2 * plan.row_stride * sizeof(T);  // two rows
     plan.scratch_bytes = plan.plane_offset;
     const int64_t S = g.stride_w;
-    const int64_t qmax = (KW - 1) * g.dil_w / S;
+    const int64_t qmax = (g.kernel_w - 1) * g.dil_w / S;
     // + vw - 1: each phase starts up to vw - 1 elements in, so its first inside element (where
     // the fill's stores begin) is vector-aligned.
-    plan.lp = round_up(g.out_w + ops->vw + qmax + 1 + ops->vw - 1, ops->vw);
+    plan.lp = round_up(g.out_w + ops.vw + qmax + 1 + ops.vw - 1, ops.vw);
     const int64_t rows_out = std::min(g.out_h, ceil_div(tl.tile_px, g.out_w) + 1);
-    plan.plane_rows = (rows_out - 1) * g.stride_h + (KH - 1) * g.dil_h + 1;
-    const int64_t plane_elems = plan.plane_rows * S * plan.lp + ops->vw;  // + store slack
+    plan.plane_rows = (rows_out - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1;
+    const int64_t plane_elems = plan.plane_rows * S * plan.lp + ops.vw;  // + store slack
     plan.use_plane = plane_elems <= plane_limit_elems();
     if (plan.use_plane) {
       plan.plane_stride =
-          static_cast<int64_t>(aligned(plane_elems * int64_t(sizeof(T))) / sizeof(T));
+          static_cast<int64_t>(aligned_bytes(plane_elems * int64_t(sizeof(T))) / sizeof(T));
       plan.max_segs = rows_out;
       plan.seg_offset = plan.scratch_bytes + 2 * plan.plane_stride * sizeof(T);  // two planes
-      plan.scratch_bytes = plan.seg_offset + aligned(rows_out * 3 * int64_t(sizeof(int64_t)));
+      plan.scratch_bytes = plan.seg_offset + aligned_bytes(rows_out * 3 * int64_t(sizeof(int64_t)));
     }
   }
-
-  plan.stats = t.y_sum != nullptr;
   if (plan.stats) {
     plan.stats_offset = plan.scratch_bytes;
-    plan.scratch_bytes += aligned(2 * CO * int64_t(sizeof(double)));
+    plan.scratch_bytes += aligned_bytes(2 * g.out_channels * int64_t(sizeof(double)));
   }
+}
 
-  std::size_t b_shared = 0;
-  int64_t n_dw_items = 0;
-  if (tl.shared_dw) {
-    // About four depthwise items per worker, in whole cache lines of channels (NHWC tiles hold
-    // channels along rows: two workers must not write one line).
-    const int64_t tiles_all = g.batch * plan.n_tiles;
-    const int64_t line = 64 / int64_t(sizeof(T));
-    plan.dw_chunk = round_up(ceil_div(C, ceil_div(4 * int64_t(threads), tiles_all)), line);
-    plan.n_dw_chunks = ceil_div(C, plan.dw_chunk);
-    n_dw_items = tiles_all * plan.n_dw_chunks;
-    b_shared = aligned(tiles_all * plan.tile_elems * int64_t(sizeof(T)));
-  }
-  const int tasks =
-      static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
+// Shared-depthwise mode's first phase: about four depthwise items per worker, in whole cache lines
+// of channels (NHWC tiles hold channels along rows: two workers must not write one line). Sets
+// dw_chunk and n_dw_chunks; returns the number of depthwise items.
+template <typename T>
+int64_t plan_shared_depthwise(Plan<T>& plan, int64_t batch, int threads) {
+  const int64_t tiles_all = batch * plan.n_tiles;
+  const int64_t line = 64 / int64_t(sizeof(T));
+  plan.dw_chunk = round_up(ceil_div(plan.C, ceil_div(4 * int64_t(threads), tiles_all)), line);
+  plan.n_dw_chunks = ceil_div(plan.C, plan.dw_chunk);
+  return tiles_all * plan.n_dw_chunks;
+}
 
-  // Per-call tables and folded parameters live in the head of the calling thread's scratch;
-  // the per-task depthwise tiles follow.
+// The per-call tables, in the head of the calling thread's scratch: folded depthwise weights and
+// shift, pointwise scale and shift, the border tables, the plane's phase and tap tables, and in
+// shared-depthwise mode the shared tiles (`shared_bytes`). Returns where the per-task scratch
+// (plan.scratch_bytes per task) begins.
+template <typename T>
+char* set_up_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& t,
+                  const IsaOps<T>& ops, std::size_t shared_bytes, int tasks) {
+  const int64_t C = g.in_channels, CO = g.out_channels;
+  const int64_t KH = g.kernel_h, KW = g.kernel_w, taps = KH * KW;
   const int64_t OH = g.out_h, OW = g.out_w;
-  auto bytes_of = [](int64_t n, std::size_t es) {
-    return static_cast<std::size_t>(round_up(static_cast<int64_t>(n * es), kScratchAlign));
-  };
+  const bool nhwc = g.layout == Layout::kNHWC;
+  auto bytes_of = [](int64_t n, std::size_t es) { return aligned_bytes(n * int64_t(es)); };
   const std::size_t b_dw = bytes_of(C * taps, sizeof(T));
   const std::size_t b_c = bytes_of(C, sizeof(T));
   const std::size_t b_co = bytes_of(CO, sizeof(T));
@@ -556,9 +390,9 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   const std::size_t b_ow = bytes_of(OW, sizeof(int64_t));
   const std::size_t b_kw = bytes_of(taps, sizeof(int64_t));
   const std::size_t b_ph = bytes_of(plan.use_plane ? g.stride_w : 0, sizeof(int64_t));
-  const std::size_t head = b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 3 * b_ph + b_shared;
-  char* base = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
-  char* cur = base;
+  const std::size_t head =
+      b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 3 * b_ph + shared_bytes;
+  char* cur = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
   auto take = [&cur](std::size_t b) {
     char* p = cur;
     cur += b;
@@ -576,8 +410,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   int64_t* phase_lo = reinterpret_cast<int64_t*>(take(b_ph));
   int64_t* phase_hi = reinterpret_cast<int64_t*>(take(b_ph));
   int64_t* phase_off = reinterpret_cast<int64_t*>(take(b_ph));
-  if (tl.shared_dw) plan.shared_dw = reinterpret_cast<T*>(take(b_shared));
-  char* tiles = cur;
+  if (shared_bytes) plan.shared_dw = reinterpret_cast<T*>(take(shared_bytes));
 
   for (int64_t c = 0; c < C; ++c) {
     const T s = t.dw_scale ? t.dw_scale[c] : T(1);
@@ -600,23 +433,12 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
     sc[o] = t.pw_scale ? t.pw_scale[o] : T(1);
     sh[o] = t.pw_shift ? t.pw_shift[o] : T(0);
   }
-  // Valid tap ranges: the input coordinate of tap k is o*S - P + k*D, inside when in [0, size).
-  auto tap_range = [](int64_t o, int64_t S, int64_t P, int64_t D, int64_t K, int64_t size,
-                      int64_t* lo, int64_t* hi) {
-    const int64_t i0 = o * S - P;
-    int64_t l = i0 >= 0 ? 0 : ceil_div(-i0, D);
-    int64_t h = i0 > size - 1 ? 0 : std::min(K, floor_div(size - 1 - i0, D) + 1);
-    l = std::min(l, K);
-    if (h < l) h = l;
-    *lo = l;
-    *hi = h;
-  };
   for (int64_t oy = 0; oy < OH; ++oy) {
-    tap_range(oy, g.stride_h, g.pad_h, g.dil_h, KH, g.in_h, &ky_lo[oy], &ky_hi[oy]);
+    taps_inside(oy, g.stride_h, g.pad_h, g.dil_h, KH, g.in_h, &ky_lo[oy], &ky_hi[oy]);
   }
   int64_t in_lo = OW, in_hi = OW;
   for (int64_t ox = 0; ox < OW; ++ox) {
-    tap_range(ox, g.stride_w, g.pad_w, g.dil_w, KW, g.in_w, &kx_lo[ox], &kx_hi[ox]);
+    taps_inside(ox, g.stride_w, g.pad_w, g.dil_w, KW, g.in_w, &kx_lo[ox], &kx_hi[ox]);
     const bool inside = kx_lo[ox] == 0 && kx_hi[ox] == KW;
     if (inside && in_lo == OW) in_lo = ox;
     if (inside) in_hi = ox + 1;
@@ -634,7 +456,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.ox_in_hi = in_hi;
   if (plan.use_plane) {
     const int64_t S = g.stride_w, P = g.pad_w, Win = g.in_w;
-    const int64_t cap = plan.lp - (ops->vw - 1);  // room left after the largest shift
+    const int64_t cap = plan.lp - (ops.vw - 1);  // room left after the largest shift
     for (int64_t r = 0; r < S; ++r) {
       int64_t lo = P - r <= 0 ? 0 : ceil_div(P - r, S);
       int64_t hi = Win - 1 + P - r < 0 ? 0 : (Win - 1 + P - r) / S + 1;
@@ -642,7 +464,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
       hi = std::min(hi, cap);
       phase_lo[r] = lo;
       phase_hi[r] = std::max(lo, hi);
-      phase_off[r] = r * plan.lp + (ops->vw - lo % ops->vw) % ops->vw;
+      phase_off[r] = r * plan.lp + (ops.vw - lo % ops.vw) % ops.vw;
     }
     for (int64_t ky = 0; ky < KH; ++ky) {
       for (int64_t kx = 0; kx < KW; ++kx) {
@@ -655,15 +477,25 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   plan.phase_lo = phase_lo;
   plan.phase_hi = phase_hi;
   plan.phase_off = phase_off;
+  return cur;
+}
 
+// Dispatch: the shared-depthwise phase (when planned), the work items, then the workers'
+// statistics added into y_sum/y_sumsq.
+template <typename T>
+void run_call(const Plan<T>& plan, const IsaOps<T>* ops, int64_t n_dw_items, char* task_scratch,
+              int tasks, const JointTensors<T>& t) {
+  const int64_t CO = plan.CO;
   auto worker_stats = [&](int task) {
-    return reinterpret_cast<double*>(tiles + plan.scratch_bytes * task + plan.stats_offset);
+    return reinterpret_cast<double*>(task_scratch + plan.scratch_bytes * task + plan.stats_offset);
   };
   if (plan.stats) {
     for (int i = 0; i < tasks; ++i) std::fill(worker_stats(i), worker_stats(i) + 2 * CO, 0.0);
   }
-  if (plan.shared_dw) dispatch(plan, ops, true, n_dw_items, tiles, plan.scratch_bytes, tasks);
-  dispatch(plan, ops, false, plan.n_items, tiles, plan.scratch_bytes, tasks);
+  if (plan.shared_dw) {
+    dispatch(plan, ops, true, n_dw_items, task_scratch, plan.scratch_bytes, tasks);
+  }
+  dispatch(plan, ops, false, plan.n_items, task_scratch, plan.scratch_bytes, tasks);
   if (plan.stats) {
     for (int i = 0; i < tasks; ++i) {
       const double* w = worker_stats(i);
@@ -675,6 +507,37 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   }
 }
 
+template <typename T>
+void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
+                  const JointTensors<T>& t, int num_threads) {
+  const PackedImpl<T>& packed = check_call(packed_base, g, t);
+  if (t.y_sum != nullptr) {
+    std::fill(t.y_sum, t.y_sum + g.out_channels, 0.0);
+    std::fill(t.y_sumsq, t.y_sumsq + g.out_channels, 0.0);
+  }
+  if (g.batch == 0) return;
+  check_tensors(t);
+
+  const IsaOps<T>* ops = ops_for<T>(packed.isa());
+  const bool nhwc = g.layout == Layout::kNHWC;
+  const int threads = std::max(1, num_threads);
+  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, packed.panel(), !nhwc};
+  const Tiling tl = choose_tiling(g, sizeof(T), ts, threads);
+
+  Plan<T> plan = plan_call(g, t, packed, tl);
+  lay_out_worker_scratch(plan, g, tl, *ops);
+  std::size_t shared_bytes = 0;
+  int64_t n_dw_items = 0;
+  if (tl.shared_dw) {
+    n_dw_items = plan_shared_depthwise(plan, g.batch, threads);
+    shared_bytes = aligned_bytes(g.batch * plan.n_tiles * plan.tile_elems * int64_t(sizeof(T)));
+  }
+  const int tasks =
+      static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
+  char* task_scratch = set_up_call(plan, g, t, *ops, shared_bytes, tasks);
+  run_call(plan, ops, n_dw_items, task_scratch, tasks, t);
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -683,57 +546,31 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
 
 std::string validate(const JointGeometry& g) {
   auto s = [](int64_t v) { return std::to_string(v); };
-  if (g.layout != Layout::kNCHW && g.layout != Layout::kNHWC) return "layout must be NCHW or NHWC";
-  if (g.batch < 0) return "batch must be >= 0, got " + s(g.batch);
   if (g.in_channels < 1) return "in_channels must be >= 1, got " + s(g.in_channels);
   if (g.out_channels < 1) return "out_channels must be >= 1, got " + s(g.out_channels);
-  if (g.in_h < 1 || g.in_w < 1) {
-    return "input height and width must be >= 1, got " + s(g.in_h) + " x " + s(g.in_w);
-  }
-  if (g.kernel_h < 1 || g.kernel_w < 1) {
-    return "kernel size must be >= 1, got " + s(g.kernel_h) + " x " + s(g.kernel_w);
-  }
-  if (g.stride_h < 1 || g.stride_w < 1) {
-    return "stride must be >= 1, got " + s(g.stride_h) + " x " + s(g.stride_w);
-  }
-  if (g.dil_h < 1 || g.dil_w < 1) {
-    return "dilation must be >= 1, got " + s(g.dil_h) + " x " + s(g.dil_w);
-  }
-  if (g.pad_h < 0 || g.pad_w < 0) {
-    return "padding must be >= 0, got " + s(g.pad_h) + " x " + s(g.pad_w);
-  }
-  // Keep every index computation far from int64 overflow.
-  constexpr int64_t kDimMax = int64_t(1) << 30;
-  for (int64_t v : {g.batch, g.in_channels, g.out_channels, g.in_h, g.in_w, g.kernel_h, g.kernel_w,
-                    g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, g.out_h, g.out_w}) {
-    if (v > kDimMax) return "a size, stride, padding or dilation exceeds 2^30";
-  }
-  const int64_t ext_h = g.dil_h * (g.kernel_h - 1) + 1, ext_w = g.dil_w * (g.kernel_w - 1) + 1;
-  if (ext_h > g.in_h + 2 * g.pad_h || ext_w > g.in_w + 2 * g.pad_w) {
-    return "dilated kernel (" + s(ext_h) + " x " + s(ext_w) + ") is larger than the padded input (" +
-           s(g.in_h + 2 * g.pad_h) + " x " + s(g.in_w + 2 * g.pad_w) + ")";
-  }
-  const int64_t oh = (g.in_h + 2 * g.pad_h - ext_h) / g.stride_h + 1;
-  const int64_t ow = (g.in_w + 2 * g.pad_w - ext_w) / g.stride_w + 1;
-  if (g.out_h != oh || g.out_w != ow) {
-    return "output size " + s(g.out_h) + " x " + s(g.out_w) + " does not match the convolution (" +
-           s(oh) + " x " + s(ow) + ")";
-  }
-  // Element counts of x, y and the per-call tables must fit comfortably in int64.
-  auto fits = [](std::initializer_list<int64_t> dims) {
-    int64_t p = 1;
-    for (int64_t d : dims) {
-      if (d != 0 && p > (int64_t(1) << 60) / d) return false;
-      p *= d;
-    }
-    return true;
-  };
-  if (!fits({g.batch, g.in_channels, g.in_h, g.in_w}) ||
-      !fits({g.batch, g.out_channels, g.out_h, g.out_w}) ||
-      !fits({g.in_channels, g.kernel_h, g.kernel_w})) {
+  if (g.out_channels > detail::kConvDimMax) return "a size, stride, padding or dilation exceeds 2^30";
+  detail::ConvShape c;
+  c.batch = g.batch;
+  c.channels = g.in_channels;
+  c.in_h = g.in_h;
+  c.in_w = g.in_w;
+  c.out_h = g.out_h;
+  c.out_w = g.out_w;
+  c.kernel_h = g.kernel_h;
+  c.kernel_w = g.kernel_w;
+  c.stride_h = g.stride_h;
+  c.stride_w = g.stride_w;
+  c.pad_h = g.pad_h;
+  c.pad_w = g.pad_w;
+  c.dil_h = g.dil_h;
+  c.dil_w = g.dil_w;
+  c.layout = g.layout;
+  std::string msg = detail::validate_conv(c);
+  if (!msg.empty()) return msg;
+  if (!detail::fits_int64_index({g.batch, g.out_channels, g.out_h, g.out_w})) {
     return "tensor sizes overflow 64-bit indexing";
   }
-  return std::string();
+  return msg;
 }
 
 template <typename T>

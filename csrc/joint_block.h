@@ -14,7 +14,9 @@
 
 namespace lwk {
 
-enum class Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2 };
+// The activations PyTorch calls relu, relu6, hardswish and silu; their exact semantics, non-finite
+// values included, are in activation.h.
+enum class Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kSilu = 4 };
 
 // Instruction-set paths. kScalar builds everywhere; kAvx2 (AVX2 + FMA) and kAvx512 (AVX-512F) on
 // x86-64; kNeon on aarch64.

@@ -4,7 +4,9 @@
 set(LWK_CSRC_DIR ${CMAKE_CURRENT_LIST_DIR})
 
 add_library(lwkernels_core STATIC
+  ${LWK_CSRC_DIR}/conv_geometry.cpp
   ${LWK_CSRC_DIR}/joint_block.cpp
+  ${LWK_CSRC_DIR}/tiling.cpp
   ${LWK_CSRC_DIR}/parallel.cpp
   ${LWK_CSRC_DIR}/host_openmp.cpp
   ${LWK_CSRC_DIR}/thread_pool.cpp

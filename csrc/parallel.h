@@ -3,7 +3,7 @@
 // parallel_run(n, fn, ctx) offers fn(ctx, i) for every i in [0, n), task 0 on the calling thread,
 // and returns when every task that started has finished. Not every task is guaranteed to run:
 // tasks must share their work dynamically (each keeps claiming work from a shared counter until
-// none is left, as joint_block.cpp's and train_impl.h's tasks do), so that task 0 alone would
+// none is left, as share_work's tasks do: work_sharing.h), so that task 0 alone would
 // finish the call. That lets a backend drop tasks whose thread is late or missing.
 //
 // Two backends: the process's OpenMP runtime when one is loaded (PyTorch's; host_openmp.h says

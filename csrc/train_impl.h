@@ -5,14 +5,14 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
 #include "activation.h"
 #include "compiler.h"
-#include "parallel.h"
+#include "conv_geometry.h"
 #include "train_kernels.h"
+#include "work_sharing.h"
 
 #ifndef LWK_TRAIN_NS
 #error "define LWK_TRAIN_NS before including train_impl.h"
@@ -28,8 +28,8 @@ struct TrainOps {
   void (*dw_backward)(const DwGeometry&, const T*, const T*, const T*, T*, T*, int);
   void (*affine_act)(const ChannelGeometry&, const T*, const T*, const T*, const T*, Activation, T*,
                      int);
-  void (*act_backward_reduce)(const ChannelGeometry&, const T*, const T*, Activation, const T*,
-                              const T*, T*, double*, double*, int);
+  void (*act_backward_reduce)(const ChannelGeometry&, const T*, const T*, Activation,
+                              const ActInput<T>&, const T*, const T*, T*, double*, double*, int);
   void (*affine_backward_apply)(const ChannelGeometry&, const T*, const T*, const T*, const T*,
                                 const T*, T*, int);
 };
@@ -42,40 +42,15 @@ const TrainOps<float>* avx2_train_ops_f32();
 
 namespace LWK_TRAIN_NS {
 
-// ---- work sharing ----------------------------------------------------------------------------
-// Tasks claim chunks of `grain` items from a shared counter until none are left (parallel.h: a
-// backend may drop tasks that have not started, so every task must be able to finish the whole
-// range alone). body(task, begin, end).
-template <typename F>
-struct ParallelCtx {
-  std::atomic<int64_t> next{0};
-  int64_t n = 0, grain = 1;
-  const F* body = nullptr;
-};
+// ---- work sharing: lwk::detail::share_work (work_sharing.h) ---------------------------------
+using lwk::detail::share_work;
+using lwk::detail::tasks_for;
 
-template <typename F>
-void parallel_task(void* p, int task) {
-  auto* ctx = static_cast<ParallelCtx<F>*>(p);
-  for (;;) {
-    const int64_t b = ctx->next.fetch_add(ctx->grain, std::memory_order_relaxed);
-    if (b >= ctx->n) return;
-    (*ctx->body)(task, b, std::min(ctx->n, b + ctx->grain));
-  }
-}
-
-inline int num_tasks(int64_t n, int64_t grain, int threads) {
-  const int64_t chunks = (n + grain - 1) / grain;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(threads, 1), chunks)));
-}
-
-template <typename F>
-void parallel_items(int64_t n, int64_t grain, int tasks, const F& body) {
-  if (n <= 0) return;
-  ParallelCtx<F> ctx;
-  ctx.n = n;
-  ctx.grain = std::max<int64_t>(1, grain);
-  ctx.body = &body;
-  lwk::detail::parallel_run(tasks, &parallel_task<F>, &ctx);
+// The input of an activation, written once: the forward (dw_forward, affine_act) and the backward
+// (act_backward_reduce, which recomputes it for hardswish and silu) compute it alike.
+template <typename T>
+LWK_INLINE T affine(T z, T scale, T shift) {
+  return z * scale + shift;
 }
 
 // Per-task double accumulators [tasks][len], summed into out[len] at the end.
@@ -130,18 +105,6 @@ inline T dot(const T* LWK_RESTRICT a, const T* LWK_RESTRICT b, int64_t n) {
   return r;
 }
 
-// Output columns [lo, hi) whose tap kx reads inside the row: 0 <= ox*SW - PW + kx*DW < W.
-inline void tap_range(int64_t k, int64_t S, int64_t P, int64_t D, int64_t in, int64_t out,
-                      int64_t& lo, int64_t& hi) {
-  const int64_t off = k * D - P;  // input index = o * S + off
-  // o*S + off >= 0  <=>  o >= ceil(-off / S)
-  lo = off >= 0 ? 0 : (-off + S - 1) / S;
-  // o*S + off <= in - 1  <=>  o <= floor((in - 1 - off) / S)
-  hi = (in - 1 - off) < 0 ? 0 : (in - 1 - off) / S + 1;
-  lo = std::min(lo, out);
-  hi = std::min(std::max(hi, lo), out);
-}
-
 // Column phases of a strided row (NCHW backward, horizontal stride S > 1): a row of W inputs is
 // stored as S runs, run p holding columns p, p + S, p + 2S, ... from offset start[p]. The inputs
 // that output columns ox = lo..hi-1 touch at tap offset `off` (column ox * S + off) then sit
@@ -184,13 +147,15 @@ template <typename T>
 void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
   const int64_t K = g.KH * g.KW, OHW = g.OH * g.OW, HW = g.H * g.W, C = g.C;
   std::vector<int64_t> kx_lo(g.KW), kx_hi(g.KW);
-  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.SW, g.PW, g.DW, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
+  for (int64_t kx = 0; kx < g.KW; ++kx) {
+    lwk::detail::outputs_inside(kx, g.stride_w, g.pad_w, g.dil_w, g.W, g.OW, &kx_lo[kx], &kx_hi[kx]);
+  }
   const bool stats = a.sum != nullptr;
 
   if (g.layout == Layout::kNCHW) {
     const int64_t n_items = g.N * C;
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, OHW));
-    const int tasks = num_tasks(n_items, grain, threads);
+    const int tasks = tasks_for(n_items, grain, threads);
     Partials ps(tasks, stats ? 2 * C : 0);
     auto body = [&](int task, int64_t b, int64_t e) {
       std::vector<T> row(static_cast<size_t>(g.OW));
@@ -205,18 +170,18 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
           T* LWK_RESTRICT r = row.data();
           std::fill(r, r + g.OW, T(0));
           for (int64_t ky = 0; ky < g.KH; ++ky) {
-            const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+            const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
             if (iy < 0 || iy >= g.H) continue;
             const T* xr = xp + iy * g.W;
             for (int64_t kx = 0; kx < g.KW; ++kx) {
               const T wv = wp[ky * g.KW + kx];
-              const int64_t off = kx * g.DW - g.PW;
+              const int64_t off = kx * g.dil_w - g.pad_w;
               const int64_t lo = kx_lo[kx], hi = kx_hi[kx];
-              if (g.SW == 1) {
+              if (g.stride_w == 1) {
                 const T* LWK_RESTRICT src = xr + off;
                 for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * src[ox];
               } else {
-                for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * xr[ox * g.SW + off];
+                for (int64_t ox = lo; ox < hi; ++ox) r[ox] += wv * xr[ox * g.stride_w + off];
               }
             }
           }
@@ -225,7 +190,10 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
           if (stats) span_stats(r, g.OW, s, ss);
           if (a.out) {
             T* LWK_RESTRICT dst = a.out + o;
-            for (int64_t ox = 0; ox < g.OW; ++ox) dst[ox] = activate(r[ox] * sc + sh, a.act);
+            with_activation(a.act, [&](auto act) {
+              constexpr Activation A = decltype(act)::value;
+              for (int64_t ox = 0; ox < g.OW; ++ox) dst[ox] = activate<A>(affine(r[ox], sc, sh));
+            });
           }
         }
         if (stats) {
@@ -234,7 +202,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
         }
       }
     };
-    parallel_items(n_items, grain, tasks, body);
+    share_work(n_items, grain, tasks, body);
     if (stats) {
       std::vector<double> out(2 * C);
       ps.reduce_into(out.data());
@@ -252,7 +220,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
   if (a.scale) std::copy(a.scale, a.scale + C, scale.begin());
   if (a.shift) std::copy(a.shift, a.shift + C, shift.begin());
   const int64_t n_items = g.N * g.OH;
-  const int tasks = num_tasks(n_items, 1, threads);
+  const int tasks = tasks_for(n_items, 1, threads);
   Partials ps(tasks, stats ? 2 * C : 0);
   auto body = [&](int task, int64_t b, int64_t e) {
     std::vector<T> acc(static_cast<size_t>(C));
@@ -263,10 +231,10 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
         T* LWK_RESTRICT ac = acc.data();
         std::fill(ac, ac + C, T(0));
         for (int64_t ky = 0; ky < g.KH; ++ky) {
-          const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+          const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
           if (iy < 0 || iy >= g.H) continue;
           for (int64_t kx = 0; kx < g.KW; ++kx) {
-            const int64_t ix = ox * g.SW - g.PW + kx * g.DW;
+            const int64_t ix = ox * g.stride_w - g.pad_w + kx * g.dil_w;
             if (ix < 0 || ix >= g.W) continue;
             const T* LWK_RESTRICT xp = a.x + ((n * g.H + iy) * g.W + ix) * C;
             const T* LWK_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;
@@ -288,12 +256,15 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
           T* LWK_RESTRICT dst = a.out + o;
           const T* LWK_RESTRICT sc = scale.data();
           const T* LWK_RESTRICT sh = shift.data();
-          for (int64_t c = 0; c < C; ++c) dst[c] = activate(ac[c] * sc[c] + sh[c], a.act);
+          with_activation(a.act, [&](auto act) {
+            constexpr Activation A = decltype(act)::value;
+            for (int64_t c = 0; c < C; ++c) dst[c] = activate<A>(affine(ac[c], sc[c], sh[c]));
+          });
         }
       }
     }
   };
-  parallel_items(n_items, 1, tasks, body);
+  share_work(n_items, 1, tasks, body);
   if (stats) {
     std::vector<double> out(2 * C);
     ps.reduce_into(out.data());
@@ -305,19 +276,19 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, int threads) {
 // ---- depthwise backward ------------------------------------------------------------------------
 // Stride-1 planes with short rows (7x7 and 14x14 maps): per row, every tap was a loop of at most W
 // elements, so loop overhead dominated. Here each tap is one loop over the whole plane. x and
-// grad_x live in zero-padded planes of pitch P = W + 2*PW, grad in a plane of the same pitch whose
-// columns past OW are zero: output j = oy*P + ox then meets padded input j + ky*DH*P + kx*DW for
+// grad_x live in zero-padded planes of pitch P = W + 2*pad_w, grad in a plane of the same pitch whose
+// columns past OW are zero: output j = oy*P + ox then meets padded input j + ky*dil_h*P + kx*dil_w for
 // every tap, and the zero columns make the terms that wrap into the next row vanish.
 struct FlatPlanes {
   int64_t pitch, span, len;     // row pitch, grad elements (OH * pitch), padded plane + slack
   std::vector<int64_t> tap_at;  // per tap: its offset in the padded plane
-  static bool applies(const DwGeometry& g) { return g.SH == 1 && g.SW == 1 && g.W < 64; }
+  static bool applies(const DwGeometry& g) { return g.stride_h == 1 && g.stride_w == 1 && g.W < 64; }
   explicit FlatPlanes(const DwGeometry& g)
-      : pitch(g.W + 2 * g.PW), span(g.OH * pitch),
-        // Stride 1: OH + (KH-1)*DH == H + 2*PH rows; the last tap reads (KW-1)*DW past the end.
-        len((g.H + 2 * g.PH) * pitch + (g.KW - 1) * g.DW), tap_at(static_cast<size_t>(g.KH * g.KW)) {
+      : pitch(g.W + 2 * g.pad_w), span(g.OH * pitch),
+        // Stride 1: OH + (KH-1)*dil_h == H + 2*pad_h rows; the last tap reads (KW-1)*dil_w past the end.
+        len((g.H + 2 * g.pad_h) * pitch + (g.KW - 1) * g.dil_w), tap_at(static_cast<size_t>(g.KH * g.KW)) {
     for (int64_t ky = 0; ky < g.KH; ++ky)
-      for (int64_t kx = 0; kx < g.KW; ++kx) tap_at[ky * g.KW + kx] = ky * g.DH * pitch + kx * g.DW;
+      for (int64_t kx = 0; kx < g.KW; ++kx) tap_at[ky * g.KW + kx] = ky * g.dil_h * pitch + kx * g.dil_w;
   }
 };
 
@@ -332,7 +303,7 @@ void backward_flat_plane(const DwGeometry& g, const FlatPlanes& f, const T* x_pl
     std::copy(grad_plane + oy * g.OW, grad_plane + (oy + 1) * g.OW, gflat + oy * f.pitch);
   if (grad_w) {
     for (int64_t iy = 0; iy < g.H; ++iy)
-      std::copy(x_plane + iy * g.W, x_plane + (iy + 1) * g.W, xpad + (iy + g.PH) * f.pitch + g.PW);
+      std::copy(x_plane + iy * g.W, x_plane + (iy + 1) * g.W, xpad + (iy + g.pad_h) * f.pitch + g.pad_w);
   }
   if (gx_plane) std::fill(gpad, gpad + f.len, T(0));
   const T* LWK_RESTRICT gr = gflat;
@@ -347,7 +318,7 @@ void backward_flat_plane(const DwGeometry& g, const FlatPlanes& f, const T* x_pl
   }
   if (gx_plane) {
     for (int64_t iy = 0; iy < g.H; ++iy) {
-      const T* src = gpad + (iy + g.PH) * f.pitch + g.PW;
+      const T* src = gpad + (iy + g.pad_h) * f.pitch + g.pad_w;
       std::copy(src, src + g.W, gx_plane + iy * g.W);
     }
   }
@@ -358,16 +329,18 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
                  int threads) {
   const int64_t K = g.KH * g.KW, OHW = g.OH * g.OW, HW = g.H * g.W, C = g.C;
   std::vector<int64_t> kx_lo(g.KW), kx_hi(g.KW);
-  for (int64_t kx = 0; kx < g.KW; ++kx) tap_range(kx, g.SW, g.PW, g.DW, g.W, g.OW, kx_lo[kx], kx_hi[kx]);
+  for (int64_t kx = 0; kx < g.KW; ++kx) {
+    lwk::detail::outputs_inside(kx, g.stride_w, g.pad_w, g.dil_w, g.W, g.OW, &kx_lo[kx], &kx_hi[kx]);
+  }
 
   if (g.layout == Layout::kNCHW) {
     // One channel per item (all images): grad_w[c] needs no merging, grad_x planes are disjoint.
     // With a horizontal stride, x and grad_x are handled as column phases (ColumnPhases).
-    const int tasks = num_tasks(C, 1, threads);
-    const ColumnPhases phases(g.SW, g.W);
+    const int tasks = tasks_for(C, 1, threads);
+    const ColumnPhases phases(g.stride_w, g.W);
     std::vector<int64_t> kx_shift(g.KW);
-    for (int64_t kx = 0; kx < g.KW; ++kx) kx_shift[kx] = phases.shift(kx * g.DW - g.PW);
-    const bool phased = g.SW > 1;
+    for (int64_t kx = 0; kx < g.KW; ++kx) kx_shift[kx] = phases.shift(kx * g.dil_w - g.pad_w);
+    const bool phased = g.stride_w > 1;
     const bool flat = FlatPlanes::applies(g);
     const FlatPlanes fp(flat ? g : DwGeometry{});
     auto body = [&](int, int64_t b, int64_t e) {
@@ -398,7 +371,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
           for (int64_t oy = 0; oy < g.OH; ++oy) {
             const T* LWK_RESTRICT gr = gp + oy * g.OW;
             for (int64_t ky = 0; ky < g.KH; ++ky) {
-              const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+              const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
               if (iy < 0 || iy >= g.H) continue;
               for (int64_t kx = 0; kx < g.KW; ++kx) {
                 const int64_t lo = kx_lo[kx], hi = kx_hi[kx];
@@ -422,14 +395,14 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
           for (int64_t k = 0; k < K; ++k) grad_w[c * K + k] = static_cast<T>(gw[k]);
       }
     };
-    parallel_items(C, 1, tasks, body);
+    share_work(C, 1, tasks, body);
     return;
   }
 
   // NHWC. grad_w: item = output row; per-row T accumulators flushed to per-task doubles.
   if (grad_w) {
     const int64_t n_items = g.N * g.OH;
-    const int tasks = num_tasks(n_items, 1, threads);
+    const int tasks = tasks_for(n_items, 1, threads);
     Partials ps(tasks, K * C);
     auto body = [&](int task, int64_t b, int64_t e) {
       std::vector<T> rowacc(static_cast<size_t>(K * C));
@@ -439,14 +412,14 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
         std::fill(rowacc.begin(), rowacc.end(), T(0));
         bool any = false;
         for (int64_t ky = 0; ky < g.KH; ++ky) {
-          const int64_t iy = oy * g.SH - g.PH + ky * g.DH;
+          const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
           if (iy < 0 || iy >= g.H) continue;
           for (int64_t kx = 0; kx < g.KW; ++kx) {
-            const int64_t off = kx * g.DW - g.PW;
+            const int64_t off = kx * g.dil_w - g.pad_w;
             T* LWK_RESTRICT ra = rowacc.data() + (ky * g.KW + kx) * C;
             for (int64_t ox = kx_lo[kx]; ox < kx_hi[kx]; ++ox) {
               const T* LWK_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
-              const T* LWK_RESTRICT xp = x + ((n * g.H + iy) * g.W + ox * g.SW + off) * C;
+              const T* LWK_RESTRICT xp = x + ((n * g.H + iy) * g.W + ox * g.stride_w + off) * C;
               for (int64_t c = 0; c < C; ++c) ra[c] += gp[c] * xp[c];
               any = true;
             }
@@ -459,7 +432,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
         }
       }
     };
-    parallel_items(n_items, 1, tasks, body);
+    share_work(n_items, 1, tasks, body);
     std::vector<double> out(static_cast<size_t>(K * C));
     ps.reduce_into(out.data());
     for (int64_t c = 0; c < C; ++c)
@@ -471,7 +444,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
     for (int64_t c = 0; c < C; ++c)
       for (int64_t k = 0; k < K; ++k) wt[k * C + c] = w[c * K + k];
     const int64_t n_items = g.N * g.H;
-    const int tasks = num_tasks(n_items, 1, threads);
+    const int tasks = tasks_for(n_items, 1, threads);
     auto body = [&](int, int64_t b, int64_t e) {
       for (int64_t item = b; item < e; ++item) {
         const int64_t n = item / g.H, iy = item % g.H;
@@ -479,14 +452,14 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
           T* LWK_RESTRICT dst = grad_x + ((n * g.H + iy) * g.W + ix) * C;
           std::fill(dst, dst + C, T(0));
           for (int64_t ky = 0; ky < g.KH; ++ky) {
-            const int64_t ty = iy + g.PH - ky * g.DH;
-            if (ty < 0 || ty % g.SH != 0) continue;
-            const int64_t oy = ty / g.SH;
+            const int64_t ty = iy + g.pad_h - ky * g.dil_h;
+            if (ty < 0 || ty % g.stride_h != 0) continue;
+            const int64_t oy = ty / g.stride_h;
             if (oy >= g.OH) continue;
             for (int64_t kx = 0; kx < g.KW; ++kx) {
-              const int64_t tx = ix + g.PW - kx * g.DW;
-              if (tx < 0 || tx % g.SW != 0) continue;
-              const int64_t ox = tx / g.SW;
+              const int64_t tx = ix + g.pad_w - kx * g.dil_w;
+              if (tx < 0 || tx % g.stride_w != 0) continue;
+              const int64_t ox = tx / g.stride_w;
               if (ox >= g.OW) continue;
               const T* LWK_RESTRICT gp = grad + ((n * g.OH + oy) * g.OW + ox) * C;
               const T* LWK_RESTRICT wp = wt.data() + (ky * g.KW + kx) * C;
@@ -496,7 +469,7 @@ void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* 
         }
       }
     };
-    parallel_items(n_items, 1, tasks, body);
+    share_work(n_items, 1, tasks, body);
   }
 }
 
@@ -514,45 +487,72 @@ template <typename T>
 void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* shift,
                 const T* residual, Activation act, T* y, int threads) {
   const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
-  const int tasks = num_tasks(n_items, grain, threads);
+  const int tasks = tasks_for(n_items, grain, threads);
   auto body = [&](int, int64_t b, int64_t e) {
-    if (g.layout == Layout::kNCHW) {
-      for (int64_t item = b; item < e; ++item) {
-        const T sc = scale[item % C], sh = shift[item % C];
-        const T* LWK_RESTRICT zp = z + item * g.HW;
-        T* LWK_RESTRICT yp = y + item * g.HW;
-        if (residual) {
-          const T* LWK_RESTRICT rp = residual + item * g.HW;
-          for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate(zp[i] * sc + sh + rp[i], act);
-        } else {
-          for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate(zp[i] * sc + sh, act);
+    with_activation(act, [&](auto act_tag) {
+      constexpr Activation A = decltype(act_tag)::value;
+      if (g.layout == Layout::kNCHW) {
+        for (int64_t item = b; item < e; ++item) {
+          const T sc = scale[item % C], sh = shift[item % C];
+          const T* LWK_RESTRICT zp = z + item * g.HW;
+          T* LWK_RESTRICT yp = y + item * g.HW;
+          if (residual) {
+            const T* LWK_RESTRICT rp = residual + item * g.HW;
+            for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate<A>(affine(zp[i], sc, sh) + rp[i]);
+          } else {
+            for (int64_t i = 0; i < g.HW; ++i) yp[i] = activate<A>(affine(zp[i], sc, sh));
+          }
+        }
+      } else {
+        const T* LWK_RESTRICT sc = scale;
+        const T* LWK_RESTRICT sh = shift;
+        for (int64_t item = b; item < e; ++item) {
+          const T* LWK_RESTRICT zp = z + item * C;
+          T* LWK_RESTRICT yp = y + item * C;
+          if (residual) {
+            const T* LWK_RESTRICT rp = residual + item * C;
+            for (int64_t c = 0; c < C; ++c) yp[c] = activate<A>(affine(zp[c], sc[c], sh[c]) + rp[c]);
+          } else {
+            for (int64_t c = 0; c < C; ++c) yp[c] = activate<A>(affine(zp[c], sc[c], sh[c]));
+          }
         }
       }
-    } else {
-      const T* LWK_RESTRICT sc = scale;
-      const T* LWK_RESTRICT sh = shift;
-      for (int64_t item = b; item < e; ++item) {
-        const T* LWK_RESTRICT zp = z + item * C;
-        T* LWK_RESTRICT yp = y + item * C;
-        if (residual) {
-          const T* LWK_RESTRICT rp = residual + item * C;
-          for (int64_t c = 0; c < C; ++c) yp[c] = activate(zp[c] * sc[c] + sh[c] + rp[c], act);
-        } else {
-          for (int64_t c = 0; c < C; ++c) yp[c] = activate(zp[c] * sc[c] + sh[c], act);
-        }
-      }
-    }
+    });
   };
-  parallel_items(n_items, grain, tasks, body);
+  share_work(n_items, grain, tasks, body);
+}
+
+// gb[0, n) = grad * the activation's derivative at its input, recomputed as the forward computed
+// it: affine(src, scale, shift) (+ residual).
+template <Activation A, typename T>
+void grad_from_input(const T* LWK_RESTRICT grad, const T* LWK_RESTRICT src, const T* scale,
+                     const T* shift, const T* LWK_RESTRICT residual, int64_t n, bool per_element,
+                     T* LWK_RESTRICT gb) {
+  // per_element: scale/shift index along the n elements (NHWC: channels), else one value each.
+  if (per_element) {
+    for (int64_t i = 0; i < n; ++i) {
+      T v = affine(src[i], scale ? scale[i] : T(1), shift ? shift[i] : T(0));
+      if (residual) v += residual[i];
+      gb[i] = activation_grad_from_input<A>(grad[i], v);
+    }
+  } else {
+    const T sc = scale ? *scale : T(1), sh = shift ? *shift : T(0);
+    if (residual) {
+      for (int64_t i = 0; i < n; ++i) gb[i] = activation_grad_from_input<A>(grad[i], affine(src[i], sc, sh) + residual[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) gb[i] = activation_grad_from_input<A>(grad[i], affine(src[i], sc, sh));
+    }
+  }
 }
 
 template <typename T>
 void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_out, Activation act,
-                         const T* z, const T* center, T* gb, double* sum_g, double* sum_gz,
-                         int threads) {
+                         const ActInput<T>& act_in, const T* z, const T* center, T* gb,
+                         double* sum_g, double* sum_gz, int threads) {
   const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
-  const int tasks = num_tasks(n_items, grain, threads);
-  if (act_out == nullptr) act = Activation::kNone;
+  const int tasks = tasks_for(n_items, grain, threads);
+  const bool from_input = act_in.src != nullptr;
+  if (!from_input && act_out == nullptr) act = Activation::kNone;
   Partials ps(tasks, 2 * C);
   auto body = [&](int task, int64_t b, int64_t e) {
     double* part = ps.of(task);
@@ -561,7 +561,14 @@ void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_o
         const int64_t c = item % C, o = item * g.HW;
         const T* LWK_RESTRICT gp = grad + o;
         T* LWK_RESTRICT bp = gb + o;
-        if (act == Activation::kNone) {
+        if (from_input && act != Activation::kNone) {
+          with_activation(act, [&](auto act_tag) {
+            grad_from_input<decltype(act_tag)::value>(
+                gp, act_in.src + o, act_in.scale ? act_in.scale + c : nullptr,
+                act_in.shift ? act_in.shift + c : nullptr,
+                act_in.residual ? act_in.residual + o : nullptr, g.HW, false, bp);
+          });
+        } else if (act == Activation::kNone) {
           std::copy(gp, gp + g.HW, bp);
         } else {
           const T* LWK_RESTRICT ap = act_out + o;
@@ -600,7 +607,13 @@ void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_o
         const int64_t o = item * C;
         const T* LWK_RESTRICT gp = grad + o;
         T* LWK_RESTRICT bp = gb + o;
-        if (act == Activation::kNone) {
+        if (from_input && act != Activation::kNone) {
+          with_activation(act, [&](auto act_tag) {
+            grad_from_input<decltype(act_tag)::value>(
+                gp, act_in.src + o, act_in.scale, act_in.shift,
+                act_in.residual ? act_in.residual + o : nullptr, C, true, bp);
+          });
+        } else if (act == Activation::kNone) {
           std::copy(gp, gp + C, bp);
         } else {
           const T* LWK_RESTRICT ap = act_out + o;
@@ -620,7 +633,7 @@ void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_o
       }
     }
   };
-  parallel_items(n_items, grain, tasks, body);
+  share_work(n_items, grain, tasks, body);
   std::vector<double> out(2 * C);
   ps.reduce_into(out.data());
   std::copy(out.begin(), out.begin() + C, sum_g);
@@ -631,7 +644,7 @@ template <typename T>
 void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, const T* a,
                            const T* b_, const T* k, T* out, int threads) {
   const int64_t C = g.C, n_items = elementwise_items(g), grain = elementwise_grain(g);
-  const int tasks = num_tasks(n_items, grain, threads);
+  const int tasks = tasks_for(n_items, grain, threads);
   auto body = [&](int, int64_t b, int64_t e) {
     if (g.layout == Layout::kNCHW) {
       for (int64_t item = b; item < e; ++item) {
@@ -652,7 +665,7 @@ void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, co
       }
     }
   };
-  parallel_items(n_items, grain, tasks, body);
+  share_work(n_items, grain, tasks, body);
 }
 
 template <typename T>

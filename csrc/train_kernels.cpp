@@ -44,20 +44,33 @@ void check(const ChannelGeometry& g) {
   if (g.N < 0 || g.C < 1 || g.HW < 0) throw std::invalid_argument("invalid channel geometry");
 }
 
+void check(Activation a, const char* where) {
+  if (a != Activation::kNone && a != Activation::kRelu && a != Activation::kRelu6 &&
+      a != Activation::kHardswish && a != Activation::kSilu) {
+    throw std::invalid_argument(std::string(where) + ": unknown activation value");
+  }
+}
+
 }  // namespace
 
 std::string validate(const DwGeometry& g) {
-  if (g.N < 0 || g.C < 1 || g.H < 1 || g.W < 1) return "invalid input size";
-  if (g.KH < 1 || g.KW < 1) return "kernel size must be positive";
-  if (g.SH < 1 || g.SW < 1) return "stride must be positive";
-  if (g.DH < 1 || g.DW < 1) return "dilation must be positive";
-  if (g.PH < 0 || g.PW < 0) return "padding must be non-negative";
-  const int64_t oh = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
-  const int64_t ow = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
-  if (g.H + 2 * g.PH < g.DH * (g.KH - 1) + 1 || g.W + 2 * g.PW < g.DW * (g.KW - 1) + 1)
-    return "the dilated kernel is larger than the padded input";
-  if (oh != g.OH || ow != g.OW) return "output size does not match the convolution geometry";
-  return std::string();
+  detail::ConvShape c;
+  c.batch = g.N;
+  c.channels = g.C;
+  c.in_h = g.H;
+  c.in_w = g.W;
+  c.out_h = g.OH;
+  c.out_w = g.OW;
+  c.kernel_h = g.KH;
+  c.kernel_w = g.KW;
+  c.stride_h = g.stride_h;
+  c.stride_w = g.stride_w;
+  c.pad_h = g.pad_h;
+  c.pad_w = g.pad_w;
+  c.dil_h = g.dil_h;
+  c.dil_w = g.dil_w;
+  c.layout = g.layout;
+  return detail::validate_conv(c);
 }
 
 template <typename T>
@@ -65,6 +78,7 @@ void dw_forward(const DwGeometry& g, const DwForwardArgs<T>& a, Isa isa, int num
   check(g);
   if ((a.sum == nullptr) != (a.sumsq == nullptr))
     throw std::invalid_argument("dw_forward: sum and sumsq must be given together");
+  check(a.act, "dw_forward");
   pick<T>(isa)->dw_forward(g, a, num_threads);
 }
 
@@ -79,17 +93,25 @@ template <typename T>
 void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* shift,
                 const T* residual, Activation act, T* y, Isa isa, int num_threads) {
   check(g);
+  check(act, "affine_act");
   pick<T>(isa)->affine_act(g, z, scale, shift, residual, act, y, num_threads);
 }
 
 template <typename T>
 void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_out, Activation act,
-                         const T* z, const T* center, T* gb, double* sum_g, double* sum_gz, Isa isa,
-                         int num_threads) {
+                         const ActInput<T>& act_in, const T* z, const T* center, T* gb,
+                         double* sum_g, double* sum_gz, Isa isa, int num_threads) {
   check(g);
+  check(act, "act_backward_reduce");
   if (z != nullptr && (center == nullptr || sum_gz == nullptr))
     throw std::invalid_argument("act_backward_reduce: z needs center and sum_gz");
-  pick<T>(isa)->act_backward_reduce(g, grad, act_out, act, z, center, gb, sum_g, sum_gz, num_threads);
+  if ((act == Activation::kHardswish || act == Activation::kSilu) && act_in.src == nullptr) {
+    throw std::invalid_argument(
+        "act_backward_reduce: the hardswish and silu gradients need the activation's input "
+        "(act_in), not only its output");
+  }
+  pick<T>(isa)->act_backward_reduce(g, grad, act_out, act, act_in, z, center, gb, sum_g, sum_gz,
+                                    num_threads);
 }
 
 template <typename T>
@@ -106,7 +128,8 @@ void affine_backward_apply(const ChannelGeometry& g, const T* gb, const T* z, co
   template void affine_act<T>(const ChannelGeometry&, const T*, const T*, const T*, const T*,   \
                               Activation, T*, Isa, int);                                          \
   template void act_backward_reduce<T>(const ChannelGeometry&, const T*, const T*, Activation,  \
-                                       const T*, const T*, T*, double*, double*, Isa, int);       \
+                                       const ActInput<T>&, const T*, const T*, T*, double*,       \
+                                       double*, Isa, int);                                         \
   template void affine_backward_apply<T>(const ChannelGeometry&, const T*, const T*, const T*,  \
                                          const T*, const T*, T*, Isa, int);
 LWK_TRAIN_INSTANTIATE(float)

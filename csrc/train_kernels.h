@@ -29,7 +29,7 @@ namespace train {
 // Depthwise geometry: x [N, C, H, W], output [N, C, OH, OW], weight [C, KH, KW].
 struct DwGeometry {
   int64_t N = 0, C = 0, H = 0, W = 0, OH = 0, OW = 0;
-  int64_t KH = 3, KW = 3, SH = 1, SW = 1, PH = 0, PW = 0, DH = 1, DW = 1;
+  int64_t KH = 3, KW = 3, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
   Layout layout = Layout::kNCHW;
 };
 
@@ -64,17 +64,32 @@ template <typename T>
 void dw_backward(const DwGeometry& g, const T* x, const T* w, const T* grad, T* grad_x, T* grad_w,
                  Isa isa, int num_threads);
 
-// y = act(z * scale[c] + shift[c] + residual); residual may be null.
+// y = act(z * scale[c] + shift[c] + residual); residual may be null. Any activation.
 template <typename T>
 void affine_act(const ChannelGeometry& g, const T* z, const T* scale, const T* shift,
                 const T* residual, Activation act, T* y, Isa isa, int num_threads);
 
-// gb = grad * act'(act_out) (act'(.) from the activation's output, zero at the kinks, as PyTorch);
+// The input of an activation as the forward computed it, for the gradients that cannot be read off
+// the activation's output (hardswish, silu): src * scale[c] + shift[c] (+ residual), with the same
+// src, scale, shift and residual the forward passed (affine_act: z and its scale, shift and
+// residual; dw_forward: the raw depthwise output c and its scale and shift). The backward
+// recomputes it with the forward's arithmetic, so it is bit-identical.
+template <typename T>
+struct ActInput {
+  const T* src = nullptr;       // null: not given
+  const T* scale = nullptr;     // [C] or null (= 1)
+  const T* shift = nullptr;     // [C] or null (= 0)
+  const T* residual = nullptr;  // like src, or null
+};
+
+// gb = grad * act'(.), zero at the kinks as PyTorch (activation.h): from the activation's input
+// when act_in.src is given (every activation), else from its output act_out (relu and relu6;
+// hardswish and silu need act_in, std::invalid_argument otherwise; with neither, gb = grad).
 // sum_g[c] = sum of gb; if z: sum_gz[c] = sum of gb * (z - center[c]). Sums overwritten.
 template <typename T>
 void act_backward_reduce(const ChannelGeometry& g, const T* grad, const T* act_out, Activation act,
-                         const T* z, const T* center, T* gb, double* sum_g, double* sum_gz, Isa isa,
-                         int num_threads);
+                         const ActInput<T>& act_in, const T* z, const T* center, T* gb,
+                         double* sum_g, double* sum_gz, Isa isa, int num_threads);
 
 // out = a[c] * gb + b[c] * z + k[c]  (BatchNorm's input gradient with batch statistics); out may
 // alias gb.

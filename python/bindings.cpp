@@ -1,7 +1,7 @@
 // pybind11 binding of the torch-free CPU kernels (module lwkernels._C).
 //
 // Tensors cross this boundary as raw data addresses (Python ints, 0 for "absent"): the Python
-// layer (lwkernels/cpu_backend.py) owns validation, memory layout and lifetime, so this file only
+// layer (lwkernels/cpu/backend.py) owns validation, memory layout and lifetime, so this file only
 // converts arguments, releases the GIL and calls csrc/.
 #include <pybind11/pybind11.h>
 

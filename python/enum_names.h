@@ -26,7 +26,10 @@ inline lwk::Activation activation_from_name(const std::string& name) {
   if (name == "none") return lwk::Activation::kNone;
   if (name == "relu") return lwk::Activation::kRelu;
   if (name == "relu6") return lwk::Activation::kRelu6;
-  throw std::invalid_argument("unknown activation '" + name + "' (expected none, relu or relu6)");
+  if (name == "hardswish") return lwk::Activation::kHardswish;
+  if (name == "silu") return lwk::Activation::kSilu;
+  throw std::invalid_argument("unknown activation '" + name +
+                              "' (expected none, relu, relu6, hardswish or silu)");
 }
 
 }  // namespace lwk_bind

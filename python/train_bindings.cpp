@@ -1,9 +1,9 @@
 // pybind11 binding of the training kernels (csrc/train_kernels.h) into lwkernels._C.
 //
 // As in bindings.cpp, tensors cross as raw data addresses (0 = absent) and the Python layer
-// (lwkernels/training.py) owns validation, layout and lifetime. `dtype` is "f32" or "f64";
-// per-channel statistics are float64 buffers. Geometry: [N, C, H, W, OH, OW, KH, KW, SH, SW, PH,
-// PW, DH, DW] for the depthwise kernels, [N, C, HW] for the per-channel passes.
+// (lwkernels/ops/training.py) owns validation, layout and lifetime. `dtype` is "f32" or "f64";
+// per-channel statistics are float64 buffers. Geometry: [N, C, H, W, OH, OW, KH, KW, stride_h, stride_w, pad_h,
+// pad_w, dil_h, dil_w] for the depthwise kernels, [N, C, HW] for the per-channel passes.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -27,8 +27,8 @@ lwk::train::DwGeometry dw_geometry(const std::vector<int64_t>& v, const std::str
   if (v.size() != 14) throw std::invalid_argument("depthwise geometry needs 14 integers");
   lwk::train::DwGeometry g;
   g.N = v[0]; g.C = v[1]; g.H = v[2]; g.W = v[3]; g.OH = v[4]; g.OW = v[5];
-  g.KH = v[6]; g.KW = v[7]; g.SH = v[8]; g.SW = v[9]; g.PH = v[10]; g.PW = v[11];
-  g.DH = v[12]; g.DW = v[13];
+  g.KH = v[6]; g.KW = v[7]; g.stride_h = v[8]; g.stride_w = v[9]; g.pad_h = v[10]; g.pad_w = v[11];
+  g.dil_h = v[12]; g.dil_w = v[13];
   g.layout = layout_of(layout);
   return g;
 }
@@ -104,20 +104,34 @@ void bind_training(py::module_& m) {
                                       i_, threads);
           });
         });
+  // act_in, act_in_scale, act_in_shift, act_in_residual: the activation's input as the forward
+  // computed it (act_in * act_in_scale + act_in_shift + act_in_residual; train_kernels.h ActInput),
+  // needed for hardswish and silu, optional for the others (0 = absent).
   m.def("train_act_backward_reduce",
         [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
            uintptr_t grad, uintptr_t act_out, const std::string& act, uintptr_t z, uintptr_t center,
-           uintptr_t gb, uintptr_t sum_g, uintptr_t sum_gz, int threads) {
+           uintptr_t gb, uintptr_t sum_g, uintptr_t sum_gz, int threads, uintptr_t act_in,
+           uintptr_t act_in_scale, uintptr_t act_in_shift, uintptr_t act_in_residual) {
           const auto g = channel_geometry(geo, layout);
           const auto a_ = act_of(act);
           const auto i_ = isa_of(isa);
           by_dtype(dtype, [&](auto tag) {
             using T = decltype(tag);
+            lwk::train::ActInput<T> in;
+            in.src = p<T>(act_in);
+            in.scale = p<T>(act_in_scale);
+            in.shift = p<T>(act_in_shift);
+            in.residual = p<T>(act_in_residual);
             py::gil_scoped_release release;
-            lwk::train::act_backward_reduce<T>(g, p<T>(grad), p<T>(act_out), a_, p<T>(z), p<T>(center),
-                                               p<T>(gb), d(sum_g), d(sum_gz), i_, threads);
+            lwk::train::act_backward_reduce<T>(g, p<T>(grad), p<T>(act_out), a_, in, p<T>(z),
+                                               p<T>(center), p<T>(gb), d(sum_g), d(sum_gz), i_,
+                                               threads);
           });
-        });
+        },
+        py::arg("dtype"), py::arg("isa"), py::arg("geo"), py::arg("layout"), py::arg("grad"),
+        py::arg("act_out"), py::arg("act"), py::arg("z"), py::arg("center"), py::arg("gb"),
+        py::arg("sum_g"), py::arg("sum_gz"), py::arg("threads"), py::arg("act_in") = 0,
+        py::arg("act_in_scale") = 0, py::arg("act_in_shift") = 0, py::arg("act_in_residual") = 0);
   m.def("train_affine_backward_apply",
         [](const std::string& dtype, const std::string& isa, const Geo& geo, const std::string& layout,
            uintptr_t gb, uintptr_t z, uintptr_t a, uintptr_t b, uintptr_t k, uintptr_t out, int threads) {

@@ -3,6 +3,8 @@
 //
 //   bench_kernels [--threads N] [--isa scalar|avx2|avx512|neon] [--reps R] [--layout nchw|nhwc]
 //                 [--budget BYTES] [--batch N] [--shared-dw -1|0|1] [--shape CIN,COUT,S,HW]
+//                 [--mid-act ACT] [--out-act ACT]   (none|relu|relu6|hardswish|silu; default
+//                 none and relu)
 // Prints the median time of R repetitions per shape (after warm-up) and GFLOP/s.
 #include <algorithm>
 #include <cmath>
@@ -31,6 +33,17 @@ struct Block {
   lwk::JointTensors<float> t;
   double flops = 0;
 };
+
+lwk::Activation g_mid_act = lwk::Activation::kNone;
+lwk::Activation g_out_act = lwk::Activation::kRelu;
+
+lwk::Activation act_of(const std::string& v) {
+  if (v == "relu") return lwk::Activation::kRelu;
+  if (v == "relu6") return lwk::Activation::kRelu6;
+  if (v == "hardswish") return lwk::Activation::kHardswish;
+  if (v == "silu") return lwk::Activation::kSilu;
+  return lwk::Activation::kNone;
+}
 
 void make_block(Block& b, const Shape& s, int64_t batch, lwk::Layout layout, lwk::Isa isa,
                 std::mt19937& gen) {
@@ -61,7 +74,8 @@ void make_block(Block& b, const Shape& s, int64_t batch, lwk::Layout layout, lwk
   b.t.dw_weight = b.dw.data();
   b.t.pw_scale = b.sc.data();
   b.t.pw_shift = b.sh.data();
-  b.t.out_act = lwk::Activation::kRelu;
+  b.t.mid_act = g_mid_act;
+  b.t.out_act = g_out_act;
   b.t.y = b.y.data();
   b.flops = 2.0 * batch * npix * s.cin * (s.cout + 9);
 }
@@ -112,6 +126,8 @@ int main(int argc, char** argv) {
     else if (k == "--budget") lwk::detail::set_tile_budget_bytes(std::strtoull(v.c_str(), nullptr, 10));
     else if (k == "--shared-dw") lwk::detail::set_shared_depthwise(std::atoi(v.c_str()));
     else if (k == "--isa") isa = v == "scalar" ? lwk::Isa::kScalar : v == "neon" ? lwk::Isa::kNeon : v == "avx512" ? lwk::Isa::kAvx512 : lwk::Isa::kAvx2;
+    else if (k == "--mid-act") g_mid_act = act_of(v);
+    else if (k == "--out-act") g_out_act = act_of(v);
     else if (k == "--layout") layouts = {v == "nhwc" ? lwk::Layout::kNHWC : lwk::Layout::kNCHW};
     else if (k == "--shape") {  // cin,cout,stride,hw: time just this block
       Shape s{};

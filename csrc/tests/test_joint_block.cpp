@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "check.h"
 #include "internal.h"
 #include "joint_block.h"
 
@@ -31,18 +32,8 @@ using lwk::Isa;
 using lwk::JointGeometry;
 using lwk::Layout;
 
-int g_failures = 0;
+using lwk_test::g_failures;
 int64_t g_cases = 0;
-
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);   \
-      std::fprintf(stderr, __VA_ARGS__);                          \
-      std::fprintf(stderr, "\n");                                 \
-      ++g_failures;                                               \
-    }                                                             \
-  } while (0)
 
 struct Case {
   int64_t n, cin, cout, h, w, k, stride, pad, dil;
@@ -75,11 +66,30 @@ int64_t out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
   return span < 0 ? 0 : span / s + 1;
 }
 
-double act_ref(double v, Activation a) {
-  if (a == Activation::kNone) return v;
-  v = v < 0 ? 0 : v;
-  if (a == Activation::kRelu6) v = v > 6 ? 6 : v;
-  return v;
+// PyTorch's activations in double (activation.h gives the rules, non-finite values included).
+// With float_range, an intermediate result past the float range becomes an infinity, as in the
+// float computation (hardswish(3e38) = 3e38 * 6 / 6 is +inf in float, silu(-89) = -89 / (1 +
+// e^89) is -0): the reference keeps double precision and float's range.
+double act_ref(double v, Activation a, bool float_range = false) {
+  auto range = [float_range](double t) {
+    const double lim = double(std::numeric_limits<float>::max()) * (1.0 + std::ldexp(1.0, -25));
+    if (float_range && std::fabs(t) >= lim) return std::copysign(HUGE_VAL, t);
+    return t;
+  };
+  switch (a) {
+    case Activation::kRelu:
+      return v < 0 ? 0.0 : v;
+    case Activation::kRelu6:
+      return v < 0 ? 0.0 : v > 6 ? 6.0 : v;
+    case Activation::kHardswish: {
+      const double c = v + 3 < 0 ? 0.0 : v + 3 > 6 ? 6.0 : v + 3;
+      return range(v * c) / 6;
+    }
+    case Activation::kSilu:
+      return v / (1 + range(std::exp(-v)));
+    default:
+      return v;
+  }
 }
 
 // Logical (n, c, y, x) -> storage offset for a dense tensor in `layout`.
@@ -292,7 +302,8 @@ void run_all(const Case& c, uint64_t seed) {
 // ------------------------------------------------------------------------------------------------
 
 void test_grid(bool quick) {
-  const Activation acts[3] = {Activation::kNone, Activation::kRelu, Activation::kRelu6};
+  const Activation acts[5] = {Activation::kNone, Activation::kRelu, Activation::kRelu6,
+                              Activation::kHardswish, Activation::kSilu};
   struct Ch { int64_t cin, cout; };
   const std::vector<Ch> chans = quick ? std::vector<Ch>{{1, 1}, {3, 17}, {17, 3}, {32, 13}}
                                       : std::vector<Ch>{{1, 1}, {3, 17}, {17, 3}, {32, 32},
@@ -332,8 +343,8 @@ void test_grid(bool quick) {
                 c.pw_scale = v % 4 != 1;
                 c.pw_shift = v % 5 != 2;
                 c.residual = v % 3 == 1;
-                c.mid_act = acts[v % 3];
-                c.out_act = acts[(v / 3) % 3];
+                c.mid_act = acts[v % 5];
+                c.out_act = acts[(v / 5) % 5];
                 c.threads = 1 + v % 3;
                 c.stats = v % 2 == 1;
                 run_all(c, seed++);
@@ -348,7 +359,8 @@ void test_grid(bool quick) {
 
 void test_random(int count) {
   Rng r(12345);
-  const Activation acts[3] = {Activation::kNone, Activation::kRelu, Activation::kRelu6};
+  const Activation acts[5] = {Activation::kNone, Activation::kRelu, Activation::kRelu6,
+                              Activation::kHardswish, Activation::kSilu};
   for (int i = 0; i < count; ++i) {
     Case c{};
     c.n = r.integer(1, 3);
@@ -370,8 +382,8 @@ void test_random(int count) {
     c.pw_scale = r.integer(0, 1);
     c.pw_shift = r.integer(0, 1);
     c.residual = r.integer(0, 1);
-    c.mid_act = acts[r.integer(0, 2)];
-    c.out_act = acts[r.integer(0, 2)];
+    c.mid_act = acts[r.integer(0, 4)];
+    c.out_act = acts[r.integer(0, 4)];
     c.threads = static_cast<int>(r.integer(1, 4));
     c.stats = r.integer(0, 1);
     if (out_size(c.h, c.k, c.stride, c.pad, c.dil) < 1 ||
@@ -428,7 +440,8 @@ void test_tiling(bool quick) {
 // kernel's panel groups on every ISA. A group whose last panel is partial once lost all but its
 // first panel.
 void test_thin_columns(bool quick) {
-  const Activation acts[3] = {Activation::kNone, Activation::kRelu, Activation::kRelu6};
+  const Activation acts[5] = {Activation::kNone, Activation::kRelu, Activation::kRelu6,
+                              Activation::kHardswish, Activation::kSilu};
   struct HW { int64_t h, w; };
   const HW images[] = {{1, 1}, {2, 1}, {1, 3}, {2, 2}, {7, 7}, {2, 25}, {1, 51}, {1, 52}};
   for (int64_t cout = 1; cout <= 130; cout += quick ? 7 : 1) {
@@ -448,7 +461,7 @@ void test_thin_columns(bool quick) {
       c.layout = Layout::kNCHW;
       c.pw_scale = c.pw_shift = c.dw_shift = true;
       c.residual = (cout + v) % 3 == 0;
-      c.out_act = acts[(cout + v) % 3];
+      c.out_act = acts[(cout + v) % 5];
       c.threads = 1 + v % 2;
       c.stats = (cout + v) % 2 == 0;
       for (Isa isa : isas_under_test()) run_case<float>(c, isa, 500 + cout);
@@ -788,6 +801,113 @@ void test_inf_weight_isolated() {
 
 }  // namespace
 
+// ------------------------------------------------------------------------------------------------
+// The activations and the vector exp of every path, element by element (IsaOps test hooks).
+
+// Distance in units in the last place between two floats of the same sign (subnormals included).
+int64_t ulp_distance(float a, float b) {
+  int32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  if (ia < 0) ia = std::numeric_limits<int32_t>::min() - ia;
+  if (ib < 0) ib = std::numeric_limits<int32_t>::min() - ib;
+  return std::llabs(int64_t(ia) - int64_t(ib));
+}
+
+// exp_vec (vec_math.h) within 2 ulp of the correctly rounded e^x over the whole float range:
+// overflow to +inf, subnormal results, underflow to 0, and NaN/+-inf, on every path.
+void test_exp() {
+  std::vector<float> x;
+  for (double v = -110.0; v <= 95.0; v += 0.000977) x.push_back(float(v));
+  const float specials[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-45f, 88.72283f, 88.722839f, 88.7228394f,
+                            88.72284f, 89.0f, 100.0f, -87.33654f, -87.3366f, -103.27893f, -103.972f,
+                            -104.0f, -150.0f, std::numeric_limits<float>::max(),
+                            -std::numeric_limits<float>::max(), std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN()};
+  for (float v : specials) x.push_back(v);
+  x.push_back(0.5f);  // an odd count: the last element goes through the padded vector
+  std::vector<float> y(x.size());
+  for (Isa isa : isas_under_test()) {
+    lwk::detail::ops_for<float>(isa)->exp_n(x.data(), y.data(), int64_t(x.size()));
+    int64_t worst = 0, bad = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float want = float(std::exp(double(x[i])));  // rounded once from double: correctly rounded here
+      bool ok;
+      if (std::isnan(x[i])) {
+        ok = std::isnan(y[i]);
+      } else if (std::isinf(want) || want == 0.0f) {
+        ok = y[i] == want || ulp_distance(y[i], want) <= 2;
+      } else {
+        const int64_t d = std::signbit(y[i]) ? 1 << 30 : ulp_distance(y[i], want);
+        worst = std::max(worst, d);
+        ok = d <= 2;
+      }
+      if (!ok && bad++ < 3) {
+        std::fprintf(stderr, "FAIL exp [%s] x=%.9g: got %.9g want %.9g\n", lwk::isa_name(isa),
+                     double(x[i]), double(y[i]), double(want));
+      }
+    }
+    CHECK(bad == 0, "exp [%s]: %lld of %zu values off by more than 2 ulp", lwk::isa_name(isa),
+          (long long)bad, x.size());
+    std::printf("  exp [%s]: worst %lld ulp over %zu values\n", lwk::isa_name(isa), (long long)worst,
+                x.size());
+    ++g_cases;
+  }
+}
+
+// Every activation of every path on values around its kinks, on large magnitudes and on NaN and
+// +-inf, against the double-precision rules (act_ref): non-finite results exactly (NaN for NaN,
+// the same infinity), finite ones within 4 ulp, or within the smallest normal float where the
+// float formula flushes what double still resolves (silu(-95) is -0 in float, -5e-40 in double).
+void test_activation_values() {
+  std::vector<float> x = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                          -std::numeric_limits<float>::infinity(), -3.0f, 3.0f, std::nextafter(-3.0f, 0.0f),
+                          std::nextafter(3.0f, 0.0f), 0.0f, -0.0f, 6.0f, -6.0f, 1e-30f, -1e-30f,
+                          88.8f, -88.0f, -89.0f, -95.0f, -100.0f, 100.0f, 1e30f, -1e30f,
+                          std::numeric_limits<float>::max(), -std::numeric_limits<float>::max()};
+  for (double v = -12.0; v <= 12.0; v += 0.0371) x.push_back(float(v));
+  for (Isa isa : isas_under_test()) {
+    for (Activation a : {Activation::kNone, Activation::kRelu, Activation::kRelu6, Activation::kHardswish,
+                         Activation::kSilu}) {
+      std::vector<float> y = x;
+      lwk::detail::ops_for<float>(isa)->activate_n(a, y.data(), int64_t(y.size()));
+      int bad = 0;
+      for (size_t i = 0; i < x.size(); ++i) {
+        const double want = act_ref(double(x[i]), a, true);
+        const double got = y[i];
+        bool ok;
+        if (std::isnan(want)) ok = std::isnan(got);
+        else if (std::isinf(want)) ok = got == want;
+        else ok = std::fabs(got - want) <= 4.0 * std::numeric_limits<float>::epsilon() * std::fabs(want) ||
+                  std::fabs(got - want) <= std::numeric_limits<float>::min();
+        if (!ok && bad++ < 3) {
+          std::fprintf(stderr, "FAIL activation %d [%s] x=%.9g: got %.9g want %.9g\n", int(a),
+                       lwk::isa_name(isa), double(x[i]), got, want);
+        }
+      }
+      CHECK(bad == 0, "activation %d [%s]: %d values wrong", int(a), lwk::isa_name(isa), bad);
+      ++g_cases;
+    }
+  }
+  // double runs the scalar path: within 4 ulp of double.
+  std::vector<double> xd(x.begin(), x.end());
+  for (Activation a : {Activation::kHardswish, Activation::kSilu}) {
+    std::vector<double> y = xd;
+    lwk::detail::ops_for<double>(Isa::kScalar)->activate_n(a, y.data(), int64_t(y.size()));
+    int bad = 0;
+    for (size_t i = 0; i < xd.size(); ++i) {
+      const double want = act_ref(xd[i], a);
+      const bool ok = std::isnan(want) ? std::isnan(y[i])
+                      : std::isinf(want) ? y[i] == want
+                                         : std::fabs(y[i] - want) <= 4.0 * std::numeric_limits<double>::epsilon() *
+                                                                          std::fabs(want);
+      if (!ok) ++bad;
+    }
+    CHECK(bad == 0, "activation %d [scalar f64]: %d values wrong", int(a), bad);
+  }
+}
+
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // keep progress and failure lines in order
   bool quick = false;
@@ -799,6 +919,8 @@ int main(int argc, char** argv) {
   std::printf(" (+ f64 scalar)%s\n", quick ? ", quick grid" : "");
   try {
     test_validation();
+    test_exp();
+    test_activation_values();
     test_nan_propagation();
     test_nan_weight_poisons_channel();
     test_inf_weight_isolated();

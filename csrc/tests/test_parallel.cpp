@@ -16,7 +16,9 @@
 #include <thread>
 #include <vector>
 
+#include "check.h"
 #include "parallel.h"
+#include "work_sharing.h"
 
 #if defined(__linux__)
 #include <dlfcn.h>
@@ -27,17 +29,7 @@
 
 namespace {
 
-int g_failures = 0;
-
-#define CHECK(cond, ...)                                       \
-  do {                                                         \
-    if (!(cond)) {                                             \
-      ++g_failures;                                            \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);         \
-      std::printf(__VA_ARGS__);                                \
-      std::printf("\n");                                       \
-    }                                                          \
-  } while (0)
+using lwk_test::g_failures;
 
 using lwk::detail::parallel_run;
 
@@ -197,8 +189,41 @@ void test_fork(const char* what) {
 }
 #endif
 
+// share_work (work_sharing.h), the kernels' one work-sharing scheme: every item exactly once, in
+// chunks of at most `grain` items, on task numbers below the task count; with one task a single
+// call covering everything.
+void test_share_work(const char* what) {
+  for (int tasks : {1, 2, 3, 8}) {
+    for (int64_t n : {0, 1, 7, 100, 1000}) {
+      for (int64_t grain : {1, 3, 64}) {
+        std::vector<std::atomic<int>> done(static_cast<size_t>(n));
+        for (auto& d : done) d.store(0);
+        std::atomic<int> bad_chunks{0}, calls{0};
+        const int used = lwk::detail::tasks_for(n, grain, tasks);
+        lwk::detail::share_work(n, grain, tasks, [&](int task, int64_t b, int64_t e) {
+          calls.fetch_add(1);
+          if (task < 0 || task >= used || b < 0 || e > n || b >= e) {
+            bad_chunks.fetch_add(1);
+            return;
+          }
+          if (used > 1 && e - b > grain) bad_chunks.fetch_add(1);
+          for (int64_t i = b; i < e; ++i) done[static_cast<size_t>(i)].fetch_add(1);
+        });
+        int wrong = 0;
+        for (const auto& d : done) wrong += d.load() != 1;
+        CHECK(wrong == 0 && bad_chunks.load() == 0,
+              "%s share_work tasks=%d n=%lld grain=%lld: %d items not run exactly once, %d bad chunks",
+              what, tasks, (long long)n, (long long)grain, wrong, bad_chunks.load());
+        CHECK(used > 1 || calls.load() == (n > 0 ? 1 : 0),
+              "%s share_work with one task made %d calls for n=%lld", what, calls.load(), (long long)n);
+      }
+    }
+  }
+}
+
 void run_all(const char* what) {
   test_tasks_and_work(what);
+  test_share_work(what);
   test_exceptions(what);
   test_nested(what);
   test_concurrent_callers(what);

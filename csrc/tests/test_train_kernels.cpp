@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <limits>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "joint_block.h"
@@ -26,7 +28,68 @@ void expect_close(double got, double want, double tol, const char* what, const D
   if (!(std::fabs(got - want) <= tol * (1.0 + std::fabs(want)))) {
     if (failures < 20)
       std::printf("FAIL %s: got %.9g want %.9g (C=%lld H=%lld W=%lld S=%lld D=%lld layout=%d)\n", what, got, want,
-                  (long long)g.C, (long long)g.H, (long long)g.W, (long long)g.SH, (long long)g.DH, (int)g.layout);
+                  (long long)g.C, (long long)g.H, (long long)g.W, (long long)g.stride_h, (long long)g.dil_h, (int)g.layout);
+    ++failures;
+  }
+}
+
+// PyTorch's activations and their gradients at the activation's input, in double (activation.h
+// gives the rules, non-finite values included).
+double act_ref(double v, Activation a) {
+  switch (a) {
+    case Activation::kRelu:
+      return v < 0 ? 0.0 : v;
+    case Activation::kRelu6:
+      return v < 0 ? 0.0 : v > 6 ? 6.0 : v;
+    case Activation::kHardswish: {
+      const double c = v + 3 < 0 ? 0.0 : v + 3 > 6 ? 6.0 : v + 3;
+      return v * c / 6;
+    }
+    case Activation::kSilu:
+      return v / (1 + std::exp(-v));
+    default:
+      return v;
+  }
+}
+
+double act_grad_ref(double grad, double v, Activation a) {
+  switch (a) {
+    case Activation::kRelu:
+      return v <= 0 ? 0.0 : grad;
+    case Activation::kRelu6:
+      return v > 0 && v < 6 ? grad : 0.0;
+    case Activation::kHardswish:
+      return v <= -3 ? 0.0 : v >= 3 ? grad : grad * (v / 3 + 0.5);  // NaN v: NaN
+    case Activation::kSilu: {
+      const double s = 1 / (1 + std::exp(-v));
+      return grad * s * (1 + v * (1 - s));
+    }
+    default:
+      return grad;
+  }
+}
+
+const char* act_name(Activation a) {
+  switch (a) {
+    case Activation::kRelu: return "relu";
+    case Activation::kRelu6: return "relu6";
+    case Activation::kHardswish: return "hardswish";
+    case Activation::kSilu: return "silu";
+    default: return "none";
+  }
+}
+
+// got against want: NaN where want is NaN, the same infinity, else within tol.
+void expect_same(double got, double want, double tol, const char* what, Activation a, Layout l, Isa isa,
+                 int64_t i) {
+  bool ok;
+  if (std::isnan(want)) ok = std::isnan(got);
+  else if (std::isinf(want)) ok = got == want;
+  else ok = std::fabs(got - want) <= tol * (1.0 + std::fabs(want));
+  if (!ok) {
+    if (failures < 20)
+      std::printf("FAIL %s (%s, %s, %s) element %lld: got %.9g want %.9g\n", what, act_name(a),
+                  l == Layout::kNCHW ? "nchw" : "nhwc", lwk::isa_name(isa), (long long)i, got, want);
     ++failures;
   }
 }
@@ -39,8 +102,8 @@ int64_t at(Layout l, int64_t N, int64_t C, int64_t H, int64_t W, int64_t n, int6
 
 template <typename T>
 void check_dw(DwGeometry g, Isa isa, int threads, double tol) {
-  g.OH = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
-  g.OW = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
+  g.OH = (g.H + 2 * g.pad_h - g.dil_h * (g.KH - 1) - 1) / g.stride_h + 1;
+  g.OW = (g.W + 2 * g.pad_w - g.dil_w * (g.KW - 1) - 1) / g.stride_w + 1;
   const int64_t K = g.KH * g.KW;
   std::mt19937 rng(42);
   std::normal_distribution<double> nd;
@@ -56,7 +119,7 @@ void check_dw(DwGeometry g, Isa isa, int threads, double tol) {
         for (int64_t ox = 0; ox < g.OW; ++ox)
           for (int64_t ky = 0; ky < g.KH; ++ky)
             for (int64_t kx = 0; kx < g.KW; ++kx) {
-              const int64_t iy = oy * g.SH - g.PH + ky * g.DH, ix = ox * g.SW - g.PW + kx * g.DW;
+              const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h, ix = ox * g.stride_w - g.pad_w + kx * g.dil_w;
               if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) continue;
               const int64_t xi = at(g.layout, g.N, g.C, g.H, g.W, n, c, iy, ix);
               const int64_t oi = at(g.layout, g.N, g.C, g.OH, g.OW, n, c, oy, ox);
@@ -83,11 +146,22 @@ void check_dw(DwGeometry g, Isa isa, int threads, double tol) {
   a.x = x.data(); a.w = w.data(); a.scale = scale.data(); a.shift = shift.data(); a.act = Activation::kRelu6;
   a.raw = raw.data(); a.out = out.data(); a.sum = s.data(); a.sumsq = ss.data();
   lwk::train::dw_forward<T>(g, a, isa, threads);
-  for (size_t i = 0; i < raw.size(); ++i) {
-    expect_close(raw[i], c_ref[i], tol, "dw_forward raw", g);
-    const int64_t c = g.layout == Layout::kNCHW ? (int64_t(i) / (g.OH * g.OW)) % g.C : int64_t(i) % g.C;
-    const double v = std::min(6.0, std::max(0.0, c_ref[i] * double(scale[c]) + double(shift[c])));
-    expect_close(out[i], v, tol, "dw_forward out", g);
+  for (size_t i = 0; i < raw.size(); ++i) expect_close(raw[i], c_ref[i], tol, "dw_forward raw", g);
+  // The mid activation on the output (the first call's relu6, then the other smooth ones).
+  for (Activation act : {Activation::kRelu6, Activation::kHardswish, Activation::kSilu}) {
+    if (act != Activation::kRelu6) {
+      lwk::train::DwForwardArgs<T> b;
+      b.x = x.data(); b.w = w.data(); b.scale = scale.data(); b.shift = shift.data(); b.act = act;
+      b.out = out.data();
+      lwk::train::dw_forward<T>(g, b, isa, threads);
+    }
+    for (size_t i = 0; i < raw.size(); ++i) {
+      const int64_t c = g.layout == Layout::kNCHW ? (int64_t(i) / (g.OH * g.OW)) % g.C : int64_t(i) % g.C;
+      const double v = act_ref(c_ref[i] * double(scale[c]) + double(shift[c]), act);
+      expect_close(out[i], v, tol, act == Activation::kRelu6 ? "dw_forward out relu6"
+                                   : act == Activation::kHardswish ? "dw_forward out hardswish"
+                                                                   : "dw_forward out silu", g);
+    }
   }
   for (int64_t c = 0; c < g.C; ++c) {
     expect_close(s[c], s_ref[c], tol, "dw_forward sum", g);
@@ -119,8 +193,8 @@ void check_channel_passes(Layout layout, Isa isa, int threads, double tol) {
   std::vector<double> sg(g.C), sgz(g.C);
   lwk::train::affine_act<T>(g, z.data(), scale.data(), shift.data(), nullptr, Activation::kRelu, y.data(), isa,
                             threads);
-  lwk::train::act_backward_reduce<T>(g, grad.data(), y.data(), Activation::kRelu, z.data(), center.data(),
-                                     gb.data(), sg.data(), sgz.data(), isa, threads);
+  lwk::train::act_backward_reduce<T>(g, grad.data(), y.data(), Activation::kRelu, {}, z.data(),
+                                     center.data(), gb.data(), sg.data(), sgz.data(), isa, threads);
   lwk::train::affine_backward_apply<T>(g, gb.data(), z.data(), scale.data(), shift.data(), center.data(),
                                        out.data(), isa, threads);
   std::vector<double> sg_ref(g.C, 0), sgz_ref(g.C, 0);
@@ -158,8 +232,8 @@ void check_nan_activations(Layout layout, Isa isa) {
     grad[5] = nan;  // flat region of both: selected away
     lwk::train::affine_act<T>(g, z.data(), &one, &zero, nullptr, act, y.data(), isa, 1);
     double sg = 0;
-    lwk::train::act_backward_reduce<T>(g, grad.data(), y.data(), act, nullptr, nullptr, gb.data(), &sg, nullptr,
-                                       isa, 1);
+    lwk::train::act_backward_reduce<T>(g, grad.data(), y.data(), act, {}, nullptr, nullptr, gb.data(), &sg,
+                                       nullptr, isa, 1);
     const bool relu = act == Activation::kRelu;
     for (int i = 0; i < 8; ++i) {
       const double zi = z[i];
@@ -178,6 +252,113 @@ void check_nan_activations(Layout layout, Isa isa) {
   }
 }
 
+
+// Every activation through affine_act and act_backward_reduce with the gradient taken at the
+// activation's input (ActInput: src * scale + shift + residual), against the double-precision
+// rules, non-finite values included. The inputs are dyadic (k / 128, scales powers of two) so the
+// activation's input is exact in T, and the rules' thresholds (hardswish's -3 and 3) are met
+// exactly where they are hit.
+template <typename T>
+void check_input_gradients(Layout layout, Isa isa, int threads, double tol) {
+  ChannelGeometry g{2, 4, 41, layout};
+  const int64_t total = g.N * g.C * g.HW;
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+  std::mt19937 rng(11);
+  std::vector<T> z(total), grad(total), res(total), y(total), gb(total);
+  for (int64_t i = 0; i < total; ++i) {
+    z[i] = T(int(rng() % 2049) - 1024) / T(128);  // [-8, 8]
+    grad[i] = T(int(rng() % 257) - 128) / T(64);
+    res[i] = T(int(rng() % 65) - 32) / T(16);
+  }
+  const T specials[] = {nan, inf, -inf, T(-3), T(3), T(0), T(-100), T(100), T(-90), T(90), T(-20), T(20)};
+  auto chan = [&](int64_t i) { return layout == Layout::kNCHW ? (i / g.HW) % g.C : i % g.C; };
+  const std::vector<T> scale = {T(1), T(0.5), T(2), T(0.25)}, shift = {T(0), T(-0.5), T(1.5), T(0.25)};
+  // The specials go to channel 0 (scale 1, shift 0) of image 0, where the residual is zeroed.
+  int64_t k = 0;
+  for (int64_t i = 0; i < total && k < int64_t(sizeof(specials) / sizeof(T)); ++i) {
+    if (chan(i) != 0 || i >= g.C * g.HW) continue;
+    z[i] = specials[k++];
+    res[i] = T(0);
+  }
+  for (Activation act : {Activation::kNone, Activation::kRelu, Activation::kRelu6, Activation::kHardswish,
+                         Activation::kSilu}) {
+    for (bool with_res : {false, true}) {
+      const T* r = with_res ? res.data() : nullptr;
+      lwk::train::affine_act<T>(g, z.data(), scale.data(), shift.data(), r, act, y.data(), isa, threads);
+      lwk::train::ActInput<T> in;
+      in.src = z.data(); in.scale = scale.data(); in.shift = shift.data(); in.residual = r;
+      std::vector<double> sg(g.C);
+      lwk::train::act_backward_reduce<T>(g, grad.data(), nullptr, act, in, nullptr, nullptr, gb.data(),
+                                         sg.data(), nullptr, isa, threads);
+      std::vector<double> sg_ref(g.C, 0.0);
+      for (int64_t i = 0; i < total; ++i) {
+        const int64_t c = chan(i);
+        const double v = double(z[i]) * double(scale[c]) + double(shift[c]) + (r ? double(r[i]) : 0.0);
+        expect_same(y[i], act_ref(v, act), tol, "affine_act", act, layout, isa, i);
+        const double want_g = act_grad_ref(double(grad[i]), v, act);
+        expect_same(gb[i], want_g, tol, "act_backward_reduce from the input", act, layout, isa, i);
+        sg_ref[c] += want_g;
+      }
+      for (int64_t c = 1; c < g.C; ++c) {  // channel 0 holds the non-finite gradients
+        expect_same(sg[c], sg_ref[c], tol, "act_backward_reduce sum_g", act, layout, isa, c);
+      }
+    }
+  }
+  // hardswish and silu cannot take their gradient from the output alone.
+  for (Activation act : {Activation::kHardswish, Activation::kSilu}) {
+    bool threw = false;
+    try {
+      std::vector<double> sg(g.C);
+      lwk::train::act_backward_reduce<T>(g, grad.data(), y.data(), act, {}, nullptr, nullptr, gb.data(),
+                                         sg.data(), nullptr, isa, threads);
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+    if (!threw) {
+      std::printf("FAIL act_backward_reduce accepted %s without the activation's input\n", act_name(act));
+      ++failures;
+    }
+  }
+}
+
+// The training geometry gets the same validation as the inference one (conv_geometry.h), overflow
+// checks included: the kernels must never index past a buffer because a size was huge.
+void check_validation() {
+  DwGeometry g;
+  g.N = 2; g.C = 4; g.H = 9; g.W = 9; g.KH = g.KW = 3; g.pad_h = g.pad_w = 1;
+  g.OH = 9; g.OW = 9;
+  auto rejects = [&](DwGeometry b, const char* word) {
+    const std::string m = lwk::train::validate(b);
+    if (m.empty() || m.find(word) == std::string::npos) {
+      std::printf("FAIL validate: want a message containing '%s', got '%s'\n", word, m.c_str());
+      ++failures;
+    }
+  };
+  if (!lwk::train::validate(g).empty()) {
+    std::printf("FAIL validate rejected a valid geometry: %s\n", lwk::train::validate(g).c_str());
+    ++failures;
+  }
+  DwGeometry b = g;
+  b.C = 0;
+  rejects(b, "channels");
+  b = g;
+  b.stride_w = 0;
+  rejects(b, "stride");
+  b = g;
+  b.OH = 8;
+  rejects(b, "output size");
+  b = g;
+  b.H = int64_t(1) << 40;  // a single size past 2^30
+  rejects(b, "2^30");
+  b = g;  // every size allowed, their product not: [2^20, 2^20, 2^21, 2^21] elements
+  b.N = b.C = int64_t(1) << 20;
+  b.H = b.W = b.OH = b.OW = int64_t(1) << 21;
+  b.pad_h = b.pad_w = 1;
+  rejects(b, "overflow");
+  b = g;
+  b.dil_h = b.dil_w = 8;
+  rejects(b, "larger than the padded input");
+}
 }  // namespace
 
 int main() {
@@ -192,12 +373,12 @@ int main() {
           for (int64_t D : {1, 2, 3})
             for (int threads : {1, 2}) {
               DwGeometry g;
-              g.N = 2; g.C = C; g.H = 9; g.W = 11; g.KH = g.KW = 3; g.SH = g.SW = S; g.DH = g.DW = D;
-              g.PH = g.PW = D;
+              g.N = 2; g.C = C; g.H = 9; g.W = 11; g.KH = g.KW = 3; g.stride_h = g.stride_w = S; g.dil_h = g.dil_w = D;
+              g.pad_h = g.pad_w = D;
               g.layout = layout;
               check_dw<float>(g, isa, threads, 2e-5);
               check_dw<double>(g, isa, threads, 1e-12);
-              g.H = 3; g.W = 4; g.PH = g.PW = 0; g.DH = g.DW = 1;  // small image, no padding
+              g.H = 3; g.W = 4; g.pad_h = g.pad_w = 0; g.dil_h = g.dil_w = 1;  // small image, no padding
               check_dw<float>(g, isa, threads, 2e-5);
               cases += 3;
             }
@@ -206,7 +387,7 @@ int main() {
   // kernels wider or taller than the image, more padding than the kernel reaches, widths 1 and 2,
   // even widths.
   struct Awkward {
-    int64_t H, W, KH, KW, SH, SW, PH, PW, DH, DW;
+    int64_t H, W, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   };
   const Awkward awkward[] = {
       {7, 12, 3, 3, 1, 2, 1, 1, 1, 1}, {8, 13, 3, 5, 2, 3, 2, 0, 2, 1}, {5, 2, 3, 3, 2, 2, 3, 3, 3, 3},
@@ -218,8 +399,8 @@ int main() {
       for (const Awkward& a : awkward)
         for (int threads : {1, 2}) {
           DwGeometry g;
-          g.N = 2; g.C = 5; g.H = a.H; g.W = a.W; g.KH = a.KH; g.KW = a.KW; g.SH = a.SH; g.SW = a.SW;
-          g.PH = a.PH; g.PW = a.PW; g.DH = a.DH; g.DW = a.DW;
+          g.N = 2; g.C = 5; g.H = a.H; g.W = a.W; g.KH = a.KH; g.KW = a.KW; g.stride_h = a.stride_h; g.stride_w = a.stride_w;
+          g.pad_h = a.pad_h; g.pad_w = a.pad_w; g.dil_h = a.dil_h; g.dil_w = a.dil_w;
           g.layout = layout;
           check_dw<float>(g, isa, threads, 2e-5);
           check_dw<double>(g, isa, threads, 1e-12);
@@ -233,11 +414,19 @@ int main() {
         cases += 2;
       }
   for (Isa isa : isas)
+    for (Layout layout : {Layout::kNCHW, Layout::kNHWC})
+      for (int threads : {1, 2}) {
+        check_input_gradients<float>(layout, isa, threads, 2e-5);
+        check_input_gradients<double>(layout, isa, threads, 1e-12);
+        cases += 2;
+      }
+  for (Isa isa : isas)
     for (Layout layout : {Layout::kNCHW, Layout::kNHWC}) {
       check_nan_activations<float>(layout, isa);
       check_nan_activations<double>(layout, isa);
       cases += 2;
     }
+  check_validation();
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;

@@ -1,0 +1,174 @@
+// The depthwise side of a work item in NHWC: tile[pixel][channel], vectorised along channels,
+// with the folded weights stored tap-major; 3x3 pixels whose taps are all inside take a path
+// without border tables.
+// The mid activation applied here is a clamping one (none, relu, relu6): depthwise_tile
+// (kernel_work_items.h) applies hardswish and silu in a pass over the finished tile.
+//
+// In an anonymous namespace like every kernel header: each ISA translation unit compiles its own
+// copy with its own flags (kernel_work_items.h says why).
+#pragma once
+
+#include <cstdint>
+
+#include "activation.h"
+#include "compiler.h"
+#include "internal.h"
+#include "kernel_common.h"
+
+namespace lwk {
+namespace detail {
+namespace {
+
+// Depthwise, NHWC: tile[j * ldt + c] for the tile's pixels j, vectorised along channels with the
+// folded weights stored tap-major ([KH*KW][C]). Each pixel's valid taps come from the tables, so
+// the loops carry no bounds checks.
+
+// NP_ horizontally adjacent output pixels whose 9 taps (3x3) are all inside the image: tap t of
+// pixel p reads base + p*pstep + off[t]. Sharing each weight load between the pixels keeps the
+// loop closer to one load per FMA.
+template <class V, int NP_>
+LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const int64_t* off,
+                                const Plan<typename V::T>& pl, int64_t c_lo, int64_t c_hi,
+                                typename V::T* out, int64_t ldt) {
+  using T = typename V::T;
+  using R = typename V::reg;
+  constexpr int W = V::W;
+  constexpr int U = 4;
+  const int64_t C = pl.C;
+  const T* w = pl.dw_w;
+  const Activation act = pl.mid_act;
+  int64_t c = c_lo;
+  for (; c + U * W <= c_hi; c += U * W) {
+    R acc[NP_][U];
+    LWK_UNROLL for (int u = 0; u < U; ++u) {
+      const R b = V::load(pl.dw_b + c + u * W);
+      LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q][u] = b;
+    }
+    LWK_UNROLL for (int t = 0; t < 9; ++t) {
+      const T* xp = base + off[t] + c;
+      const T* wp = w + t * C + c;
+      LWK_UNROLL for (int u = 0; u < U; ++u) {
+        const R wv = V::load(wp + u * W);
+        LWK_UNROLL for (int q = 0; q < NP_; ++q) {
+          acc[q][u] = V::fma(wv, V::load(xp + q * pstep + u * W), acc[q][u]);
+        }
+      }
+    }
+    LWK_UNROLL for (int q = 0; q < NP_; ++q) {
+      LWK_UNROLL for (int u = 0; u < U; ++u) {
+        V::store(out + q * ldt + c + u * W, activate_vec_clamping<V>(acc[q][u], act));
+      }
+    }
+  }
+  for (; c + W <= c_hi; c += W) {
+    R acc[NP_];
+    LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q] = V::load(pl.dw_b + c);
+    LWK_UNROLL for (int t = 0; t < 9; ++t) {
+      const R wv = V::load(w + t * C + c);
+      LWK_UNROLL for (int q = 0; q < NP_; ++q) {
+        acc[q] = V::fma(wv, V::load(base + q * pstep + off[t] + c), acc[q]);
+      }
+    }
+    LWK_UNROLL for (int q = 0; q < NP_; ++q) V::store(out + q * ldt + c, activate_vec_clamping<V>(acc[q], act));
+  }
+  for (; c < c_hi; ++c) {
+    LWK_UNROLL for (int q = 0; q < NP_; ++q) {
+      T acc = pl.dw_b[c];
+      for (int t = 0; t < 9; ++t) acc += w[t * C + c] * base[q * pstep + off[t] + c];
+      out[q * ldt + c] = activate_clamping(acc, act);
+    }
+  }
+}
+
+// Any pixel: valid taps from the border tables.
+template <class V>
+void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64_t oy,
+                   int64_t ox, int64_t c_lo, int64_t c_hi, typename V::T* out) {
+  using T = typename V::T;
+  using R = typename V::reg;
+  constexpr int W = V::W;
+  constexpr int U = 4;
+  const int64_t C = pl.C;
+  const Activation act = pl.mid_act;
+  const int64_t kyl = pl.ky_lo[oy], kyh = pl.ky_hi[oy];
+  const int64_t kxl = pl.kx_lo[ox], kxh = pl.kx_hi[ox];
+  const int64_t iy0 = oy * pl.stride_h - pl.pad_h, ix0 = ox * pl.stride_w - pl.pad_w;
+  int64_t c = c_lo;
+  for (; c + U * W <= c_hi; c += U * W) {
+    R acc[U];
+    LWK_UNROLL for (int u = 0; u < U; ++u) acc[u] = V::load(pl.dw_b + c + u * W);
+    for (int64_t ky = kyl; ky < kyh; ++ky) {
+      const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
+      const T* wr = pl.dw_w + ky * pl.KW * C + c;
+      for (int64_t kx = kxl; kx < kxh; ++kx) {
+        const T* xp = xr + kx * pl.dil_w * C;
+        const T* wp = wr + kx * C;
+        LWK_UNROLL for (int u = 0; u < U; ++u) {
+          acc[u] = V::fma(V::load(wp + u * W), V::load(xp + u * W), acc[u]);
+        }
+      }
+    }
+    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + c + u * W, activate_vec_clamping<V>(acc[u], act));
+  }
+  for (; c + W <= c_hi; c += W) {
+    R acc = V::load(pl.dw_b + c);
+    for (int64_t ky = kyl; ky < kyh; ++ky) {
+      const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
+      const T* wr = pl.dw_w + ky * pl.KW * C + c;
+      for (int64_t kx = kxl; kx < kxh; ++kx) {
+        acc = V::fma(V::load(wr + kx * C), V::load(xr + kx * pl.dil_w * C), acc);
+      }
+    }
+    V::store(out + c, activate_vec_clamping<V>(acc, act));
+  }
+  for (; c < c_hi; ++c) {
+    T acc = pl.dw_b[c];
+    for (int64_t ky = kyl; ky < kyh; ++ky) {
+      const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
+      const T* wr = pl.dw_w + ky * pl.KW * C + c;
+      for (int64_t kx = kxl; kx < kxh; ++kx) acc += wr[kx * C] * xr[kx * pl.dil_w * C];
+    }
+    out[c] = activate_clamping(acc, act);
+  }
+}
+
+template <class V>
+void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
+                  int64_t c_lo, int64_t c_hi, typename V::T* tile) {
+  using T = typename V::T;
+  const int64_t C = pl.C;
+  const T* xn = pl.x + n * pl.H * pl.W * C;
+  const bool k3 = pl.KH == 3 && pl.KW == 3;
+  int64_t off[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+  if (k3) {
+    for (int t = 0; t < 9; ++t) off[t] = ((t / 3) * pl.dil_h * pl.W + (t % 3) * pl.dil_w) * C;
+  }
+  const int64_t pstep = pl.stride_w * C;
+  int64_t oy = p0 / pl.OW, ox = p0 - oy * pl.OW;  // advanced incrementally (no division per pixel)
+  for (int64_t j = 0; j < np;) {
+    if (ox == pl.OW) {
+      ox = 0;
+      ++oy;
+    }
+    T* out = tile + j * pl.ldt;
+    const bool rows_inside = pl.ky_hi[oy] - pl.ky_lo[oy] == 3;
+    if (k3 && rows_inside && ox >= pl.ox_in_lo && ox < pl.ox_in_hi) {
+      const T* base = xn + ((oy * pl.stride_h - pl.pad_h) * pl.W + ox * pl.stride_w - pl.pad_w) * C;
+      if (ox + 1 < pl.ox_in_hi && j + 1 < np) {
+        dw_nhwc_inside9<V, 2>(base, pstep, off, pl, c_lo, c_hi, out, pl.ldt);
+        j += 2;
+        ox += 2;
+        continue;
+      }
+      dw_nhwc_inside9<V, 1>(base, pstep, off, pl, c_lo, c_hi, out, pl.ldt);
+    } else {
+      dw_nhwc_pixel<V>(pl, xn, oy, ox, c_lo, c_hi, out);
+    }
+    ++j;
+    ++ox;
+  }
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace lwk

@@ -1,0 +1,457 @@
+// The pointwise side of a work item: register-blocked GEMM micro-kernels that multiply the
+// depthwise tile with the packed pointwise panels (ukernel; ukernel_thin for the last few NCHW
+// pixel columns), and their fused epilogue (scale, shift, residual, output activation and the
+// optional per-channel statistics of y) while storing y.
+//
+// In an anonymous namespace like every kernel header: each ISA translation unit compiles its own
+// copy with its own flags (kernel_work_items.h says why).
+#pragma once
+
+#include <cstdint>
+
+#include "activation.h"
+#include "compiler.h"
+#include "joint_block.h"
+#include "kernel_common.h"
+
+namespace lwk {
+namespace detail {
+namespace {
+
+// Output side of one micro-tile. Element (r, c) of the tile is y[r * ldy + c] (the pointers are
+// already offset to the work item); its per-channel parameters are indexed by r for NCHW (rows
+// are output channels) and by c for NHWC (columns are output channels).
+//
+// With statistics, the stored values are also summed per output channel, in double like
+// PyTorch's BatchNorm (batch statistics feed a subtraction, E[y^2] - E[y]^2, that would amplify
+// float rounding): micro-kernels add the few values of a register's lanes in T, then add the
+// lanes into the current panel's double partials part_sum/part_sq (NCHW: [MR][W], row i's lanes;
+// NHWC: [NR], one per column), which run_items folds into the worker's per-channel sums
+// ch_sum/ch_sq after each panel; the thin kernel adds into ch_sum/ch_sq directly.
+template <typename T>
+struct Epi {
+  T* y;
+  const T* res;  // null: no residual
+  int64_t ldy;
+  const T* scale;
+  const T* shift;
+  Activation act;
+  double* part_sum = nullptr;  // null: no statistics
+  double* part_sq = nullptr;
+  double* ch_sum = nullptr;
+  double* ch_sq = nullptr;
+};
+
+template <typename T>
+LWK_INLINE void stats_add(double* sum, double* sq, T v) {
+  const double d = double(v);
+  *sum += d;
+  *sq += d * d;
+}
+
+// The epilogue of one element: y[off] = act(acc * scale[ch] + shift[ch] + res[off]) for a
+// clamping activation (activation.h); returns it. Its callers leave hardswish and silu to
+// store_then_activate and activate_stored, so their loops stay free of calls (and vectorised).
+template <typename T>
+LWK_INLINE T store_scalar(const Epi<T>& e, T acc, int64_t ch, int64_t off) {
+  T v = acc * e.scale[ch] + e.shift[ch];
+  if (e.res) v += e.res[off];
+  v = activate_clamping(v, e.act);
+  e.y[off] = v;
+  return v;
+}
+
+// e itself for a clamping activation; for hardswish and silu, e without the activation and the
+// statistics, which activate_stored then adds.
+template <typename T>
+LWK_INLINE Epi<T> clamping_part(const Epi<T>& e) {
+  Epi<T> c = e;
+  if (!is_clamping(e.act)) {
+    c.act = Activation::kNone;
+    c.part_sum = c.part_sq = c.ch_sum = c.ch_sq = nullptr;
+  }
+  return c;
+}
+
+// hardswish or silu (e.act) of elements an element-wise epilogue stored without it:
+// y[(r0 + i) * ldy + c] for i in [0, rows), c in [c0, c1), in place; with sum/sq, element (i, c)'s
+// activated value also goes into sum[i * si + (c - c0) * sc] (and its square into sq).
+template <typename T>
+LWK_NOINLINE void activate_stored(const Epi<T>& e, int64_t r0, int64_t rows, int64_t c0,
+                                  int64_t c1, double* sum, double* sq, int64_t si, int64_t sc) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* y = e.y + (r0 + i) * e.ldy + c;
+      *y = activate(*y, e.act);
+      if (sum) stats_add(sum + i * si + (c - c0) * sc, sq + i * si + (c - c0) * sc, *y);
+    }
+  }
+}
+
+template <class V>
+LWK_INLINE void stats_add_vec(double* sum, double* sq, typename V::reg s, typename V::reg q) {
+  V::add_f64(sum, s);
+  V::add_f64(sq, q);
+}
+
+template <class V, int MR_, int NV_, bool kNCHW, Activation A, bool kStats>
+LWK_INLINE void store_full(const typename V::reg (&acc)[MR_][NV_], const Epi<typename V::T>& e,
+                           int64_t r0, int64_t c0) {
+  using T = typename V::T;
+  using R = typename V::reg;
+  constexpr int W = V::W;
+  R sc_col[NV_], sh_col[NV_], s_col[NV_], q_col[NV_];
+  if (!kNCHW) {
+    LWK_UNROLL for (int j = 0; j < NV_; ++j) {
+      sc_col[j] = V::load(e.scale + c0 + j * W);
+      sh_col[j] = V::load(e.shift + c0 + j * W);
+      s_col[j] = V::zero();
+      q_col[j] = V::zero();
+    }
+  }
+  LWK_UNROLL for (int i = 0; i < MR_; ++i) {
+    const int64_t off = (r0 + i) * e.ldy + c0;
+    T* yr = e.y + off;
+    R sc_row = V::zero(), sh_row = V::zero(), s_row = V::zero(), q_row = V::zero();
+    if (kNCHW) {
+      sc_row = V::set1(e.scale[r0 + i]);
+      sh_row = V::set1(e.shift[r0 + i]);
+    }
+    LWK_UNROLL for (int j = 0; j < NV_; ++j) {
+      R v = V::fma(acc[i][j], kNCHW ? sc_row : sc_col[j], kNCHW ? sh_row : sh_col[j]);
+      if (e.res) v = V::add(v, V::load(e.res + off + j * W));
+      v = activate_vec<V, A>(v);
+      V::store(yr + j * W, v);
+      if (kStats && kNCHW) {
+        s_row = V::add(s_row, v);
+        q_row = V::fma(v, v, q_row);
+      } else if (kStats) {
+        s_col[j] = V::add(s_col[j], v);
+        q_col[j] = V::fma(v, v, q_col[j]);
+      }
+    }
+    if (kStats && kNCHW) stats_add_vec<V>(e.part_sum + i * W, e.part_sq + i * W, s_row, q_row);
+  }
+  if (kStats && !kNCHW) {
+    LWK_UNROLL for (int j = 0; j < NV_; ++j) {
+      stats_add_vec<V>(e.part_sum + j * W, e.part_sq + j * W, s_col[j], q_col[j]);
+    }
+  }
+}
+
+template <class V, int MR_, int NV_, bool kNCHW, Activation A>
+LWK_INLINE void store_full_dispatch(const typename V::reg (&acc)[MR_][NV_],
+                                    const Epi<typename V::T>& e, int64_t r0, int64_t c0) {
+  if (e.part_sum) {
+    store_full<V, MR_, NV_, kNCHW, A, true>(acc, e, r0, c0);
+  } else {
+    store_full<V, MR_, NV_, kNCHW, A, false>(acc, e, r0, c0);
+  }
+}
+
+// hardswish and silu share this one out-of-line epilogue per micro-kernel shape instead of an
+// inline instance each (build time; the clamping activations' epilogues stay as they were). The
+// accumulators come spilled to `spilled` ([MR_][NV_ * W]): passing the register array by reference
+// would let its address escape the micro-kernel and keep it out of registers. A full tile stores
+// y = acc * scale + shift (+ residual) by vectors, then activates it in place (still in L1) and
+// adds the statistics of the activated values; a partial one goes element by element.
+template <class V, int MR_, int NV_, bool kNCHW>
+LWK_NOINLINE void store_then_activate(const typename V::T* spilled, const Epi<typename V::T>& e,
+                                      int64_t r0, int64_t c0, int cols) {
+  using T = typename V::T;
+  using R = typename V::reg;
+  constexpr int W = V::W;
+  if (cols < NV_ * W) {
+    for (int i = 0; i < MR_; ++i) {
+      for (int c = 0; c < cols; ++c) {
+        const int64_t ch = kNCHW ? r0 + i : c0 + c;
+        const int64_t off = (r0 + i) * e.ldy + c0 + c;
+        T v = spilled[i * NV_ * W + c] * e.scale[ch] + e.shift[ch];
+        if (e.res) v += e.res[off];
+        v = activate(v, e.act);
+        e.y[off] = v;
+        if (e.part_sum) {
+          const int p = kNCHW ? i * W : c;
+          stats_add(e.part_sum + p, e.part_sq + p, v);
+        }
+      }
+    }
+    return;
+  }
+  R acc[MR_][NV_];
+  for (int i = 0; i < MR_; ++i) {
+    for (int j = 0; j < NV_; ++j) acc[i][j] = V::load(spilled + (i * NV_ + j) * W);
+  }
+  store_full<V, MR_, NV_, kNCHW, Activation::kNone, false>(acc, e, r0, c0);
+  R s_col[NV_], q_col[NV_];
+  for (int j = 0; j < NV_; ++j) s_col[j] = q_col[j] = V::zero();
+  for (int i = 0; i < MR_; ++i) {
+    T* yr = e.y + (r0 + i) * e.ldy + c0;
+    activate_array<V>(yr, NV_ * W, e.act);
+    if (!e.part_sum) continue;
+    R s_row = V::zero(), q_row = V::zero();
+    for (int j = 0; j < NV_; ++j) {
+      const R v = V::load(yr + j * W);
+      if (kNCHW) {
+        s_row = V::add(s_row, v);
+        q_row = V::fma(v, v, q_row);
+      } else {
+        s_col[j] = V::add(s_col[j], v);
+        q_col[j] = V::fma(v, v, q_col[j]);
+      }
+    }
+    if (kNCHW) stats_add_vec<V>(e.part_sum + i * W, e.part_sq + i * W, s_row, q_row);
+  }
+  if (e.part_sum && !kNCHW) {
+    for (int j = 0; j < NV_; ++j) {
+      stats_add_vec<V>(e.part_sum + j * W, e.part_sq + j * W, s_col[j], q_col[j]);
+    }
+  }
+}
+
+// The micro-kernel: acc[MR_ x NV_*W] = sum_k A(i, k) * B(k, j), then the epilogue for `cols` valid
+// columns (rows are always all valid: callers pick MR_ = remaining rows).
+// B is always a packed panel, B(k, j) = B[k * V::NR + j] (NHWC: pointwise weights; NCHW: a column
+// block of the depthwise tile).
+//   kNCHW: A is a packed pointwise panel, A(i, k) = A[k * V::MR + i] (ld unused).
+//   NHWC:  A(i, k) = A[i * ld + k] (depthwise tile rows).
+template <class V, int MR_, int NV_, bool kNCHW>
+void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T* LWK_RESTRICT B,
+             int64_t ld, const Epi<typename V::T>& e, int64_t r0, int64_t c0, int cols) {
+  using T = typename V::T;
+  using R = typename V::reg;
+  constexpr int W = V::W;
+  R acc[MR_][NV_];
+  LWK_UNROLL for (int i = 0; i < MR_; ++i) {
+    LWK_UNROLL for (int j = 0; j < NV_; ++j) acc[i][j] = V::zero();
+  }
+  if (kNCHW) {
+    for (int64_t k = 0; k < K; ++k) {
+      R b[NV_];
+      LWK_UNROLL for (int j = 0; j < NV_; ++j) b[j] = V::load(B + j * W);
+      LWK_UNROLL for (int i = 0; i < MR_; ++i) {
+        const R a = V::set1(A[i]);
+        LWK_UNROLL for (int j = 0; j < NV_; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
+      }
+      A += V::MR;
+      B += V::NR;
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      R b[NV_];
+      LWK_UNROLL for (int j = 0; j < NV_; ++j) b[j] = V::load(B + j * W);
+      LWK_UNROLL for (int i = 0; i < MR_; ++i) {
+        const R a = V::set1(A[i * ld + k]);
+        LWK_UNROLL for (int j = 0; j < NV_; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
+      }
+      B += V::NR;
+    }
+  }
+
+  if (!is_clamping(e.act)) {  // hardswish, silu
+    alignas(64) T spilled[MR_ * NV_ * W];
+    LWK_UNROLL for (int i = 0; i < MR_; ++i) {
+      LWK_UNROLL for (int j = 0; j < NV_; ++j) V::store(spilled + (i * NV_ + j) * W, acc[i][j]);
+    }
+    store_then_activate<V, MR_, NV_, kNCHW>(spilled, e, r0, c0, cols);
+    return;
+  }
+  if (cols == NV_ * W) {
+    switch (e.act) {
+      case Activation::kNone:
+        store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kNone>(acc, e, r0, c0);
+        break;
+      case Activation::kRelu:
+        store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kRelu>(acc, e, r0, c0);
+        break;
+      case Activation::kRelu6:
+        store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kRelu6>(acc, e, r0, c0);
+        break;
+      default:  // hardswish and silu went to store_then_activate
+        break;
+    }
+    return;
+  }
+  // Partial tile: spill the accumulators, finish the valid part element by element.
+  alignas(64) T tmp[MR_][NV_ * W];
+  LWK_UNROLL for (int i = 0; i < MR_; ++i) {
+    LWK_UNROLL for (int j = 0; j < NV_; ++j) V::store(&tmp[i][j * W], acc[i][j]);
+  }
+  for (int i = 0; i < MR_; ++i) {
+    for (int c = 0; c < cols; ++c) {
+      const int64_t ch = kNCHW ? r0 + i : c0 + c;
+      const int64_t off = (r0 + i) * e.ldy + c0 + c;
+      const T v = store_scalar(e, tmp[i][c], ch, off);
+      if (e.part_sum) {
+        const int p = kNCHW ? i * W : c;
+        stats_add(e.part_sum + p, e.part_sq + p, v);
+      }
+    }
+  }
+}
+
+// NCHW thin micro-kernel for the last few pixel columns of a tile (7x7 images leave a single
+// one, 14x14 four), where a full-width kernel would waste most of its lanes: the output channels
+// run along vectors instead, y(i, j) = sum_k A_g[k*MR + i] * B[k*NR + j] for G consecutive packed
+// panels A_g and TC consecutive columns j at once. Each load of A feeds TC FMAs and each
+// broadcast of B feeds G*RV, and the G*RV*TC independent accumulator chains cover the FMA
+// latency. run_items calls it for a group of panels right after their wide blocks, while those
+// weights are still in cache: a separate pass per column would stream every weight again (from
+// L3 for the largest late-network weights). Reads up to RV*W - MR elements
+// past a panel row (the packed weights carry slack for that). `rows` is the valid row count of
+// the last panel.
+template <class V>
+constexpr int thin_rv() {
+  return (V::MR + V::W - 1) / V::W;
+}
+
+// 2 when a vector holds exactly two panel rows (AVX-512: 16 lanes, 8-row panels): then one load
+// covers two k.
+template <class V>
+constexpr int thin_kpair() {
+  return V::W == 2 * V::MR ? 2 : 1;
+}
+
+// Panels per thin call for TC columns: about eight accumulator chains.
+template <class V, int TC>
+constexpr int thin_group() {
+  return (8 / TC) / thin_rv<V>() > 1 ? (8 / TC) / thin_rv<V>() : 1;
+}
+
+// Not inlined: inside run_items the compiler ran out of registers and spilled in the k loop.
+template <class V, int G, int TC>
+LWK_NOINLINE void ukernel_thin(int64_t K, const typename V::T* LWK_RESTRICT A, int64_t panel_stride,
+                  const typename V::T* LWK_RESTRICT B, int64_t j, const Epi<typename V::T>& e,
+                  int64_t r0, int64_t c0, int rows) {
+  using T = typename V::T;
+  using R = typename V::reg;
+  constexpr int W = V::W, MR = V::MR, NR = V::NR;
+  constexpr int RV = thin_rv<V>();
+  constexpr int KP = thin_kpair<V>();
+  R acc[G][RV][TC];
+  LWK_UNROLL for (int g = 0; g < G; ++g) {
+    LWK_UNROLL for (int v = 0; v < RV; ++v) {
+      LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][v][t] = V::zero();
+    }
+  }
+  int64_t k = 0;
+  if constexpr (KP == 2) {
+    // Lanes [0, MR) accumulate even k, lanes [MR, 2*MR) odd k: a vector load of A covers the
+    // panel rows of k and k + 1, so no lane is idle.
+    for (; k + 2 <= K; k += 2) {
+      R b[TC];
+      LWK_UNROLL for (int t = 0; t < TC; ++t) {
+        b[t] = V::set_halves(B[k * NR + j + t], B[(k + 1) * NR + j + t]);
+      }
+      LWK_UNROLL for (int g = 0; g < G; ++g) {
+        const R a = V::load(A + g * panel_stride + k * MR);
+        LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][0][t] = V::fma(b[t], a, acc[g][0][t]);
+      }
+    }
+    if (k < K) {  // odd K: the upper lanes (past the panel) must add exactly zero
+      R b[TC];
+      LWK_UNROLL for (int t = 0; t < TC; ++t) b[t] = V::set_halves(B[k * NR + j + t], T(0));
+      LWK_UNROLL for (int g = 0; g < G; ++g) {
+        const R a = V::keep_first(V::load(A + g * panel_stride + k * MR), MR);
+        LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][0][t] = V::fma(b[t], a, acc[g][0][t]);
+      }
+    }
+  } else {
+    for (; k < K; ++k) {
+      R b[TC];
+      LWK_UNROLL for (int t = 0; t < TC; ++t) b[t] = V::set1(B[k * NR + j + t]);
+      LWK_UNROLL for (int g = 0; g < G; ++g) {
+        LWK_UNROLL for (int v = 0; v < RV; ++v) {
+          const R a = V::load(A + g * panel_stride + k * MR + v * W);
+          LWK_UNROLL for (int t = 0; t < TC; ++t) acc[g][v][t] = V::fma(b[t], a, acc[g][v][t]);
+        }
+      }
+    }
+  }
+  alignas(64) T tmp[RV * W];
+  for (int g = 0; g < G; ++g) {
+    const int valid = g + 1 < G ? MR : rows;
+    for (int t = 0; t < TC; ++t) {
+      LWK_UNROLL for (int v = 0; v < RV; ++v) V::store(tmp + v * W, acc[g][v][t]);
+      if constexpr (KP == 2) {
+        for (int i = 0; i < MR; ++i) tmp[i] += tmp[i + MR];
+      }
+      for (int i = 0; i < valid; ++i) {
+        const int64_t ch = r0 + g * MR + i;
+        const int64_t off = ch * e.ldy + c0 + j + t;
+        const T y = store_scalar(e, tmp[i], ch, off);
+        if (e.ch_sum) stats_add(e.ch_sum + ch, e.ch_sq + ch, y);
+      }
+    }
+  }
+}
+
+// Panels [0, n) of TC columns, the last panel with `rows` valid rows, 1 <= n <= G: one call.
+template <class V, int G, int TC>
+LWK_INLINE void thin_tail(int64_t n, int64_t K, const typename V::T* A, int64_t panel_stride,
+                          const typename V::T* B, int64_t j, const Epi<typename V::T>& e,
+                          int64_t r0, int64_t c0, int rows) {
+  if constexpr (G > 1) {
+    if (n < G) {
+      thin_tail<V, G - 1, TC>(n, K, A, panel_stride, B, j, e, r0, c0, rows);
+      return;
+    }
+  }
+  ukernel_thin<V, G, TC>(K, A, panel_stride, B, j, e, r0, c0, rows);
+}
+
+// Columns j .. j+TC-1 of the column block B (whose first column is pixel c0) for output
+// channels [co, co_end), co a panel boundary and at most thin_group<V, TC>() panels.
+template <class V, int TC>
+void thin_columns(int64_t K, const typename V::T* packed, const typename V::T* B, int64_t j,
+                  const Epi<typename V::T>& e, int64_t co, int64_t co_end, int64_t c0) {
+  constexpr int MR = V::MR;
+  const int64_t panel_stride = K * MR;
+  const int64_t panels = iceil_div(co_end - co, MR);
+  const int rows = static_cast<int>(co_end - co - (panels - 1) * MR);
+  thin_tail<V, thin_group<V, TC>(), TC>(panels, K, packed + (co / MR) * panel_stride,
+                                        panel_stride, B, j, e, co, c0, rows);
+}
+
+// thin_group<V, tc>() for a run-time column count (1 when there are no thin columns), and
+// thin_columns for columns 0 .. tc-1 of B, 1 <= tc <= 4.
+template <class V>
+int thin_group_of(int tc) {
+  switch (tc) {
+    case 1: return thin_group<V, 1>();
+    case 2: return thin_group<V, 2>();
+    case 3: return thin_group<V, 3>();
+    case 4: return thin_group<V, 4>();
+    default: return 1;
+  }
+}
+
+template <class V>
+void thin_dispatch(int tc, int64_t K, const typename V::T* packed, const typename V::T* B,
+                   const Epi<typename V::T>& e, int64_t co, int64_t co_end, int64_t c0) {
+  switch (tc) {
+    case 1: thin_columns<V, 1>(K, packed, B, 0, e, co, co_end, c0); break;
+    case 2: thin_columns<V, 2>(K, packed, B, 0, e, co, co_end, c0); break;
+    case 3: thin_columns<V, 3>(K, packed, B, 0, e, co, co_end, c0); break;
+    default: thin_columns<V, 4>(K, packed, B, 0, e, co, co_end, c0); break;
+  }
+}
+
+template <typename T>
+using KernelFn = void (*)(int64_t, const T*, const T*, int64_t, const Epi<T>&, int64_t, int64_t,
+                          int);
+
+// table[r - 1][v - 1] = micro-kernel with r rows and v column registers.
+template <class V, bool kNCHW, int R_, int N_>
+void fill_kernels(KernelFn<typename V::T> (&table)[V::MR][V::NV]) {
+  table[R_ - 1][N_ - 1] = &ukernel<V, R_, N_, kNCHW>;
+  if constexpr (N_ > 1) {
+    fill_kernels<V, kNCHW, R_, N_ - 1>(table);
+  } else if constexpr (R_ > 1) {
+    fill_kernels<V, kNCHW, R_ - 1, V::NV>(table);
+  }
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace lwk

@@ -1,0 +1,35 @@
+// The tiling of a forward call: the pixel tile and the output-channel split of the work items
+// (Plan's work decomposition), chosen per call by a small cost model. Not part of the public API.
+#pragma once
+
+#include <cstdint>
+
+#include "joint_block.h"
+
+namespace lwk {
+namespace detail {
+
+struct Tiling {
+  int64_t tile_px, n_tiles, co_chunk, n_co;
+  bool shared_dw;  // see Plan::shared_dw
+};
+
+struct TileShape {
+  int64_t gran;       // NCHW: micro-kernel columns (pixels); NHWC: micro-kernel rows (pixels)
+  int64_t vw;         // vector width (elements)
+  int64_t panel;      // packed weight panel width (output channels)
+  bool nchw;
+};
+
+// Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:
+// depthwise work (once per tile and worker), pointwise work on the columns the micro-kernels
+// really compute, streaming the packed weights once per item, and a fixed per-item overhead. The
+// makespan is what the busiest worker does under the static contiguous partition of share_work
+// (estimated in closed form: this runs on every call).
+// Tiles need not be whole micro-kernel blocks: 7 x 7 = 49 pixels is better one tile of a 48-wide
+// block and a thin column than a 48-pixel tile and a 1-pixel tile, which repeats the depthwise
+// for one pixel and streams all the weights again for it.
+Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads);
+
+}  // namespace detail
+}  // namespace lwk
