@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lwkernels.cpu.backend import CPU_PATHS, ISA_ENV
 from lwkernels.ops.reference import joint_block_reference
 
-ACTIVATIONS = ("none", "relu", "relu6")
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
 #: How x is laid out in memory: dense NCHW, dense channels_last, or non-contiguous views.
 X_LAYOUTS = ("nchw", "nhwc", "sliced", "permuted", "sliced_nhwc", "expanded")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -274,7 +274,7 @@ def forced_isa(name: Optional[str]) -> Iterator[None]:
 
 
 # -- the plain PyTorch composition ---------------------------------------------------------------
-ACT_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6}
+ACT_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU}
 
 
 def randomize_batchnorm_(bn: nn.BatchNorm2d, gen: torch.Generator) -> nn.BatchNorm2d:

@@ -135,7 +135,7 @@ def test_kernel_larger_than_padded_input(device, h, w, k, padding, dilation):
 @pytest.mark.parametrize("name", ["mid_act", "out_act"])
 @pytest.mark.parametrize("value", ["gelu", "RELU", "", "relu "])
 def test_bad_activation_name(device, name, value):
-    with pytest.raises(ValueError, match=rf"{name} must be one of \('none', 'relu', 'relu6'\), got {value!r}"):
+    with pytest.raises(ValueError, match=rf"{name} must be one of \('none', 'relu', 'relu6', 'hardswish', 'silu'\), got {value!r}"):
         call_op(args_with(device, **{name: value}))
 
 

@@ -17,7 +17,11 @@ A NaN depthwise weight makes its whole channel NaN, as zero padding multiplies t
 (NaN * 0 = NaN) and PyTorch's float64 convolution computes it; its float32 convolution skips those
 taps instead, which is why the reference is float64.
 
-One more deviation in the reference: PyTorch's own relu6 gradient at a NaN input depends on where the
+Two more deviations in the reference, both where PyTorch's own CPU result depends on where an element
+falls (its vectorised kernels and their scalar tails disagree at a NaN input): relu6's gradient
+(vectorised: 0) and hardswish's (vectorised: NaN); the reference uses the vectorised rules
+everywhere, and test_relu6_reference_rule / test_hardswish_reference_rule check them against
+PyTorch's kernels. In more detail, for relu6: PyTorch's own relu6 gradient at a NaN input depends on where the
 element falls (its vectorised CPU kernel gives 0, its scalar tail and CUDA kernel pass the gradient),
 so the reference's relu6 uses the vectorised kernel's rule everywhere; test_relu6_reference_rule
 checks that rule against PyTorch's kernel.
@@ -39,7 +43,7 @@ from torch import nn
 from helpers import expected_memory_format, randomize_, torch_threads
 from lwkernels import JointBlock
 
-ACTS = ("relu", "relu6", "none")
+ACTS = ("relu", "relu6", "none", "hardswish", "silu")
 MODES = ("train", "eval", "eval_nograd")
 C_IN, C_OUT, N, H, W = 5, 6, 2, 7, 9
 STRIDE, DILATION = 1, 2
@@ -75,6 +79,26 @@ class _ReLU6VectorisedRule(torch.autograd.Function):
 class ReLU6Reference(nn.Module):
     def forward(self, v):
         return _ReLU6VectorisedRule.apply(v)
+
+
+class _HardswishVectorisedRule(torch.autograd.Function):
+    """hardswish with PyTorch's vectorised CPU backward rule at every position: NaN at a NaN input
+    (its scalar tail passes the gradient there instead)."""
+
+    @staticmethod
+    def forward(ctx, v):
+        ctx.save_for_backward(v)
+        return torch.nn.functional.hardswish(v)
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        return torch.where(torch.isnan(v), v, torch.ops.aten.hardswish_backward(g, v))
+
+
+class HardswishReference(nn.Module):
+    def forward(self, v):
+        return _HardswishVectorisedRule.apply(v)
 
 
 def _poison_id(p):
@@ -143,6 +167,10 @@ def _check_case(target, value, mode, act, mid_norm, residual, layout, dtype):
         ref.act = ReLU6Reference()
     if isinstance(ref.mid_act, nn.ReLU6):
         ref.mid_act = ReLU6Reference()
+    if isinstance(ref.act, nn.Hardswish):
+        ref.act = HardswishReference()
+    if isinstance(ref.mid_act, nn.Hardswish):
+        ref.mid_act = HardswishReference()
     (block.train() if mode == "train" else block.eval())
     (ref.train() if mode == "train" else ref.eval())
     grad = mode != "eval_nograd"
@@ -273,3 +301,17 @@ def test_triton_kernels_in_the_interpreter():
     assert proc.returncode == 0, f"interpreter cases failed:\n{output[-20000:]}"
     summary = output.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_hardswish_reference_rule(dtype):
+    """The reference's hardswish backward rule is PyTorch's own CPU kernel on the elements its vector
+    loop covers: NaN gives NaN; the kinks -3 and 3, +-Inf and values between as PyTorch computes them."""
+    special = torch.tensor([math.nan, math.inf, -math.inf, -3.0, 3.0, -1.0, 0.5, 7.0, -4.0, 2.999], dtype=dtype)
+    v = special.repeat(64)  # long enough that the leading elements take the vectorised loop
+    g = torch.arange(1, v.numel() + 1, dtype=dtype)
+    pytorch = torch.ops.aten.hardswish_backward(g, v)[:special.numel()]
+    vr = v.clone().requires_grad_()
+    _HardswishVectorisedRule.apply(vr).backward(g)
+    torch.testing.assert_close(vr.grad[:special.numel()], pytorch, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(pytorch[0]), "the NaN element got a number: PyTorch changed its rule"

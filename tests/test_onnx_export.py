@@ -53,7 +53,8 @@ def _op_nodes(data: bytes):
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("mid_norm,residual,act", list(itertools.product([False, True], [False, True],
-                                                                         ["relu", "relu6", "none"])))
+                                                                         ["relu", "relu6", "none", "hardswish",
+                                                                          "silu"])))
 def test_joint_block_exports(exporter, mid_norm, residual, act, single_thread):
     block = randomize_(JointBlock(5, 7, stride=2, dilation=2, mid_norm=mid_norm, bias=True,
                                   activation=None if act == "none" else act), seed=3).eval()
@@ -87,7 +88,8 @@ class CallsTheOp(nn.Module):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("acts", [("relu", "relu6"), ("relu6", "none"), ("none", "relu")], ids=str)
+@pytest.mark.parametrize("acts", [("relu", "relu6"), ("relu6", "none"), ("none", "relu"), ("hardswish", "silu"),
+                                  ("silu", "hardswish")], ids=str)
 def test_direct_op_call_exports(exporter, acts, single_thread):
     model = CallsTheOp(*acts).eval()
     inputs = [torch.randn(1, 6, 10, 12), torch.randn(1, 4, 10, 12)]

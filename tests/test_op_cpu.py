@@ -178,7 +178,7 @@ def test_large_shapes(cpu_isa, shape, layout):
 def test_concurrent_calls_from_python_threads(cpu_isa, parallel_backend):
     """4 Python threads x 20 calls on different shapes at once; every result checked."""
     cases = [Case(n=1 + i % 2, c_in=3 + 5 * i, c_out=4 + 7 * i, h=6 + i, w=9 - i, stride=1 + i % 2,
-                  dilation=1 + i, mid_act=ACTIVATIONS[i % 3], out_act=ACTIVATIONS[(i + 1) % 3],
+                  dilation=1 + i, mid_act=ACTIVATIONS[i % len(ACTIVATIONS)], out_act=ACTIVATIONS[(i + 1) % len(ACTIVATIONS)],
                   residual="nchw" if i % 2 else None, layout=LAYOUTS[i % 2]) for i in range(4)]
     work = [[(make_args(c, seed), c) for seed in range(20)] for c in cases]
     expected = [[reference64(args) for args, _ in calls] for calls in work]

@@ -107,7 +107,7 @@ def test_export_block_eval():
 
 
 # -- gradcheck ---------------------------------------------------------------------------------------------
-KINKS = {"none": (), "relu": (0.0,), "relu6": (0.0, 6.0)}
+KINKS = {"none": (), "relu": (0.0,), "relu6": (0.0, 6.0), "hardswish": (-3.0, 3.0), "silu": ()}
 MARGIN = 1e-3  # pre-activations stay this far from a kink, so finite differences never straddle one
 
 

@@ -14,7 +14,7 @@ from helpers import expected_memory_format, randomize_, torch_threads
 from lwkernels import JointBlock
 from lwkernels.ops.reference import JointBlockReference
 
-ACTS = ("relu", "relu6", "none")
+ACTS = ("relu", "relu6", "none", "hardswish", "silu")
 
 
 def make_pair(c_in, c_out, *, stride=1, dilation=1, act="relu", mid_norm=False, bias=True, momentum=0.1,
@@ -202,8 +202,8 @@ def test_opcheck(mid_bn, residual, layout, single_thread):
     y, z, mean, var, mid_mean, mid_var = torch.ops.lwkernels.joint_block_train(*no_grad)
     needs = [True] * 9 + [residual]
     bwd = [torch.randn_like(y), no_grad[0], no_grad[1], no_grad[2], no_grad[3], no_grad[4], mid_mean, mid_var,
-           mid_bn, 1e-5, "relu", no_grad[8], no_grad[10], y, z, mean, var, 1e-5, "relu", no_grad[15], no_grad[16],
-           no_grad[17], needs]
+           mid_bn, 1e-5, "relu", no_grad[8], no_grad[10], no_grad[11], no_grad[13], y, z, mean, var, 1e-5, "relu",
+           no_grad[15], no_grad[16], no_grad[17], needs]
     torch.library.opcheck(torch.ops.lwkernels.joint_block_train_backward.default, bwd,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 

@@ -438,4 +438,4 @@ def test_grid_covers_the_awkward_cases():
     assert 0 in {c.n for c in GRID} and 1 in {c.n for c in GRID}
     assert any(c.h % 2 and c.stride == 2 for c in GRID)
     assert any(min(c.h, c.w) < c.dilation_hw[0] * (c.kernel_hw[0] - 1) + 1 for c in GRID)
-    assert set(itertools.chain.from_iterable((c.mid_act, c.out_act) for c in GRID)) == {"none", "relu", "relu6"}
+    assert set(itertools.chain.from_iterable((c.mid_act, c.out_act) for c in GRID)) == {"none", "relu", "relu6", "hardswish", "silu"}

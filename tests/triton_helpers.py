@@ -157,6 +157,9 @@ INTERPRETER_CASES = (
     _case(n=1, c_in=33, c_out=40, h=11, w=13, stride=2, dilation=3, mid_act="relu", out_act="relu6",
           residual="nchw"),
     _case(n=0, c_in=3, c_out=5, h=7, w=7, dilation=3),
+    _case(n=2, c_in=17, c_out=19, h=9, w=7, stride=2, dilation=2, mid_act="hardswish", out_act="silu",
+          residual="nchw"),
+    _case(n=1, c_in=3, c_out=17, h=7, w=8, dilation=3, mid_act="silu", out_act="hardswish"),
 )
 
 #: Non-contiguous x (and weights) in the interpreter: slices, permutations, channel windows, stride-0 batch.
@@ -179,7 +182,7 @@ def gpu_cases() -> List[Case]:
             for dilation in dilations:
                 cases.append(_case(n=2, c_in=c_in, c_out=c_out, h=13, w=11, stride=stride, dilation=dilation,
                                    mid_act="relu" if dilation % 2 else "none",
-                                   out_act=("relu", "relu6", "none")[(c_in + dilation) % 3],
+                                   out_act=("relu", "relu6", "none", "hardswish", "silu")[(c_in + dilation) % 5],
                                    residual=("nchw" if dilation == 2 else "nhwc") if c_in == c_out else None))
     cases += [
         _case(n=1, c_in=17, c_out=17, h=3, w=4, dilation=3),            # H, W below the dilated kernel (7)

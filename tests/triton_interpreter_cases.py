@@ -125,7 +125,8 @@ def test_rejects_bad_arguments_like_the_op():
     n=st.integers(1, 2), c_in=st.integers(1, 20), c_out=st.integers(1, 20),
     h=st.integers(1, 9), w=st.integers(1, 9), k=st.sampled_from([1, 3, 5]),
     stride=st.integers(1, 2), dilation=st.integers(1, 3), extra_pad=st.integers(0, 1),
-    mid_act=st.sampled_from(["none", "relu", "relu6"]), out_act=st.sampled_from(["none", "relu", "relu6"]),
+    mid_act=st.sampled_from(["none", "relu", "relu6", "hardswish", "silu"]),
+    out_act=st.sampled_from(["none", "relu", "relu6", "hardswish", "silu"]),
     residual=st.sampled_from([None, "nchw", "nhwc"]), layout=st.sampled_from(DENSE_LAYOUTS),
     dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2 ** 16),
 )

@@ -50,7 +50,8 @@ def _poison_(t: torch.Tensor, value: float) -> None:
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("acts", [("relu", "relu6"), ("relu6", "relu"), ("none", "none")], ids=str)
+@pytest.mark.parametrize("acts", [("relu", "relu6"), ("relu6", "relu"), ("none", "none"), ("hardswish", "silu"),
+                                  ("silu", "hardswish")], ids=str)
 @pytest.mark.parametrize("poison", INFERENCE_POISONS, ids=str)
 def test_inference_kernel(poison, acts, layout):
     index, value = poison

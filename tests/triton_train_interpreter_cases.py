@@ -222,8 +222,8 @@ def test_training_backward_end_to_end(mid_bn, layout, case):
         x, dw, dw_bias, mid_w, mid_b, mid_bn, 1e-5, mid_act, pw, pw_b, bn_w, None, 1e-5, None, out_act, stride,
         padding, dilation))
     grad_y = torch.randn(y.shape, generator=gen).contiguous(memory_format=output_memory_format(x))
-    common = (grad_y, TrainSaved(x, dw, dw_bias, mid_w, mid_b, mid_mean, mid_var, mid_bn, 1e-5, mid_act, pw, bn_w, y,
-                                 z, mean, var, 1e-5, out_act, stride, padding, dilation), [True] * 10)
+    common = (grad_y, TrainSaved(x, dw, dw_bias, mid_w, mid_b, mid_mean, mid_var, mid_bn, 1e-5, mid_act, pw, bn_w,
+                                 None, None, y, z, mean, var, 1e-5, out_act, stride, padding, dilation), [True] * 10)
     got = training_reference.backward(*common, triton_depthwise=True)
     ref = training_reference.backward(*common, triton_depthwise=False)
     for name, gt, rf in zip(GRAD_NAMES, got, ref):

@@ -8,9 +8,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..ops.activation import NEEDS_INPUT_FOR_GRAD, activation_backward
 from ..ops.args import TrainArgs, TrainOutputs, TrainSaved
-from ..ops.batch_norm import STATS, bn_backward_coefficients, bn_scale_shift, mean_var, with_bias_nan
+from ..ops.batch_norm import STATS, bn_backward_coefficients, bn_scale_shift, mean_var, per_channel, with_bias_nan
 from ..ops.contract import output_memory_format
+from ..ops.training_reference import out_activation_input
 from .backend import NATIVE_DTYPES, address, geometry_for, native, pack_pointwise, selected_isa
 
 
@@ -134,6 +136,15 @@ def _pointwise_grads_nchw(w2: Tensor, gz3: Tensor, t3: Tensor, need_t: bool, nee
     return g_t, g_w
 
 
+def _activation_grad_first(grad: Tensor, out: Tensor, act: str, activation_input, k: "_TrainingKernels"):
+    """(gradient, activation) for the C++ reduction. relu/relu6 gradients are applied inside it, read
+    off the activation's output; hardswish/silu need their input (activation_input() recomputes it),
+    so PyTorch's own backward applies them here and the reduction gets "none"."""
+    if act not in NEEDS_INPUT_FOR_GRAD:
+        return k.dense(grad), act
+    return k.dense(activation_backward(grad, out, act, activation_input())), "none"
+
+
 def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool]) -> List[Optional[Tensor]]:
     """C++ passes for the activation/BatchNorm gradients and the depthwise backward (the depthwise
     output recomputed from x); the two pointwise GEMMs on PyTorch's BLAS. Gradients in GRAD_NAMES
@@ -154,7 +165,8 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool]) -> List[Optio
     sum_g = torch.empty(c_out, dtype=STATS)
     sum_gz = torch.empty_like(sum_g)
     mean_t = saved.mean.contiguous()
-    lib.train_act_backward_reduce(dt, isa, k.out_geo, lay, a_(g), a_(y), saved.out_act, a_(z), a_(mean_t), a_(gb),
+    g, out_act = _activation_grad_first(g, y, saved.out_act, lambda: out_activation_input(saved), k)
+    lib.train_act_backward_reduce(dt, isa, k.out_geo, lay, a_(g), a_(y), out_act, a_(z), a_(mean_t), a_(gb),
                                   a_(sum_g), a_(sum_gz), th)
     A, B, invstd = bn_backward_coefficients(sum_g, sum_gz, saved.var, saved.bn_weight, saved.eps, count)
     K = -B * saved.mean.to(STATS) - A * sum_g / count
@@ -179,7 +191,11 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool]) -> List[Optio
         c = torch.empty_like(t)
         k.dw_forward(x, dw, sc, sh, saved.mid_act, raw=c, out=t)
     else:
-        k.dw_forward(x, dw, None, None if saved.dw_bias is None else saved.dw_bias.contiguous(), saved.mid_act, out=t)
+        dw_bias = None if saved.dw_bias is None else saved.dw_bias.contiguous()
+        c = torch.empty_like(t) if saved.mid_act in NEEDS_INPUT_FOR_GRAD else None  # the mid act's input
+        k.dw_forward(x, dw, None, dw_bias, saved.mid_act, raw=c, out=t)
+        if c is not None and dw_bias is not None:
+            c = c + per_channel(dw_bias)
 
     # Pointwise: grad t = W^T gz, grad W = gz t^T (BLAS).
     w2 = saved.pw_weight.reshape(c_out, c_in)
@@ -207,7 +223,9 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool]) -> List[Optio
         s1 = torch.empty(c_in, dtype=STATS)
         s2 = torch.empty_like(s1)
         mid_mean_t = saved.mid_mean.contiguous()
-        lib.train_act_backward_reduce(dt, isa, k.mid_geo, lay, a_(g_t), a_(t), saved.mid_act, a_(c), a_(mid_mean_t),
+        g_t, mid_act = _activation_grad_first(g_t, t, saved.mid_act,
+                                              lambda: c * per_channel(sc) + per_channel(sh), k)
+        lib.train_act_backward_reduce(dt, isa, k.mid_geo, lay, a_(g_t), a_(t), mid_act, a_(c), a_(mid_mean_t),
                                       a_(gc), a_(s1), a_(s2), th)
         A2, B2, invstd2 = bn_backward_coefficients(s1, s2, saved.mid_var, saved.mid_weight, saved.mid_eps, count)
         K2 = -B2 * saved.mid_mean.to(STATS) - A2 * s1 / count
@@ -219,8 +237,8 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool]) -> List[Optio
     elif saved.mid_act != "none" or needs[2]:
         gc = torch.empty_like(t)
         s1 = torch.empty(c_in, dtype=STATS)
-        lib.train_act_backward_reduce(dt, isa, k.mid_geo, lay, a_(g_t), a_(t), saved.mid_act, 0, 0, a_(gc), a_(s1), 0,
-                                      th)
+        g_t, mid_act = _activation_grad_first(g_t, t, saved.mid_act, lambda: c, k)
+        lib.train_act_backward_reduce(dt, isa, k.mid_geo, lay, a_(g_t), a_(t), mid_act, 0, 0, a_(gc), a_(s1), 0, th)
         g_dw_b = s1.to(x.dtype) if needs[2] else None
     else:
         gc = k.dense(g_t)

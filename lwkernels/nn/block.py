@@ -28,7 +28,8 @@ class JointBlock(JointBlockReference):
         stride: depthwise stride. dilation: PyTorch's meaning (1 = dense; the seed paper's delta).
         kernel_size: depthwise kernel (odd; 3 is the fast path).
         padding: default ``dilation * (kernel_size - 1) // 2``, which keeps H, W at stride 1.
-        activation: output activation, "relu" (default), "relu6" or None.
+        activation: output activation, "relu" (default), "relu6", "hardswish", "silu" or None (or the
+            matching nn module).
         mid_norm: BatchNorm between depthwise and pointwise (MobileNet-V1 style); mid_activation
             then applies after it (default: same as ``activation``).
         bias: conv biases (folded into the epilogue; BN usually makes them redundant).

@@ -1,19 +1,27 @@
-"""The activations the fused op knows, by name, and their nn.Module / functional forms."""
+"""The activations the fused op knows, by name, their nn.Module / functional forms and their
+gradients. The C++ kernels implement the same functions in csrc/activation.h."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: Names accepted wherever lwkernels takes an activation.
-ACTIVATIONS = ("none", "relu", "relu6")
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
+
+#: Activations whose gradient needs their input (it cannot be read off their output).
+NEEDS_INPUT_FOR_GRAD = ("hardswish", "silu")
+
+_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU}
 
 ActivationSpec = Union[str, None, nn.Module]
 
 
 def activation_name(spec: ActivationSpec) -> str:
-    """Normalise None / a name / an nn.ReLU, nn.ReLU6 or nn.Identity module to a name in ACTIVATIONS."""
+    """Normalise None / a name / an activation module (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU,
+    nn.Identity) to a name in ACTIVATIONS."""
     if spec is None:
         return "none"
     if isinstance(spec, str):
@@ -21,18 +29,16 @@ def activation_name(spec: ActivationSpec) -> str:
         if name not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {spec!r}")
         return name
-    if isinstance(spec, nn.ReLU6):  # checked before ReLU: ReLU6 is a Hardtanh, not a ReLU, but be explicit
-        return "relu6"
-    if isinstance(spec, nn.ReLU):
-        return "relu"
-    if isinstance(spec, nn.Identity):
-        return "none"
-    raise ValueError(f"unsupported activation module {type(spec).__name__}; expected ReLU, ReLU6 or Identity")
+    for name, cls in _MODULES.items():  # exact types: a subclass may compute something else
+        if type(spec) is cls:
+            return name
+    raise ValueError(f"unsupported activation module {type(spec).__name__}; expected one of "
+                     f"{', '.join(cls.__name__ for cls in _MODULES.values())}")
 
 
 def activation_module(name: str) -> nn.Module:
     """A fresh nn.Module computing the named activation."""
-    return {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6}[activation_name(name)]()
+    return _MODULES[activation_name(name)]()
 
 
 def apply_activation(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -40,15 +46,22 @@ def apply_activation(t: torch.Tensor, name: str) -> torch.Tensor:
         return torch.relu(t)
     if name == "relu6":
         return torch.clamp(t, 0.0, 6.0)
+    if name == "hardswish":
+        return F.hardswish(t)
+    if name == "silu":
+        return F.silu(t)
     if name == "none":
         return t
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
-def activation_backward(grad: torch.Tensor, activated: torch.Tensor, name: str) -> torch.Tensor:
-    """The gradient through the named activation, read off its output, with PyTorch's rules at the
-    kinks and at NaN (the same rules as the C++ kernels, csrc/activation.h). Where the activation is
-    flat the result is 0 even if grad is NaN or Inf: PyTorch selects, it does not multiply.
+def activation_backward(grad: torch.Tensor, activated: torch.Tensor, name: str,
+                        pre: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gradient through the named activation, with PyTorch's rules at the kinks and at NaN (the
+    same rules as the C++ kernels, csrc/activation.h). relu and relu6 read it off their output
+    `activated`; hardswish and silu need their input `pre` (NEEDS_INPUT_FOR_GRAD) and use PyTorch's
+    own backward functions. Where relu/relu6 are flat the result is 0 even if grad is NaN or Inf:
+    PyTorch selects, it does not multiply.
 
     - relu: 0 where the output is <= 0, else grad; a NaN output passes grad (threshold_backward).
     - relu6: grad where 0 < output < 6, else 0; a NaN output gets 0, as PyTorch's vectorised CPU
@@ -56,6 +69,15 @@ def activation_backward(grad: torch.Tensor, activated: torch.Tensor, name: str) 
     """
     if name == "none":
         return grad
+    if name in NEEDS_INPUT_FOR_GRAD:
+        if pre is None:
+            raise ValueError(f"the {name} gradient needs the activation's input")
+        if name == "silu":
+            return torch.ops.aten.silu_backward(grad, pre)
+        # PyTorch's vectorised CPU kernel gives NaN at a NaN input, its scalar tail passes grad:
+        # the vectorised rule everywhere, as the C++ kernels.
+        g = torch.ops.aten.hardswish_backward(grad, pre)
+        return torch.where(torch.isnan(pre), pre, g)
     if name == "relu":
         flat = activated <= 0
     elif name == "relu6":

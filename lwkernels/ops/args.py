@@ -58,7 +58,7 @@ class TrainArgs(NamedTuple):
 
 class TrainSaved(NamedTuple):
     """The forward's inputs and outputs that the backward needs: the depthwise output is not saved
-    (it is recomputed from x), nor the residual (its gradient is the BatchNorm's output gradient)."""
+    (it is recomputed from x); bn_bias and the residual only where out_act's gradient needs its input."""
 
     x: Tensor
     dw_weight: Tensor
@@ -72,6 +72,8 @@ class TrainSaved(NamedTuple):
     mid_act: str
     pw_weight: Tensor
     bn_weight: Optional[Tensor]
+    bn_bias: Optional[Tensor]   # saved (else None) only when out_act's gradient needs its input:
+    residual: Optional[Tensor]  # out_act(bn(z) + residual), recomputed from them (hardswish, silu)
     y: Tensor
     z: Tensor
     mean: Tensor

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .activation import activation_backward, apply_activation
+from .activation import NEEDS_INPUT_FOR_GRAD, activation_backward, apply_activation
 from ..cpu.backend import PACK_CACHE
 from .inference import joint_block
 
@@ -27,7 +27,9 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
 def _setup_context(ctx, inputs, output):
     (x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
      stride, padding, dilation) = inputs
-    ctx.save_for_backward(x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, output)
+    # hardswish/silu gradients need the output activation's input, which needs the residual.
+    keep_residual = residual if out_act in NEEDS_INPUT_FOR_GRAD else None
+    ctx.save_for_backward(x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, pw_shift, keep_residual, output)
     # A recorded call's weights may next be perturbed through `.data` (gradcheck does): keep no
     # packing of them that a version counter could not invalidate.
     PACK_CACHE.discard(pw_weight)
@@ -37,7 +39,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y):
-    x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, y = ctx.saved_tensors
+    x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, pw_shift, residual, y = ctx.saved_tensors
     mid_act, out_act = ctx.acts
     stride, padding, dilation = ctx.conv
     needs = ctx.needs_input_grad
@@ -54,14 +56,22 @@ def _backward(ctx, grad_y):
         a = a + _per_channel(dw_shift)
     t = apply_activation(a, mid_act)
 
-    g_b = activation_backward(grad_y, y, out_act)  # grad of pre-activation output
-    g_pw_scale = _channel_sum(g_b * F.conv2d(t, pw_weight)) if needs[6] else None
+    z = F.conv2d(t, pw_weight) if needs[6] or out_act in NEEDS_INPUT_FOR_GRAD else None
+    pre = None
+    if out_act in NEEDS_INPUT_FOR_GRAD:  # the output activation's input, recomputed
+        pre = z if pw_scale is None else z * _per_channel(pw_scale)
+        if pw_shift is not None:
+            pre = pre + _per_channel(pw_shift)
+        if residual is not None:
+            pre = pre + residual
+    g_b = activation_backward(grad_y, y, out_act, pre)  # grad of pre-activation output
+    g_pw_scale = _channel_sum(g_b * z) if needs[6] else None
     g_pw_shift = _channel_sum(g_b) if needs[7] else None
     g_v = g_b if pw_scale is None else g_b * _per_channel(pw_scale)
     g_t, g_pw_weight, _ = torch.ops.aten.convolution_backward(
         g_v, t, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[5], False])
 
-    g_a = activation_backward(g_t, t, mid_act)
+    g_a = activation_backward(g_t, t, mid_act, a)
     g_dw_scale = _channel_sum(g_a * u) if needs[2] else None
     g_dw_shift = _channel_sum(g_a) if needs[3] else None
     g_u = g_a if dw_scale is None else g_a * _per_channel(dw_scale)

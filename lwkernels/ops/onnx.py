@@ -4,7 +4,7 @@
     y = out_act(Conv(t, pw_weight * pw_scale, bias=pw_shift) + residual)
 
 (per-channel scales folded into the convolution weights, shifts as the convolutions' biases; relu as
-Relu, relu6 as Clip(0, 6)). The graph is written once against a small emitter interface, with one
+Relu, relu6 as Clip(0, 6), hardswish as HardSwish or x * HardSigmoid(x), silu as x * Sigmoid(x)). The graph is written once against a small emitter interface, with one
 emitter for each torch.onnx exporter:
 
 - the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): a symbolic registered
@@ -64,6 +64,10 @@ class _OnnxScriptOps:
             zero = self.op.CastLike(self.op.Constant(value_float=0.0), v)
             six = self.op.CastLike(self.op.Constant(value_float=6.0), v)
             return self.op.Clip(v, zero, six)
+        if name == "hardswish":
+            return self.op.HardSwish(v)
+        if name == "silu":
+            return self.op.Mul(v, self.op.Sigmoid(v))
         if name == "none":
             return v
         raise ValueError(f"no ONNX translation for activation {name!r}")
@@ -109,6 +113,10 @@ class _TorchScriptOps:
             return self.g.op("Relu", v)
         if name == "relu6":
             return self.g.op("Clip", v, self._scalar_like(0.0, v), self._scalar_like(6.0, v))
+        if name == "hardswish":  # HardSwish itself needs opset 14
+            return self.g.op("Mul", v, self.g.op("HardSigmoid", v, alpha_f=1.0 / 6.0, beta_f=0.5))
+        if name == "silu":
+            return self.g.op("Mul", v, self.g.op("Sigmoid", v))
         if name == "none":
             return v
         raise ValueError(f"no ONNX translation for activation {name!r}")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import training_reference
+from .activation import NEEDS_INPUT_FOR_GRAD
 from .args import GRAD_NAMES, TrainArgs, TrainOutputs, TrainSaved
 from .contract import check_joint_args, output_memory_format
 from ..cpu import training as cpu_training
@@ -112,6 +113,8 @@ def joint_block_train_backward(
     mid_act: str,
     pw_weight: Tensor,
     bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    residual: Optional[Tensor],
     y: Tensor,
     z: Tensor,
     mean: Tensor,
@@ -126,7 +129,8 @@ def joint_block_train_backward(
     """Gradients of joint_block_train's y for the inputs flagged in `needs` (order: GRAD_NAMES);
     an empty tensor stands for each one not asked for (mid BatchNorm's when mid_bn is False)."""
     saved = TrainSaved(x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean, mid_var, mid_bn, mid_eps, mid_act,
-                       pw_weight, bn_weight, y, z, mean, var, eps, out_act, stride, padding, dilation)
+                       pw_weight, bn_weight, bn_bias, residual, y, z, mean, var, eps, out_act, stride, padding,
+                       dilation)
     needs = _effective_needs(needs, mid_bn)
     backend = cpu_training if cpu_training.handles(x) else training_reference
     grads = backend.backward(grad_y, saved, needs)
@@ -168,24 +172,26 @@ _GRAD_POS = tuple(TrainArgs._fields.index(name) for name in GRAD_NAMES)
 def _setup_context(ctx, inputs, output):
     args = TrainArgs(*inputs)
     y, z, mean, var, mid_mean, mid_var = output
+    needs_input = args.out_act in NEEDS_INPUT_FOR_GRAD  # then the backward recomputes bn(z) + residual
     ctx.save_for_backward(args.x, args.dw_weight, args.dw_bias, args.mid_weight, args.mid_bias, mid_mean, mid_var,
-                          args.pw_weight, args.bn_weight, y, z, mean, var)
+                          args.pw_weight, args.bn_weight, args.bn_bias if needs_input else None,
+                          args.residual if needs_input else None, y, z, mean, var)
     ctx.args = (args.mid_bn, args.mid_eps, args.mid_act, args.eps, args.out_act, list(args.stride),
                 list(args.padding), list(args.dilation))
     ctx.mark_non_differentiable(z, mean, var, mid_mean, mid_var)
 
 
 def _backward(ctx, grad_y, *_unused):
-    x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean, mid_var, pw_weight, bn_weight, y, z, mean, var = \
-        ctx.saved_tensors
+    (x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean, mid_var, pw_weight, bn_weight, bn_bias, residual, y, z,
+     mean, var) = ctx.saved_tensors
     mid_bn, mid_eps, mid_act, eps, out_act, stride, padding, dilation = ctx.args
     needs = [bool(ctx.needs_input_grad[i]) for i in _GRAD_POS]
     grads = [None] * len(TrainArgs._fields)
     if grad_y is None or not any(needs):
         return tuple(grads)
     result = joint_block_train_backward(grad_y, x, dw_weight, dw_bias, mid_weight, mid_bias, mid_mean, mid_var,
-                                        mid_bn, mid_eps, mid_act, pw_weight, bn_weight, y, z, mean, var, eps,
-                                        out_act, stride, padding, dilation, needs)
+                                        mid_bn, mid_eps, mid_act, pw_weight, bn_weight, bn_bias, residual, y, z,
+                                        mean, var, eps, out_act, stride, padding, dilation, needs)
     for pos, need, g in zip(_GRAD_POS, needs, result):
         grads[pos] = g if need else None
     return tuple(grads)

@@ -10,10 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activation import activation_backward, apply_activation
+from .activation import NEEDS_INPUT_FOR_GRAD, activation_backward, apply_activation
 from .args import TrainArgs, TrainOutputs, TrainSaved
 from .batch_norm import STATS, bn_backward_coefficients, bn_scale_shift, per_channel, with_bias_nan
 from .contract import output_memory_format
+
+
+def out_activation_input(saved: TrainSaved) -> Optional[Tensor]:
+    """bn(z) + residual, recomputed where out_act's gradient needs its input (else None)."""
+    if saved.out_act not in NEEDS_INPUT_FOR_GRAD:
+        return None
+    scale, shift = bn_scale_shift(saved.mean, saved.var, saved.bn_weight, saved.bn_bias, saved.eps)
+    z = saved.z
+    v = z * per_channel(scale.to(z.dtype)) + per_channel(shift.to(z.dtype))
+    return v if saved.residual is None else v + saved.residual
 
 
 def normalise(z, mean, var, bn_weight, bn_bias, eps, residual, out_act) -> Tensor:
@@ -54,7 +64,7 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool], triton_depthw
     c_out, oh, ow = saved.z.shape[1:]
     count = n * oh * ow
     dims = (0, 2, 3)
-    gb = activation_backward(grad_y, saved.y, saved.out_act)
+    gb = activation_backward(grad_y, saved.y, saved.out_act, out_activation_input(saved))
     zc = saved.z - per_channel(saved.mean)
     sum_g = gb.sum(dims, dtype=STATS)
     sum_gz = (gb * zc).sum(dims, dtype=STATS)
@@ -78,7 +88,7 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool], triton_depthw
     g_t, g_pw_w, _ = torch.ops.aten.convolution_backward(
         gz, t, saved.pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[5], False])
     grads[5] = g_pw_w
-    ga = activation_backward(g_t, t, saved.mid_act)
+    ga = activation_backward(g_t, t, saved.mid_act, a)
     if saved.mid_bn:
         cc = c - per_channel(saved.mid_mean)
         s1 = ga.sum(dims, dtype=STATS)

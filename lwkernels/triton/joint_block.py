@@ -50,7 +50,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "tr
 #: dtypes the kernel computes in (anything else is the caller's business, see cuda_backend).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_ACT_CODES = {"none": 0, "relu": 1, "relu6": 2}
+_ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
 #: The one config used under the interpreter (and a good default for explicit launches). Every dot
 #: dimension is >= 16, the GPU compiler's minimum, so the interpreter tests the tiling the GPU runs.
@@ -65,6 +65,13 @@ def _activation(v, ACT: tl.constexpr):
     elif ACT == 2:
         v = tl.where(v < 0.0, 0.0, v)
         v = tl.where(v > 6.0, 6.0, v)
+    elif ACT == 3:  # hardswish: v * relu6(v + 3) / 6 (-inf gives NaN, as in PyTorch)
+        r = v + 3.0
+        r = tl.where(r < 0.0, 0.0, r)
+        r = tl.where(r > 6.0, 6.0, r)
+        v = v * r / 6.0
+    elif ACT == 4:  # silu: v * sigmoid(v)
+        v = v * tl.sigmoid(v)
     return v
 
 
