@@ -136,25 +136,48 @@ class PreparedCall:
                 or residual.dtype != self._dtype or not residual.is_cpu \
                 or not _dense_layout(residual, self._memory_format):
             return False
+        if not self.state_unchanged():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                        or self.parameters_require_grad()):
+            return False
+        if dispatcher_needed() or os.environ.get(ISA_ENV) != self._isa_env:
+            return False
+        return True
+
+    def state_unchanged(self) -> bool:
+        """True while every module, parameter, buffer and setting the block's call reads is the one
+        it was prepared with, at the same version (the input checks are the caller's)."""
         for d, key, value in self._same:
             if d.get(key) is not value:
                 return False
         for t, version in self._versions:
             if t._version != version:
                 return False
-        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
-                                        or any(t.requires_grad for t, _ in self._versions)):
-            return False
-        if dispatcher_needed() or os.environ.get(ISA_ENV) != self._isa_env:
-            return False
-        return True
+        return self._valid and os.environ.get(ISA_ENV) == self._isa_env
+
+    def parameters_require_grad(self) -> bool:
+        return any(t.requires_grad for t, _ in self._versions)
+
+    @property
+    def out_shape(self) -> Tuple[int, int, int, int]:
+        return self._out_shape
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return self._memory_format
 
     def run(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         y = torch.empty(self._out_shape, dtype=self._dtype, memory_format=self._memory_format)
+        self.run_into(x, residual, y)
+        return y
+
+    def run_into(self, x: torch.Tensor, residual: Optional[torch.Tensor], y: torch.Tensor) -> None:
+        """The fused call writing into `y`, which the caller has laid out as this call's output (shape,
+        dtype, dense memory format) and which must not overlap x."""
         a = self._addresses
         self._kernel(self._packed, self._geometry, x.data_ptr(), a[0], a[1], a[2], self._acts[0], a[3], a[4],
                      address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads())
-        return y
 
     def invalidate(self) -> None:
         self._valid = False
