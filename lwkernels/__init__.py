@@ -11,12 +11,14 @@ import torch
 from .ops import inference_backward as _autograd  # noqa: F401  (registers the op's backward)
 from .ops import training as _training  # noqa: F401  (registers the training ops)
 from .nn.block import JointBlock, check_joint_modules
+from .nn.chain import JointChain
 from .cpu.backend import PACK_CACHE, selected_isa
 from .triton.backend import register_cuda_kernel
 from .nn.fuse import FuseReport, fuse, to_reference
 from .ops.inference import joint_block
 from .ops.onnx import onnx_translation_table, register_symbolic as _register_onnx_symbolic
 from .cpu.prepared_call import invalidate_all as _invalidate_prepared_calls
+from .cpu.prepared_chain import invalidate_all as _invalidate_prepared_chains
 from .ops.reference import JointBlockReference, joint_block_reference
 
 __version__ = "0.1.0"
@@ -32,14 +34,16 @@ _register_onnx_symbolic()
 
 
 def clear_cache() -> None:
-    """Forget every packed weight and prepared call (needed only after writing parameters through
-    `.data`, which bypasses version counters)."""
+    """Forget every packed weight, prepared call and prepared chain (with its buffers); needed only
+    after writing parameters through `.data`, which bypasses version counters, or to free memory."""
     PACK_CACHE.clear()
     _invalidate_prepared_calls()
+    _invalidate_prepared_chains()
 
 
 __all__ = [
     "JointBlock",
+    "JointChain",
     "FuseReport",
     "JointBlockReference",
     "check_joint_modules",
