@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..nn.block import JointBlock
+from ..nn.chain import JointChain
 from .shapes import LIGHTWEIGHTNET_CONFIG
 from ._common import ReferenceConvertible, scaled
 
@@ -30,7 +31,9 @@ class LightweightNet(ReferenceConvertible, nn.Module):
 
     Every block is the paper's *joint module*, one :class:`~lwkernels.JointBlock`:
     dilated 3x3 depthwise conv (dilation = padding = ``dilation``) -> 1x1 pointwise conv -> BN ->
-    ReLU, with no BN or activation between the two convs. Convs have no bias (BN follows).
+    ReLU, with no BN or activation between the two convs. Convs have no bias (BN follows). The
+    blocks form one :class:`~lwkernels.JointChain` (``features``), so eager CPU inference runs them
+    on the chain's own buffers.
 
     Paper facts reproduced: 29 layers (9 depthwise + 9 pointwise + 9 BN + pooling + FC; softmax is
     left to the loss), every depthwise kernel dilated (best delta = 3, the default; 1 = no
@@ -58,7 +61,7 @@ class LightweightNet(ReferenceConvertible, nn.Module):
             c_out = scaled(c_out, width_mult)
             blocks.append(JointBlock(c_prev, c_out, stride=stride, dilation=dilation, activation=activation))
             c_prev = c_out
-        self.features = nn.Sequential(*blocks)
+        self.features = JointChain(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, num_classes)
 

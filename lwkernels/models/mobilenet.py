@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..nn.block import JointBlock
+from ..nn.chain import JointChain
 from ._common import ReferenceConvertible, scaled
 
 #: (C_out, stride) of the 13 depthwise-separable blocks after the 32-channel stem (alpha = 1).
@@ -17,7 +18,8 @@ MOBILENET_V1_BLOCKS = (
 class MobileNetV1(ReferenceConvertible, nn.Module):
     """MobileNet-V1: 3x3 conv stem (32 channels, stride 2) -> BN -> ReLU, then 13 blocks of
     ``DW 3x3 -> BN -> ReLU -> PW 1x1 -> BN -> ReLU`` — each one ``JointBlock(mid_norm=True)`` —
-    then global average pooling and a fully connected layer (docs/networks.md, MobileNetV1).
+    then global average pooling and a fully connected layer (docs/networks.md, MobileNetV1). The 13
+    blocks form one :class:`~lwkernels.JointChain` (``features``).
 
     Reproduces the paper's table (channel widths and strides in ``MOBILENET_V1_BLOCKS``; 224 input
     gives a 7x7x1024 final map) and its size: 4,231,976 parameters at alpha = 1 with 1000 classes
@@ -42,7 +44,7 @@ class MobileNetV1(ReferenceConvertible, nn.Module):
             c_out = scaled(c_out, width_mult)
             blocks.append(JointBlock(c_prev, c_out, stride=stride, dilation=dilation, mid_norm=True))
             c_prev = c_out
-        self.features = nn.Sequential(*blocks)
+        self.features = JointChain(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(c_prev, num_classes)
