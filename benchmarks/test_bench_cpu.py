@@ -13,6 +13,7 @@ import torch
 
 from lwkernels.bench.harness import ROUND_PAUSE, environment, make_block, make_input, make_provider
 from lwkernels.bench.onnxrt import onnxruntime_available
+from lwkernels.nn.chain import JointChain
 from lwkernels.nn.fuse import to_reference
 from lwkernels.models.shapes import BENCHMARK_BLOCKS, lightweightnet_blocks
 
@@ -67,7 +68,7 @@ def test_chain(benchmark, timing_enabled, chain_name, batch, provider):
     and 32 input."""
     _skip_unavailable(provider, timing_enabled)
     shapes = CHAINS[chain_name]
-    chain = torch.nn.Sequential(*(make_block(s, seed=k) for k, s in enumerate(shapes))).eval()
+    chain = JointChain(*(make_block(s, seed=k) for k, s in enumerate(shapes))).eval()
     x = make_input(shapes[0], batch)
     run = make_provider(provider, chain, x, to_reference(chain))
     benchmark.group = f"{chain_name} chain batch {batch}"

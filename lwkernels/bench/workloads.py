@@ -15,6 +15,7 @@ from torch import nn
 
 from ..models import build_model
 from ..models.shapes import BENCHMARK_BLOCKS
+from ..nn.chain import JointChain
 from ..nn.fuse import to_reference
 from .harness import make_block, make_input, randomize_batchnorm
 
@@ -39,7 +40,7 @@ class Workload:
 def build_workload(name: str, batch: int = 1, seed: int = 0) -> Workload:
     """The fused module (eval), its reference twin and a random NCHW fp32 input of `batch` images."""
     if name == "chain":
-        fused = nn.Sequential(*(make_block(s, seed=k) for k, s in enumerate(BENCHMARK_BLOCKS))).eval()
+        fused = JointChain(*(make_block(s, seed=k) for k, s in enumerate(BENCHMARK_BLOCKS))).eval()
         x = make_input(BENCHMARK_BLOCKS[0], batch, seed=seed)
     elif name in WORKLOADS:
         torch.manual_seed(seed)

@@ -102,6 +102,7 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
 
     from ..bench.harness import (ROUND_PAUSE, environment, geomean, make_block, make_input, make_provider,
                                  matmul_rate, medians, thread_pool, time_in_rounds)
+    from ..nn.chain import JointChain
     from ..nn.fuse import to_reference
     from ..models.shapes import BENCHMARK_BLOCKS, lightweightnet_blocks
 
@@ -160,7 +161,7 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
                               shape.flops(batch)))
         for j, (name, chain_shapes) in enumerate(chains, len(shapes) + 1):
             _progress(j, total, name)
-            chain = torch.nn.Sequential(*(make_block(s, dtype, device, seed=k) for k, s in enumerate(chain_shapes)))
+            chain = JointChain(*(make_block(s, dtype, device, seed=k) for k, s in enumerate(chain_shapes)))
             chain_rows.append(timed(name, chain.eval(), make_input(chain_shapes[0], batch, dtype, device),
                                     sum(s.flops(batch) for s in chain_shapes)))
     except _Mismatch as e:
