@@ -19,7 +19,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # --- 1. native, sanitized -------------------------------------------------------------------
 step "native build with AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S "$SRC" -B "$OUT/asan" "${GEN[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLWK_SANITIZE=ON
-cmake --build "$OUT/asan" --parallel "$JOBS" --target test_joint_block test_parallel
+cmake --build "$OUT/asan" --parallel "$JOBS" --target test_joint_block test_parallel test_buffer_pool
 step "native tests (ASan + UBSan)"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
@@ -27,6 +27,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 # parallel_run on the thread pool alone, then with an OpenMP runtime loaded as PyTorch loads its own.
 "$OUT/asan/test_parallel"
 "$OUT/asan/test_parallel" --host-openmp
+"$OUT/asan/test_buffer_pool"
 unset ASAN_OPTIONS UBSAN_OPTIONS
 
 # --- 2. aarch64 / NEON under qemu-user ------------------------------------------------------

@@ -12,7 +12,7 @@ from .ops import inference_backward as _autograd  # noqa: F401  (registers the o
 from .ops import training as _training  # noqa: F401  (registers the training ops)
 from .nn.block import JointBlock, check_joint_modules
 from .nn.chain import JointChain
-from .cpu.backend import PACK_CACHE, selected_isa
+from .cpu.backend import PACK_CACHE, native as _native, selected_isa
 from .triton.backend import register_cuda_kernel
 from .nn.fuse import FuseReport, fuse, to_reference
 from .ops.inference import joint_block
@@ -33,12 +33,18 @@ if torch.cuda.is_available():
 _register_onnx_symbolic()
 
 
+def _trim_output_cache() -> None:
+    _native().trim_output_pool()
+
+
 def clear_cache() -> None:
-    """Forget every packed weight, prepared call and prepared chain (with its buffers); needed only
-    after writing parameters through `.data`, which bypasses version counters, or to free memory."""
+    """Forget every packed weight, prepared call and prepared chain (with its buffers), and free the
+    output buffers kept for reuse (cpu/outputs.py); needed only after writing parameters through
+    `.data`, which bypasses version counters, or to free memory."""
     PACK_CACHE.clear()
     _invalidate_prepared_calls()
     _invalidate_prepared_chains()
+    _trim_output_cache()
 
 
 __all__ = [

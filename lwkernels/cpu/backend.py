@@ -11,6 +11,7 @@ import torch
 
 from ..ops.args import JointArgs
 from ..ops.contract import empty_output, output_memory_format
+from .outputs import apply_cache_limit_from_env
 
 #: Environment variable that forces a CPU path ("scalar", "avx2", "avx512", "neon"; "auto" or unset =
 #: best).
@@ -43,6 +44,7 @@ def native():
             "reinstall the package with `pip install .`"
         ) from e
     _apply_parallel_backend(_C, os.environ.get(PARALLEL_ENV, "auto"), f"{PARALLEL_ENV}=")
+    apply_cache_limit_from_env(_C)
     _NATIVE = _C
     return _C
 

@@ -31,6 +31,7 @@ from ..ops.contract import output_memory_format
 from ..ops.activation import activation_name
 from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, address, geometry_for, native, selected_isa
 from ..ops.inference import dispatcher_needed
+from .outputs import new_output
 
 # What a JointBlock's fused eval forward reads, per submodule: (dict attribute, keys).
 _MODULE_STATE = {
@@ -70,7 +71,7 @@ class PreparedCall:
     """One JointBlock's fused forward for one input signature; see the module docstring."""
 
     __slots__ = ("_same", "_versions", "_x_shape", "_dtype", "_memory_format",
-                 "_has_residual", "_out_shape", "_isa_env", "_kernel", "_packed", "_geometry",
+                 "_has_residual", "_out_shape", "_isa_env", "_C", "_kernel", "_packed", "_geometry",
                  "_operands", "_addresses", "_acts", "_valid", "__weakref__")
 
     @classmethod
@@ -110,6 +111,7 @@ class PreparedCall:
         isa = selected_isa()
         layout = "nhwc" if self._memory_format == torch.channels_last else "nchw"
         _C = native()
+        self._C = _C
         self._kernel = _C.joint_forward
         self._packed = PACK_CACHE.get(pw.weight, isa, layout)
         dw_weight = dw.weight.detach()
@@ -168,7 +170,7 @@ class PreparedCall:
         return self._memory_format
 
     def run(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-        y = torch.empty(self._out_shape, dtype=self._dtype, memory_format=self._memory_format)
+        y = new_output(self._C, self._out_shape, self._dtype, self._memory_format)
         self.run_into(x, residual, y)
         return y
 
