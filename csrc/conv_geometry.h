@@ -22,6 +22,29 @@ struct ConvShape {
   Layout layout = Layout::kNCHW;
 };
 
+// The ConvShape of a public geometry whose fields are named like JointGeometry's (JointGeometry,
+// DenseConvGeometry): its input channels, spatial sizes, kernel, stride, padding and dilation.
+template <class G>
+ConvShape conv_shape_of(const G& g, Layout layout = Layout::kNCHW) {
+  ConvShape c;
+  c.batch = g.batch;
+  c.channels = g.in_channels;
+  c.in_h = g.in_h;
+  c.in_w = g.in_w;
+  c.out_h = g.out_h;
+  c.out_w = g.out_w;
+  c.kernel_h = g.kernel_h;
+  c.kernel_w = g.kernel_w;
+  c.stride_h = g.stride_h;
+  c.stride_w = g.stride_w;
+  c.pad_h = g.pad_h;
+  c.pad_w = g.pad_w;
+  c.dil_h = g.dil_h;
+  c.dil_w = g.dil_w;
+  c.layout = layout;
+  return c;
+}
+
 // Every size is far from int64 overflow in index computations.
 constexpr int64_t kConvDimMax = int64_t(1) << 30;
 

@@ -142,6 +142,24 @@ struct Plan {
 };
 
 // Per-ISA entry points.
+// Pixel vectors the dense convolution computes per pass (kernel_dense_conv.h says why).
+constexpr int kDenseConvVectors = 4;
+
+// One call of the dense convolution (dense_conv.h): its geometry, tensors and the length of a
+// zero-padded input row in the workers' scratch (scratch_elems per worker: the tap vectors, then
+// C * KH rows).
+template <typename T>
+struct DensePlan {
+  int64_t C = 0, H = 0, Wd = 0, CO = 0, OH = 0, OW = 0, KH = 0, KW = 0;
+  int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
+  int64_t taps = 0, row_len = 0, scratch_elems = 0;
+  const T* x = nullptr;
+  const T* w = nullptr;      // [CO][taps]
+  const T* shift = nullptr;  // [CO] or null
+  Activation act = Activation::kNone;
+  T* y = nullptr;
+};
+
 template <typename T>
 struct IsaOps {
   Isa isa;
@@ -158,6 +176,8 @@ struct IsaOps {
   // Test hooks: p[i] = activation a of p[i] for i in [0, n), as the kernels compute it (whole
   // vectors, then the rest one by one); y[i] = e^x[i] by the path's exp (exp_vec for the vector
   // paths, on every element; std::exp for the scalar one).
+  // Dense convolution rows [begin, end) (row = n * OH + oy) with plan.scratch_elems of scratch.
+  void (*run_dense_rows)(const DensePlan<T>& plan, int64_t begin, int64_t end, T* scratch);
   void (*activate_n)(Activation a, T* p, int64_t n);
   void (*exp_n)(const T* x, T* y, int64_t n);
 };

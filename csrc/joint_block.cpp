@@ -549,23 +549,7 @@ std::string validate(const JointGeometry& g) {
   if (g.in_channels < 1) return "in_channels must be >= 1, got " + s(g.in_channels);
   if (g.out_channels < 1) return "out_channels must be >= 1, got " + s(g.out_channels);
   if (g.out_channels > detail::kConvDimMax) return "a size, stride, padding or dilation exceeds 2^30";
-  detail::ConvShape c;
-  c.batch = g.batch;
-  c.channels = g.in_channels;
-  c.in_h = g.in_h;
-  c.in_w = g.in_w;
-  c.out_h = g.out_h;
-  c.out_w = g.out_w;
-  c.kernel_h = g.kernel_h;
-  c.kernel_w = g.kernel_w;
-  c.stride_h = g.stride_h;
-  c.stride_w = g.stride_w;
-  c.pad_h = g.pad_h;
-  c.pad_w = g.pad_w;
-  c.dil_h = g.dil_h;
-  c.dil_w = g.dil_w;
-  c.layout = g.layout;
-  std::string msg = detail::validate_conv(c);
+  std::string msg = detail::validate_conv(detail::conv_shape_of(g, g.layout));
   if (!msg.empty()) return msg;
   if (!detail::fits_int64_index({g.batch, g.out_channels, g.out_h, g.out_w})) {
     return "tensor sizes overflow 64-bit indexing";

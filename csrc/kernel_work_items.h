@@ -27,6 +27,7 @@
 #include "kernel_common.h"
 #include "kernel_depthwise_nchw.h"
 #include "kernel_depthwise_nhwc.h"
+#include "kernel_dense_conv.h"
 #include "kernel_gemm.h"
 
 namespace lwk {
@@ -242,7 +243,7 @@ template <class V>
 const IsaOps<typename V::T>* isa_ops(Isa isa) {
   static const IsaOps<typename V::T> ops{isa,           V::MR,           V::NR,
                                          V::W,          &run_items<V>,   &run_depthwise<V>,
-                                         &activate_n<V>, &exp_n<V>};
+                                         &run_dense_rows<V>, &activate_n<V>, &exp_n<V>};
   return &ops;
 }
 

@@ -12,6 +12,7 @@ from .ops import inference_backward as _autograd  # noqa: F401  (registers the o
 from .ops import training as _training  # noqa: F401  (registers the training ops)
 from .nn.block import JointBlock, check_joint_modules
 from .nn.chain import JointChain
+from .nn.conv_bn_act import ConvBNAct
 from .cpu.backend import PACK_CACHE, native as _native, selected_isa
 from .triton.backend import register_cuda_kernel
 from .nn.fuse import FuseReport, fuse, to_reference
@@ -19,6 +20,7 @@ from .ops.inference import joint_block
 from .ops.onnx import onnx_translation_table, register_symbolic as _register_onnx_symbolic
 from .cpu.prepared_call import invalidate_all as _invalidate_prepared_calls
 from .cpu.prepared_chain import invalidate_all as _invalidate_prepared_chains
+from .cpu.prepared_dense_conv import invalidate_all as _invalidate_dense_convs
 from .ops.reference import JointBlockReference, joint_block_reference
 
 __version__ = "0.1.0"
@@ -44,10 +46,12 @@ def clear_cache() -> None:
     PACK_CACHE.clear()
     _invalidate_prepared_calls()
     _invalidate_prepared_chains()
+    _invalidate_dense_convs()
     _trim_output_cache()
 
 
 __all__ = [
+    "ConvBNAct",
     "JointBlock",
     "JointChain",
     "FuseReport",

@@ -17,6 +17,7 @@ namespace py = pybind11;
 
 void bind_training(py::module_& m);  // train_bindings.cpp
 void bind_output_tensors(py::module_& m);  // output_tensors.cpp
+void bind_dense_conv(py::module_& m);  // dense_conv_bindings.cpp
 
 namespace {
 
@@ -139,4 +140,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("parallel_backend_in_use", &lwk::parallel_backend_in_use);
   bind_training(m);
   bind_output_tensors(m);
+  bind_dense_conv(m);
 }

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -32,6 +32,7 @@ from ..ops.activation import activation_name
 from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, address, geometry_for, native, selected_isa
 from ..ops.inference import dispatcher_needed
 from .outputs import new_output
+from .state_watch import StateWatch
 
 # What a JointBlock's fused eval forward reads, per submodule: (dict attribute, keys).
 _MODULE_STATE = {
@@ -70,7 +71,7 @@ def _preparable(x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
 class PreparedCall:
     """One JointBlock's fused forward for one input signature; see the module docstring."""
 
-    __slots__ = ("_same", "_versions", "_x_shape", "_dtype", "_memory_format",
+    __slots__ = ("_watch", "_x_shape", "_dtype", "_memory_format",
                  "_has_residual", "_out_shape", "_isa_env", "_C", "_kernel", "_packed", "_geometry",
                  "_operands", "_addresses", "_acts", "_valid", "__weakref__")
 
@@ -85,22 +86,16 @@ class PreparedCall:
         return call if call._init(block, x, residual, folded, out_shape) else None
 
     def _init(self, block, x, residual, folded, out_shape) -> bool:
-        self._same: List[Tuple[dict, str, object]] = []
-        self._versions: List[Tuple[torch.Tensor, int]] = []
+        self._watch = StateWatch()
         for name, groups in _MODULE_STATE.items():
+            if not self._watch.watch(block._modules, (name,)):
+                return False
             module = block._modules.get(name)  # None (absent mid_bn) lives in __dict__
-            self._same.append((block._modules, name, module))
             if module is None:
                 continue
             for attribute, keys in groups:
-                d = getattr(module, attribute)
-                for key in keys:
-                    value = d.get(key)
-                    self._same.append((d, key, value))
-                    if isinstance(value, torch.Tensor):
-                        if value.is_inference():  # no version counter: changes would go unseen
-                            return False
-                        self._versions.append((value, value._version))
+                if not self._watch.watch(getattr(module, attribute), keys):
+                    return False
         dw, pw = block._modules["depthwise"], block._modules["pointwise"]
         self._x_shape = x.shape
         self._dtype = x.dtype
@@ -150,16 +145,10 @@ class PreparedCall:
     def state_unchanged(self) -> bool:
         """True while every module, parameter, buffer and setting the block's call reads is the one
         it was prepared with, at the same version (the input checks are the caller's)."""
-        for d, key, value in self._same:
-            if d.get(key) is not value:
-                return False
-        for t, version in self._versions:
-            if t._version != version:
-                return False
-        return self._valid and os.environ.get(ISA_ENV) == self._isa_env
+        return self._valid and self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env
 
     def parameters_require_grad(self) -> bool:
-        return any(t.requires_grad for t, _ in self._versions)
+        return self._watch.requires_grad()
 
     @property
     def out_shape(self) -> Tuple[int, int, int, int]:

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..nn.block import JointBlock
 from ..nn.chain import JointChain
+from ..nn.conv_bn_act import ConvBNAct
 from ._common import ReferenceConvertible, scaled
 
 #: (C_out, stride) of the 13 depthwise-separable blocks after the 32-channel stem (alpha = 1).
@@ -16,7 +17,8 @@ MOBILENET_V1_BLOCKS = (
 
 
 class MobileNetV1(ReferenceConvertible, nn.Module):
-    """MobileNet-V1: 3x3 conv stem (32 channels, stride 2) -> BN -> ReLU, then 13 blocks of
+    """MobileNet-V1: 3x3 conv stem (32 channels, stride 2) -> BN -> ReLU (a
+    :class:`~lwkernels.ConvBNAct`), then 13 blocks of
     ``DW 3x3 -> BN -> ReLU -> PW 1x1 -> BN -> ReLU`` — each one ``JointBlock(mid_norm=True)`` —
     then global average pooling and a fully connected layer (docs/networks.md, MobileNetV1). The 13
     blocks form one :class:`~lwkernels.JointChain` (``features``).
@@ -34,11 +36,7 @@ class MobileNetV1(ReferenceConvertible, nn.Module):
         self.config = dict(width_mult=width_mult, num_classes=num_classes, dilation=dilation,
                            in_channels=in_channels, dropout=dropout)
         c_prev = scaled(32, width_mult)
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, c_prev, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(c_prev),
-            nn.ReLU(inplace=True),
-        )
+        self.stem = ConvBNAct(in_channels, c_prev, 3, stride=2, padding=1)
         blocks = []
         for c_out, stride in MOBILENET_V1_BLOCKS:
             c_out = scaled(c_out, width_mult)

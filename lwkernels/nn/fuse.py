@@ -30,6 +30,7 @@ from torch import nn
 
 from .block import JointBlock
 from .chain import JointChain
+from .conv_bn_act import ConvBNAct
 from .fuse_apply import GraphFusion, join
 from .fuse_graph import trace, trace_in_mode
 from .fuse_report import FusedChain, FuseReport, SkippedChain, TraceFallback
@@ -108,7 +109,8 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
 def to_reference(model: nn.Module, inplace: bool = False) -> nn.Module:
     """`model` with every JointBlock replaced by a :class:`~lwkernels.JointBlockReference` — the plain
     PyTorch composition with the same modules (same parameters, buffers and training mode), so it
-    computes the same function without the fused op — and every JointChain by an nn.Sequential. Deep-copies `model` first unless `inplace`."""
+    computes the same function without the fused op — and every JointChain and ConvBNAct by an
+    nn.Sequential of its modules. Deep-copies `model` first unless `inplace`."""
     if not inplace:
         model = copy.deepcopy(model)
 
@@ -117,7 +119,7 @@ def to_reference(model: nn.Module, inplace: bool = False) -> nn.Module:
         ref.training = block.training
         return ref
 
-    def plain(chain: JointChain) -> nn.Sequential:
+    def plain(chain: nn.Sequential) -> nn.Sequential:
         seq = nn.Sequential(collections.OrderedDict(
             (name, convert(m) if isinstance(m, JointBlock) else m) for name, m in chain.named_children()))
         seq.training = chain.training
@@ -125,13 +127,13 @@ def to_reference(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     if isinstance(model, JointBlock):
         return convert(model)
-    if isinstance(model, JointChain):
+    if isinstance(model, (JointChain, ConvBNAct)):
         return plain(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, JointBlock):
                 setattr(module, name, convert(child))
-            elif isinstance(child, JointChain):
+            elif isinstance(child, (JointChain, ConvBNAct)):
                 setattr(module, name, plain(child))
     return model
 

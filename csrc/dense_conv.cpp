@@ -1,0 +1,104 @@
+// The dense convolution's ISA-independent part: validation, planning, scratch and thread dispatch.
+#include "dense_conv.h"
+
+#include <algorithm>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "conv_geometry.h"
+#include "internal.h"
+#include "work_sharing.h"
+
+namespace lwk {
+
+std::string validate(const DenseConvGeometry& g) {
+  auto s = [](int64_t v) { return std::to_string(v); };
+  if (g.out_channels < 1) return "out_channels must be >= 1, got " + s(g.out_channels);
+  if (g.out_channels > detail::kConvDimMax) return "a size, stride, padding or dilation exceeds 2^30";
+  std::string msg = detail::validate_conv(detail::conv_shape_of(g));
+  if (!msg.empty()) return msg;
+  if (g.in_channels * g.kernel_h * g.kernel_w > kDenseConvMaxTaps) {
+    return "in_channels x kernel taps must be at most " + s(kDenseConvMaxTaps) + ", got " +
+           s(g.in_channels * g.kernel_h * g.kernel_w);
+  }
+  if (!detail::fits_int64_index({g.batch, g.out_channels, g.out_h, g.out_w})) {
+    return "tensor sizes overflow 64-bit indexing";
+  }
+  return msg;
+}
+
+namespace {
+
+template <typename T>
+struct AlignedScratch {
+  T* p;
+  explicit AlignedScratch(std::size_t n) : p(static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)))) {}
+  ~AlignedScratch() { ::operator delete(p, std::align_val_t(64)); }
+  AlignedScratch(const AlignedScratch&) = delete;
+  AlignedScratch& operator=(const AlignedScratch&) = delete;
+};
+
+}  // namespace
+
+template <typename T>
+void dense_conv_forward(const DenseConvGeometry& g, const T* x, const T* weight, const T* shift,
+                        Activation act, T* y, Isa isa, int num_threads) {
+  const std::string err = validate(g);
+  if (!err.empty()) throw std::invalid_argument("dense_conv_forward: " + err);
+  if (g.batch == 0) return;
+  if (x == nullptr || weight == nullptr || y == nullptr) {
+    throw std::invalid_argument("dense_conv_forward: x, weight and y must not be null");
+  }
+  if (act != Activation::kNone && act != Activation::kRelu && act != Activation::kRelu6 &&
+      act != Activation::kHardswish && act != Activation::kSilu) {
+    throw std::invalid_argument("dense_conv_forward: unknown activation value");
+  }
+  if (!isa_supported(isa)) {
+    throw std::invalid_argument(std::string("dense_conv_forward: the '") + isa_name(isa) +
+                                "' path is not supported by this build or this CPU");
+  }
+  const detail::IsaOps<T>* ops = detail::ops_for<T>(isa);
+  if (ops == nullptr) throw std::invalid_argument("dense_conv_forward: no kernel for this ISA");
+  detail::DensePlan<T> p;
+  p.C = g.in_channels;
+  p.H = g.in_h;
+  p.Wd = g.in_w;
+  p.CO = g.out_channels;
+  p.OH = g.out_h;
+  p.OW = g.out_w;
+  p.KH = g.kernel_h;
+  p.KW = g.kernel_w;
+  p.stride_h = g.stride_h;
+  p.stride_w = g.stride_w;
+  p.pad_h = g.pad_h;
+  p.pad_w = g.pad_w;
+  p.dil_h = g.dil_h;
+  p.dil_w = g.dil_w;
+  p.taps = g.in_channels * g.kernel_h * g.kernel_w;
+  // A padded row must hold the copied input and everything the last vector's taps read:
+  // pixels up to a whole vector past the row's end, at the stride, plus the kernel's extent.
+  const int64_t vw = ops->vw * detail::kDenseConvVectors;  // pixels per pass
+  const int64_t last_px = (g.out_w + vw - 1) / vw * vw - 1;
+  p.row_len = std::max(g.pad_w + g.in_w, last_px * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1);
+  p.row_len = (p.row_len + 15) / 16 * 16;
+  p.scratch_elems = (p.taps * vw + g.in_channels * g.kernel_h * p.row_len + 15) / 16 * 16;
+  p.x = x;
+  p.w = weight;
+  p.shift = shift;
+  p.act = act;
+  p.y = y;
+  const int64_t n_rows = g.batch * g.out_h;
+  const int tasks = detail::tasks_for(n_rows, 1, std::max(1, num_threads));
+  AlignedScratch<T> scratch(static_cast<std::size_t>(p.scratch_elems * tasks));
+  detail::share_work(n_rows, 1, tasks, [&](int task, int64_t begin, int64_t end) {
+    ops->run_dense_rows(p, begin, end, scratch.p + p.scratch_elems * task);
+  });
+}
+
+template void dense_conv_forward<float>(const DenseConvGeometry&, const float*, const float*,
+                                        const float*, Activation, float*, Isa, int);
+template void dense_conv_forward<double>(const DenseConvGeometry&, const double*, const double*,
+                                         const double*, Activation, double*, Isa, int);
+
+}  // namespace lwk

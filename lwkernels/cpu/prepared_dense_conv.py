@@ -1,0 +1,148 @@
+"""ConvBNAct's eager CPU inference fast path: the dense convolution kernel (csrc/dense_conv.h) with
+BatchNorm folded into its weights, prepared once per input signature and replayed.
+
+PyTorch runs a network's first convolution (three input channels, k x k, stride 2) through a
+library that reorders the image and allocates scratch on every call: about 0.3 ms for a 224 image
+on two cores and over 8 ms at batch 8 on the Xeon of docs/performance.md, 3-8x what the fused blocks
+after it take per FLOP. The native kernel computes it straight from the NCHW image.
+
+The prepared call is replayed while, as for a JointBlock's (cpu/prepared_call.py): the module's
+children are the same objects with the same parameters, buffers (version counters) and settings,
+none of them (nor any global hook) has forward hooks, BatchNorm uses its running statistics, the
+input is a dense NCHW float32/float64 CPU tensor of the prepared shape, nothing needs autograd and
+nothing needs to see the ops. Anything else runs the plain modules.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module_globals
+
+from ..nn.folding import fold_batchnorm, uses_running_stats
+from ..ops.activation import activation_name
+from ..ops.inference import dispatcher_needed
+from .backend import ISA_ENV, NATIVE_DTYPES, native, selected_isa
+from .outputs import new_output
+from .state_watch import StateWatch
+
+#: What the prepared call reads, per child: (dict attribute, keys).
+_STATE = (
+    ("_parameters", ("weight", "bias")),
+    ("_buffers", ("running_mean", "running_var")),
+    ("__dict__", ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "eps",
+                  "training", "track_running_stats")),
+)
+
+
+#: Every live PreparedDenseConv, so that lwkernels.clear_cache() can drop them.
+_LIVE: "weakref.WeakSet[PreparedDenseConv]" = weakref.WeakSet()
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def eligible(conv: nn.Module, bn: nn.Module, act: nn.Module) -> Optional[str]:
+    """None when (conv, bn, act) can run on the kernel in eval mode, else why not."""
+    if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros" \
+            or isinstance(conv.padding, str):
+        return "conv must be an nn.Conv2d with groups=1 and numeric zero padding"
+    taps = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    if taps > native().DENSE_CONV_MAX_TAPS:
+        return f"in_channels x kernel taps is {taps}, the kernel takes at most {native().DENSE_CONV_MAX_TAPS}"
+    if type(bn) is not nn.BatchNorm2d:
+        return "bn must be an nn.BatchNorm2d"
+    try:
+        activation_name(act)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+class PreparedDenseConv:
+    """One ConvBNAct's fused eval forward for one input signature; see the module docstring."""
+
+    __slots__ = ("_children", "_watch", "_x_shape", "_dtype", "_out_shape", "_isa",
+                 "_isa_env", "_geometry", "_kernel", "_operands", "_act", "_C", "_valid", "__weakref__")
+
+    @classmethod
+    def prepare(cls, children: Tuple[nn.Module, nn.Module, nn.Module], x: torch.Tensor) -> "Optional[PreparedDenseConv]":
+        conv, bn, act = children
+        if eligible(conv, bn, act) is not None or not uses_running_stats(bn):
+            return None
+        if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in NATIVE_DTYPES or x.dim() != 4 \
+                or not x.is_contiguous() or x.numel() == 0 or x.shape[1] != conv.in_channels \
+                or x.dtype != conv.weight.dtype:  # (PyTorch refuses mixed dtypes: let it say so)
+            return None
+        call = cls.__new__(cls)
+        return call if call._init(children, x) else None
+
+    def _init(self, children, x) -> bool:
+        conv, bn, act = children
+        self._children = children
+        self._watch = StateWatch()
+        for module in (conv, bn):
+            for attribute, keys in _STATE:
+                d = getattr(module, attribute)
+                if not self._watch.watch(d, [k for k in keys if k in d]):
+                    return False
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        oh, ow = _conv_out(h, kh, sh, ph, dh), _conv_out(w, kw, sw, pw, dw)
+        self._x_shape, self._dtype = x.shape, x.dtype
+        self._out_shape = (n, conv.out_channels, oh, ow)
+        _C = native()
+        self._C = _C
+        self._geometry = _C.DenseConvGeometry(
+            batch=n, in_channels=c, in_h=h, in_w=w, out_channels=conv.out_channels, out_h=oh, out_w=ow,
+            kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw, dil_h=dh, dil_w=dw)
+        if oh < 1 or ow < 1 or self._geometry.validate():
+            return False  # e.g. a kernel larger than the input: PyTorch's convolution says so
+        self._kernel = _C.dense_conv_forward_f32 if x.dtype == torch.float32 else _C.dense_conv_forward_f64
+        with torch.no_grad():
+            scale, shift = fold_batchnorm(bn, conv.bias)
+            weight = (conv.weight * scale.view(-1, 1, 1, 1)).to(x.dtype).contiguous()
+            shift = shift.to(x.dtype).contiguous()
+        self._operands = (weight, shift)  # kept alive: the kernel reads their addresses
+        self._act = activation_name(act)
+        self._isa_env = os.environ.get(ISA_ENV)
+        self._isa = selected_isa() if x.dtype == torch.float32 else "scalar"
+        self._valid = True
+        _LIVE.add(self)
+        return True
+
+    def matches(self, children, x: torch.Tensor) -> bool:
+        if not self._valid or type(x) is not torch.Tensor or x.shape != self._x_shape or x.dtype != self._dtype \
+                or not x.is_cpu or not x.is_contiguous():
+            return False
+        if any(a is not b for a, b in zip(children, self._children)):
+            return False
+        g = _module_globals
+        if g._global_forward_hooks or g._global_forward_pre_hooks or \
+                any(m._forward_hooks or m._forward_pre_hooks for m in self._children):
+            return False
+        if not self._watch.unchanged():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self._watch.requires_grad()):
+            return False
+        return not dispatcher_needed() and os.environ.get(ISA_ENV) == self._isa_env
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        y = new_output(self._C, self._out_shape, self._dtype, torch.contiguous_format)
+        weight, shift = self._operands
+        self._kernel(self._geometry, x.data_ptr(), weight.data_ptr(), shift.data_ptr(), self._act, y.data_ptr(),
+                     self._isa, torch.get_num_threads())
+        return y
+
+    def invalidate(self) -> None:
+        self._valid = False
+
+
+def invalidate_all() -> None:
+    """Make every prepared dense convolution prepare again (lwkernels.clear_cache())."""
+    for call in list(_LIVE):
+        call.invalidate()
