@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lwkernels import JointBlock, JointBlockReference
+import lwkernels
+from lwkernels import ConvBNAct, JointBlock, JointBlockReference
 from lwkernels.nn.fuse import FuseReport, fuse, to_reference
 from lwkernels.models import LightweightNet
 from lwkernels.ops.activation import ACTIVATIONS
@@ -222,6 +223,8 @@ def assert_nothing_else_changed(original, fused, report: FuseReport):
             if path in owners:
                 assert isinstance(fused_paths[path], torch.fx.GraphModule), path
                 assert type(fused_paths[path]).__name__ == type(m).__name__, path
+            elif path in report.stems:  # an image stem, now the native ConvBNAct
+                assert isinstance(fused_paths[path], ConvBNAct), path
             else:
                 assert type(fused_paths[path]) is type(m), path
 
@@ -315,8 +318,11 @@ def test_inplace_shares_parameters_and_keeps_other_modules():
         if path in owners:  # replaced by a GraphModule holding the very same children
             assert isinstance(after[path], torch.fx.GraphModule)
             assert dict(after[path].named_children()).keys() == dict(m.named_children()).keys()
+        elif path in report.stems:  # a ConvBNAct holding the very same modules
+            assert all(a is b for a, b in zip(after[path], m)), path
         elif path not in consumed:
             assert after[path] is m, path  # identical objects
+    assert report.stems == ["features.0"]
     assert {id(p) for p in model.parameters()} == params_before  # shared, not copied
     chain = report.fused[0]
     block = after[chain.path]
@@ -363,3 +369,38 @@ def test_refuse_and_reference_roundtrip():
 def test_fuse_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         fuse(lambda x: x)
+
+
+# -- image stems ------------------------------------------------------------------------------
+
+
+class _Stem(nn.Sequential):
+    """Like torchvision's Conv2dNormActivation: an nn.Sequential subclass that keeps forward."""
+
+
+class _OwnForward(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _stem_model():
+    return nn.Sequential(
+        _Stem(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()),
+        _OwnForward(nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()),  # 1x1: not a stem
+    )
+
+
+def test_fuse_turns_image_stems_into_convbnact():
+    model = randomize(_stem_model(), 3).eval()
+    fused, report = lwkernels.fuse(model)
+    assert report.stems == ["0"]
+    assert isinstance(fused[0], ConvBNAct) and not isinstance(fused[1], ConvBNAct)
+    assert type(fused[2]) is nn.Sequential
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert "stem" in str(report)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    back = lwkernels.to_reference(fused)
+    assert not any(isinstance(m, ConvBNAct) for m in back.modules())

@@ -35,6 +35,7 @@ from .fuse_apply import GraphFusion, join
 from .fuse_graph import trace, trace_in_mode
 from .fuse_report import FusedChain, FuseReport, SkippedChain, TraceFallback
 from .fuse_sequential import SequentialMatcher, is_transparent
+from .fuse_stems import convert_stems
 from ..ops.reference import JointBlockReference
 
 
@@ -101,6 +102,7 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
     fuser = _Fuser()
     model = fuser.convert_references(model, "")
     model = fuser.fuse_module(model, "")
+    model = convert_stems(model, fuser.report.stems)
     fuser.report.fused.sort(key=lambda c: order.get(c.path, len(order)))  # in the model's module order
     fuser.report.skipped.sort(key=lambda c: order.get(c.path, len(order)))
     return model, fuser.report
