@@ -2,7 +2,8 @@
 // (batch 1, k = 3, dilation 3, padding 3), both layouts, plus the 9-block LightweightNet chain.
 //
 //   bench_kernels [--threads N] [--isa scalar|avx2|avx512|neon] [--reps R] [--layout nchw|nhwc]
-//                 [--budget BYTES] [--batch N] [--shared-dw -1|0|1] [--shape CIN,COUT,S,HW]
+//                 [--budget BYTES] [--batch N] [--shared-dw -1|0|1] [--plane-limit ELEMS]
+//                 [--shape CIN,COUT,S,HW]
 //                 [--mid-act ACT] [--out-act ACT]   (none|relu|relu6|hardswish|silu; default
 //                 none and relu)
 // Prints the median time of R repetitions per shape (after warm-up) and GFLOP/s.
@@ -125,6 +126,7 @@ int main(int argc, char** argv) {
     else if (k == "--batch") batch = std::atoll(v.c_str());
     else if (k == "--budget") lwk::detail::set_tile_budget_bytes(std::strtoull(v.c_str(), nullptr, 10));
     else if (k == "--shared-dw") lwk::detail::set_shared_depthwise(std::atoi(v.c_str()));
+    else if (k == "--plane-limit") lwk::detail::set_plane_limit_elems(std::atoll(v.c_str()));
     else if (k == "--isa") isa = v == "scalar" ? lwk::Isa::kScalar : v == "neon" ? lwk::Isa::kNeon : v == "avx512" ? lwk::Isa::kAvx512 : lwk::Isa::kAvx2;
     else if (k == "--mid-act") g_mid_act = act_of(v);
     else if (k == "--out-act") g_out_act = act_of(v);
