@@ -1,7 +1,9 @@
-"""The nn.Module layer users import: JointBlock, BatchNorm folding, and fuse()/to_reference() for
-models written with plain PyTorch modules.
+"""The nn.Module layer users import: JointBlock, JointChain, ConvBNAct, BatchNorm folding, and
+fuse()/to_reference() for models written with plain PyTorch modules.
 
     block.py     JointBlock (and the plain-module check it shares with fuse)
+    chain.py     JointChain: consecutive JointBlocks replayed on the chain's own buffers
+    conv_bn_act.py  ConvBNAct: the image stem (dense conv -> BN -> act) on a native kernel
     folding.py   eval-mode BatchNorm and conv biases as per-channel scale/shift pairs
     training.py  JointBlock's training-mode forward and the running-statistics update
     fuse.py      fuse() and to_reference()
@@ -10,4 +12,5 @@ models written with plain PyTorch modules.
     fuse_apply.py       applying found chains: module swaps, or a traced GraphModule of the owner
     fuse_sequential.py  the nn.Sequential matcher for containers torch.fx cannot trace
     fuse_report.py      FuseReport, FusedChain, SkippedChain, TraceFallback
+    fuse_stems.py       image stems (Sequential of conv, BN, act) to ConvBNAct
 """
