@@ -170,3 +170,50 @@ def test_export_and_compile_see_the_plain_modules():
     torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert any("conv" in t for t in targets) and any("batch_norm" in t for t in targets), targets
+
+
+# -- 1x1 convolutions: the joint block's GEMM kernel -----------------------------------------------
+
+POINTWISE = list(itertools.product([8, 64, 130], [5, 96], [1, 2], [0, 1], [False, True]))
+
+
+@pytest.mark.parametrize("isa", cpu_paths_here())
+@pytest.mark.parametrize("cin,cout,stride,padding,channels_last", POINTWISE)
+def test_1x1_matches_plain_modules(replays, isa, cin, cout, stride, padding, channels_last):
+    v = POINTWISE.index((cin, cout, stride, padding, channels_last))
+    m = _stem(cin, cout, 1, stride, padding, act=ACTS[v % 5], bias=v % 3 == 0, seed=v)
+    h, w = [(7, 7), (14, 13), (1, 1), (28, 9)][v % 4]
+    with forced_isa(isa):
+        for dtype in (torch.float32, torch.float64):
+            x = _x(1 + v % 2, cin, h, w, seed=v, dtype=dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            m64 = m.to(dtype)
+            y = _check_layout(m64, x)
+            assert y.dtype == dtype
+    assert replays["n"] == 2
+
+
+def _check_layout(m, x):
+    """Like _check, for any input layout: values and the output's memory format match the plain modules."""
+    with torch.no_grad():
+        y = m(x)
+        plain = to_reference(m)
+        ref = plain.double()(x.double())
+        ref_layout = to_reference(m)(x)
+    rtol, atol = tolerance(x.dtype, m[0].in_channels)
+    torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        assert y.is_contiguous(memory_format=fmt) == ref_layout.is_contiguous(memory_format=fmt)
+    return y
+
+
+def test_1x1_replay_sees_weight_changes(replays):
+    m, x = _stem(32, 64, 1, 1, 0), _x(2, 32, 9, 9)
+    with torch.no_grad():
+        m(x)
+        m[0].weight.mul_(-1)  # in place: the packed weights must follow
+        _check(m, x)
+        m[1].weight.add_(0.5)
+        _check(m, x)
+    assert replays["n"] == 3

@@ -223,7 +223,7 @@ def assert_nothing_else_changed(original, fused, report: FuseReport):
             if path in owners:
                 assert isinstance(fused_paths[path], torch.fx.GraphModule), path
                 assert type(fused_paths[path]).__name__ == type(m).__name__, path
-            elif path in report.stems:  # an image stem, now the native ConvBNAct
+            elif path in report.conv_bn_acts:  # an image stem, now the native ConvBNAct
                 assert isinstance(fused_paths[path], ConvBNAct), path
             else:
                 assert type(fused_paths[path]) is type(m), path
@@ -267,7 +267,10 @@ def test_mobilenet_v2_inverted_residuals():
             assert set(chain.modules) == linear_bottleneck and chain.owner is None
     block = fused.features[2].conv[1][0]
     assert isinstance(block, JointBlock) and block.act.__class__ is nn.Identity
-    assert isinstance(fused.features[2].conv[0], ConvNormActivation)  # the expand conv is untouched
+    # The expand conv (1x1 -> BN -> ReLU6) is a ConvBNAct holding (copies of) the same modules, except
+    # inside a traced owner, whose graph calls them one by one.
+    assert isinstance(fused.features[2].conv[0], ConvBNAct)
+    assert "features.2.conv.0" in report.conv_bn_acts and "features.3.conv.0" not in report.conv_bn_acts
     assert fused.features[2].conv[0][0] is not model.features[2].conv[0][0]  # a deep copy...
     assert_nothing_else_changed(model, fused, report)
     x = torch.randn(2, 3, 32, 32)
@@ -318,11 +321,11 @@ def test_inplace_shares_parameters_and_keeps_other_modules():
         if path in owners:  # replaced by a GraphModule holding the very same children
             assert isinstance(after[path], torch.fx.GraphModule)
             assert dict(after[path].named_children()).keys() == dict(m.named_children()).keys()
-        elif path in report.stems:  # a ConvBNAct holding the very same modules
+        elif path in report.conv_bn_acts:  # a ConvBNAct holding the very same modules
             assert all(a is b for a, b in zip(after[path], m)), path
         elif path not in consumed:
             assert after[path] is m, path  # identical objects
-    assert report.stems == ["features.0"]
+    assert report.conv_bn_acts == ["features.0", "features.2.conv.0", "features.4.conv.0", "features.6"]
     assert {id(p) for p in model.parameters()} == params_before  # shared, not copied
     chain = report.fused[0]
     block = after[chain.path]
@@ -371,7 +374,7 @@ def test_fuse_rejects_non_modules():
         fuse(lambda x: x)
 
 
-# -- image stems ------------------------------------------------------------------------------
+# -- conv -> BN -> act containers ------------------------------------------------------------------------------
 
 
 class _Stem(nn.Sequential):
@@ -387,18 +390,19 @@ def _stem_model():
     return nn.Sequential(
         _Stem(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()),
         _OwnForward(nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()),  # 1x1: not a stem
+        nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()),  # 1x1: converted too
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()),  # 8 channels: PyTorch
     )
 
 
-def test_fuse_turns_image_stems_into_convbnact():
+def test_fuse_turns_stems_and_1x1_conv_bn_act_into_convbnact():
     model = randomize(_stem_model(), 3).eval()
     fused, report = lwkernels.fuse(model)
-    assert report.stems == ["0"]
+    assert report.conv_bn_acts == ["0", "2"]
     assert isinstance(fused[0], ConvBNAct) and not isinstance(fused[1], ConvBNAct)
-    assert type(fused[2]) is nn.Sequential
+    assert isinstance(fused[2], ConvBNAct) and type(fused[3]) is nn.Sequential
     assert list(fused.state_dict()) == list(model.state_dict())
-    assert "stem" in str(report)
+    assert "ConvBNAct" in str(report)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)

@@ -1,10 +1,13 @@
-"""ConvBNAct's eager CPU inference fast path: the dense convolution kernel (csrc/dense_conv.h) with
-BatchNorm folded into its weights, prepared once per input signature and replayed.
+"""ConvBNAct's eager CPU inference fast path, prepared once per input signature and replayed:
 
-PyTorch runs a network's first convolution (three input channels, k x k, stride 2) through a
-library that reorders the image and allocates scratch on every call: about 0.3 ms for a 224 image
-on two cores and over 8 ms at batch 8 on the Xeon of docs/performance.md, 3-8x what the fused blocks
-after it take per FLOP. The native kernel computes it straight from the NCHW image.
+- a k x k convolution over few channels (the image stem): the dense convolution kernel
+  (csrc/dense_conv.h) with BatchNorm folded into its weights, on dense NCHW input. PyTorch runs it
+  through a library that reorders the image and allocates on every call: 1.1 ms for a 224 image on
+  two cores and 7-8 ms at batch 8 on the Xeon of docs/performance.md, 7x the native kernel;
+- a 1x1 convolution (any width: the expand convolution of inverted residuals): the joint block's
+  kernel with a 1x1 identity depthwise, i.e. its packed GEMM and epilogue (BatchNorm as the
+  per-channel scale and shift, the activation), on NCHW or channels_last input. 1.4-22x PyTorch's
+  1x1 convolution + BatchNorm + activation at MobileNetV2's expand shapes (docs/performance.md).
 
 The prepared call is replayed while, as for a JointBlock's (cpu/prepared_call.py): the module's
 children are the same objects with the same parameters, buffers (version counters) and settings,
@@ -25,7 +28,9 @@ from torch.nn.modules import module as _module_globals
 from ..nn.folding import fold_batchnorm, uses_running_stats
 from ..ops.activation import activation_name
 from ..ops.inference import dispatcher_needed
-from .backend import ISA_ENV, NATIVE_DTYPES, native, selected_isa
+from ..ops.contract import output_memory_format
+from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, geometry_for, native, selected_isa
+from .prepared_call import _dense_layout
 from .outputs import new_output
 from .state_watch import StateWatch
 
@@ -42,18 +47,30 @@ _STATE = (
 _LIVE: "weakref.WeakSet[PreparedDenseConv]" = weakref.WeakSet()
 
 
+def _layout_for(conv: nn.Conv2d, x: torch.Tensor) -> torch.memory_format:
+    """The layout the call runs in: x's for a 1x1 convolution (the joint kernel has both), NCHW for
+    the dense kernel (a channels_last x then goes to PyTorch)."""
+    return output_memory_format(x) if is_pointwise(conv) else torch.contiguous_format
+
+
 def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1 convolution: it runs on the joint block's GEMM (any width), not the dense kernel."""
+    return tuple(conv.kernel_size) == (1, 1)
+
+
 def eligible(conv: nn.Module, bn: nn.Module, act: nn.Module) -> Optional[str]:
-    """None when (conv, bn, act) can run on the kernel in eval mode, else why not."""
+    """None when (conv, bn, act) can run on a native kernel in eval mode, else why not."""
     if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros" \
             or isinstance(conv.padding, str):
         return "conv must be an nn.Conv2d with groups=1 and numeric zero padding"
     taps = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    if taps > native().DENSE_CONV_MAX_TAPS:
-        return f"in_channels x kernel taps is {taps}, the kernel takes at most {native().DENSE_CONV_MAX_TAPS}"
+    if not is_pointwise(conv) and taps > native().DENSE_CONV_MAX_TAPS:
+        return (f"a k x k convolution takes at most {native().DENSE_CONV_MAX_TAPS} in_channels x kernel taps, "
+                f"got {taps} (1x1 convolutions take any width)")
     if type(bn) is not nn.BatchNorm2d:
         return "bn must be an nn.BatchNorm2d"
     try:
@@ -66,8 +83,9 @@ def eligible(conv: nn.Module, bn: nn.Module, act: nn.Module) -> Optional[str]:
 class PreparedDenseConv:
     """One ConvBNAct's fused eval forward for one input signature; see the module docstring."""
 
-    __slots__ = ("_children", "_watch", "_x_shape", "_dtype", "_out_shape", "_isa",
-                 "_isa_env", "_geometry", "_kernel", "_operands", "_act", "_C", "_valid", "__weakref__")
+    __slots__ = ("_children", "_watch", "_x_shape", "_dtype", "_memory_format", "_out_shape", "_isa",
+                 "_isa_env", "_geometry", "_kernel", "_operands", "_act", "_C", "_pointwise", "_valid",
+                 "__weakref__")
 
     @classmethod
     def prepare(cls, children: Tuple[nn.Module, nn.Module, nn.Module], x: torch.Tensor) -> "Optional[PreparedDenseConv]":
@@ -75,7 +93,7 @@ class PreparedDenseConv:
         if eligible(conv, bn, act) is not None or not uses_running_stats(bn):
             return None
         if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in NATIVE_DTYPES or x.dim() != 4 \
-                or not x.is_contiguous() or x.numel() == 0 or x.shape[1] != conv.in_channels \
+                or not _dense_layout(x, _layout_for(conv, x)) or x.numel() == 0 or x.shape[1] != conv.in_channels \
                 or x.dtype != conv.weight.dtype:  # (PyTorch refuses mixed dtypes: let it say so)
             return None
         call = cls.__new__(cls)
@@ -94,9 +112,15 @@ class PreparedDenseConv:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
         oh, ow = _conv_out(h, kh, sh, ph, dh), _conv_out(w, kw, sw, pw, dw)
         self._x_shape, self._dtype = x.shape, x.dtype
+        self._memory_format = _layout_for(conv, x)
         self._out_shape = (n, conv.out_channels, oh, ow)
         _C = native()
         self._C = _C
+        self._act = activation_name(act)
+        self._isa_env = os.environ.get(ISA_ENV)
+        self._pointwise = is_pointwise(conv)
+        if self._pointwise:
+            return self._init_pointwise(conv, bn, x, (oh, ow))
         self._geometry = _C.DenseConvGeometry(
             batch=n, in_channels=c, in_h=h, in_w=w, out_channels=conv.out_channels, out_h=oh, out_w=ow,
             kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw, dil_h=dh, dil_w=dw)
@@ -108,16 +132,34 @@ class PreparedDenseConv:
             weight = (conv.weight * scale.view(-1, 1, 1, 1)).to(x.dtype).contiguous()
             shift = shift.to(x.dtype).contiguous()
         self._operands = (weight, shift)  # kept alive: the kernel reads their addresses
-        self._act = activation_name(act)
-        self._isa_env = os.environ.get(ISA_ENV)
         self._isa = selected_isa() if x.dtype == torch.float32 else "scalar"
+        return self._ready()
+
+    def _init_pointwise(self, conv, bn, x, out_hw) -> bool:
+        """The joint kernel with a 1x1 identity depthwise: the pointwise weights packed as a block's
+        (cached per version), BatchNorm (and the conv bias) as the epilogue's scale and shift."""
+        if out_hw[0] < 1 or out_hw[1] < 1:
+            return False
+        layout = "nhwc" if self._memory_format == torch.channels_last else "nchw"
+        n, c, h, w = x.shape
+        self._geometry = geometry_for(self._C, tuple(x.shape), self._out_shape, (1, 1), tuple(conv.stride),
+                                      tuple(conv.padding), (1, 1), layout)
+        with torch.no_grad():
+            scale, shift = fold_batchnorm(bn, conv.bias)
+            ones = torch.ones(c, dtype=x.dtype)
+            self._operands = (PACK_CACHE.get(conv.weight, selected_isa(), layout), ones,
+                              scale.to(x.dtype).contiguous(), shift.to(x.dtype).contiguous())
+        self._kernel = self._C.joint_forward
+        return self._ready()
+
+    def _ready(self) -> bool:
         self._valid = True
         _LIVE.add(self)
         return True
 
     def matches(self, children, x: torch.Tensor) -> bool:
         if not self._valid or type(x) is not torch.Tensor or x.shape != self._x_shape or x.dtype != self._dtype \
-                or not x.is_cpu or not x.is_contiguous():
+                or not x.is_cpu or not _dense_layout(x, self._memory_format):
             return False
         if any(a is not b for a, b in zip(children, self._children)):
             return False
@@ -132,7 +174,12 @@ class PreparedDenseConv:
         return not dispatcher_needed() and os.environ.get(ISA_ENV) == self._isa_env
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        y = new_output(self._C, self._out_shape, self._dtype, torch.contiguous_format)
+        y = new_output(self._C, self._out_shape, self._dtype, self._memory_format)
+        if self._pointwise:
+            packed, ones, scale, shift = self._operands
+            self._kernel(packed, self._geometry, x.data_ptr(), ones.data_ptr(), 0, 0, "none", scale.data_ptr(),
+                         shift.data_ptr(), 0, self._act, y.data_ptr(), torch.get_num_threads())
+            return y
         weight, shift = self._operands
         self._kernel(self._geometry, x.data_ptr(), weight.data_ptr(), shift.data_ptr(), self._act, y.data_ptr(),
                      self._isa, torch.get_num_threads())

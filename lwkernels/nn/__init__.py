@@ -12,5 +12,5 @@ fuse()/to_reference() for models written with plain PyTorch modules.
     fuse_apply.py       applying found chains: module swaps, or a traced GraphModule of the owner
     fuse_sequential.py  the nn.Sequential matcher for containers torch.fx cannot trace
     fuse_report.py      FuseReport, FusedChain, SkippedChain, TraceFallback
-    fuse_stems.py       image stems (Sequential of conv, BN, act) to ConvBNAct
+    fuse_conv_bn_act.py conv -> BN -> act containers (image stems, 1x1 convs) to ConvBNAct
 """

@@ -1,4 +1,5 @@
-"""ConvBNAct: a network's opening Conv2d -> BatchNorm2d -> activation, with a native eager CPU path."""
+"""ConvBNAct: Conv2d -> BatchNorm2d -> activation (image stems, 1x1 expand convs) with a native eager
+CPU path."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,14 +12,19 @@ from ..ops.activation import ActivationSpec, activation_module, activation_name
 
 
 class ConvBNAct(nn.Sequential):
-    """``nn.Sequential(conv, bn, act)`` — a dense ``nn.Conv2d`` over a few input channels (at most 64
-    input channels x kernel taps, e.g. the 3 x 3 x 3 image stem of mobile networks), an
-    ``nn.BatchNorm2d`` and an activation ("relu", "relu6", "hardswish", "silu" or None) — whose
-    eager CPU inference runs one native kernel with BatchNorm folded in (cpu/prepared_dense_conv.py),
-    on dense NCHW float32/float64 inputs. Everything else (training, autograd, other devices and
-    layouts, ``torch.compile``, ``torch.export``, ONNX export) is the plain modules; the state_dict is
+    """``nn.Sequential(conv, bn, act)`` — an ``nn.Conv2d`` with groups=1, an ``nn.BatchNorm2d`` and an
+    activation ("relu", "relu6", "hardswish", "silu" or None) — whose eager CPU inference runs one
+    native kernel with BatchNorm folded in (cpu/prepared_dense_conv.py):
+
+    - a k x k conv over few channels (at most 64 input channels x kernel taps: the 3 x 3 x 3 image
+      stem of mobile networks) on the dense-convolution kernel, for dense NCHW inputs;
+    - a 1x1 conv of any width (the expand conv of inverted residuals) on the joint block's GEMM
+      kernel, for NCHW and channels_last inputs.
+
+    float32 and float64. Everything else (training, autograd, other devices and layouts,
+    ``torch.compile``, ``torch.export``, ONNX export) is the plain modules; the state_dict is
     nn.Sequential's (keys ``0.weight``, ``1.running_mean``, ...). Results agree with the plain modules
-    to float rounding (folding BatchNorm into the weights rounds differently).
+    to float rounding (folding BatchNorm rounds differently).
 
     ``ConvBNAct(3, 32, 3, stride=2, padding=1)`` builds the modules; ``ConvBNAct.from_modules(conv,
     bn, act)`` shares existing ones.

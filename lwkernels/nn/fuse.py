@@ -35,7 +35,7 @@ from .fuse_apply import GraphFusion, join
 from .fuse_graph import trace, trace_in_mode
 from .fuse_report import FusedChain, FuseReport, SkippedChain, TraceFallback
 from .fuse_sequential import SequentialMatcher, is_transparent
-from .fuse_stems import convert_stems
+from .fuse_conv_bn_act import convert_conv_bn_acts
 from ..ops.reference import JointBlockReference
 
 
@@ -102,7 +102,7 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
     fuser = _Fuser()
     model = fuser.convert_references(model, "")
     model = fuser.fuse_module(model, "")
-    model = convert_stems(model, fuser.report.stems)
+    model = convert_conv_bn_acts(model, fuser.report.conv_bn_acts)
     fuser.report.fused.sort(key=lambda c: order.get(c.path, len(order)))  # in the model's module order
     fuser.report.skipped.sort(key=lambda c: order.get(c.path, len(order)))
     return model, fuser.report

@@ -56,9 +56,9 @@ class FuseReport:
     fused: List[FusedChain] = field(default_factory=list)
     skipped: List[SkippedChain] = field(default_factory=list)
     fallbacks: List[TraceFallback] = field(default_factory=list)
-    #: Paths of image stems (Conv2d -> BatchNorm2d -> act over <= 4 channels) now ConvBNAct; their
-    #: state_dict keys are unchanged.
-    stems: List[str] = field(default_factory=list)
+    #: Paths of Conv2d -> BatchNorm2d -> act containers (image stems, 1x1 convs) now ConvBNAct;
+    #: their state_dict keys are unchanged.
+    conv_bn_acts: List[str] = field(default_factory=list)
 
     def key_map(self) -> Dict[str, str]:
         """Old state_dict key -> fused model's key, for every fused chain."""
@@ -72,5 +72,5 @@ class FuseReport:
         lines += [f"  fused   {c}" for c in self.fused]
         lines += [f"  skipped {s}" for s in self.skipped]
         lines += [f"  not traced {f}" for f in self.fallbacks]
-        lines += [f"  stem    {p or '(the model)'}: ConvBNAct" for p in self.stems]
+        lines += [f"  native  {p or '(the model)'}: ConvBNAct" for p in self.conv_bn_acts]
         return "\n".join(lines)
