@@ -267,10 +267,13 @@ def test_mobilenet_v2_inverted_residuals():
             assert set(chain.modules) == linear_bottleneck and chain.owner is None
     block = fused.features[2].conv[1][0]
     assert isinstance(block, JointBlock) and block.act.__class__ is nn.Identity
-    # The expand conv (1x1 -> BN -> ReLU6) is a ConvBNAct holding (copies of) the same modules, except
-    # inside a traced owner, whose graph calls them one by one.
-    assert isinstance(fused.features[2].conv[0], ConvBNAct)
-    assert "features.2.conv.0" in report.conv_bn_acts and "features.3.conv.0" not in report.conv_bn_acts
+    # The expand conv (1x1 -> BN -> ReLU6) is a ConvBNAct holding (copies of) the same modules; inside
+    # a traced owner (features.3) its graph now calls the ConvBNAct once instead of its three children.
+    assert isinstance(fused.features[2].conv[0], ConvBNAct) and isinstance(fused.features[3].conv[0], ConvBNAct)
+    assert report.conv_bn_acts == ["features.0", "features.2.conv.0", "features.3.conv.0", "features.4.conv.0",
+                                   "features.5.conv.0", "features.6"]
+    calls = [n.target for n in fused.features[3].graph.nodes if n.op == "call_module"]
+    assert "conv.0" in calls and not any(t.startswith("conv.0.") for t in calls)
     assert fused.features[2].conv[0][0] is not model.features[2].conv[0][0]  # a deep copy...
     assert_nothing_else_changed(model, fused, report)
     x = torch.randn(2, 3, 32, 32)
@@ -325,7 +328,8 @@ def test_inplace_shares_parameters_and_keeps_other_modules():
             assert all(a is b for a, b in zip(after[path], m)), path
         elif path not in consumed:
             assert after[path] is m, path  # identical objects
-    assert report.conv_bn_acts == ["features.0", "features.2.conv.0", "features.4.conv.0", "features.6"]
+    assert report.conv_bn_acts == ["features.0", "features.2.conv.0", "features.3.conv.0", "features.4.conv.0",
+                                   "features.5.conv.0", "features.6"]
     assert {id(p) for p in model.parameters()} == params_before  # shared, not copied
     chain = report.fused[0]
     block = after[chain.path]
