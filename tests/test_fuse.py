@@ -216,6 +216,7 @@ def assert_nothing_else_changed(original, fused, report: FuseReport):
     # Every module outside a fused chain is still at its path (same type; same object when inplace);
     # a module replaced by its traced GraphModule keeps its class name.
     consumed = {p for chain in report.fused for p in chain.modules.values()}
+    consumed |= set(report.conv_bn_act_moves)  # siblings moved into a ConvBNAct (slots: ConvBNAct, Identity)
     owners = {chain.owner for chain in report.fused if chain.owner is not None}
     fused_paths = module_paths(fused)
     for path, m in module_paths(original).items():
@@ -412,3 +413,48 @@ def test_fuse_turns_stems_and_1x1_conv_bn_act_into_convbnact():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
     back = lwkernels.to_reference(fused)
     assert not any(isinstance(m, ConvBNAct) for m in back.modules())
+
+
+class _FlatResidual(nn.Module):
+    """MNASNet's block: one flat Sequential (expand conv, BN, ReLU, dw conv, BN, ReLU, project, BN)
+    and the residual add in forward()."""
+
+    def __init__(self, c: int, expand: int = 3) -> None:
+        super().__init__()
+        mid = c * expand
+        self.layers = nn.Sequential(
+            nn.Conv2d(c, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid, 3, padding=1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Conv2d(mid, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return self.layers(x) + x
+
+
+def test_fuse_converts_flat_conv_bn_act_runs_in_sequentials_and_traced_graphs():
+    model = randomize(nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),   # flat stem run
+        _FlatResidual(8),                                                                 # traced owner
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),                  # flat 1x1 run
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),       # 16 channels: PyTorch
+    ), seed=4).eval()
+    original = copy.deepcopy(model)
+    fused, report = fuse(model)
+    assert report.conv_bn_acts == ["0", "3.layers.0", "4"], report.conv_bn_acts
+    assert isinstance(fused[0], ConvBNAct) and isinstance(fused[1], nn.Identity) and isinstance(fused[2], nn.Identity)
+    assert isinstance(fused[3].layers[0], ConvBNAct) and isinstance(fused[3].layers[1], nn.Identity)
+    assert type(fused[7]) is nn.Conv2d
+    calls = [n.target for n in fused[3].graph.nodes if n.op == "call_module"]
+    assert "layers.0" in calls and "layers.1" not in calls and "layers.2" not in calls
+    assert report.conv_bn_act_moves["1"] == "0.1" and report.conv_bn_act_moves["3.layers.2"] == "3.layers.0.2"
+    assert_nothing_else_changed(original, fused, report)
+    # The original's state_dict loads into the fused model through key_map.
+    key_map = report.key_map()
+    reloaded = fuse(copy.deepcopy(original))[0]
+    reloaded.load_state_dict({key_map.get(k, k): v for k, v in original.state_dict().items()})
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        expected = original(x)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(reloaded(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(to_reference(fused)(x), expected, rtol=0, atol=0)

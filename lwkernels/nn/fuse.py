@@ -102,7 +102,8 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
     fuser = _Fuser()
     model = fuser.convert_references(model, "")
     model = fuser.fuse_module(model, "")
-    model = convert_conv_bn_acts(model, fuser.report.conv_bn_acts)
+    model = convert_conv_bn_acts(model, fuser.report)
+    fuser.report.conv_bn_acts.sort(key=lambda p: order.get(p, len(order)))
     fuser.report.fused.sort(key=lambda c: order.get(c.path, len(order)))  # in the model's module order
     fuser.report.skipped.sort(key=lambda c: order.get(c.path, len(order)))
     return model, fuser.report

@@ -59,12 +59,17 @@ class FuseReport:
     #: Paths of Conv2d -> BatchNorm2d -> act containers (image stems, 1x1 convs) now ConvBNAct;
     #: their state_dict keys are unchanged.
     conv_bn_acts: List[str] = field(default_factory=list)
+    #: Modules moved into a ConvBNAct from sibling slots of a flat container (old path -> new path;
+    #: their old slots hold nn.Identity now), and their state_dict keys (old -> new).
+    conv_bn_act_moves: Dict[str, str] = field(default_factory=dict)
+    moved_keys: Dict[str, str] = field(default_factory=dict)
 
     def key_map(self) -> Dict[str, str]:
-        """Old state_dict key -> fused model's key, for every fused chain."""
+        """Old state_dict key -> fused model's key, for every fused chain and moved module."""
         out: Dict[str, str] = {}
         for chain in self.fused:
             out.update(chain.key_map)
+        out.update(self.moved_keys)
         return out
 
     def __str__(self) -> str:
