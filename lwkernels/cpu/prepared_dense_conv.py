@@ -47,6 +47,13 @@ _STATE = (
 _LIVE: "weakref.WeakSet[PreparedDenseConv]" = weakref.WeakSet()
 
 
+def _hooked(children) -> bool:
+    """Forward hooks on the children, or global ones: the plain modules must run to call them."""
+    g = _module_globals
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks) or \
+        any(m._forward_hooks or m._forward_pre_hooks for m in children)
+
+
 def _layout_for(conv: nn.Conv2d, x: torch.Tensor) -> torch.memory_format:
     """The layout the call runs in: x's for a 1x1 convolution (the joint kernel has both), NCHW for
     the dense kernel (a channels_last x then goes to PyTorch)."""
@@ -90,8 +97,8 @@ class PreparedDenseConv:
     @classmethod
     def prepare(cls, children: Tuple[nn.Module, nn.Module, nn.Module], x: torch.Tensor) -> "Optional[PreparedDenseConv]":
         conv, bn, act = children
-        if eligible(conv, bn, act) is not None or not uses_running_stats(bn):
-            return None
+        if eligible(conv, bn, act) is not None or not uses_running_stats(bn) or _hooked(children):
+            return None  # (hooks: the replay would skip them; do not prepare a call on every call)
         if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in NATIVE_DTYPES or x.dim() != 4 \
                 or not _dense_layout(x, _layout_for(conv, x)) or x.numel() == 0 or x.shape[1] != conv.in_channels \
                 or x.dtype != conv.weight.dtype:  # (PyTorch refuses mixed dtypes: let it say so)
@@ -163,11 +170,7 @@ class PreparedDenseConv:
             return False
         if any(a is not b for a, b in zip(children, self._children)):
             return False
-        g = _module_globals
-        if g._global_forward_hooks or g._global_forward_pre_hooks or \
-                any(m._forward_hooks or m._forward_pre_hooks for m in self._children):
-            return False
-        if not self._watch.unchanged():
+        if _hooked(self._children) or not self._watch.unchanged():
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self._watch.requires_grad()):
             return False

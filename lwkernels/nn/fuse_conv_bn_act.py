@@ -21,11 +21,8 @@ from ..cpu.prepared_dense_conv import eligible
 STEM_MAX_IN_CHANNELS = 4
 
 
-def is_conv_bn_act(module: nn.Module) -> bool:
-    if not isinstance(module, nn.Sequential) or isinstance(module, ConvBNAct) \
-            or type(module).forward is not nn.Sequential.forward or len(module) != 3:
-        return False
-    conv, bn, act = module
+def _is_convertible(conv: nn.Module, bn: nn.Module, act: nn.Module) -> bool:
+    """conv -> bn -> act that a ConvBNAct runs natively: an image stem or a 1x1 convolution."""
     if not isinstance(conv, nn.Conv2d):
         return False
     if tuple(conv.kernel_size) != (1, 1) and conv.in_channels > STEM_MAX_IN_CHANNELS:
@@ -33,33 +30,60 @@ def is_conv_bn_act(module: nn.Module) -> bool:
     return eligible(conv, bn, act) is None
 
 
-def _convertible_run(conv: nn.Module, bn: nn.Module, act: nn.Module) -> bool:
-    """Three sibling modules that is_conv_bn_act would accept as a container's children."""
-    return is_conv_bn_act(nn.Sequential(conv, bn, act))
+def is_conv_bn_act(module: nn.Module) -> bool:
+    """A container that computes exactly conv -> bn -> act with a convertible trio."""
+    if not isinstance(module, nn.Sequential) or isinstance(module, ConvBNAct) \
+            or type(module).forward is not nn.Sequential.forward or len(module) != 3:
+        return False
+    return _is_convertible(*module)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _set(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    owner, _, attr = dotted.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, attr, module)
+
+
+def _movable(trio, counts) -> bool:
+    """Siblings may move into a ConvBNAct: each used once in the model and without forward hooks."""
+    return all(counts[id(m)] == 1 and not (m._forward_hooks or m._forward_pre_hooks) for m in trio)
+
+
+def _as_block(modules, training: bool) -> ConvBNAct:
+    block = ConvBNAct.from_modules(*modules)
+    block.training = training
+    return block
+
+
+def _block_of_siblings(trio, old_paths, new_path: str, report) -> ConvBNAct:
+    """A ConvBNAct of three sibling modules that will sit at `new_path`; records where they and
+    their state_dict keys move."""
+    for k, (old, m) in enumerate(zip(old_paths, trio)):
+        report.conv_bn_act_moves[old] = f"{new_path}.{k}"
+        for key in m.state_dict():
+            report.moved_keys[f"{old}.{key}"] = f"{new_path}.{k}.{key}"
+    return _as_block(trio, trio[0].training)
 
 
 def convert_conv_bn_acts(model: nn.Module, report) -> nn.Module:
     """Replaces every such container in `model` (or `model` itself) by a ConvBNAct, and every run of
     conv, BN and act siblings in a flat container by a ConvBNAct in the conv's slot (nn.Identity in
     the other two); records them in `report` (conv_bn_acts, conv_bn_act_moves, moved_keys)."""
-    found = report.conv_bn_acts
     counts = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    def as_block(seq: nn.Sequential) -> ConvBNAct:
-        block = ConvBNAct.from_modules(*seq)
-        block.training = seq.training
-        return block
 
     def visit(module: nn.Module, path: str) -> None:
         if isinstance(module, fx.GraphModule):
-            _convert_in_graph(module, path, report, counts, as_block)
+            _convert_in_graph(module, path, report, counts)
             return
         for name, child in list(module.named_children()):
-            child_path = f"{path}.{name}" if path else name
             if is_conv_bn_act(child):
-                found.append(child_path)
-                setattr(module, name, as_block(child))
+                report.conv_bn_acts.append(_join(path, name))
+                setattr(module, name, _as_block(list(child), child.training))
             else:
-                visit(child, child_path)
+                visit(child, _join(path, name))
         if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
             convert_runs(module, path)
 
@@ -68,38 +92,30 @@ def convert_conv_bn_acts(model: nn.Module, report) -> nn.Module:
         i = 0
         while i + 3 <= len(names):
             trio = [seq._modules[n] for n in names[i:i + 3]]
-            alone = all(counts[id(m)] == 1 and not (m._forward_hooks or m._forward_pre_hooks) for m in trio)
-            if alone and _convertible_run(*trio):
-                join = (lambda n: f"{path}.{n}" if path else n)
-                new_path = join(names[i])
-                for k, (old_name, m) in enumerate(zip(names[i:i + 3], trio)):
-                    report.conv_bn_act_moves[join(old_name)] = f"{new_path}.{k}"
-                    for key in m.state_dict():
-                        report.moved_keys[f"{join(old_name)}.{key}"] = f"{new_path}.{k}.{key}"
-                block = ConvBNAct.from_modules(*trio)
-                block.training = trio[0].training
-                setattr(seq, names[i], block)
-                setattr(seq, names[i + 1], nn.Identity())
-                setattr(seq, names[i + 2], nn.Identity())
-                found.append(new_path)
-                i += 3
-            else:
+            if not (_movable(trio, counts) and _is_convertible(*trio)):
                 i += 1
+                continue
+            new_path = _join(path, names[i])
+            block = _block_of_siblings(trio, [_join(path, n) for n in names[i:i + 3]], new_path, report)
+            setattr(seq, names[i], block)
+            setattr(seq, names[i + 1], nn.Identity())
+            setattr(seq, names[i + 2], nn.Identity())
+            report.conv_bn_acts.append(new_path)
+            i += 3
 
     if is_conv_bn_act(model):
-        found.append("")
-        return as_block(model)
+        report.conv_bn_acts.append("")
+        return _as_block(list(model), model.training)
     visit(model, "")
     return model
 
 
-def _convert_in_graph(gm: fx.GraphModule, path: str, report, counts, as_block) -> None:
+def _convert_in_graph(gm: fx.GraphModule, path: str, report, counts) -> None:
     """In a traced owner (a GraphModule fuse() made), the graph calls conv, BN and act one by one.
     Where three call_module nodes, each feeding only the next, call a convertible conv, BN and act:
     if they are exactly one container's children, that container becomes a ConvBNAct; otherwise
     (siblings in a flat container) a ConvBNAct of the three takes the conv's slot and the other two
     slots hold nn.Identity. Either way the graph calls the ConvBNAct once."""
-    join = (lambda p: f"{path}.{p}" if path else p)
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -116,32 +132,25 @@ def _convert_in_graph(gm: fx.GraphModule, path: str, report, counts, as_block) -
             trio = [gm.get_submodule(n.target) for n in run]
         except AttributeError:
             continue
-        if not _convertible_run(*trio) or any(counts[id(m)] != 1 or m._forward_hooks or m._forward_pre_hooks
-                                              for m in trio):
+        if not (_movable(trio, counts) and _is_convertible(*trio)):
             continue
         parent = run[0].target.rpartition(".")[0]
         container = gm.get_submodule(parent) if parent else gm
         if parent and is_conv_bn_act(container) and [n.target for n in run] == \
                 [f"{parent}.{n}" for n, _ in container.named_children()]:
-            target, block = parent, as_block(container)
+            target, block = parent, _as_block(trio, container.training)
         else:
-            target, block = run[0].target, ConvBNAct.from_modules(*trio)
-            block.training = trio[0].training
-            for k, (n, m) in enumerate(zip(run, trio)):
-                report.conv_bn_act_moves[join(n.target)] = join(f"{target}.{k}")
-                for key in m.state_dict():
-                    report.moved_keys[join(f"{n.target}.{key}")] = join(f"{target}.{k}.{key}")
+            target = run[0].target
+            block = _block_of_siblings(trio, [_join(path, n.target) for n in run], _join(path, target), report)
             for n in run[1:]:
-                owner, _, attr = n.target.rpartition(".")
-                setattr(gm.get_submodule(owner) if owner else gm, attr, nn.Identity())
+                _set(gm, n.target, nn.Identity())
         with gm.graph.inserting_after(run[-1]):
             call = gm.graph.call_module(target, (node.args[0],))
         run[-1].replace_all_uses_with(call)
         for n in reversed(run):
             gm.graph.erase_node(n)
-        owner, _, attr = target.rpartition(".")
-        setattr(gm.get_submodule(owner) if owner else gm, attr, block)
-        report.conv_bn_acts.append(join(target))
+        _set(gm, target, block)
+        report.conv_bn_acts.append(_join(path, target))
         changed = True
     if changed:
         gm.graph.lint()
