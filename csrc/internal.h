@@ -4,9 +4,10 @@
 //
 // Split of responsibilities:
 //   joint_block.cpp  validation, CPU feature detection, weight packing (a pure layout transform),
-//                    the forward call: its checks, planning (Plan: work decomposition from
-//                    tiling.cpp's cost model), the per-worker scratch layout, the per-call tables
-//                    (folded depthwise weights, border tables) and the thread dispatch;
+//                    the forward call's checks and tiling (tiling.cpp's cost model);
+//   forward_call.cpp planning a call (Plan), the per-worker scratch layout, the per-call tables
+//                    (folded depthwise weights, border tables) and the thread dispatch, shared by
+//                    every fused forward op;
 //   kernel_work_items.h  the fused tile computation (depthwise tile -> register-blocked GEMM ->
 //                    epilogue), written once as templates over a small vector-traits struct
 //                    (kernel_common.h) and instantiated in each ISA translation unit with that

@@ -1,0 +1,323 @@
+// The per-call machinery of the fused forward ops (forward_call.h).
+#include "forward_call.h"
+
+#include <algorithm>
+#include <limits>
+#include <memory>
+#include <numeric>
+
+#include "conv_geometry.h"
+#include "work_sharing.h"
+
+namespace lwk {
+namespace detail {
+
+namespace {
+
+
+// Leading dimension (elements) of a scratch row of n elements: whole cache lines, and an odd
+// number of them once rows are long, so that walking a column does not alias cache sets.
+int64_t padded_ld(int64_t n, int64_t elem_size) {
+  const int64_t line = 64 / elem_size;
+  int64_t ld = round_up(std::max<int64_t>(n, 1), line);
+  if (ld / line >= 4 && (ld / line) % 2 == 0) ld += line;
+  return ld;
+}
+
+// Thread-local scratch of the calling thread: reused across calls, so steady-state calls do not
+// allocate. Each calling thread has its own, so concurrent calls never share scratch.
+struct ScratchBuf {
+  void* p = nullptr;
+  std::size_t size = 0;
+  ~ScratchBuf() { aligned_free_bytes(p); }
+  void* get(std::size_t bytes) {
+    if (bytes > size) {
+      aligned_free_bytes(p);
+      p = nullptr;
+      size = 0;
+      p = aligned_alloc_bytes(bytes);
+      size = bytes;
+    }
+    return p;
+  }
+};
+
+thread_local ScratchBuf t_scratch;
+
+// Runs items [0, n_items) (the shared-depthwise phase's when `depthwise`, else the work items) on
+// up to `tasks` tasks, task t using scratch + stride * t. Items are claimed one at a time
+// (work_sharing.h); a task's consecutive items of one tile reuse its depthwise output, so each
+// task remembers which tile its scratch holds.
+template <typename T>
+void dispatch(const Plan<T>& plan, const IsaOps<T>* ops, bool depthwise, int64_t n_items,
+              char* scratch, std::size_t stride, int tasks) {
+  struct alignas(64) CachedTile {
+    int64_t id = -1;
+  };
+  tasks = tasks_for(n_items, 1, tasks);
+  CachedTile few[8];  // no allocation for the usual thread counts
+  std::unique_ptr<CachedTile[]> many(tasks > 8 ? new CachedTile[tasks] : nullptr);
+  CachedTile* cached = many ? many.get() : few;
+  share_work(n_items, 1, tasks, [&](int task, int64_t begin, int64_t end) {
+    void* own = scratch + stride * task;
+    if (depthwise) {
+      ops->run_depthwise(plan, begin, end, own);
+    } else {
+      ops->run_items(plan, begin, end, own, &cached[task].id);
+    }
+  });
+}
+
+}  // namespace
+
+// Planning: the Plan's geometry, tensors and work decomposition for tiling `tl`.
+template <typename T>
+Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const PackedImpl<T>& packed,
+                  const Tiling& tl) {
+  Plan<T> plan;
+  plan.C = g.in_channels;
+  plan.H = g.in_h;
+  plan.W = g.in_w;
+  plan.CO = g.out_channels;
+  plan.OH = g.out_h;
+  plan.OW = g.out_w;
+  plan.KH = g.kernel_h;
+  plan.KW = g.kernel_w;
+  plan.stride_h = g.stride_h;
+  plan.stride_w = g.stride_w;
+  plan.pad_h = g.pad_h;
+  plan.pad_w = g.pad_w;
+  plan.dil_h = g.dil_h;
+  plan.dil_w = g.dil_w;
+  plan.layout = g.layout;
+  plan.x = t.x;
+  plan.x_end = t.x + g.batch * g.in_channels * g.in_h * g.in_w;
+  plan.residual = t.residual;
+  plan.y = t.y;
+  plan.mid_act = t.mid_act;
+  plan.out_act = t.out_act;
+  plan.packed = &packed;
+  plan.tile_px = tl.tile_px;
+  plan.n_tiles = tl.n_tiles;
+  plan.co_chunk = tl.co_chunk;
+  plan.n_co = tl.n_co;
+  plan.n_items = g.batch * tl.n_tiles * tl.n_co;
+  plan.stats = t.y_sum != nullptr;
+  return plan;
+}
+
+// Scratch layout of one worker (Plan's per-worker scratch comment): the depthwise tile (unless
+// shared-depthwise mode keeps the tiles in a shared buffer), NCHW's rows, plane and segments, and
+// the statistics. Sets the offsets, ldt, the plane's geometry and scratch_bytes.
+template <typename T>
+void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling& tl,
+                            const IsaOps<T>& ops) {
+  const int64_t C = g.in_channels;
+  const bool nhwc = g.layout == Layout::kNHWC;
+  if (nhwc) {
+    plan.ldt = padded_ld(C, sizeof(T));
+    plan.tile_elems = tl.tile_px * plan.ldt;
+  } else {
+    plan.tile_elems = ceil_div(tl.tile_px, ops.nr) * C * ops.nr;
+  }
+  const std::size_t own_tile_bytes =
+      tl.shared_dw ? 0 : aligned_bytes(plan.tile_elems * int64_t(sizeof(T)));
+  if (nhwc) {
+    plan.scratch_bytes = own_tile_bytes;
+  } else {
+    const int64_t nr = ops.nr;
+    plan.row_offset = own_tile_bytes;
+    // Row slack of one micro-tile: the depthwise writes whole vectors past a segment's end.
+    plan.ldt = round_up(tl.tile_px, nr) + nr;
+    plan.row_stride = static_cast<int64_t>(aligned_bytes(plan.ldt * int64_t(sizeof(T))) / sizeof(T));
+    plan.plane_offset = plan.row_offset + 2 * plan.row_stride * sizeof(T);  // two rows
+    plan.scratch_bytes = plan.plane_offset;
+    const int64_t S = g.stride_w;
+    const int64_t qmax = (g.kernel_w - 1) * g.dil_w / S;
+    // + vw - 1: each phase starts up to vw - 1 elements in, so its first inside element (where
+    // the fill's stores begin) is vector-aligned.
+    plan.lp = round_up(g.out_w + ops.vw + qmax + 1 + ops.vw - 1, ops.vw);
+    const int64_t rows_out = std::min(g.out_h, ceil_div(tl.tile_px, g.out_w) + 1);
+    plan.plane_rows = (rows_out - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1;
+    const int64_t plane_elems = plan.plane_rows * S * plan.lp + ops.vw;  // + store slack
+    plan.use_plane = plane_elems <= plane_limit_elems();
+    if (plan.use_plane) {
+      plan.plane_stride =
+          static_cast<int64_t>(aligned_bytes(plane_elems * int64_t(sizeof(T))) / sizeof(T));
+      plan.max_segs = rows_out;
+      plan.seg_offset = plan.scratch_bytes + 2 * plan.plane_stride * sizeof(T);  // two planes
+      plan.scratch_bytes = plan.seg_offset + aligned_bytes(rows_out * 3 * int64_t(sizeof(int64_t)));
+    }
+  }
+  if (plan.stats) {
+    plan.stats_offset = plan.scratch_bytes;
+    plan.scratch_bytes += aligned_bytes(2 * g.out_channels * int64_t(sizeof(double)));
+  }
+}
+
+// Shared-depthwise mode's first phase: about four depthwise items per worker, in whole cache lines
+// of channels (NHWC tiles hold channels along rows: two workers must not write one line). Sets
+// dw_chunk and n_dw_chunks; returns the number of depthwise items.
+template <typename T>
+int64_t plan_shared_depthwise(Plan<T>& plan, int64_t batch, int threads,
+                             int64_t chunk_multiple) {
+  const int64_t tiles_all = batch * plan.n_tiles;
+  const int64_t line = 64 / int64_t(sizeof(T));
+  const int64_t unit = std::lcm(line, std::max<int64_t>(1, chunk_multiple));
+  plan.dw_chunk = round_up(ceil_div(plan.C, ceil_div(4 * int64_t(threads), tiles_all)), unit);
+  plan.n_dw_chunks = ceil_div(plan.C, plan.dw_chunk);
+  return tiles_all * plan.n_dw_chunks;
+}
+
+// The per-call tables, in the head of the calling thread's scratch: folded depthwise weights and
+// shift, pointwise scale and shift, the border tables, the plane's phase and tap tables, and in
+// shared-depthwise mode the shared tiles (`shared_bytes`). Returns where the per-task scratch
+// (plan.scratch_bytes per task) begins.
+template <typename T>
+char* set_up_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& t,
+                  const IsaOps<T>& ops, std::size_t shared_bytes, int tasks) {
+  const int64_t C = g.in_channels, CO = g.out_channels;
+  const int64_t KH = g.kernel_h, KW = g.kernel_w, taps = KH * KW;
+  const int64_t OH = g.out_h, OW = g.out_w;
+  const bool nhwc = g.layout == Layout::kNHWC;
+  auto bytes_of = [](int64_t n, std::size_t es) { return aligned_bytes(n * int64_t(es)); };
+  const std::size_t b_dw = bytes_of(C * taps, sizeof(T));
+  const std::size_t b_c = bytes_of(C, sizeof(T));
+  const std::size_t b_co = bytes_of(CO, sizeof(T));
+  const std::size_t b_oh = bytes_of(OH, sizeof(int64_t));
+  const std::size_t b_ow = bytes_of(OW, sizeof(int64_t));
+  const std::size_t b_kw = bytes_of(taps, sizeof(int64_t));
+  const std::size_t b_ph = bytes_of(plan.use_plane ? g.stride_w : 0, sizeof(int64_t));
+  const std::size_t head =
+      b_dw + b_c + 2 * b_co + 2 * b_oh + 2 * b_ow + b_kw + 3 * b_ph + shared_bytes;
+  char* cur = static_cast<char*>(t_scratch.get(head + plan.scratch_bytes * tasks));
+  auto take = [&cur](std::size_t b) {
+    char* p = cur;
+    cur += b;
+    return p;
+  };
+  T* dw_w = reinterpret_cast<T*>(take(b_dw));
+  T* dw_b = reinterpret_cast<T*>(take(b_c));
+  T* sc = reinterpret_cast<T*>(take(b_co));
+  T* sh = reinterpret_cast<T*>(take(b_co));
+  int64_t* ky_lo = reinterpret_cast<int64_t*>(take(b_oh));
+  int64_t* ky_hi = reinterpret_cast<int64_t*>(take(b_oh));
+  int64_t* kx_lo = reinterpret_cast<int64_t*>(take(b_ow));
+  int64_t* kx_hi = reinterpret_cast<int64_t*>(take(b_ow));
+  int64_t* tap_off = reinterpret_cast<int64_t*>(take(b_kw));
+  int64_t* phase_lo = reinterpret_cast<int64_t*>(take(b_ph));
+  int64_t* phase_hi = reinterpret_cast<int64_t*>(take(b_ph));
+  int64_t* phase_off = reinterpret_cast<int64_t*>(take(b_ph));
+  if (shared_bytes) plan.shared_dw = reinterpret_cast<T*>(take(shared_bytes));
+
+  for (int64_t c = 0; c < C; ++c) {
+    const T s = t.dw_scale ? t.dw_scale[c] : T(1);
+    bool nan_weight = false;
+    for (int64_t k = 0; k < taps; ++k) {
+      const T w = t.dw_weight[c * taps + k] * s;
+      nan_weight |= w != w;
+      if (nhwc) {
+        dw_w[k * C + c] = w;
+      } else {
+        dw_w[c * taps + k] = w;
+      }
+    }
+    // Zero padding multiplies its taps by the weights, and NaN * 0 is NaN, so a NaN weight makes
+    // every output of its channel NaN. Kernels that skip the padded taps (NHWC, and NCHW rows
+    // outside the padded plane) would leave border outputs finite: the shift carries the NaN there.
+    dw_b[c] = nan_weight ? std::numeric_limits<T>::quiet_NaN() : t.dw_shift ? t.dw_shift[c] : T(0);
+  }
+  for (int64_t o = 0; o < CO; ++o) {
+    sc[o] = t.pw_scale ? t.pw_scale[o] : T(1);
+    sh[o] = t.pw_shift ? t.pw_shift[o] : T(0);
+  }
+  for (int64_t oy = 0; oy < OH; ++oy) {
+    taps_inside(oy, g.stride_h, g.pad_h, g.dil_h, KH, g.in_h, &ky_lo[oy], &ky_hi[oy]);
+  }
+  int64_t in_lo = OW, in_hi = OW;
+  for (int64_t ox = 0; ox < OW; ++ox) {
+    taps_inside(ox, g.stride_w, g.pad_w, g.dil_w, KW, g.in_w, &kx_lo[ox], &kx_hi[ox]);
+    const bool inside = kx_lo[ox] == 0 && kx_hi[ox] == KW;
+    if (inside && in_lo == OW) in_lo = ox;
+    if (inside) in_hi = ox + 1;
+  }
+  if (in_lo == OW) in_hi = OW;
+  plan.dw_w = dw_w;
+  plan.dw_b = dw_b;
+  plan.pw_scale = sc;
+  plan.pw_shift = sh;
+  plan.ky_lo = ky_lo;
+  plan.ky_hi = ky_hi;
+  plan.kx_lo = kx_lo;
+  plan.kx_hi = kx_hi;
+  plan.ox_in_lo = in_lo;
+  plan.ox_in_hi = in_hi;
+  if (plan.use_plane) {
+    const int64_t S = g.stride_w, P = g.pad_w, Win = g.in_w;
+    const int64_t cap = plan.lp - (ops.vw - 1);  // room left after the largest shift
+    for (int64_t r = 0; r < S; ++r) {
+      int64_t lo = P - r <= 0 ? 0 : ceil_div(P - r, S);
+      int64_t hi = Win - 1 + P - r < 0 ? 0 : (Win - 1 + P - r) / S + 1;
+      lo = std::min(lo, cap);
+      hi = std::min(hi, cap);
+      phase_lo[r] = lo;
+      phase_hi[r] = std::max(lo, hi);
+      phase_off[r] = r * plan.lp + (ops.vw - lo % ops.vw) % ops.vw;
+    }
+    for (int64_t ky = 0; ky < KH; ++ky) {
+      for (int64_t kx = 0; kx < KW; ++kx) {
+        const int64_t j = kx * g.dil_w;
+        tap_off[ky * KW + kx] = ky * g.dil_h * S * plan.lp + phase_off[j % S] + j / S;
+      }
+    }
+  }
+  plan.tap_off = tap_off;
+  plan.phase_lo = phase_lo;
+  plan.phase_hi = phase_hi;
+  plan.phase_off = phase_off;
+  return cur;
+}
+
+// Dispatch: the shared-depthwise phase (when planned), the work items, then the workers'
+// statistics added into y_sum/y_sumsq.
+template <typename T>
+void run_call(const Plan<T>& plan, const IsaOps<T>* ops, int64_t n_dw_items, char* task_scratch,
+              int tasks, const JointTensors<T>& t) {
+  const int64_t CO = plan.CO;
+  auto worker_stats = [&](int task) {
+    return reinterpret_cast<double*>(task_scratch + plan.scratch_bytes * task + plan.stats_offset);
+  };
+  if (plan.stats) {
+    for (int i = 0; i < tasks; ++i) std::fill(worker_stats(i), worker_stats(i) + 2 * CO, 0.0);
+  }
+  if (plan.shared_dw) {
+    dispatch(plan, ops, true, n_dw_items, task_scratch, plan.scratch_bytes, tasks);
+  }
+  dispatch(plan, ops, false, plan.n_items, task_scratch, plan.scratch_bytes, tasks);
+  if (plan.stats) {
+    for (int i = 0; i < tasks; ++i) {
+      const double* w = worker_stats(i);
+      for (int64_t o = 0; o < CO; ++o) {
+        t.y_sum[o] += w[o];
+        t.y_sumsq[o] += w[CO + o];
+      }
+    }
+  }
+}
+
+#define LWK_INSTANTIATE_FORWARD_CALL(T)                                                          \
+  template Plan<T> plan_call<T>(const JointGeometry&, const JointTensors<T>&,                   \
+                                const PackedImpl<T>&, const Tiling&);                            \
+  template void lay_out_worker_scratch<T>(Plan<T>&, const JointGeometry&, const Tiling&,        \
+                                          const IsaOps<T>&);                                     \
+  template int64_t plan_shared_depthwise<T>(Plan<T>&, int64_t, int, int64_t);                   \
+  template char* set_up_call<T>(Plan<T>&, const JointGeometry&, const JointTensors<T>&,         \
+                                const IsaOps<T>&, std::size_t, int);                             \
+  template void run_call<T>(const Plan<T>&, const IsaOps<T>*, int64_t, char*, int,              \
+                            const JointTensors<T>&);
+LWK_INSTANTIATE_FORWARD_CALL(float)
+LWK_INSTANTIATE_FORWARD_CALL(double)
+#undef LWK_INSTANTIATE_FORWARD_CALL
+
+}  // namespace detail
+}  // namespace lwk

@@ -1,0 +1,67 @@
+// The per-call machinery of the fused forward ops (joint_forward, inverted_residual_forward),
+// ISA-independent and compiled with baseline flags: planning a call (the Plan's geometry, tensors
+// and work decomposition), the per-worker scratch layout, the per-call tables (folded depthwise
+// weights, border tables, the plane's tables) and the dispatch of the work items onto threads.
+// Each op checks its arguments, picks its tiling and then runs these steps in order. Not part of
+// the public API.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "internal.h"
+#include "joint_block.h"
+#include "tiling.h"
+
+namespace lwk {
+namespace detail {
+
+inline bool valid_isa(Isa isa) {
+  return isa == Isa::kScalar || isa == Isa::kAvx2 || isa == Isa::kAvx512 || isa == Isa::kNeon;
+}
+inline bool valid_layout(Layout l) { return l == Layout::kNCHW || l == Layout::kNHWC; }
+inline bool valid_act(Activation a) {
+  return a == Activation::kNone || a == Activation::kRelu || a == Activation::kRelu6 ||
+         a == Activation::kHardswish || a == Activation::kSilu;
+}
+inline const char* layout_name(Layout l) { return l == Layout::kNHWC ? "NHWC" : "NCHW"; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+// bytes rounded up to whole kScratchAlign units.
+inline std::size_t aligned_bytes(int64_t bytes) {
+  return static_cast<std::size_t>(round_up(bytes, static_cast<int64_t>(kScratchAlign)));
+}
+
+// The Plan's geometry, tensors and work decomposition for tiling `tl` (g: the depthwise ->
+// pointwise part of the op; t.x is the depthwise input).
+template <typename T>
+Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const PackedImpl<T>& packed,
+                  const Tiling& tl);
+
+// One worker's scratch (Plan's per-worker scratch comment): sets the offsets, ldt, the plane's
+// geometry and scratch_bytes. An op that needs more per-worker scratch appends it afterwards.
+template <typename T>
+void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling& tl,
+                            const IsaOps<T>& ops);
+
+// Shared-depthwise mode's first phase: sets dw_chunk (about four depthwise items per worker, in
+// whole cache lines of channels and whole multiples of `chunk_multiple`) and n_dw_chunks; returns
+// the number of depthwise items.
+template <typename T>
+int64_t plan_shared_depthwise(Plan<T>& plan, int64_t batch, int threads, int64_t chunk_multiple);
+
+// The per-call tables in the head of the calling thread's scratch (and the shared depthwise tiles,
+// `shared_bytes`); returns where the per-task scratch (plan.scratch_bytes per task) begins.
+template <typename T>
+char* set_up_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& t,
+                  const IsaOps<T>& ops, std::size_t shared_bytes, int tasks);
+
+// Runs the call: the shared-depthwise phase (when planned), the work items, then the workers'
+// statistics added into t.y_sum/t.y_sumsq.
+template <typename T>
+void run_call(const Plan<T>& plan, const IsaOps<T>* ops, int64_t n_dw_items, char* task_scratch,
+              int tasks, const JointTensors<T>& t);
+
+}  // namespace detail
+}  // namespace lwk
