@@ -91,6 +91,8 @@ Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const Packed
   plan.dil_w = g.dil_w;
   plan.layout = g.layout;
   plan.x = t.x;
+  plan.x_row0 = 0;
+  plan.x_rows = g.in_h;
   plan.x_end = t.x + g.batch * g.in_channels * g.in_h * g.in_w;
   plan.residual = t.residual;
   plan.y = t.y;

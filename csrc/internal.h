@@ -61,6 +61,28 @@ class PackedImpl final : public PackedPointwise<T> {
   T* data_ = nullptr;
 };
 
+// The expand step of an inverted residual (inverted_residual.h), which produces the depthwise
+// input of a Plan tile by tile: for the input rows [iy_a, iy_b) a tile reads and its channels
+// [c_lo, c_hi), band = act(scale * (W_expand . x) + shift) in the plan's layout (NCHW [C][rows][W],
+// NHWC [rows][W][C]), computed by the pointwise micro-kernels with W_expand packed like a
+// pointwise weight (NCHW: panels of MR expanded channels broadcast over pixel columns, the input
+// pixels first copied into [C_in][NR] blocks at pack_offset; NHWC: panels of NR expanded channels,
+// the input read in place). Rows outside the image are the depthwise's zero padding and are never
+// computed. The band never leaves the worker's cache-sized scratch: the expanded tensor is never
+// written whole.
+template <typename T>
+struct ExpandStage {
+  const T* x = nullptr;  // the block input, [N][C_in][H][W] in the plan's layout
+  int64_t in_channels = 0;
+  const PackedImpl<T>* packed = nullptr;  // [C][C_in]
+  const T* scale = nullptr;               // [C]
+  const T* shift = nullptr;               // [C]
+  Activation act = Activation::kNone;
+  int64_t band_rows = 0;                  // the most input rows a tile reads
+  std::size_t band_offset = 0, pack_offset = 0;  // in the worker's scratch
+  int64_t band_elems = 0;                 // band capacity (elements, with vector slack)
+};
+
 // Everything one fused call needs, prepared once per call by the driver. All pointers are valid
 // for the duration of the call; per-ISA code only reads it.
 template <typename T>
@@ -70,8 +92,12 @@ struct Plan {
   int64_t KH = 0, KW = 0, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
   Layout layout = Layout::kNCHW;
 
-  // Tensors.
+  // Tensors. The depthwise input x holds rows x_row0 .. x_row0 + x_rows - 1 of each image (the
+  // whole image, 0 .. H-1, for a joint block; an inverted residual's work item points x at the
+  // band of expanded rows its tile reads, see ExpandStage): NCHW channel c of image n starts at
+  // x + x_channel(n, c), NHWC image n at x + x_image(n), and row iy lies (iy - x_row0) rows on.
   const T* x = nullptr;
+  int64_t x_row0 = 0, x_rows = 0;
   const T* residual = nullptr;  // may be null
   T* y = nullptr;
   const T* dw_w = nullptr;      // dw_scale folded in; NCHW: [C][KH*KW], NHWC: [KH*KW][C]
@@ -140,6 +166,13 @@ struct Plan {
   std::size_t row_offset = 0, plane_offset = 0;
   int64_t row_stride = 0, plane_stride = 0;
   std::size_t scratch_bytes = 0;   // per worker, total
+
+  // Inverted residual (expand non-null): each tile's depthwise input is computed by the tile's
+  // worker first (ExpandStage), into the band at expand->band_offset of its scratch.
+  const ExpandStage<T>* expand = nullptr;
+
+  int64_t x_channel(int64_t n, int64_t c) const { return (n * C + c) * x_rows * W; }
+  int64_t x_image(int64_t n) const { return n * x_rows * W * C; }
 };
 
 // Per-ISA entry points.

@@ -48,7 +48,7 @@ void dw_row_nchw(const Plan<typename V::T>& pl, const typename V::T* xc,
   constexpr int U = 4;
   const Activation act = pl.mid_act;
   const int64_t kyl = pl.ky_lo[oy], kyh = pl.ky_hi[oy];
-  const int64_t iy0 = oy * pl.stride_h - pl.pad_h;
+  const int64_t iy0 = oy * pl.stride_h - pl.pad_h - pl.x_row0;  // row of x (see Plan::x_row0)
   const int64_t a = imax(ox0, imin(ox1, pl.ox_in_lo));
   const int64_t b = imax(a, imin(ox1, pl.ox_in_hi));
   const int64_t S = pl.stride_w, KW = pl.KW, dil = pl.dil_w;
@@ -120,9 +120,9 @@ template <class V, int kS>
 void dw_tile_nchw(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
                   int64_t c_lo, int64_t c_hi, typename V::T* tile, typename V::T* row) {
   using T = typename V::T;
-  const int64_t HW = pl.H * pl.W, taps = pl.KH * pl.KW;
+  const int64_t taps = pl.KH * pl.KW;
   for (int64_t c = c_lo; c < c_hi; ++c) {
-    const T* xc = pl.x + (n * pl.C + c) * HW;
+    const T* xc = pl.x + pl.x_channel(n, c);
     const T* wc = pl.dw_w + c * taps;
     const T bias = pl.dw_b[c];
     int64_t p = p0;
@@ -162,7 +162,7 @@ void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, int64_t 
   const int64_t S = pl.stride_w, lp = pl.lp, Win = pl.W, P = pl.pad_w;
   const int64_t i_a = imax(0, -iy_base), i_b = imin(rows, pl.H - iy_base);
   for (int64_t i = i_a; i < i_b; ++i) {
-    const T* src = xc + (iy_base + i) * Win;
+    const T* src = xc + (iy_base + i - pl.x_row0) * Win;
     T* row = plane + i * S * lp;
     for (int64_t r = 0; r < S; ++r) {
       // Phase elements m in [ma, mb) are inside the image (0 <= m*S + r - P < Win).
@@ -290,7 +290,7 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
                         int64_t c_lo, int64_t c_hi, typename V::T* tile, typename V::T* row,
                         typename V::T* plane, Segment* segs) {
   using T = typename V::T;
-  const int64_t HW = pl.H * pl.W, taps = pl.KH * pl.KW;
+  const int64_t taps = pl.KH * pl.KW;
   const int64_t oy_a = p0 / pl.OW, oy_b = (p0 + np - 1) / pl.OW;
   const int64_t iy_base = oy_a * pl.stride_h - pl.pad_h;
   const int64_t rows = (oy_b - oy_a) * pl.stride_h + (pl.KH - 1) * pl.dil_h + 1;
@@ -305,16 +305,16 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
   const bool k3 = taps == 9;
   // Software pipeline over channels: fill the plane of c+1, compute c, scatter c-1, with two
   // planes and two rows, so every load reads data stored one channel earlier.
-  const T* const xn = pl.x + n * pl.C * HW;
+
   const int64_t plane_elems = rows * pl.stride_w * pl.lp;
   zero_plane<V>(plane, plane_elems);
   zero_plane<V>(plane + pl.plane_stride, plane_elems);
-  fill_plane<V, kS>(pl, xn + c_lo * HW, iy_base, rows, plane + (c_lo & 1) * pl.plane_stride);
+  fill_plane<V, kS>(pl, pl.x + pl.x_channel(n, c_lo), iy_base, rows, plane + (c_lo & 1) * pl.plane_stride);
   for (int64_t c = c_lo; c < c_hi; ++c) {
     T* const cur_plane = plane + (c & 1) * pl.plane_stride;
     T* const cur_row = row + (c & 1) * pl.row_stride;
     if (c + 1 < c_hi) {
-      fill_plane<V, kS>(pl, xn + (c + 1) * HW, iy_base, rows,
+      fill_plane<V, kS>(pl, pl.x + pl.x_channel(n, c + 1), iy_base, rows,
                         plane + ((c + 1) & 1) * pl.plane_stride);
     }
     const T* wc = pl.dw_w + c * taps;

@@ -92,7 +92,8 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
   const Activation act = pl.mid_act;
   const int64_t kyl = pl.ky_lo[oy], kyh = pl.ky_hi[oy];
   const int64_t kxl = pl.kx_lo[ox], kxh = pl.kx_hi[ox];
-  const int64_t iy0 = oy * pl.stride_h - pl.pad_h, ix0 = ox * pl.stride_w - pl.pad_w;
+  // (iy0: a row of x, see Plan::x_row0)
+  const int64_t iy0 = oy * pl.stride_h - pl.pad_h - pl.x_row0, ix0 = ox * pl.stride_w - pl.pad_w;
   int64_t c = c_lo;
   for (; c + U * W <= c_hi; c += U * W) {
     R acc[U];
@@ -137,7 +138,7 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
                   int64_t c_lo, int64_t c_hi, typename V::T* tile) {
   using T = typename V::T;
   const int64_t C = pl.C;
-  const T* xn = pl.x + n * pl.H * pl.W * C;
+  const T* xn = pl.x + pl.x_image(n);
   const bool k3 = pl.KH == 3 && pl.KW == 3;
   int64_t off[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
   if (k3) {
@@ -153,7 +154,8 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
     T* out = tile + j * pl.ldt;
     const bool rows_inside = pl.ky_hi[oy] - pl.ky_lo[oy] == 3;
     if (k3 && rows_inside && ox >= pl.ox_in_lo && ox < pl.ox_in_hi) {
-      const T* base = xn + ((oy * pl.stride_h - pl.pad_h) * pl.W + ox * pl.stride_w - pl.pad_w) * C;
+      const T* base =
+          xn + ((oy * pl.stride_h - pl.pad_h - pl.x_row0) * pl.W + ox * pl.stride_w - pl.pad_w) * C;
       if (ox + 1 < pl.ox_in_hi && j + 1 < np) {
         dw_nhwc_inside9<V, 2>(base, pstep, off, pl, c_lo, c_hi, out, pl.ldt);
         j += 2;
