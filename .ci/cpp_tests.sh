@@ -19,7 +19,8 @@ step() { printf '\n==> %s\n' "$*"; }
 # --- 1. native, sanitized -------------------------------------------------------------------
 step "native build with AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S "$SRC" -B "$OUT/asan" "${GEN[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLWK_SANITIZE=ON
-cmake --build "$OUT/asan" --parallel "$JOBS" --target test_joint_block test_parallel test_buffer_pool test_dense_conv
+cmake --build "$OUT/asan" --parallel "$JOBS" --target test_joint_block test_parallel test_buffer_pool test_dense_conv \
+  test_inverted_residual
 step "native tests (ASan + UBSan)"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
@@ -29,6 +30,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 "$OUT/asan/test_parallel" --host-openmp
 "$OUT/asan/test_buffer_pool"
 "$OUT/asan/test_dense_conv"
+"$OUT/asan/test_inverted_residual"
 unset ASAN_OPTIONS UBSAN_OPTIONS
 
 # --- 2. aarch64 / NEON under qemu-user ------------------------------------------------------
@@ -52,13 +54,15 @@ step "cross build for aarch64 (NEON path)"
 cmake -S "$SRC" -B "$OUT/aarch64" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DLWK_UBSAN=ON \
   -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
   -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++
-cmake --build "$OUT/aarch64" --parallel "$JOBS" --target test_joint_block test_dense_conv
+cmake --build "$OUT/aarch64" --parallel "$JOBS" --target test_joint_block test_dense_conv test_inverted_residual
 step "aarch64 tests under qemu-user (UBSan, quick grid)"
 # (Not test_parallel: qemu-user cannot fork a multi-threaded guest; that code is not ISA-specific.)
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   qemu-aarch64 -L /usr/aarch64-linux-gnu "$OUT/aarch64/test_joint_block" --quick
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   qemu-aarch64 -L /usr/aarch64-linux-gnu "$OUT/aarch64/test_dense_conv" --quick
+UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+  qemu-aarch64 -L /usr/aarch64-linux-gnu "$OUT/aarch64/test_inverted_residual" --quick
 
 step "C++ kernel tests passed"
 

@@ -28,6 +28,7 @@
 #include "kernel_depthwise_nchw.h"
 #include "kernel_depthwise_nhwc.h"
 #include "kernel_dense_conv.h"
+#include "kernel_expand.h"
 #include "kernel_gemm.h"
 
 namespace lwk {
@@ -88,6 +89,19 @@ void depthwise_tile(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_
   }
 }
 
+// The depthwise output of channels [c_lo, c_hi) of a tile of image n, from x or, for an
+// inverted residual, from the band of expanded rows computed for it first (kernel_expand.h).
+template <class V>
+void compute_tile_depthwise(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
+                    int64_t c_lo, int64_t c_hi, typename V::T* tile, void* scratch) {
+  if (pl.expand == nullptr) {
+    depthwise_tile<V>(pl, n, p0, np, c_lo, c_hi, tile, scratch);
+    return;
+  }
+  const Plan<typename V::T> band = expanded_input<V>(pl, n, p0, np, c_lo, c_hi, scratch);
+  depthwise_tile<V>(band, 0, p0, np, c_lo, c_hi, tile, scratch);
+}
+
 // Shared-depthwise mode, first phase: depthwise items [begin, end), item = (n * n_tiles + tile)
 // * n_dw_chunks + chunk, each a range of dw_chunk input channels of one tile, into the shared
 // tile of that (image, tile).
@@ -99,7 +113,7 @@ void run_depthwise(const Plan<typename V::T>& pl, int64_t begin, int64_t end, vo
     const int64_t nt = item / pl.n_dw_chunks;
     const int64_t p0 = (nt % pl.n_tiles) * pl.tile_px;
     const int64_t c_lo = chunk * pl.dw_chunk;
-    depthwise_tile<V>(pl, nt / pl.n_tiles, p0, imin(pl.tile_px, npix - p0), c_lo,
+    compute_tile_depthwise<V>(pl, nt / pl.n_tiles, p0, imin(pl.tile_px, npix - p0), c_lo,
                imin(pl.C, c_lo + pl.dw_chunk), pl.shared_dw + nt * pl.tile_elems, scratch);
   }
 }
@@ -157,7 +171,7 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
     if (pl.shared_dw) {  // the first phase computed every tile's depthwise output
       tile = pl.shared_dw + nt * pl.tile_elems;
     } else if (nt != last) {  // consecutive items of one tile share its depthwise output
-      depthwise_tile<V>(pl, n, p0, np, 0, C, own_tile, scratch);
+      compute_tile_depthwise<V>(pl, n, p0, np, 0, C, own_tile, scratch);
       last = nt;
     }
     const int64_t co_a = cob * pl.co_chunk;

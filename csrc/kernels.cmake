@@ -8,6 +8,7 @@ add_library(lwkernels_core STATIC
   ${LWK_CSRC_DIR}/conv_geometry.cpp
   ${LWK_CSRC_DIR}/dense_conv.cpp
   ${LWK_CSRC_DIR}/forward_call.cpp
+  ${LWK_CSRC_DIR}/inverted_residual.cpp
   ${LWK_CSRC_DIR}/joint_block.cpp
   ${LWK_CSRC_DIR}/tiling.cpp
   ${LWK_CSRC_DIR}/parallel.cpp

@@ -18,6 +18,7 @@ namespace py = pybind11;
 void bind_training(py::module_& m);  // train_bindings.cpp
 void bind_output_tensors(py::module_& m);  // output_tensors.cpp
 void bind_dense_conv(py::module_& m);  // dense_conv_bindings.cpp
+void bind_inverted_residual(py::module_& m);  // inverted_residual_bindings.cpp
 
 namespace {
 
@@ -123,6 +124,21 @@ PYBIND11_MODULE(_C, m) {
            py::arg("kernel_h"), py::arg("kernel_w"), py::arg("stride_h"), py::arg("stride_w"),
            py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"),
            py::arg("layout"))
+      .def_readonly("batch", &lwk::JointGeometry::batch)
+      .def_readonly("in_channels", &lwk::JointGeometry::in_channels)
+      .def_readonly("in_h", &lwk::JointGeometry::in_h)
+      .def_readonly("in_w", &lwk::JointGeometry::in_w)
+      .def_readonly("out_channels", &lwk::JointGeometry::out_channels)
+      .def_readonly("out_h", &lwk::JointGeometry::out_h)
+      .def_readonly("out_w", &lwk::JointGeometry::out_w)
+      .def_readonly("kernel_h", &lwk::JointGeometry::kernel_h)
+      .def_readonly("kernel_w", &lwk::JointGeometry::kernel_w)
+      .def_readonly("stride_h", &lwk::JointGeometry::stride_h)
+      .def_readonly("stride_w", &lwk::JointGeometry::stride_w)
+      .def_readonly("pad_h", &lwk::JointGeometry::pad_h)
+      .def_readonly("pad_w", &lwk::JointGeometry::pad_w)
+      .def_readonly("dil_h", &lwk::JointGeometry::dil_h)
+      .def_readonly("dil_w", &lwk::JointGeometry::dil_w)
       .def("validate", [](const lwk::JointGeometry& g) { return lwk::validate(g); });
 
   bind_dtype<float>(m, "f32");
@@ -141,4 +157,5 @@ PYBIND11_MODULE(_C, m) {
   bind_training(m);
   bind_output_tensors(m);
   bind_dense_conv(m);
+  bind_inverted_residual(m);
 }

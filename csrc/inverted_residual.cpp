@@ -1,0 +1,234 @@
+// The inverted residual's forward call (inverted_residual.h): the joint block's call (depthwise ->
+// pointwise work items, forward_call.h) whose depthwise input is produced per tile by the expand
+// step (ExpandStage, kernel_expand.h). This file checks the call, chooses tiles of whole output
+// rows whose band of expanded rows fits the cache budget, and lays out the band's scratch.
+#include "inverted_residual.h"
+
+#include <algorithm>
+#include <atomic>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "conv_geometry.h"
+#include "forward_call.h"
+#include "internal.h"
+#include "tiling.h"
+
+namespace lwk {
+namespace detail {
+namespace {
+
+std::atomic<std::size_t> g_band_budget{0};
+
+// A tile's band of expanded rows and its depthwise output both stay within this (per worker):
+// about half of the smallest per-core L2 the kernels meet (512 KiB on Zen 3).
+std::size_t band_budget_bytes() {
+  const std::size_t b = g_band_budget.load();
+  return b ? b : std::size_t(256) * 1024;
+}
+
+// The depthwise -> project part, as a joint block over the expanded channels.
+JointGeometry depthwise_part(const InvertedResidualGeometry& g) {
+  JointGeometry j;
+  j.batch = g.batch;
+  j.in_channels = g.expanded_channels;
+  j.in_h = g.in_h;
+  j.in_w = g.in_w;
+  j.out_channels = g.out_channels;
+  j.out_h = g.out_h;
+  j.out_w = g.out_w;
+  j.kernel_h = g.kernel_h;
+  j.kernel_w = g.kernel_w;
+  j.stride_h = g.stride_h;
+  j.stride_w = g.stride_w;
+  j.pad_h = g.pad_h;
+  j.pad_w = g.pad_w;
+  j.dil_h = g.dil_h;
+  j.dil_w = g.dil_w;
+  j.layout = g.layout;
+  return j;
+}
+
+template <typename T>
+const PackedImpl<T>& packed_for(const PackedPointwise<T>& base, const char* which, Layout layout,
+                                int64_t c_out, int64_t c_in) {
+  const auto* packed = dynamic_cast<const PackedImpl<T>*>(&base);
+  const std::string name = std::string("inverted_residual_forward: the ") + which + " weights ";
+  if (packed == nullptr) throw std::invalid_argument(name + "must come from pack_pointwise");
+  if (packed->layout() != layout) {
+    throw std::invalid_argument(name + "were packed for layout " + layout_name(packed->layout()) +
+                                " but the geometry says " + layout_name(layout));
+  }
+  if (packed->out_channels() != c_out || packed->in_channels() != c_in) {
+    throw std::invalid_argument(name + "were packed for " + std::to_string(packed->out_channels()) +
+                                " x " + std::to_string(packed->in_channels()) +
+                                " (out x in) channels but the geometry needs " +
+                                std::to_string(c_out) + " x " + std::to_string(c_in));
+  }
+  if (ops_for<T>(packed->isa()) == nullptr || !isa_supported(packed->isa())) {
+    throw std::invalid_argument(name + "have an ISA this build or CPU does not support");
+  }
+  return *packed;
+}
+
+// Tiles of whole output rows: as many as the band budget allows (the rows a tile reads are
+// expanded once per tile, so fewer, taller tiles recompute fewer shared rows). When that leaves
+// fewer tiles than threads, shared-depthwise mode splits the expand and depthwise by channels and
+// the projection by output channels; when it leaves a few more, tiles are made a multiple of the
+// thread count so no worker waits for a last one. Sets *band_rows to the most rows a tile reads.
+Tiling choose_band_tiling(const JointGeometry& g, int64_t elem_size, int64_t panel, int threads,
+                          int64_t* band_rows) {
+  const int64_t C = g.in_channels, OH = g.out_h, OW = g.out_w, CO = g.out_channels;
+  auto rows_read = [&](int64_t r) {
+    return std::min(g.in_h, (r - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1);
+  };
+  const int64_t budget = static_cast<int64_t>(band_budget_bytes());
+  int64_t r = OH;
+  while (r > 1 && (C * rows_read(r) * g.in_w * elem_size > budget || r * OW * C * elem_size > budget)) {
+    --r;
+  }
+  int64_t tiles = ceil_div(OH, r);
+  const int64_t t = std::max(1, threads);
+  if (t > 1 && g.batch * tiles >= t && g.batch * tiles < 4 * t && (g.batch * tiles) % t != 0) {
+    int64_t want = tiles;
+    while ((g.batch * want) % t != 0 && want < OH) ++want;
+    r = ceil_div(OH, want);
+    tiles = ceil_div(OH, r);
+  }
+  *band_rows = rows_read(r);
+  if (t > 1 && g.batch * tiles < t) {
+    const int64_t npanels = ceil_div(CO, panel);
+    const int64_t nco_want = std::min<int64_t>(npanels, 2 * t);
+    const int64_t chunk = std::min(CO, ceil_div(npanels, nco_want) * panel);
+    return Tiling{r * OW, tiles, chunk, ceil_div(CO, chunk), true};
+  }
+  return Tiling{r * OW, tiles, CO, 1, false};
+}
+
+// The expand step's scale and shift, with a vector of slack (the epilogue loads whole vectors of
+// per-channel parameters): the calling thread's, reused across calls.
+template <typename T>
+struct ExpandAffine {
+  std::vector<T> scale, shift;
+};
+template <typename T>
+thread_local ExpandAffine<T> t_expand_affine;
+
+template <typename T>
+void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T>& project_base,
+                  const InvertedResidualGeometry& g, const InvertedResidualTensors<T>& t,
+                  int num_threads) {
+  const std::string err = validate(g);
+  if (!err.empty()) throw std::invalid_argument("inverted_residual_forward: " + err);
+  const PackedImpl<T>& expand =
+      packed_for(expand_base, "expand", g.layout, g.expanded_channels, g.in_channels);
+  const PackedImpl<T>& project =
+      packed_for(project_base, "project", g.layout, g.out_channels, g.expanded_channels);
+  if (expand.isa() != project.isa()) {
+    throw std::invalid_argument(
+        std::string("inverted_residual_forward: the expand weights were packed for ") +
+        isa_name(expand.isa()) + " but the project weights for " + isa_name(project.isa()));
+  }
+  for (Activation a : {t.expand_act, t.mid_act, t.out_act}) {
+    if (!valid_act(a)) throw std::invalid_argument("inverted_residual_forward: unknown activation value");
+  }
+  if (g.batch == 0) return;
+  if (t.x == nullptr) throw std::invalid_argument("inverted_residual_forward: x is null");
+  if (t.dw_weight == nullptr) throw std::invalid_argument("inverted_residual_forward: dw_weight is null");
+  if (t.y == nullptr) throw std::invalid_argument("inverted_residual_forward: y is null");
+
+  const IsaOps<T>* ops = ops_for<T>(project.isa());
+  const JointGeometry jg = depthwise_part(g);
+  const int threads = std::max(1, num_threads);
+  int64_t band_rows = 0;
+  const Tiling tl = choose_band_tiling(jg, sizeof(T), project.panel(), threads, &band_rows);
+
+  JointTensors<T> jt;
+  jt.x = t.x;  // (each tile's plan reads its band instead: see ExpandStage)
+  jt.dw_weight = t.dw_weight;
+  jt.dw_scale = t.dw_scale;
+  jt.dw_shift = t.dw_shift;
+  jt.mid_act = t.mid_act;
+  jt.pw_scale = t.project_scale;
+  jt.pw_shift = t.project_shift;
+  jt.residual = t.residual;
+  jt.out_act = t.out_act;
+  jt.y = t.y;
+  Plan<T> plan = plan_call(jg, jt, project, tl);
+  lay_out_worker_scratch(plan, jg, tl, *ops);
+
+  const int64_t C = g.expanded_channels;
+  ExpandAffine<T>& affine = t_expand_affine<T>;
+  affine.scale.resize(static_cast<std::size_t>(round_up(C, 64)));
+  affine.shift.resize(affine.scale.size());
+  for (int64_t c = 0; c < C; ++c) {
+    affine.scale[c] = t.expand_scale ? t.expand_scale[c] : T(1);
+    affine.shift[c] = t.expand_shift ? t.expand_shift[c] : T(0);
+  }
+  ExpandStage<T> ex;
+  ex.x = t.x;
+  ex.in_channels = g.in_channels;
+  ex.packed = &expand;
+  ex.scale = affine.scale.data();
+  ex.shift = affine.shift.data();
+  ex.act = t.expand_act;
+  ex.band_rows = band_rows;
+  // + two vectors of slack: the NCHW plane fill reads whole (stride-2: two) vectors of a short row.
+  ex.band_elems = C * band_rows * g.in_w + 2 * ops->vw;
+  ex.band_offset = plan.scratch_bytes;
+  plan.scratch_bytes += aligned_bytes(ex.band_elems * int64_t(sizeof(T)));
+  if (g.layout == Layout::kNCHW) {
+    ex.pack_offset = plan.scratch_bytes;
+    plan.scratch_bytes +=
+        aligned_bytes(g.in_channels * round_up(band_rows * g.in_w, ops->nr) * int64_t(sizeof(T)));
+  }
+  plan.expand = &ex;
+
+  std::size_t shared_bytes = 0;
+  int64_t n_dw_items = 0;
+  if (tl.shared_dw) {
+    // Channel chunks start on the expand weights' panel boundaries (kernel_expand.h).
+    n_dw_items = plan_shared_depthwise(plan, g.batch, threads, int64_t(expand.panel()));
+    shared_bytes = aligned_bytes(g.batch * plan.n_tiles * plan.tile_elems * int64_t(sizeof(T)));
+  }
+  const int tasks =
+      static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
+  char* task_scratch = set_up_call(plan, jg, jt, *ops, shared_bytes, tasks);
+  run_call(plan, ops, n_dw_items, task_scratch, tasks, jt);
+}
+
+}  // namespace
+}  // namespace detail
+
+std::string validate(const InvertedResidualGeometry& g) {
+  if (g.in_channels < 1) return "in_channels must be >= 1, got " + std::to_string(g.in_channels);
+  if (g.expanded_channels < 1) {
+    return "expanded_channels must be >= 1, got " + std::to_string(g.expanded_channels);
+  }
+  if (g.in_channels > detail::kConvDimMax) return "a size, stride, padding or dilation exceeds 2^30";
+  if (!detail::fits_int64_index({g.batch, g.in_channels, g.in_h, g.in_w})) {
+    return "tensor sizes overflow 64-bit indexing";
+  }
+  return validate(detail::depthwise_part(g));
+}
+
+void set_expand_band_budget_bytes(std::size_t bytes) { detail::g_band_budget.store(bytes); }
+
+template <typename T>
+void inverted_residual_forward(const PackedPointwise<T>& expand, const PackedPointwise<T>& project,
+                               const InvertedResidualGeometry& g,
+                               const InvertedResidualTensors<T>& t, int num_threads) {
+  detail::forward_impl<T>(expand, project, g, t, num_threads);
+}
+
+template void inverted_residual_forward<float>(const PackedPointwise<float>&,
+                                               const PackedPointwise<float>&,
+                                               const InvertedResidualGeometry&,
+                                               const InvertedResidualTensors<float>&, int);
+template void inverted_residual_forward<double>(const PackedPointwise<double>&,
+                                                const PackedPointwise<double>&,
+                                                const InvertedResidualGeometry&,
+                                                const InvertedResidualTensors<double>&, int);
+
+}  // namespace lwk
