@@ -13,6 +13,7 @@ from .ops import training as _training  # noqa: F401  (registers the training op
 from .nn.block import JointBlock, check_joint_modules
 from .nn.chain import JointChain
 from .nn.conv_bn_act import ConvBNAct
+from .nn.inverted_residual import InvertedResidual, InvertedResidualReference
 from .cpu.backend import PACK_CACHE, native as _native, selected_isa
 from .triton.backend import register_cuda_kernel
 from .nn.fuse import FuseReport, fuse, to_reference
@@ -21,6 +22,7 @@ from .ops.onnx import onnx_translation_table, register_symbolic as _register_onn
 from .cpu.prepared_call import invalidate_all as _invalidate_prepared_calls
 from .cpu.prepared_chain import invalidate_all as _invalidate_prepared_chains
 from .cpu.prepared_dense_conv import invalidate_all as _invalidate_dense_convs
+from .cpu.prepared_inverted_residual import invalidate_all as _invalidate_inverted_residuals
 from .ops.reference import JointBlockReference, joint_block_reference
 
 __version__ = "0.1.0"
@@ -47,6 +49,7 @@ def clear_cache() -> None:
     _invalidate_prepared_calls()
     _invalidate_prepared_chains()
     _invalidate_dense_convs()
+    _invalidate_inverted_residuals()
     _trim_output_cache()
 
 
@@ -55,6 +58,8 @@ __all__ = [
     "JointBlock",
     "JointChain",
     "FuseReport",
+    "InvertedResidual",
+    "InvertedResidualReference",
     "JointBlockReference",
     "check_joint_modules",
     "clear_cache",

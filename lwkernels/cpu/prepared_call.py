@@ -150,9 +150,42 @@ class PreparedCall:
     def parameters_require_grad(self) -> bool:
         return self._watch.requires_grad()
 
+    # What a call composed of this one (cpu/prepared_inverted_residual.py) reuses.
     @property
     def out_shape(self) -> Tuple[int, int, int, int]:
         return self._out_shape
+
+    @property
+    def x_shape(self) -> torch.Size:
+        return self._x_shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def has_residual(self) -> bool:
+        return self._has_residual
+
+    @property
+    def geometry(self):
+        """The native JointGeometry."""
+        return self._geometry
+
+    @property
+    def packed(self):
+        """The packed pointwise weights."""
+        return self._packed
+
+    @property
+    def addresses(self) -> Tuple[int, ...]:
+        """Addresses of (dw_weight, dw_scale, dw_shift, pw_scale, pw_shift), 0 for absent ones."""
+        return self._addresses
+
+    @property
+    def activations(self) -> Tuple[str, str]:
+        """(mid activation, output activation) names."""
+        return self._acts
 
     @property
     def memory_format(self) -> torch.memory_format:

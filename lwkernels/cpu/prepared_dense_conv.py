@@ -188,6 +188,37 @@ class PreparedDenseConv:
                      self._isa, torch.get_num_threads())
         return y
 
+    # What a call composed of this one (cpu/prepared_inverted_residual.py) reuses.
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 convolution on the joint kernel (pointwise_operands holds its operands)."""
+        return self._pointwise
+
+    @property
+    def pointwise_operands(self):
+        """(packed weights, ones, scale, shift) of the 1x1 path."""
+        return self._operands
+
+    @property
+    def native(self):
+        return self._C
+
+    @property
+    def x_shape(self) -> torch.Size:
+        return self._x_shape
+
+    @property
+    def out_shape(self) -> Tuple[int, int, int, int]:
+        return self._out_shape
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return self._memory_format
+
+    @property
+    def activation(self) -> str:
+        return self._act
+
     def invalidate(self) -> None:
         self._valid = False
 

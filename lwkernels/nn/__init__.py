@@ -4,6 +4,7 @@ fuse()/to_reference() for models written with plain PyTorch modules.
     block.py     JointBlock (and the plain-module check it shares with fuse)
     chain.py     JointChain: consecutive JointBlocks replayed on the chain's own buffers
     conv_bn_act.py  ConvBNAct: the image stem (dense conv -> BN -> act) on a native kernel
+    inverted_residual.py  InvertedResidual: expand ConvBNAct + JointBlock as one native call
     folding.py   eval-mode BatchNorm and conv biases as per-channel scale/shift pairs
     training.py  JointBlock's training-mode forward and the running-statistics update
     fuse.py      fuse() and to_reference()
