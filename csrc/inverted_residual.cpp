@@ -21,12 +21,16 @@ namespace {
 
 std::atomic<std::size_t> g_band_budget{0};
 
-// A tile's band of expanded rows and its depthwise output both stay within this (per worker):
-// about half of the smallest per-core L2 the kernels meet (512 KiB on Zen 3).
+// A tile's band of expanded rows and its depthwise output each stay within this (per worker): the
+// two together fit the per-core L2 of the CPUs the kernels meet (1-2 MiB; Zen 3's 512 KiB spills
+// into its large L3).
 std::size_t band_budget_bytes() {
   const std::size_t b = g_band_budget.load();
-  return b ? b : std::size_t(256) * 1024;
+  return b ? b : std::size_t(512) * 1024;
 }
+
+// The most the shared-depthwise mode's buffer of depthwise outputs may take.
+constexpr int64_t kSharedTilesBytes = int64_t(4) << 20;
 
 // The depthwise -> project part, as a joint block over the expanded channels.
 JointGeometry depthwise_part(const InvertedResidualGeometry& g) {
@@ -72,11 +76,12 @@ const PackedImpl<T>& packed_for(const PackedPointwise<T>& base, const char* whic
   return *packed;
 }
 
-// Tiles of whole output rows: as many as the band budget allows (the rows a tile reads are
-// expanded once per tile, so fewer, taller tiles recompute fewer shared rows). When that leaves
-// fewer tiles than threads, shared-depthwise mode splits the expand and depthwise by channels and
-// the projection by output channels; when it leaves a few more, tiles are made a multiple of the
-// thread count so no worker waits for a last one. Sets *band_rows to the most rows a tile reads.
+// Tiles of whole output rows, of equal height: as tall as the band budget allows (the rows a tile
+// reads are expanded once per tile, so taller tiles recompute fewer shared rows). When that leaves
+// fewer than two tiles per thread (a small image at a small batch), one tile per image in
+// shared-depthwise mode instead: the expand and the depthwise split by channels (a chunk's band is
+// a fraction of the budget), the projection by output channels, no rows recomputed and every
+// thread busy. Sets *band_rows to the most rows a tile reads.
 Tiling choose_band_tiling(const JointGeometry& g, int64_t elem_size, int64_t panel, int threads,
                           int64_t* band_rows) {
   const int64_t C = g.in_channels, OH = g.out_h, OW = g.out_w, CO = g.out_channels;
@@ -89,20 +94,17 @@ Tiling choose_band_tiling(const JointGeometry& g, int64_t elem_size, int64_t pan
     --r;
   }
   int64_t tiles = ceil_div(OH, r);
+  r = ceil_div(OH, tiles);  // equal heights
   const int64_t t = std::max(1, threads);
-  if (t > 1 && g.batch * tiles >= t && g.batch * tiles < 4 * t && (g.batch * tiles) % t != 0) {
-    int64_t want = tiles;
-    while ((g.batch * want) % t != 0 && want < OH) ++want;
-    r = ceil_div(OH, want);
-    tiles = ceil_div(OH, r);
-  }
-  *band_rows = rows_read(r);
-  if (t > 1 && g.batch * tiles < t) {
+  const bool shared_fits = g.batch * OH * OW * C * elem_size <= kSharedTilesBytes;
+  if (t > 1 && g.batch * tiles < 2 * t && shared_fits) {
+    *band_rows = g.in_h;
     const int64_t npanels = ceil_div(CO, panel);
     const int64_t nco_want = std::min<int64_t>(npanels, 2 * t);
     const int64_t chunk = std::min(CO, ceil_div(npanels, nco_want) * panel);
-    return Tiling{r * OW, tiles, chunk, ceil_div(CO, chunk), true};
+    return Tiling{OH * OW, 1, chunk, ceil_div(CO, chunk), true};
   }
+  *band_rows = rows_read(r);
   return Tiling{r * OW, tiles, CO, 1, false};
 }
 
