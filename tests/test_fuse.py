@@ -219,11 +219,23 @@ def assert_nothing_else_changed(original, fused, report: FuseReport):
     consumed |= set(report.conv_bn_act_moves)  # siblings moved into a ConvBNAct (slots: ConvBNAct, Identity)
     owners = {chain.owner for chain in report.fused if chain.owner is not None}
     fused_paths = module_paths(fused)
+
+    def moved(path):  # modules inside an expand paired into an InvertedResidual moved one level down
+        for old, new in report.inverted_residual_moves.items():
+            if path.startswith(old + "."):
+                return new + path[len(old):]
+        return path
+
     for path, m in module_paths(original).items():
         if path and path not in consumed and not any(path.startswith(c + ".") for c in consumed):
+            if path not in report.inverted_residuals:
+                path = moved(path)
             if path in owners:
                 assert isinstance(fused_paths[path], torch.fx.GraphModule), path
                 assert type(fused_paths[path]).__name__ == type(m).__name__, path
+            elif path in report.inverted_residuals:  # an expand ConvBNAct paired with its JointBlock
+                assert isinstance(fused_paths[path], lwkernels.InvertedResidual), path
+                assert isinstance(fused_paths[path][0], ConvBNAct), path
             elif path in report.conv_bn_acts:  # an image stem, now the native ConvBNAct
                 assert isinstance(fused_paths[path], ConvBNAct), path
             else:
@@ -266,16 +278,20 @@ def test_mobilenet_v2_inverted_residuals():
             assert set(chain.modules) == linear_bottleneck | {"add"} and chain.owner == owner
         else:
             assert set(chain.modules) == linear_bottleneck and chain.owner is None
-    block = fused.features[2].conv[1][0]
-    assert isinstance(block, JointBlock) and block.act.__class__ is nn.Identity
-    # The expand conv (1x1 -> BN -> ReLU6) is a ConvBNAct holding (copies of) the same modules; inside
-    # a traced owner (features.3) its graph now calls the ConvBNAct once instead of its three children.
-    assert isinstance(fused.features[2].conv[0], ConvBNAct) and isinstance(fused.features[3].conv[0], ConvBNAct)
+    # The expand conv (1x1 -> BN -> ReLU6) is a ConvBNAct holding (copies of) the same modules, paired
+    # with the JointBlock it feeds into an InvertedResidual in its slot (the block's slot: Identity);
+    # inside a traced owner (features.3) the graph calls the InvertedResidual once, residual included.
     assert report.conv_bn_acts == ["features.0", "features.2.conv.0", "features.3.conv.0", "features.4.conv.0",
                                    "features.5.conv.0", "features.6"]
-    calls = [n.target for n in fused.features[3].graph.nodes if n.op == "call_module"]
-    assert "conv.0" in calls and not any(t.startswith("conv.0.") for t in calls)
-    assert fused.features[2].conv[0][0] is not model.features[2].conv[0][0]  # a deep copy...
+    assert report.inverted_residuals == ["features.2.conv.0", "features.3.conv.0", "features.4.conv.0",
+                                         "features.5.conv.0"]
+    pair = fused.features[2].conv[0]
+    assert isinstance(pair, lwkernels.InvertedResidual) and isinstance(pair[0], ConvBNAct) and not pair.skip
+    assert isinstance(pair[1], JointBlock) and pair[1].act.__class__ is nn.Identity
+    assert isinstance(fused.features[2].conv[1][0], nn.Identity)
+    calls = [(n.target, len(n.args)) for n in fused.features[3].graph.nodes if n.op == "call_module"]
+    assert calls == [("conv.0", 2)]  # (x, residual x)
+    assert fused.features[2].conv[0][0][0] is not model.features[2].conv[0][0]  # a deep copy...
     assert_nothing_else_changed(model, fused, report)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -326,8 +342,12 @@ def test_inplace_shares_parameters_and_keeps_other_modules():
             assert isinstance(after[path], torch.fx.GraphModule)
             assert dict(after[path].named_children()).keys() == dict(m.named_children()).keys()
         elif path in report.conv_bn_acts:  # a ConvBNAct holding the very same modules
-            assert all(a is b for a, b in zip(after[path], m)), path
+            held = after[path][0] if path in report.inverted_residuals else after[path]  # (paired)
+            assert all(a is b for a, b in zip(held, m)), path
         elif path not in consumed:
+            for old, new in report.inverted_residual_moves.items():  # (inside a paired expand)
+                if path.startswith(old + "."):
+                    path = new + path[len(old):]
             assert after[path] is m, path  # identical objects
     assert report.conv_bn_acts == ["features.0", "features.2.conv.0", "features.3.conv.0", "features.4.conv.0",
                                    "features.5.conv.0", "features.6"]
@@ -442,11 +462,15 @@ def test_fuse_converts_flat_conv_bn_act_runs_in_sequentials_and_traced_graphs():
     fused, report = fuse(model)
     assert report.conv_bn_acts == ["0", "3.layers.0", "4"], report.conv_bn_acts
     assert isinstance(fused[0], ConvBNAct) and isinstance(fused[1], nn.Identity) and isinstance(fused[2], nn.Identity)
-    assert isinstance(fused[3].layers[0], ConvBNAct) and isinstance(fused[3].layers[1], nn.Identity)
+    # In the traced owner the expand ConvBNAct and the JointBlock after it are one InvertedResidual
+    # (expand at .0, block at .1) in the expand's slot, called once with the residual.
+    assert report.inverted_residuals == ["3.layers.0"]
+    assert isinstance(fused[3].layers[0], lwkernels.InvertedResidual) and isinstance(fused[3].layers[1], nn.Identity)
+    assert isinstance(fused[3].layers[0][0], ConvBNAct) and isinstance(fused[3].layers[0][1], JointBlock)
     assert type(fused[7]) is nn.Conv2d
-    calls = [n.target for n in fused[3].graph.nodes if n.op == "call_module"]
-    assert "layers.0" in calls and "layers.1" not in calls and "layers.2" not in calls
-    assert report.conv_bn_act_moves["1"] == "0.1" and report.conv_bn_act_moves["3.layers.2"] == "3.layers.0.2"
+    calls = [(n.target, len(n.args)) for n in fused[3].graph.nodes if n.op == "call_module"]
+    assert calls == [("layers.0", 2)]
+    assert report.conv_bn_act_moves["1"] == "0.1" and report.conv_bn_act_moves["3.layers.2"] == "3.layers.0.0.2"
     assert_nothing_else_changed(original, fused, report)
     # The original's state_dict loads into the fused model through key_map.
     key_map = report.key_map()

@@ -14,4 +14,5 @@ fuse()/to_reference() for models written with plain PyTorch modules.
     fuse_sequential.py  the nn.Sequential matcher for containers torch.fx cannot trace
     fuse_report.py      FuseReport, FusedChain, SkippedChain, TraceFallback
     fuse_conv_bn_act.py conv -> BN -> act containers (image stems, 1x1 convs) to ConvBNAct
+    fuse_inverted_residual.py  expand ConvBNAct + the JointBlock it feeds to InvertedResidual
 """

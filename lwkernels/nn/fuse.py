@@ -36,6 +36,8 @@ from .fuse_graph import trace, trace_in_mode
 from .fuse_report import FusedChain, FuseReport, SkippedChain, TraceFallback
 from .fuse_sequential import SequentialMatcher, is_transparent
 from .fuse_conv_bn_act import convert_conv_bn_acts
+from .fuse_inverted_residual import convert_inverted_residuals
+from .inverted_residual import InvertedResidual, InvertedResidualReference
 from ..ops.reference import JointBlockReference
 
 
@@ -103,6 +105,8 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
     model = fuser.convert_references(model, "")
     model = fuser.fuse_module(model, "")
     model = convert_conv_bn_acts(model, fuser.report)
+    model = convert_inverted_residuals(model, fuser.report)
+    fuser.report.inverted_residuals.sort(key=lambda p: order.get(p, len(order)))
     fuser.report.conv_bn_acts.sort(key=lambda p: order.get(p, len(order)))
     fuser.report.fused.sort(key=lambda c: order.get(c.path, len(order)))  # in the model's module order
     fuser.report.skipped.sort(key=lambda c: order.get(c.path, len(order)))
@@ -112,8 +116,9 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
 def to_reference(model: nn.Module, inplace: bool = False) -> nn.Module:
     """`model` with every JointBlock replaced by a :class:`~lwkernels.JointBlockReference` — the plain
     PyTorch composition with the same modules (same parameters, buffers and training mode), so it
-    computes the same function without the fused op — and every JointChain and ConvBNAct by an
-    nn.Sequential of its modules. Deep-copies `model` first unless `inplace`."""
+    computes the same function without the fused op — every JointChain and ConvBNAct by an
+    nn.Sequential of its modules, and every InvertedResidual by an InvertedResidualReference.
+    Deep-copies `model` first unless `inplace`."""
     if not inplace:
         model = copy.deepcopy(model)
 
@@ -128,13 +133,23 @@ def to_reference(model: nn.Module, inplace: bool = False) -> nn.Module:
         seq.training = chain.training
         return seq
 
+    def pair(ir: InvertedResidual) -> InvertedResidualReference:
+        expand, block = ir[0], ir[1]
+        ref = InvertedResidualReference(plain(expand), convert(block), ir.skip)
+        ref.training = ir.training
+        return ref
+
     if isinstance(model, JointBlock):
         return convert(model)
+    if isinstance(model, InvertedResidual):
+        return pair(model)
     if isinstance(model, (JointChain, ConvBNAct)):
         return plain(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, JointBlock):
+            if isinstance(child, InvertedResidual):
+                setattr(module, name, pair(child))
+            elif isinstance(child, JointBlock):
                 setattr(module, name, convert(child))
             elif isinstance(child, (JointChain, ConvBNAct)):
                 setattr(module, name, plain(child))

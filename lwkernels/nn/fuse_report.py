@@ -63,6 +63,10 @@ class FuseReport:
     #: their old slots hold nn.Identity now), and their state_dict keys (old -> new).
     conv_bn_act_moves: Dict[str, str] = field(default_factory=dict)
     moved_keys: Dict[str, str] = field(default_factory=dict)
+    #: Paths of InvertedResiduals: an expand ConvBNAct and the JointBlock it feeds, paired in the
+    #: expand's slot (module moves, old path -> new path, in inverted_residual_moves; keys in moved_keys).
+    inverted_residuals: List[str] = field(default_factory=list)
+    inverted_residual_moves: Dict[str, str] = field(default_factory=dict)
 
     def key_map(self) -> Dict[str, str]:
         """Old state_dict key -> fused model's key, for every fused chain and moved module."""
@@ -78,4 +82,5 @@ class FuseReport:
         lines += [f"  skipped {s}" for s in self.skipped]
         lines += [f"  not traced {f}" for f in self.fallbacks]
         lines += [f"  native  {p or '(the model)'}: ConvBNAct" for p in self.conv_bn_acts]
+        lines += [f"  native  {p}: InvertedResidual (expand + block)" for p in self.inverted_residuals]
         return "\n".join(lines)
