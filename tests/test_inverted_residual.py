@@ -1,0 +1,141 @@
+"""InvertedResidual (lwkernels/nn/inverted_residual.py, cpu/prepared_inverted_residual.py,
+csrc/inverted_residual.h): expand ConvBNAct + JointBlock (+ skip) as one native call. It agrees with
+the plain composition on a grid of awkward shapes on every CPU path, in both layouts and dtypes,
+really runs the fused call, passes NaN/Inf like the plain modules, falls back where it must, and
+names the problem in construction errors."""
+import pytest
+import torch
+
+from lwkernels import InvertedResidual, JointBlock, to_reference
+from lwkernels.cpu.prepared_inverted_residual import PreparedInvertedResidual
+from helpers import cpu_paths_here, forced_isa, randomize_, tolerance
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    count = {"n": 0}
+    run = PreparedInvertedResidual.run
+
+    def counting(self, x, residual):
+        count["n"] += 1
+        return run(self, x, residual)
+
+    monkeypatch.setattr(PreparedInvertedResidual, "run", counting)
+    return count
+
+
+def _x(*shape, seed=1, dtype=torch.float32, channels_last=False):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def _check(m, x, residual=None):
+    """m(x) twice (the second call replays the fused call) equals the plain composition in float64."""
+    with torch.no_grad():
+        m(x, residual)
+        y = m(x, residual)
+        ref = to_reference(m).double()(x.double(), None if residual is None else residual.double())
+    k = m[1].depthwise.kernel_size
+    rtol, atol = tolerance(x.dtype, m[0][0].in_channels + k[0] * k[1] + m[1].pointwise.in_channels)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol, equal_nan=True)
+    return y
+
+
+# (C_in, C_out, expand ratio, kernel, stride, dilation, H, W): MobileNetV2's shapes and awkward ones
+# (channels off every vector width, 1x1 and narrow images, 5x5, stride 3, DeepLab-style dilation).
+GRID = [
+    (16, 16, 6, 3, 1, 1, 14, 14), (24, 32, 6, 3, 2, 1, 28, 28), (32, 32, 6, 3, 1, 1, 28, 28),
+    (160, 160, 6, 3, 1, 1, 7, 7), (3, 5, 2, 3, 1, 1, 9, 11), (5, 7, 3, 5, 1, 1, 13, 6), (8, 8, 4, 3, 1, 2, 15, 15),
+    (4, 4, 6, 3, 1, 4, 12, 9), (2, 3, 3, 3, 1, 1, 1, 1), (6, 6, 1, 3, 3, 1, 20, 17), (24, 24, 6, 3, 1, 1, 56, 56),
+]
+
+
+@pytest.mark.parametrize("isa", cpu_paths_here())
+@pytest.mark.parametrize("shape", GRID)
+def test_matches_plain_composition(replays, isa, shape):
+    cin, cout, t, k, s, d, h, w = shape
+    v = GRID.index(shape)
+    acts = ["relu6", "hardswish", "silu", "relu"]
+    m = randomize_(InvertedResidual(cin, cout, t, stride=s, dilation=d, kernel_size=k, activation=acts[v % 4]),
+                   seed=v).eval()
+    with forced_isa(isa):
+        for dtype in (torch.float32, torch.float64):
+            for cl in (False, True):
+                _check(m.to(dtype), _x(1 + v % 3, cin, h, w, seed=v, dtype=dtype, channels_last=cl))
+    # Each call after the first of a signature replays the fused call (a 1x1 image's channels_last
+    # tensor is also contiguous: the same signature as the NCHW one before it).
+    assert replays["n"] == (6 if h == w == 1 else 4)
+
+
+def test_explicit_residual_and_threads(replays):
+    m = randomize_(InvertedResidual(8, 12, 6, skip=False), seed=3).eval()
+    x, r = _x(2, 8, 10, 10), _x(2, 12, 10, 10, seed=2)
+    before = torch.get_num_threads()
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            _check(m, x, r)
+        finally:
+            torch.set_num_threads(before)
+    assert replays["n"] == 5  # every call but the first (the thread count is read per call)
+
+
+def test_nan_and_inf_inputs_match_the_plain_composition():
+    m, x = randomize_(InvertedResidual(8, 8, 6), seed=4).eval(), _x(1, 8, 12, 12)
+    x[0, 1, 3, 4] = float("nan")
+    x[0, 2, 7, 7] = float("inf")
+    y = _check(m, x)
+    with torch.no_grad():
+        ref = to_reference(m)(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y).any()
+
+
+def test_replay_sees_weight_changes_and_hooks(replays):
+    m, x = randomize_(InvertedResidual(8, 8, 6), seed=5).eval(), _x(1, 8, 9, 9)
+    _check(m, x)
+    with torch.no_grad():
+        m[0][0].weight.mul_(0.5)  # the expand weights
+        m[1].depthwise.weight.add_(0.1)
+    _check(m, x)
+    assert replays["n"] == 2
+    calls = []
+    handle = m[1].register_forward_hook(lambda *a: calls.append(1))
+    _check(m, x)  # a hook on the block: the two modules run, the hook is called
+    handle.remove()
+    assert replays["n"] == 2 and calls
+
+
+def test_training_and_autograd_run_the_modules(replays):
+    m = randomize_(InvertedResidual(8, 8, 6), seed=6)
+    x = _x(2, 8, 8, 8).requires_grad_()
+    m.train()
+    y = m(x)
+    y.sum().backward()
+    assert x.grad is not None and m[0][0].weight.grad is not None
+    m.eval()
+    y = m(x)
+    torch.testing.assert_close(y, to_reference(m)(x), rtol=1e-4, atol=1e-5)
+    assert replays["n"] == 0
+
+
+def test_state_dict_matches_reference_and_from_modules_shares():
+    m = randomize_(InvertedResidual(8, 16, 6, stride=2), seed=7).eval()
+    ref = to_reference(m)
+    assert list(m.state_dict()) == list(ref.state_dict())
+    again = InvertedResidual.from_modules(m[0], m[1])
+    assert again[0] is m[0] and again[1] is m[1] and not again.skip
+
+
+def test_construction_errors_name_the_problem():
+    m = InvertedResidual(8, 8, 6)
+    with pytest.raises(ValueError, match="block takes 24 channels, the expand conv gives 48"):
+        InvertedResidual.from_modules(m[0], JointBlock(24, 8))
+    with pytest.raises(ValueError, match="skip needs stride 1"):
+        InvertedResidual(8, 8, 6, stride=2, skip=True)
+    with pytest.raises(ValueError, match="expand_ratio must be a positive int"):
+        InvertedResidual(8, 8, 0)
+    with pytest.raises(ValueError, match="expand must be a ConvBNAct"):
+        InvertedResidual.from_modules(torch.nn.Conv2d(8, 48, 1), m[1])
