@@ -10,6 +10,7 @@ import torch
 
 from .ops import inference_backward as _autograd  # noqa: F401  (registers the op's backward)
 from .ops import training as _training  # noqa: F401  (registers the training ops)
+from .ops import inverted_residual_backward as _ir_autograd  # noqa: F401  (registers that op's backward)
 from .nn.block import JointBlock, check_joint_modules
 from .nn.chain import JointChain
 from .nn.conv_bn_act import ConvBNAct
@@ -18,6 +19,7 @@ from .cpu.backend import PACK_CACHE, native as _native, selected_isa
 from .triton.backend import register_cuda_kernel
 from .nn.fuse import FuseReport, fuse, to_reference
 from .ops.inference import joint_block
+from .ops.inverted_residual import inverted_residual, inverted_residual_reference
 from .ops.onnx import onnx_translation_table, register_symbolic as _register_onnx_symbolic
 from .cpu.prepared_call import invalidate_all as _invalidate_prepared_calls
 from .cpu.prepared_chain import invalidate_all as _invalidate_prepared_chains
@@ -64,6 +66,8 @@ __all__ = [
     "check_joint_modules",
     "clear_cache",
     "fuse",
+    "inverted_residual",
+    "inverted_residual_reference",
     "joint_block",
     "joint_block_reference",
     "onnx_translation_table",

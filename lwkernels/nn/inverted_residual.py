@@ -11,9 +11,12 @@ from torch import nn
 
 from ..cpu.prepared_inverted_residual import PreparedInvertedResidual
 from ..ops.activation import ActivationSpec, activation_name
+from ..ops.inference import dispatcher_needed
+from ..ops.inverted_residual import inverted_residual
 from ..ops.reference import JointBlockReference
 from .block import JointBlock
 from .conv_bn_act import ConvBNAct
+from .folding import fold_batchnorm, uses_running_stats
 
 
 class InvertedResidualReference(nn.Module):
@@ -42,9 +45,11 @@ class InvertedResidual(nn.Sequential):
     In eager CPU inference (BatchNorms in eval mode, nothing needing autograd, float32/float64, NCHW or
     channels_last) the whole block is one native call: each work item expands just the input rows its
     tile of outputs reads, in cache, and runs the depthwise and the projection on them, so the 6x-wide
-    expanded tensor never goes to memory. Everything else (training, autograd, other devices,
-    ``torch.compile``, ``torch.export``, ONNX export) runs the two modules, each with its own fused
-    path. Results agree with the plain composition to float rounding (BatchNorm folded).
+    expanded tensor never goes to memory. With eval-mode BatchNorms, autograd, ``torch.compile`` and
+    ``torch.export`` see one ``torch.ops.lwkernels.inverted_residual`` op (BatchNorms folded; its
+    backward recomputes the expanded tensor). Training with batch statistics runs the two modules
+    (ConvBNAct's plain modules, then the JointBlock's training op); ONNX export exports the plain
+    composition. Results agree with the plain composition to float rounding (BatchNorm folded).
 
     ``InvertedResidual(32, 32, expand_ratio=6)`` builds the modules; ``from_modules(expand, block)``
     shares existing ones; ``to_reference()`` gives the plain composition with the same state_dict keys.
@@ -103,15 +108,32 @@ class InvertedResidual(nn.Sequential):
         if residual is None and self.skip:
             residual = x
         expand, block = self._modules["0"], self._modules["1"]
-        eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
-        if eager:
+        if torch.onnx.is_in_onnx_export():  # both exporters translate the plain composition to standard ops
+            return block(expand(x), residual)
+        if not dispatcher_needed() and not (torch.is_grad_enabled() and self._needs_grad(x, residual)):
+            # Eager inference: replay the fused call, or run the two modules (which prepare their own
+            # calls) and prepare it from theirs.
             prepared = self.__dict__.get("_prepared")
             if prepared is not None and prepared.matches(expand, block, x, residual):
                 return prepared.run(x, residual)
-        y = block(expand(x), residual)
-        if eager:
+            y = block(expand(x), residual)
             self.__dict__["_prepared"] = PreparedInvertedResidual.prepare(expand, block, x, residual)
-        return y
+            return y
+        conv, bn, act = (expand._modules[k] for k in ("0", "1", "2"))
+        if not (uses_running_stats(bn) and uses_running_stats(block.bn) and uses_running_stats(block.mid_bn)):
+            return block(expand(x), residual)  # batch statistics: the modules' training paths
+        # Autograd, torch.compile, torch.export: one lwkernels::inverted_residual op.
+        dw, pw = block.depthwise, block.pointwise
+        expand_scale, expand_shift = fold_batchnorm(bn, conv.bias)
+        folded = block._folded_epilogues(dw, pw, block.bn, block.mid_bn)
+        return inverted_residual(x, conv.weight, expand_scale, expand_shift, activation_name(act), dw.weight,
+                                 folded[0], folded[1], activation_name(block.mid_act), pw.weight, folded[2], folded[3],
+                                 residual, activation_name(block.act), list(dw.stride), list(dw.padding),
+                                 list(dw.dilation))
+
+    def _needs_grad(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+        return x.requires_grad or (residual is not None and residual.requires_grad) or \
+            any(p.requires_grad for p in self.parameters())
 
     def __getstate__(self):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)

@@ -2,6 +2,7 @@
 definition, and the backends take the record instead of repeating it.
 
     JointArgs    lwkernels::joint_block's arguments, in its order
+    InvertedResidualArgs  lwkernels::inverted_residual's arguments, in its order
     TrainArgs    lwkernels::joint_block_train's arguments, in its order
     TrainSaved   what its backward (lwkernels::joint_block_train_backward) reads, in that op's order
     TrainOutputs its outputs
@@ -30,6 +31,33 @@ class JointArgs(NamedTuple):
     stride: List[int]
     padding: List[int]
     dilation: List[int]
+
+
+class InvertedResidualArgs(NamedTuple):
+    """e = expand_act(expand_scale * PW(x; expand_weight) + expand_shift), then joint_block's
+    computation on e (JointArgs without x). Checked by contract.check_inverted_residual_args."""
+
+    x: Tensor
+    expand_weight: Tensor
+    expand_scale: Optional[Tensor]
+    expand_shift: Optional[Tensor]
+    expand_act: str
+    dw_weight: Tensor
+    dw_scale: Optional[Tensor]
+    dw_shift: Optional[Tensor]
+    mid_act: str
+    pw_weight: Tensor
+    pw_scale: Optional[Tensor]
+    pw_shift: Optional[Tensor]
+    residual: Optional[Tensor]
+    out_act: str
+    stride: List[int]
+    padding: List[int]
+    dilation: List[int]
+
+    def joint(self, expanded: Tensor) -> JointArgs:
+        """The depthwise -> project part's arguments with `expanded` as its input."""
+        return JointArgs(expanded, *self[5:])
 
 
 class TrainArgs(NamedTuple):

@@ -122,6 +122,35 @@ def check_joint_args(
     return out_shape
 
 
+def check_inverted_residual_args(x: torch.Tensor, expand_weight: torch.Tensor, expand_scale: Optional[torch.Tensor],
+                                 expand_shift: Optional[torch.Tensor], expand_act: str, *joint_rest
+                                 ) -> Tuple[int, int, int, int]:
+    """check_joint_args for the depthwise -> project part over the expanded tensor, after the expand
+    step's own checks (x, its 1x1 weight [C_exp, C_in, 1, 1], [C_exp] scale/shift, activation);
+    returns the output shape."""
+    if x.dim() != 4:
+        hint = " (one image needs a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
+        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {x.dim()}-D shape {list(x.shape)}{hint}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must have a floating-point dtype, got {x.dtype} (convert it with x.float())")
+    n, c_in, h, w = x.shape
+    if expand_weight.dim() != 4 or tuple(expand_weight.shape[1:]) != (c_in, 1, 1) or expand_weight.shape[0] < 1:
+        raise ValueError(f"expand_weight must have shape [C_exp, C_in={c_in}, 1, 1] (a 1x1 nn.Conv2d weight over "
+                         f"x's {c_in} channels), got {list(expand_weight.shape)}")
+    _check_like("expand_weight", expand_weight, x)
+    c_exp = expand_weight.shape[0]
+    _check_vector("expand_scale", expand_scale, c_exp, x)
+    _check_vector("expand_shift", expand_shift, c_exp, x)
+    if expand_act not in ACTIVATIONS:
+        raise ValueError(f"expand_act must be one of {ACTIVATIONS}, got {expand_act!r}")
+    # The expanded tensor's stand-in: its shape, x's dtype and device, one element of storage.
+    expanded = torch.empty_strided((n, c_exp, h, w), (0, 0, 0, 0), dtype=x.dtype, device=x.device)
+    try:
+        return check_joint_args(expanded, *joint_rest)
+    except ValueError as e:
+        raise ValueError(f"{e} (the depthwise conv runs over the {c_exp} expanded channels)") from None
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The output follows the input: channels_last in, channels_last out; anything else gives NCHW."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

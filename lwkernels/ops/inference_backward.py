@@ -39,10 +39,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y):
-    x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, pw_shift, residual, y = ctx.saved_tensors
-    mid_act, out_act = ctx.acts
-    stride, padding, dilation = ctx.conv
-    needs = ctx.needs_input_grad
+    return joint_block_backward(grad_y, ctx.saved_tensors, ctx.acts, ctx.conv, ctx.needs_input_grad)
+
+
+def joint_block_backward(grad_y, saved, acts, conv, needs):
+    """The gradients of joint_block's inputs (None where `needs` says not needed) from what
+    _setup_context saves: (x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, pw_shift,
+    residual if the output activation needs it, y), acts = (mid_act, out_act), conv = (stride,
+    padding, dilation). Also the backward of the depthwise -> project part of the inverted residual."""
+    x, dw_weight, dw_scale, dw_shift, pw_weight, pw_scale, pw_shift, residual, y = saved
+    mid_act, out_act = acts
+    stride, padding, dilation = conv
     channels = x.shape[1]
 
     # Recompute the intermediate instead of having stored it.
