@@ -118,3 +118,38 @@ def test_torch_export_keeps_the_op_as_one_node():
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count("lwkernels.joint_block.default") == 1, targets
     assert not any("convolution" in t for t in targets), targets
+
+
+class CallsTheInvertedResidualOp(nn.Module):
+    """lwkernels::inverted_residual called directly (dilated, with a residual)."""
+
+    def __init__(self, acts):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        self.ew, self.es, self.eb = nn.Parameter(r(24, 4, 1, 1)), nn.Parameter(r(24).abs() + .5), nn.Parameter(r(24))
+        self.dw, self.ds, self.db = nn.Parameter(r(24, 1, 3, 3)), nn.Parameter(r(24).abs() + .5), nn.Parameter(r(24))
+        self.pw, self.ps, self.pb = nn.Parameter(r(4, 24, 1, 1)), nn.Parameter(r(4).abs() + .5), nn.Parameter(r(4))
+        self.acts = acts
+
+    def forward(self, x):
+        return torch.ops.lwkernels.inverted_residual(
+            x, self.ew, self.es, self.eb, self.acts[0], self.dw, self.ds, self.db, self.acts[1], self.pw, self.ps,
+            self.pb, x, self.acts[2], [1, 1], [2, 2], [2, 2])
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("acts", [("relu6", "relu6", "none"), ("hardswish", "silu", "relu")], ids=str)
+def test_inverted_residual_op_and_module_export(exporter, acts, single_thread):
+    x = torch.randn(1, 4, 10, 12)
+    model = CallsTheInvertedResidualOp(acts).eval()
+    with torch.no_grad():
+        expected = model(x)
+    kwargs = {"custom_translation_table": lwkernels.onnx_translation_table()} if exporter == "dynamo" else {}
+    data = _export(model, [x], exporter, **kwargs)
+    assert {"Conv", "Add"} <= set(_op_nodes(data))
+    _assert_same(_run_ort(data, [x]), expected)
+    module = randomize_(lwkernels.InvertedResidual(4, 4, 6, dilation=2, activation=acts[0]), seed=5).eval()
+    with torch.no_grad():
+        expected = module(x)
+    _assert_same(_run_ort(_export(module, [x], exporter), [x]), expected)

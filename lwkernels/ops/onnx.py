@@ -1,8 +1,11 @@
-"""torch.ops.lwkernels.joint_block in ONNX: standard operators any runtime has.
+"""torch.ops.lwkernels.joint_block and torch.ops.lwkernels.inverted_residual in ONNX: standard
+operators any runtime has.
 
     t = mid_act(Conv(x, dw_weight * dw_scale, bias=dw_shift, group=C_in))
     y = out_act(Conv(t, pw_weight * pw_scale, bias=pw_shift) + residual)
 
+(the inverted residual first computes x = expand_act(Conv(x, expand_weight * expand_scale,
+bias=expand_shift)))
 (per-channel scales folded into the convolution weights, shifts as the convolutions' biases; relu as
 Relu, relu6 as Clip(0, 6), hardswish as HardSwish or x * HardSigmoid(x), silu as x * Sigmoid(x)). The graph is written once against a small emitter interface, with one
 emitter for each torch.onnx exporter:
@@ -10,8 +13,9 @@ emitter for each torch.onnx exporter:
 - the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): a symbolic registered
   with torch.onnx.register_custom_op_symbolic when lwkernels is imported;
 - the torch.export-based exporter (``dynamo=True``, the default): :func:`onnx_translation_table`,
-  passed as ``custom_translation_table`` by code that calls the op directly. JointBlock needs
-  neither: under ONNX export it runs its plain PyTorch composition, which both exporters translate.
+  passed as ``custom_translation_table`` by code that calls the ops directly. JointBlock and
+  InvertedResidual need neither: under ONNX export they run their plain PyTorch composition, which
+  both exporters translate.
 """
 from __future__ import annotations
 
@@ -34,6 +38,12 @@ def _emit(ops, x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, p
     if not ops.is_none(residual):
         y = ops.add(y, residual)
     return ops.act(y, out_act)
+
+
+def _emit_expand(ops, x, weight, scale, shift, act):
+    """The inverted residual's expand step through `ops`."""
+    w = weight if ops.is_none(scale) else ops.scale_rows(weight, scale)
+    return ops.act(ops.conv(x, w, None if ops.is_none(shift) else shift, 1, (1, 1), (0, 0), (1, 1)), act)
 
 
 # -- the torch.export-based exporter: onnxscript ------------------------------------------------------
@@ -79,10 +89,17 @@ def _joint_block_onnxscript(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight
                  residual, out_act, stride, padding, dilation, channels=dw_weight.shape[0])
 
 
+def _inverted_residual_onnxscript(x, expand_weight, expand_scale, expand_shift, expand_act, *joint):
+    e = _emit_expand(_OnnxScriptOps(), x, expand_weight, expand_scale, expand_shift, expand_act)
+    return _joint_block_onnxscript(e, *joint)
+
+
 def onnx_translation_table() -> Dict:
-    """``{torch.ops.lwkernels.joint_block.default: translation}`` for torch.onnx.export's
-    ``custom_translation_table`` (dynamo=True), for models that call the op directly."""
-    return {torch.ops.lwkernels.joint_block.default: _joint_block_onnxscript}
+    """``{op: translation}`` for lwkernels::joint_block and lwkernels::inverted_residual, for
+    torch.onnx.export's ``custom_translation_table`` (dynamo=True), for models that call the ops
+    directly."""
+    return {torch.ops.lwkernels.joint_block.default: _joint_block_onnxscript,
+            torch.ops.lwkernels.inverted_residual.default: _inverted_residual_onnxscript}
 
 
 # -- the TorchScript-based exporter: a symbolic -------------------------------------------------------
@@ -138,6 +155,16 @@ def _joint_block_symbolic(g, x, dw_weight, dw_scale, dw_shift, mid_act, pw_weigh
                  sh._parse_arg(padding, "is"), sh._parse_arg(dilation, "is"), channels)
 
 
+def _inverted_residual_symbolic(g, x, expand_weight, expand_scale, expand_shift, expand_act, *joint):
+    from torch.onnx import symbolic_helper as sh
+
+    e = _emit_expand(_TorchScriptOps(g), x, expand_weight, expand_scale, expand_shift,
+                     sh._parse_arg(expand_act, "s"))
+    return _joint_block_symbolic(g, e, *joint)
+
+
 def register_symbolic() -> None:
-    """Registers the TorchScript-exporter symbolic (called when lwkernels is imported)."""
+    """Registers the TorchScript-exporter symbolics (called when lwkernels is imported)."""
     torch.onnx.register_custom_op_symbolic("lwkernels::joint_block", _joint_block_symbolic, SYMBOLIC_OPSET)
+    torch.onnx.register_custom_op_symbolic("lwkernels::inverted_residual", _inverted_residual_symbolic,
+                                           SYMBOLIC_OPSET)
