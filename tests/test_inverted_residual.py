@@ -3,10 +3,12 @@ csrc/inverted_residual.h): expand ConvBNAct + JointBlock (+ skip) as one native 
 the plain composition on a grid of awkward shapes on every CPU path, in both layouts and dtypes,
 really runs the fused call, passes NaN/Inf like the plain modules, falls back where it must, and
 names the problem in construction errors."""
+import math
+
 import pytest
 import torch
 
-from lwkernels import InvertedResidual, JointBlock, to_reference
+from lwkernels import InvertedResidual, JointBlock, inverted_residual, inverted_residual_reference, to_reference
 from lwkernels.cpu.prepared_inverted_residual import PreparedInvertedResidual
 from helpers import cpu_paths_here, forced_isa, randomize_, tolerance
 
@@ -139,3 +141,130 @@ def test_construction_errors_name_the_problem():
         InvertedResidual(8, 8, 0)
     with pytest.raises(ValueError, match="expand must be a ConvBNAct"):
         InvertedResidual.from_modules(torch.nn.Conv2d(8, 48, 1), m[1])
+
+
+# -- the op: torch.ops.lwkernels.inverted_residual ---------------------------------------------------
+
+def _op_args(dtype=torch.float32, channels_last=False, residual=True, acts=("hardswish", "relu6", "silu"), seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    x = r(2, 4, 7, 6)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return [x, r(10, 4, 1, 1), r(10).abs() + 0.5, r(10), acts[0], r(10, 1, 3, 3), r(10).abs() + 0.5, r(10), acts[1],
+            r(4, 10, 1, 1), r(4).abs() + 0.5, r(4), r(2, 4, 7, 6) if residual else None, acts[2], [1, 1], [1, 1], [1, 1]]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_op_matches_reference_and_passes_opcheck(channels_last, residual):
+    args = _op_args(channels_last=channels_last, residual=residual)
+    y = inverted_residual(*args)
+    torch.testing.assert_close(y, inverted_residual_reference(*args), rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.library.opcheck(inverted_residual, args)
+
+
+def test_op_gradients():
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in _op_args(torch.float64)]
+    assert torch.autograd.gradcheck(lambda *t: inverted_residual(*t), args, atol=1e-6)
+
+
+def test_op_errors_name_the_problem():
+    args = _op_args()
+    bad = list(args)
+    bad[1] = torch.randn(10, 5, 1, 1)
+    with pytest.raises(ValueError, match=r"expand_weight must have shape \[C_exp, C_in=4, 1, 1\]"):
+        inverted_residual(*bad)
+    bad = list(args)
+    bad[5] = torch.randn(8, 1, 3, 3)
+    with pytest.raises(ValueError, match="expanded channels"):
+        inverted_residual(*bad)
+    bad = list(args)
+    bad[4] = "gelu"
+    with pytest.raises(ValueError, match="expand_act must be one of"):
+        inverted_residual(*bad)
+    bad = list(args)
+    bad[2] = torch.ones(10, dtype=torch.float64)
+    with pytest.raises(TypeError, match="expand_scale has dtype torch.float64"):
+        inverted_residual(*bad)
+
+
+def test_module_under_autograd_compile_and_export(replays):
+    m = randomize_(InvertedResidual(8, 8, 6), seed=8).eval()
+    x = _x(2, 8, 10, 10)
+    with torch.no_grad():
+        expected = to_reference(m)(x)
+    # Autograd with eval-mode BatchNorm: the op and its backward.
+    xg = x.clone().requires_grad_()
+    y = m(xg)
+    y.sum().backward()
+    ref_x = x.clone().requires_grad_()
+    to_reference(m)(ref_x).sum().backward()
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xg.grad, ref_x.grad, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        compiled = torch.compile(m, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+        exported = torch.export.export(m, (x,))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert any("lwkernels.inverted_residual" in t for t in targets), targets
+    torch.testing.assert_close(exported.module()(x), expected, rtol=1e-4, atol=1e-5)
+    assert replays["n"] == 0
+
+
+def test_onnx_export_runs_the_plain_composition(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    m = randomize_(InvertedResidual(8, 8, 6), seed=9).eval()
+    x = _x(1, 8, 10, 10)
+    path = tmp_path / "ir.onnx"
+    torch.onnx.export(m, (x,), str(path), dynamo=False)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Conv" in ops and "Add" in ops and not any("inverted" in o.lower() for o in ops), ops
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(y, m(x), rtol=1e-4, atol=1e-5)
+
+
+# -- non-finite values: the same positions as the plain composition ---------------------------------
+
+#: (what is poisoned, value): the input, the residual, and one element of each weight / BN parameter.
+POISONS = (("x", float("nan")), ("x", float("inf")), ("x", float("-inf")), ("residual", float("nan")),
+           ("0.0.weight", float("nan")), ("0.1.weight", float("nan")), ("0.1.bias", float("nan")),
+           ("0.1.running_mean", float("nan")), ("0.1.running_var", float("nan")),
+           ("1.depthwise.weight", float("nan")), ("1.mid_bn.running_var", float("nan")),
+           ("1.pointwise.weight", float("nan")), ("1.bn.bias", float("nan")))
+
+
+@pytest.mark.parametrize("poison", POISONS, ids=lambda p: f"{p[0]}={p[1]}")
+@pytest.mark.parametrize("grad", [False, True], ids=["replayed", "op"])
+def test_non_finite_values_propagate_as_in_the_plain_composition(cpu_isa, poison, grad, single_thread):
+    what, value = poison
+    # (relu6 would clip an infinite input to a finite value: silu lets it through)
+    act = "silu" if math.isinf(value) else "relu6"
+    m = randomize_(InvertedResidual(5, 6, 4, dilation=2, activation=act, skip=False), seed=11).eval()
+    x, r = _x(2, 5, 7, 9, seed=12), _x(2, 6, 7, 9, seed=13)
+    if what == "x":
+        x[1, 2, 3, 4] = value
+    elif what == "residual":
+        r[0, 1, 0, 8] = value
+    else:
+        with torch.no_grad():
+            tensor = m.get_buffer(what) if "running" in what else m.get_parameter(what)
+            tensor.view(-1)[1] = value
+    with torch.no_grad():
+        ref = to_reference(m).double()(x.double(), r.double())
+    assert not torch.isfinite(ref).all(), "the poison must reach the reference's output"
+    with torch.set_grad_enabled(grad):
+        m(x, r)
+        y = m(x, r).detach()
+    same = (torch.isnan(y) == torch.isnan(ref)) & (torch.isposinf(y) == torch.isposinf(ref)) & \
+        (torch.isneginf(y) == torch.isneginf(ref))
+    assert same.all(), f"non-finite positions differ at {(~same).nonzero()[:5].tolist()}"
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y.double()[finite], ref[finite], rtol=1e-4, atol=1e-4)
