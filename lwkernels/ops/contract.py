@@ -36,6 +36,14 @@ def _check_like(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
                          f"(move x with x.to('{t.device}') or the module with .to('{x.device}'))")
 
 
+def _check_input(x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        hint = " (one image needs a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
+        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {x.dim()}-D shape {list(x.shape)}{hint}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must have a floating-point dtype, got {x.dtype} (convert it with x.float())")
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -56,11 +64,7 @@ def check_joint_args(
     dilation: Sequence[int],
 ) -> Tuple[int, int, int, int]:
     """Raise a clear exception for anything the op cannot compute; return the output shape."""
-    if x.dim() != 4:
-        hint = " (one image needs a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
-        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {x.dim()}-D shape {list(x.shape)}{hint}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must have a floating-point dtype, got {x.dtype} (convert it with x.float())")
+    _check_input(x)
     n, c_in, h, w = x.shape
     if dw_weight.dim() == 4 and dw_weight.shape[1] == 1 and dw_weight.shape[0] != c_in:
         raise ValueError(
@@ -128,11 +132,7 @@ def check_inverted_residual_args(x: torch.Tensor, expand_weight: torch.Tensor, e
     """check_joint_args for the depthwise -> project part over the expanded tensor, after the expand
     step's own checks (x, its 1x1 weight [C_exp, C_in, 1, 1], [C_exp] scale/shift, activation);
     returns the output shape."""
-    if x.dim() != 4:
-        hint = " (one image needs a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
-        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {x.dim()}-D shape {list(x.shape)}{hint}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must have a floating-point dtype, got {x.dtype} (convert it with x.float())")
+    _check_input(x)
     n, c_in, h, w = x.shape
     if expand_weight.dim() != 4 or tuple(expand_weight.shape[1:]) != (c_in, 1, 1) or expand_weight.shape[0] < 1:
         raise ValueError(f"expand_weight must have shape [C_exp, C_in={c_in}, 1, 1] (a 1x1 nn.Conv2d weight over "
