@@ -29,8 +29,13 @@ std::size_t band_budget_bytes() {
   return b ? b : std::size_t(512) * 1024;
 }
 
-// The most the shared-depthwise mode's buffer of depthwise outputs may take.
-constexpr int64_t kSharedTilesBytes = int64_t(4) << 20;
+// The most the shared-depthwise mode's buffer of depthwise outputs may take (it is written and read
+// back once, from L2 or L3).
+constexpr int64_t kSharedTilesBytes = int64_t(16) << 20;
+
+// The most expanded rows row tiles may compute per row of the image before whole images split by
+// channels are preferred (1.3: 30% of the expand recomputed).
+constexpr double kMaxExpandRecompute = 1.3;
 
 // The depthwise -> project part, as a joint block over the expanded channels.
 JointGeometry depthwise_part(const InvertedResidualGeometry& g) {
@@ -76,36 +81,51 @@ const PackedImpl<T>& packed_for(const PackedPointwise<T>& base, const char* whic
   return *packed;
 }
 
-// Tiles of whole output rows, of equal height: as tall as the band budget allows (the rows a tile
-// reads are expanded once per tile, so taller tiles recompute fewer shared rows). When that leaves
-// fewer than two tiles per thread (a small image at a small batch), one tile per image in
-// shared-depthwise mode instead: the expand and the depthwise split by channels (a chunk's band is
-// a fraction of the budget), the projection by output channels, no rows recomputed and every
-// thread busy. Sets *band_rows to the most rows a tile reads.
+// Tiles of whole output rows, of equal height, as tall as the band budget allows: rows shared by
+// two tiles (the kernel's reach, (k - 1) * dilation rows) are expanded once per tile, so taller
+// tiles recompute less. With few tiles per thread they are cut shorter so every thread gets two.
+// When that would expand more than kMaxExpandRecompute times the image's rows (small images, large
+// dilations) or still leave a thread idle, each image is one tile in shared-depthwise mode instead
+// (if its depthwise outputs fit kSharedTilesBytes): the expand and the depthwise split by channels
+// (a chunk's band is a fraction of the budget), the projection by output channels, nothing
+// recomputed; when they do not fit, tiles grow past the budget until little is recomputed. Sets
+// *band_rows to the most rows a tile reads.
 Tiling choose_band_tiling(const JointGeometry& g, int64_t elem_size, int64_t panel, int threads,
                           int64_t* band_rows) {
   const int64_t C = g.in_channels, OH = g.out_h, OW = g.out_w, CO = g.out_channels;
   auto rows_read = [&](int64_t r) {
     return std::min(g.in_h, (r - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1);
   };
+  // Expanded rows computed per row of the image, for tiles of r output rows.
+  auto recompute = [&](int64_t r) {
+    return double(ceil_div(OH, r) * rows_read(r)) / double(std::max<int64_t>(1, g.in_h));
+  };
   const int64_t budget = static_cast<int64_t>(band_budget_bytes());
   int64_t r = OH;
   while (r > 1 && (C * rows_read(r) * g.in_w * elem_size > budget || r * OW * C * elem_size > budget)) {
     --r;
   }
-  int64_t tiles = ceil_div(OH, r);
-  r = ceil_div(OH, tiles);  // equal heights
+  r = ceil_div(OH, ceil_div(OH, r));  // equal heights
   const int64_t t = std::max(1, threads);
+  if (g.batch * ceil_div(OH, r) < 2 * t) {
+    const int64_t more = ceil_div(OH, std::min(OH, ceil_div(2 * t, g.batch)));
+    if (recompute(more) <= kMaxExpandRecompute) r = more;
+  }
+  const int64_t tiles = ceil_div(OH, r);
   const bool shared_fits = g.batch * OH * OW * C * elem_size <= kSharedTilesBytes;
-  if (t > 1 && g.batch * tiles < 2 * t && shared_fits) {
+  if (t > 1 && shared_fits && (recompute(r) > kMaxExpandRecompute || g.batch * tiles < t)) {
     *band_rows = g.in_h;
     const int64_t npanels = ceil_div(CO, panel);
     const int64_t nco_want = std::min<int64_t>(npanels, 2 * t);
     const int64_t chunk = std::min(CO, ceil_div(npanels, nco_want) * panel);
     return Tiling{OH * OW, 1, chunk, ceil_div(CO, chunk), true};
   }
+  // Too many images to share: taller tiles than the budget allows (the band then spills to L3),
+  // which costs less than expanding every row several times over.
+  while (r < OH && recompute(r) > kMaxExpandRecompute) ++r;
+  r = ceil_div(OH, ceil_div(OH, r));
   *band_rows = rows_read(r);
-  return Tiling{r * OW, tiles, CO, 1, false};
+  return Tiling{r * OW, ceil_div(OH, r), CO, 1, false};
 }
 
 // The expand step's scale and shift, with a vector of slack (the epilogue loads whole vectors of
