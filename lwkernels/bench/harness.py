@@ -13,7 +13,8 @@ from torch import nn
 
 from ..nn.block import JointBlock
 from ..nn.fuse import to_reference
-from ..models.shapes import BlockShape
+from ..nn.inverted_residual import InvertedResidual
+from ..models.shapes import BlockShape, InvertedResidualShape
 
 #: Providers, in the order tables show them. "eager" is the plain PyTorch composition (NCHW, BN as
 #: a separate op): the baseline speedups are quoted against. "onnxruntime" (the same composition
@@ -42,6 +43,20 @@ def make_block(shape: BlockShape, dtype: torch.dtype = torch.float32, device="cp
     block = JointBlock(shape.in_channels, shape.out_channels, stride=shape.stride, dilation=shape.dilation,
                        kernel_size=shape.kernel_size)
     return randomize_batchnorm(block, seed).to(device=device, dtype=dtype).eval()
+
+
+def make_inverted_residual(shape: InvertedResidualShape, dtype: torch.dtype = torch.float32, device="cpu",
+                           seed: int = 0) -> InvertedResidual:
+    torch.manual_seed(seed)
+    block = InvertedResidual(shape.in_channels, shape.out_channels, shape.expand_ratio, stride=shape.stride,
+                             dilation=shape.dilation, kernel_size=shape.kernel_size)
+    return randomize_batchnorm(block, seed).to(device=device, dtype=dtype).eval()
+
+
+def make_module(shape, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> nn.Module:
+    """make_block for a BlockShape, make_inverted_residual for an InvertedResidualShape."""
+    build = make_inverted_residual if isinstance(shape, InvertedResidualShape) else make_block
+    return build(shape, dtype, device, seed)
 
 
 def make_input(shape: BlockShape, batch: int, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):

@@ -32,12 +32,34 @@ from torch import nn
 
 from ..models import build_model, to_reference
 
-PROVIDERS = ("reference", "onnxruntime", "lwkernels")
+PROVIDERS = ("reference", "compile", "onnxruntime", "lwkernels")
+
+#: Prefix of model names taken from torchvision (``torchvision:mobilenet_v2``): the reference is the
+#: torchvision model itself, the fused model what lwkernels.fuse() makes of it.
+TORCHVISION_PREFIX = "torchvision:"
 
 
 def default_input_size(model_name: str) -> int:
     """224 (the papers' ImageNet-size input) except for the 32 x 32 multi-scale network."""
     return 32 if model_name.lower().replace("-", "").replace("_", "") == "multiscalenet" else 224
+
+
+def _torchvision_pair(name: str, num_classes: int, seed: int):
+    """(fused, reference) for torchvision model `name` with random weights and BatchNorm statistics."""
+    try:
+        import torchvision
+    except Exception as e:  # ImportError, or a torchvision built for another torch
+        raise RuntimeError(f"{TORCHVISION_PREFIX}{name} needs an importable torchvision ({e})") from None
+    from ..nn.fuse import fuse
+
+    ctor = getattr(torchvision.models, name, None)
+    if ctor is None:
+        raise ValueError(f"torchvision.models has no model {name!r}")
+    torch.manual_seed(seed)
+    reference = ctor(num_classes=num_classes)
+    _randomize_batchnorm(reference, seed)
+    fused, _ = fuse(reference)
+    return fused, reference
 
 
 def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
@@ -112,8 +134,10 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
                     threads: Optional[int] = None, train: bool = False, input_size: Optional[int] = None,
                     repeats: int = 20, warmup: int = 3, min_time: Optional[float] = None, width_mult: float = 1.0,
                     num_classes: int = 10, channels_last: bool = False, seed: int = 0, onnxruntime: bool = False,
-                    rounds: int = 5, pause: Optional[float] = None, idle_cpu: Optional[float] = None) -> List[Dict]:
-    """Median time per call of `model_name` (see lwkernels.models.MODELS), reference vs fused.
+                    rounds: int = 5, pause: Optional[float] = None, idle_cpu: Optional[float] = None,
+                    compile: bool = False) -> List[Dict]:
+    """Median time per call of `model_name` (see lwkernels.models.MODELS, or ``torchvision:NAME``),
+    reference vs fused (and torch.compile of the reference when `compile`, inference only).
 
     Returns one row per (mode, provider): mode "inference" (and "train" when `train`; batch at least 2
     there, as BatchNorm in training needs it), provider
@@ -127,19 +151,25 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
     device = torch.device(device)
     if batch < 1 or repeats < 1:
         raise ValueError("batch and repeats must be positive")
-    input_size = input_size or default_input_size(model_name)
+    input_size = input_size or (224 if model_name.startswith(TORCHVISION_PREFIX) else default_input_size(model_name))
     old_threads = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be positive, got {threads}")
         torch.set_num_threads(threads)
     try:
-        torch.manual_seed(seed)
-        fused = build_model(model_name, num_classes=num_classes, width_mult=width_mult)
-        _randomize_batchnorm(fused, seed)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if model_name.startswith(TORCHVISION_PREFIX):
+            fused, reference = _torchvision_pair(model_name[len(TORCHVISION_PREFIX):], num_classes, seed)
+            reference = reference.to(device=device, dtype=dtype, memory_format=memory_format).eval()
+        else:
+            torch.manual_seed(seed)
+            fused = build_model(model_name, num_classes=num_classes, width_mult=width_mult)
+            _randomize_batchnorm(fused, seed)
+            reference = None
         fused = fused.to(device=device, dtype=dtype, memory_format=memory_format).eval()
-        reference = to_reference(fused)
+        if reference is None:
+            reference = to_reference(fused)
         models = {"reference": reference, "lwkernels": fused}
         if onnxruntime and (device.type != "cpu" or dtype != torch.float32):
             raise ValueError("the onnxruntime provider runs fp32 on the CPU only")
@@ -159,6 +189,14 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
 
             ort_step = make_ort_provider(reference, x)
             errors["onnxruntime"] = (ort_step().double() - expected).abs().max().item() / scale
+        compiled = None
+        if compile:  # (compiled here, outside the timing, and checked like the others)
+            from .harness import allow_one_compile_per_shape
+
+            allow_one_compile_per_shape()
+            compiled = torch.compile(_copy(reference))
+            with torch.inference_mode():
+                errors["compile"] = (compiled(x).double() - expected).abs().max().item() / scale
 
         base = {"model": model_name, "batch": batch, "input_size": input_size, "device": str(device),
                 "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
@@ -168,8 +206,11 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
         for mode in modes:
             if mode == "inference":
                 steps = {p: _inference_step(m, x, sync) for p, m in models.items()}
+                if compiled is not None:
+                    steps["compile"] = _inference_step(compiled, x, sync)
                 if ort_step is not None:
-                    steps = {"reference": steps["reference"], "onnxruntime": ort_step, "lwkernels": steps["lwkernels"]}
+                    steps["onnxruntime"] = ort_step
+                steps = {p: steps[p] for p in PROVIDERS if p in steps}
                 times = _time_in_rounds(steps, repeats, warmup, min_time, rounds, pause, idle_cpu)
             else:  # separate copies: the optimizer steps must not leak into the other provider's weights
                 # BatchNorm needs 2 values per channel in training: batch 1 with a 1x1 final map would fail.
@@ -219,13 +260,13 @@ def print_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torc
                       min_time: float = 0.3, json_path: Optional[str] = None, threads: Optional[int] = None,
                       train: bool = True, input_size: Optional[int] = None, width_mult: float = 1.0,
                       repeats: int = 5, onnxruntime: bool = False, rounds: int = 5,
-                      pause: Optional[float] = None, idle_cpu: Optional[float] = None) -> int:
+                      pause: Optional[float] = None, idle_cpu: Optional[float] = None, compile: bool = False) -> int:
     """`lwkernels bench --model NAME`: print the side-by-side table (and write JSON); 1 on a mismatch."""
     from .harness import ROUND_PAUSE, environment
 
     rows = run_model_bench(model_name, batch=batch, device=device, dtype=dtype, threads=threads, train=train,
                            input_size=input_size, repeats=repeats, min_time=min_time, width_mult=width_mult,
-                           onnxruntime=onnxruntime, rounds=rounds, pause=pause, idle_cpu=idle_cpu)
+                           onnxruntime=onnxruntime, rounds=rounds, pause=pause, idle_cpu=idle_cpu, compile=compile)
     env = environment(str(device))
     if onnxruntime:
         import onnxruntime as ort

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Dict, List
 
-SHAPE_SETS = ("blocks", "lightweightnet", "lightweightnet32")
+SHAPE_SETS = ("blocks", "lightweightnet", "lightweightnet32", "inverted_residuals")
 
 
 def register(subparsers) -> None:
@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--shapes", default="blocks", choices=SHAPE_SETS,
                    help="blocks: the MobileNet-style benchmark blocks (shapes.BENCHMARK_BLOCKS); "
-                        "lightweightnet(32): its nine blocks at 224 (32) input")
+                        "lightweightnet(32): its nine blocks at 224 (32) input; inverted_residuals: "
+                        "MobileNetV2's inverted residuals and two dilated ones (shapes.INVERTED_RESIDUAL_BLOCKS)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column (slow to compile)")
     p.add_argument("--no-onnxruntime", action="store_true",
                    help="skip the ONNX Runtime column (shown when onnxruntime is installed, CPU fp32 only)")
@@ -36,7 +37,9 @@ def register(subparsers) -> None:
                    help="on a shared machine: before each turn wait (up to 5 s) until other processes keep "
                         "the CPUs at most this busy")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds spent timing each provider per shape")
-    p.add_argument("--model", default=None, help="time a whole model instead (e.g. lightweightnet)")
+    p.add_argument("--model", default=None,
+                   help="time a whole model instead: lightweightnet, mobilenetv1, ... or torchvision:NAME "
+                        "(e.g. torchvision:mobilenet_v2: the model fuse() made of it vs the original)")
     p.add_argument("--train", action="store_true",
                    help="time training steps (forward + backward, batch 8 by default) instead of inference")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
@@ -76,7 +79,7 @@ def run(args) -> int:
         from ..bench.models import print_model_bench
 
         return print_model_bench(args.model, batch=batch, device=device, dtype=dtype, min_time=args.min_time,
-                                 json_path=args.json, train=args.train,
+                                 json_path=args.json, train=args.train, compile=not args.no_compile,
                                  onnxruntime=_with_onnxruntime(args, device, dtype), rounds=args.rounds,
                                  pause=args.pause, idle_cpu=args.idle_cpu)
     if args.train:
@@ -100,11 +103,11 @@ def _with_onnxruntime(args, device: str, dtype) -> bool:
 def _bench_blocks(args, device: str, batch: int, dtype) -> int:
     import torch
 
-    from ..bench.harness import (ROUND_PAUSE, environment, geomean, make_block, make_input, make_provider,
-                                 matmul_rate, medians, thread_pool, time_in_rounds)
+    from ..bench.harness import (ROUND_PAUSE, environment, geomean, make_block, make_input, make_module,
+                                 make_provider, matmul_rate, medians, thread_pool, time_in_rounds)
     from ..nn.chain import JointChain
     from ..nn.fuse import to_reference
-    from ..models.shapes import BENCHMARK_BLOCKS, lightweightnet_blocks
+    from ..models.shapes import BENCHMARK_BLOCKS, INVERTED_RESIDUAL_BLOCKS, lightweightnet_blocks
 
     if args.rounds < 1:
         raise ValueError(f"--rounds must be positive, got {args.rounds}")
@@ -112,11 +115,13 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
         "blocks": list(BENCHMARK_BLOCKS),
         "lightweightnet": lightweightnet_blocks(224),
         "lightweightnet32": lightweightnet_blocks(32),
+        "inverted_residuals": list(INVERTED_RESIDUAL_BLOCKS),
     }[args.shapes]
     # The nine blocks back to back; for the benchmark blocks also LightweightNet's own nine at 224.
     chains = {"blocks": [("benchmark chain", list(BENCHMARK_BLOCKS)), ("chain (224 input)", lightweightnet_blocks(224))],
               "lightweightnet": [("chain (224 input)", lightweightnet_blocks(224))],
-              "lightweightnet32": [("chain (32 input)", lightweightnet_blocks(32))]}[args.shapes]
+              "lightweightnet32": [("chain (32 input)", lightweightnet_blocks(32))],
+              "inverted_residuals": []}[args.shapes]
     with_ort = _with_onnxruntime(args, device, dtype)
     providers = (["eager", "eager_channels_last"] + ([] if args.no_compile else ["compile"])
                  + (["onnxruntime"] if with_ort else []) + ["lwkernels"])
@@ -157,7 +162,7 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
     try:
         for i, shape in enumerate(shapes, 1):
             _progress(i, total, shape.name)
-            rows.append(timed(shape.name, make_block(shape, dtype, device), make_input(shape, batch, dtype, device),
+            rows.append(timed(shape.name, make_module(shape, dtype, device), make_input(shape, batch, dtype, device),
                               shape.flops(batch)))
         for j, (name, chain_shapes) in enumerate(chains, len(shapes) + 1):
             _progress(j, total, name)
@@ -198,7 +203,8 @@ def _bench_blocks(args, device: str, batch: int, dtype) -> int:
             json.dump({"environment": env, "batch": batch, "dtype": args.dtype, "device": device,
                        "timing": {"method": "rounds", "rounds": args.rounds, "min_time_s": args.min_time,
                                   "pause_s": pause, "idle_cpu": args.idle_cpu},
-                       "rows": rows, "chain": chain_rows[-1], "chains": chain_rows, "geomean_speedup": mean,
+                       "rows": rows, "chain": chain_rows[-1] if chain_rows else None, "chains": chain_rows,
+                       "shape_set": args.shapes, "geomean_speedup": mean,
                        **summary, "matmul_gflops": rate / 1e9, "ceiling_geomean_speedup": ceiling}, f, indent=2)
     return 0
 
@@ -229,13 +235,13 @@ def _check(shapes, device: str, dtype) -> List[str]:
     """Compare the fused block with the reference on a small batch of every shape."""
     import torch
 
-    from ..bench.harness import make_block, make_input
+    from ..bench.harness import make_input, make_module
     from ..nn.fuse import to_reference
 
     failures = []
     tol = _tolerance(dtype)
     for shape in shapes:
-        block = make_block(shape, dtype, device)
+        block = make_module(shape, dtype, device)
         x = make_input(shape, 2, dtype, device)
         with torch.inference_mode():
             got = block(x)

@@ -65,3 +65,50 @@ def lightweightnet_blocks(input_size: int = 224, dilation: int = 3) -> List[Bloc
         blocks.append(block)
         size = block.out_size
     return blocks
+
+
+@dataclass(frozen=True)
+class InvertedResidualShape:
+    """An inverted residual: 1x1 expand to in_channels * expand_ratio, k x k depthwise, 1x1 project
+    (the skip add where stride is 1 and the widths match)."""
+
+    in_channels: int
+    out_channels: int
+    expand_ratio: int
+    stride: int
+    size: int  # input H = W
+    dilation: int = 1
+    kernel_size: int = 3
+
+    @property
+    def expanded(self) -> int:
+        return self.in_channels * self.expand_ratio
+
+    @property
+    def out_size(self) -> int:
+        pad = self.dilation * (self.kernel_size - 1) // 2
+        return (self.size + 2 * pad - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+
+    @property
+    def name(self) -> str:
+        d = f" d{self.dilation}" if self.dilation > 1 else ""
+        return f"{self.in_channels}->{self.expanded}->{self.out_channels} s{self.stride}{d} {self.size}"
+
+    def pointwise_flops(self, batch: int) -> int:
+        """Multiply-adds x 2 of the two 1x1 GEMMs."""
+        return 2 * batch * self.expanded * (self.size ** 2 * self.in_channels + self.out_size ** 2 * self.out_channels)
+
+    def flops(self, batch: int) -> int:
+        """Multiply-adds x 2 of the three convolutions (BN/act/add are not counted)."""
+        return self.pointwise_flops(batch) + 2 * batch * self.out_size ** 2 * self.expanded * self.kernel_size ** 2
+
+
+#: torchvision MobileNetV2's inverted residuals with an expand conv at 224 input (one of each shape),
+#: and two dilated ones as DeepLabV3 runs its late blocks at output stride 8 (dilation 2 and 4 at 28).
+INVERTED_RESIDUAL_BLOCKS: Tuple[InvertedResidualShape, ...] = tuple(
+    InvertedResidualShape(*s) for s in [
+        (16, 24, 6, 2, 112), (24, 24, 6, 1, 56), (24, 32, 6, 2, 56), (32, 32, 6, 1, 28), (32, 64, 6, 2, 28),
+        (64, 64, 6, 1, 14), (64, 96, 6, 1, 14), (96, 96, 6, 1, 14), (96, 160, 6, 2, 14), (160, 160, 6, 1, 7),
+        (160, 320, 6, 1, 7), (96, 96, 6, 1, 28, 2), (160, 160, 6, 1, 28, 4),
+    ]
+)
