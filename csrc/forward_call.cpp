@@ -161,14 +161,12 @@ void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling&
 // of channels (NHWC tiles hold channels along rows: two workers must not write one line). Sets
 // dw_chunk and n_dw_chunks; returns the number of depthwise items.
 template <typename T>
-int64_t plan_shared_depthwise(Plan<T>& plan, int64_t batch, int threads,
-                             int64_t chunk_multiple) {
-  const int64_t tiles_all = batch * plan.n_tiles;
+int64_t plan_shared_depthwise(Plan<T>& plan, int64_t units, int threads, int64_t chunk_multiple) {
   const int64_t line = 64 / int64_t(sizeof(T));
   const int64_t unit = std::lcm(line, std::max<int64_t>(1, chunk_multiple));
-  plan.dw_chunk = round_up(ceil_div(plan.C, ceil_div(4 * int64_t(threads), tiles_all)), unit);
+  plan.dw_chunk = round_up(ceil_div(plan.C, ceil_div(4 * int64_t(threads), units)), unit);
   plan.n_dw_chunks = ceil_div(plan.C, plan.dw_chunk);
-  return tiles_all * plan.n_dw_chunks;
+  return units * plan.n_dw_chunks;
 }
 
 // The per-call tables, in the head of the calling thread's scratch: folded depthwise weights and

@@ -45,11 +45,12 @@ template <typename T>
 void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling& tl,
                             const IsaOps<T>& ops);
 
-// Shared-depthwise mode's first phase: sets dw_chunk (about four depthwise items per worker, in
-// whole cache lines of channels and whole multiples of `chunk_multiple`) and n_dw_chunks; returns
-// the number of depthwise items.
+// Shared-depthwise mode's first phase, whose items are (unit, channel chunk) for `units` units
+// (a joint block: every tile of every image): sets dw_chunk (about four items per worker, in whole
+// cache lines of channels and whole multiples of `chunk_multiple`) and n_dw_chunks; returns the
+// number of items.
 template <typename T>
-int64_t plan_shared_depthwise(Plan<T>& plan, int64_t batch, int threads, int64_t chunk_multiple);
+int64_t plan_shared_depthwise(Plan<T>& plan, int64_t units, int threads, int64_t chunk_multiple);
 
 // The per-call tables in the head of the calling thread's scratch (and the shared depthwise tiles,
 // `shared_bytes`); returns where the per-task scratch (plan.scratch_bytes per task) begins.

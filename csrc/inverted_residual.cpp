@@ -81,18 +81,24 @@ const PackedImpl<T>& packed_for(const PackedPointwise<T>& base, const char* whic
   return *packed;
 }
 
-// Tiles of whole output rows, of equal height, as tall as the band budget allows: rows shared by
-// two tiles (the kernel's reach, (k - 1) * dilation rows) are expanded once per tile, so taller
-// tiles recompute less. With few tiles per thread they are cut shorter so every thread gets two.
-// When that would expand more than kMaxExpandRecompute times the image's rows (small images, large
-// dilations) or still leave a thread idle, each image is one tile in shared-depthwise mode instead
-// (if its depthwise outputs fit kSharedTilesBytes): the expand and the depthwise split by channels
-// (a chunk's band is a fraction of the budget), the projection by output channels, nothing
-// recomputed; when they do not fit, tiles grow past the budget until little is recomputed. Sets
-// *band_rows to the most rows a tile reads.
-Tiling choose_band_tiling(const JointGeometry& g, int64_t elem_size, int64_t panel, int threads,
-                          int64_t* band_rows) {
-  const int64_t C = g.in_channels, OH = g.out_h, OW = g.out_w, CO = g.out_channels;
+// How a call is tiled: the work items' tiling, and whether the expand runs by whole images.
+struct BandTiling {
+  Tiling tiling;
+  bool whole_images = false;  // ExpandStage::whole_images (shared-depthwise mode)
+  int64_t band_rows = 0;      // the most input rows a band holds
+};
+
+// Row tiles of equal height, as tall as the band budget allows: rows shared by two tiles (the
+// kernel's reach, (k - 1) * dilation rows) are expanded once per tile, so taller tiles recompute
+// less. With few tiles per thread they are cut shorter so every thread gets two. When that would
+// expand more than kMaxExpandRecompute times the image's rows (small images, large dilations) or
+// still leave a thread idle, shared-depthwise mode by whole images instead (if their depthwise
+// outputs fit kSharedTilesBytes): the first phase expands each image once, split by channels, and
+// runs every tile's depthwise; the second runs the projection on the joint block's own tiling
+// (choose_tiling). When they do not fit, row tiles grow past the budget until little is recomputed.
+BandTiling choose_band_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts,
+                              int threads) {
+  const int64_t C = g.in_channels, OH = g.out_h, OW = g.out_w;
   auto rows_read = [&](int64_t r) {
     return std::min(g.in_h, (r - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1);
   };
@@ -111,21 +117,23 @@ Tiling choose_band_tiling(const JointGeometry& g, int64_t elem_size, int64_t pan
     const int64_t more = ceil_div(OH, std::min(OH, ceil_div(2 * t, g.batch)));
     if (recompute(more) <= kMaxExpandRecompute) r = more;
   }
-  const int64_t tiles = ceil_div(OH, r);
   const bool shared_fits = g.batch * OH * OW * C * elem_size <= kSharedTilesBytes;
-  if (t > 1 && shared_fits && (recompute(r) > kMaxExpandRecompute || g.batch * tiles < t)) {
-    *band_rows = g.in_h;
-    const int64_t npanels = ceil_div(CO, panel);
-    const int64_t nco_want = std::min<int64_t>(npanels, 2 * t);
-    const int64_t chunk = std::min(CO, ceil_div(npanels, nco_want) * panel);
-    return Tiling{OH * OW, 1, chunk, ceil_div(CO, chunk), true};
+  if (t > 1 && shared_fits && (recompute(r) > kMaxExpandRecompute || g.batch * ceil_div(OH, r) < t)) {
+    BandTiling bt;
+    bt.tiling = choose_tiling(g, elem_size, ts, threads);
+    bt.tiling.shared_dw = true;
+    bt.whole_images = true;
+    bt.band_rows = g.in_h;
+    return bt;
   }
   // Too many images to share: taller tiles than the budget allows (the band then spills to L3),
   // which costs less than expanding every row several times over.
   while (r < OH && recompute(r) > kMaxExpandRecompute) ++r;
   r = ceil_div(OH, ceil_div(OH, r));
-  *band_rows = rows_read(r);
-  return Tiling{r * OW, ceil_div(OH, r), CO, 1, false};
+  BandTiling bt;
+  bt.tiling = Tiling{r * OW, ceil_div(OH, r), g.out_channels, 1, false};
+  bt.band_rows = rows_read(r);
+  return bt;
 }
 
 // The expand step's scale and shift, with a vector of slack (the epilogue loads whole vectors of
@@ -163,8 +171,11 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   const IsaOps<T>* ops = ops_for<T>(project.isa());
   const JointGeometry jg = depthwise_part(g);
   const int threads = std::max(1, num_threads);
-  int64_t band_rows = 0;
-  const Tiling tl = choose_band_tiling(jg, sizeof(T), project.panel(), threads, &band_rows);
+  const bool nhwc = g.layout == Layout::kNHWC;
+  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, project.panel(), !nhwc};
+  const BandTiling bt = choose_band_tiling(jg, sizeof(T), ts, threads);
+  const Tiling& tl = bt.tiling;
+  const int64_t band_rows = bt.band_rows;
 
   JointTensors<T> jt;
   jt.x = t.x;  // (each tile's plan reads its band instead: see ExpandStage)
@@ -196,6 +207,7 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   ex.shift = affine.shift.data();
   ex.act = t.expand_act;
   ex.band_rows = band_rows;
+  ex.whole_images = bt.whole_images;
   // + two vectors of slack: the NCHW plane fill reads whole (stride-2: two) vectors of a short row.
   ex.band_elems = C * band_rows * g.in_w + 2 * ops->vw;
   ex.band_offset = plan.scratch_bytes;
@@ -210,8 +222,10 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   std::size_t shared_bytes = 0;
   int64_t n_dw_items = 0;
   if (tl.shared_dw) {
-    // Channel chunks start on the expand weights' panel boundaries (kernel_expand.h).
-    n_dw_items = plan_shared_depthwise(plan, g.batch, threads, int64_t(expand.panel()));
+    // Channel chunks start on the expand weights' panel boundaries (kernel_expand.h); by whole
+    // images, about four chunks per worker.
+    n_dw_items = plan_shared_depthwise(plan, bt.whole_images ? g.batch : g.batch * plan.n_tiles,
+                                       threads, int64_t(expand.panel()));
     shared_bytes = aligned_bytes(g.batch * plan.n_tiles * plan.tile_elems * int64_t(sizeof(T)));
   }
   const int tasks =

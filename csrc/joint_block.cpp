@@ -227,7 +227,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   std::size_t shared_bytes = 0;
   int64_t n_dw_items = 0;
   if (tl.shared_dw) {
-    n_dw_items = plan_shared_depthwise(plan, g.batch, threads, 1);
+    n_dw_items = plan_shared_depthwise(plan, g.batch * plan.n_tiles, threads, 1);
     shared_bytes = aligned_bytes(g.batch * plan.n_tiles * plan.tile_elems * int64_t(sizeof(T)));
   }
   const int tasks =

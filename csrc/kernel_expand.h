@@ -71,18 +71,13 @@ void expand_band(const Plan<typename V::T>& pl, int64_t n, int64_t iy_a, int64_t
   }
 }
 
-// The plan that reads the depthwise input of tile p0 .. p0+np-1 of image n as image 0 of a band
-// of expanded rows, channels [c_lo, c_hi) of which are computed here into the worker's scratch.
+// The plan that reads input rows [iy_a, iy_b) of image n, expanded (channels [c_lo, c_hi) of
+// them computed here into the worker's band), as image 0.
 template <class V>
-Plan<typename V::T> expanded_input(const Plan<typename V::T>& pl, int64_t n, int64_t p0,
-                                   int64_t np, int64_t c_lo, int64_t c_hi, void* scratch) {
+Plan<typename V::T> expanded_rows(const Plan<typename V::T>& pl, int64_t n, int64_t iy_a,
+                                  int64_t iy_b, int64_t c_lo, int64_t c_hi, void* scratch) {
   using T = typename V::T;
   const ExpandStage<T>& ex = *pl.expand;
-  const int64_t oy_a = p0 / pl.OW, oy_b = (p0 + np - 1) / pl.OW;
-  // The input rows the tile's taps reach inside the image (rows outside are zero padding).
-  const int64_t iy_a = imax(0, oy_a * pl.stride_h - pl.pad_h);
-  const int64_t iy_b =
-      imax(iy_a, imin(pl.H, oy_b * pl.stride_h - pl.pad_h + (pl.KH - 1) * pl.dil_h + 1));
   T* band = reinterpret_cast<T*>(static_cast<char*>(scratch) + ex.band_offset);
   if (iy_b > iy_a) expand_band<V>(pl, n, iy_a, iy_b, c_lo, c_hi, band, scratch);
   Plan<T> in = pl;
@@ -91,6 +86,18 @@ Plan<typename V::T> expanded_input(const Plan<typename V::T>& pl, int64_t n, int
   in.x_rows = iy_b - iy_a;
   in.x_end = band + ex.band_elems;
   return in;
+}
+
+// The plan that reads the depthwise input of tile p0 .. p0+np-1 of image n: the input rows its
+// taps reach inside the image (rows outside are zero padding), expanded.
+template <class V>
+Plan<typename V::T> expanded_input(const Plan<typename V::T>& pl, int64_t n, int64_t p0,
+                                   int64_t np, int64_t c_lo, int64_t c_hi, void* scratch) {
+  const int64_t oy_a = p0 / pl.OW, oy_b = (p0 + np - 1) / pl.OW;
+  const int64_t iy_a = imax(0, oy_a * pl.stride_h - pl.pad_h);
+  const int64_t iy_b =
+      imax(iy_a, imin(pl.H, oy_b * pl.stride_h - pl.pad_h + (pl.KH - 1) * pl.dil_h + 1));
+  return expanded_rows<V>(pl, n, iy_a, iy_b, c_lo, c_hi, scratch);
 }
 
 }  // namespace

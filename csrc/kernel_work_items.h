@@ -108,6 +108,22 @@ void compute_tile_depthwise(const Plan<typename V::T>& pl, int64_t n, int64_t p0
 template <class V>
 void run_depthwise(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* scratch) {
   const int64_t npix = pl.OH * pl.OW;
+  if (pl.expand != nullptr && pl.expand->whole_images) {
+    // Inverted residual, item = n * n_dw_chunks + chunk: the chunk's channels of the whole image
+    // expanded once, then every tile's depthwise from that band.
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / pl.n_dw_chunks;
+      const int64_t c_lo = (item % pl.n_dw_chunks) * pl.dw_chunk;
+      const int64_t c_hi = imin(pl.C, c_lo + pl.dw_chunk);
+      const Plan<typename V::T> band = expanded_rows<V>(pl, n, 0, pl.H, c_lo, c_hi, scratch);
+      for (int64_t t = 0; t < pl.n_tiles; ++t) {
+        const int64_t p0 = t * pl.tile_px;
+        depthwise_tile<V>(band, 0, p0, imin(pl.tile_px, npix - p0), c_lo, c_hi,
+                          pl.shared_dw + (n * pl.n_tiles + t) * pl.tile_elems, scratch);
+      }
+    }
+    return;
+  }
   for (int64_t item = begin; item < end; ++item) {
     const int64_t chunk = item % pl.n_dw_chunks;
     const int64_t nt = item / pl.n_dw_chunks;
