@@ -10,6 +10,9 @@ every workload's second, ... The median over runs of each run's medians decides.
     blocks b1      the nine benchmark blocks and the benchmark chain, batch 1 (`lwkernels bench`)
     chain b8       the benchmark chain at batch 8 (`lwkernels bench --batch 8`)
     lightweightnet b1 / b8, mobilenetv1 b1 / b8   whole models at 224 (`lwkernels bench --model`)
+    inverted residuals b1 / b8   MobileNetV2's inverted residuals (`--shapes inverted_residuals`)
+    mobilenet_v2 b1 / b8, mnasnet1_0 b1 / b8   torchvision's models against fuse() of them
+                   (`--model torchvision:NAME`, with torch.compile; needs torchvision: not default)
 
 Prints a table of lwkernels / ONNX Runtime speed per workload (above 1: lwkernels faster) with the
 targets of the CPU speed issue, and writes every run's JSON plus the medians to --out.
@@ -27,7 +30,8 @@ import time
 from typing import Dict, List
 
 TARGETS = {"blocks geomean": 1.05, "slowest block": 0.95, "chain b1": 1.05, "chain b8": 1.05,
-           "lightweightnet b1": 1.1, "lightweightnet b8": 1.1, "mobilenetv1 b1": 1.1, "mobilenetv1 b8": 1.1}
+           "lightweightnet b1": 1.1, "lightweightnet b8": 1.1, "mobilenetv1 b1": 1.1, "mobilenetv1 b8": 1.1,
+           "mobilenet_v2 b1": 1.1, "mobilenet_v2 b8": 1.1, "mnasnet1_0 b1": 1.1, "mnasnet1_0 b8": 1.1}
 
 WORKLOADS = {
     "blocks b1": ["--no-compile", "--min-time", "1", "--rounds", "5"],
@@ -36,6 +40,13 @@ WORKLOADS = {
     "lightweightnet b8": ["--no-compile", "--model", "lightweightnet", "--batch", "8", "--min-time", "3"],
     "mobilenetv1 b1": ["--no-compile", "--model", "mobilenetv1", "--batch", "1", "--min-time", "3"],
     "mobilenetv1 b8": ["--no-compile", "--model", "mobilenetv1", "--batch", "8", "--min-time", "3"],
+    "inverted residuals b1": ["--no-compile", "--shapes", "inverted_residuals", "--min-time", "1"],
+    "inverted residuals b8": ["--no-compile", "--shapes", "inverted_residuals", "--batch", "8", "--min-time", "1"],
+}
+#: Need torchvision (its own environment); run with --workloads.
+TORCHVISION_WORKLOADS = {
+    f"{name} b{batch}": ["--model", f"torchvision:{name}", "--batch", str(batch), "--min-time", "3"]
+    for name in ("mobilenet_v2", "mnasnet1_0") for batch in (1, 8)
 }
 
 
@@ -58,14 +69,21 @@ def _ratios(name: str, result: dict) -> Dict[str, float]:
     if name == "chain b8":
         bench_chain = next(c for c in result["chains"] if c["shape"] == "benchmark chain")
         return {"chain b8": bench_chain["speedup_vs_onnxruntime"]}
-    fused = next(r for r in result["rows"] if r["provider"] == "lwkernels")
-    return {name: fused["vs_onnxruntime"]}
+    if name.startswith("inverted residuals"):
+        per_block = [r["speedup_vs_onnxruntime"] for r in result["rows"]]
+        return {f"{name} geomean": result["geomean_speedup_vs_onnxruntime"], f"{name} slowest": min(per_block)}
+    rows = {r["provider"]: r for r in result["rows"]}
+    ratios = {name: rows["lwkernels"]["vs_onnxruntime"]}
+    if "compile" in rows:  # lwkernels / torch.compile speed
+        ratios[f"{name} vs compile"] = rows["compile"]["median_ms"] / rows["lwkernels"]["median_ms"]
+    return ratios
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS),
+                   choices=list(WORKLOADS) + list(TORCHVISION_WORKLOADS))
     p.add_argument("--pause", type=float, default=2.0, help="seconds of idle between runs")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds a run may take")
     p.add_argument("--out", default=None, help="write every run and the medians here (JSON)")
@@ -75,7 +93,7 @@ def main(argv=None) -> int:
     for i in range(args.runs):
         for name in args.workloads:
             time.sleep(args.pause)
-            runs[name].append(_run(WORKLOADS[name], args.timeout))
+            runs[name].append(_run({**WORKLOADS, **TORCHVISION_WORKLOADS}[name], args.timeout))
             print(f"run {i + 1}/{args.runs}: {name} done", file=sys.stderr)
 
     values: Dict[str, List[float]] = {}
@@ -86,12 +104,13 @@ def main(argv=None) -> int:
     medians = {key: statistics.median(v) for key, v in values.items()}
     env = next(iter(runs.values()))[0]["environment"]
     print(f"lwkernels / ONNX Runtime speed, median of {args.runs} runs ({env.get('device', '')}, {env.get('cpu_path', '')} path, {env.get('threads', '')} threads):")
-    print(f"{'quantity':<20} {'median':>7} {'target':>7}   runs")
+    print(f"{'quantity':<28} {'median':>7} {'target':>7}   runs")
     for key, value in medians.items():
         target = TARGETS.get(key)
         mark = "" if target is None else ("met" if value >= target else "not met")
         runs_text = " ".join(f"{v:.2f}" for v in values[key])
-        print(f"{key:<20} {value:>6.2f}x {target:>6.2f}x   {runs_text}   {mark}")
+        target_text = f"{target:>6.2f}x" if target is not None else " " * 7
+        print(f"{key:<28} {value:>6.2f}x {target_text}   {runs_text}   {mark}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": env, "runs": args.runs, "medians": medians, "values": values,
