@@ -217,6 +217,7 @@ def assert_nothing_else_changed(original, fused, report: FuseReport):
     # a module replaced by its traced GraphModule keeps its class name.
     consumed = {p for chain in report.fused for p in chain.modules.values()}
     consumed |= set(report.conv_bn_act_moves)  # siblings moved into a ConvBNAct (slots: ConvBNAct, Identity)
+    consumed |= set(report.inverted_residual_norms)  # norms with an activation, now a plain twin
     owners = {chain.owner for chain in report.fused if chain.owner is not None}
     fused_paths = module_paths(fused)
 

@@ -10,6 +10,8 @@ from typing import Callable, Dict, Optional, Set, Tuple
 
 import pytest
 import torch
+
+import lwkernels
 from torch import nn
 
 from lwkernels import JointBlock
@@ -188,11 +190,21 @@ def test_act_carrying_norm_shares_its_tensors_and_keeps_the_block_shape():
     chain = next(c for c in report.fused if c.path == "blocks.1.0.conv_dw")
     assert chain.key_map["blocks.1.0.bn1.running_var"] == "blocks.1.0.conv_dw.mid_bn.running_var"
     assert chain.key_map["blocks.1.0.bn2.num_batches_tracked"] == "blocks.1.0.conv_dw.bn.num_batches_tracked"
-    # A residual block is traced: a GraphModule of that block only, its children kept by name.
+    # A residual block is traced: a GraphModule of that block only, its children kept by name. Its
+    # expansion (conv_pw, then bn1 with its activation) and the JointBlock after it are paired into
+    # one lwkernels.InvertedResidual in conv_pw's slot, called once with the residual; bn1's tensors
+    # are shared by a plain BatchNorm2d in it, its activation applied once.
     ir = fused.blocks[2][0]
     assert isinstance(ir, torch.fx.GraphModule) and type(ir).__name__ == "InvertedResidual"
-    assert isinstance(ir.conv_pw, nn.Conv2d) and isinstance(ir.bn1, BatchNormAct2d)  # the expansion is untouched
-    assert "conv_dw" in ir.code and "bn3" not in ir.code
+    pair = ir.conv_pw
+    assert isinstance(pair, lwkernels.InvertedResidual) and isinstance(pair[1], JointBlock)
+    assert isinstance(ir.bn1, nn.Identity) and isinstance(ir.conv_dw, nn.Identity)
+    assert type(pair[0][1]) is nn.BatchNorm2d and isinstance(pair[0][2], nn.ReLU)
+    assert report.inverted_residuals == ["blocks.2.0.conv_pw", "blocks.7.0.conv_pw"]  # the residual blocks
+    assert report.key_map()["blocks.2.0.bn1.running_var"] == "blocks.2.0.conv_pw.0.1.running_var"
+    assert report.key_map()["blocks.2.0.conv_pw.weight"] == "blocks.2.0.conv_pw.0.0.weight"
+    calls = [(n.target, len(n.args)) for n in ir.graph.nodes if n.op == "call_module"]
+    assert calls == [("conv_pw", 2)], calls
 
 
 def test_shared_activation_stays_for_its_other_use():

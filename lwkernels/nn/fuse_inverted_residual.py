@@ -7,7 +7,10 @@ call that never writes the expanded tensor whole (docs/fuse.md). The pairs are f
   next child that is not nn.Identity, which is the JointBlock or a container whose only non-Identity
   child is the JointBlock (torchvision's Conv2dNormActivation after fuse() put the block in it);
 - in traced owners (GraphModules fuse() made of blocks with a residual add): a call of the expand
-  whose only user is the JointBlock's call; the block's residual argument stays the pair's.
+  whose only user is the JointBlock's call; the block's residual argument stays the pair's. timm's
+  blocks call their expand as two modules, a 1x1 conv and a BatchNormAct2d (norm and activation in
+  one module): that pair of calls becomes a ConvBNAct (the conv, a plain BatchNorm2d sharing the
+  norm's tensors, its activation) inside the InvertedResidual.
 
 The two modules' state_dict keys move under the InvertedResidual (``<expand>.0.*``, ``<expand>.1.*``);
 report.key_map() maps the original keys to them."""
@@ -20,6 +23,7 @@ from torch import fx, nn
 
 from .block import JointBlock
 from .conv_bn_act import ConvBNAct
+from .fuse_patterns import is_norm_module, norm_activation, plain_batchnorm_sharing
 from .inverted_residual import InvertedResidual
 
 
@@ -59,13 +63,18 @@ class _Converter:
         self.model = model
         self.report = report
         self.counts = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-        self.moves: Dict[str, str] = {}  # module path prefix -> new prefix
+        self.moves: Dict[str, str] = {}  # module path -> new path (the same module)
+        self.key_moves: Dict[str, str] = {}  # further state_dict key prefixes -> new prefixes
 
     def movable(self, *modules: nn.Module) -> bool:
         return all(self.counts[id(m)] == 1 and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
-    def pair(self, expand: ConvBNAct, block: JointBlock, expand_path: str, block_path: str) -> Optional[InvertedResidual]:
-        if block.depthwise.in_channels != expand[0].out_channels or not self.movable(expand, block):
+    def pair(self, expand: ConvBNAct, block: JointBlock, expand_path: str, block_path: str,
+             new_expand: bool = False) -> Optional[InvertedResidual]:
+        """The InvertedResidual of `expand` and `block` for the expand's slot, with the moves recorded;
+        None when they do not chain or may not move. (`new_expand`: made here of moved modules.)"""
+        if block.depthwise.in_channels != expand[0].out_channels \
+                or not self.movable(*((block,) if new_expand else (expand, block))):
             return None
         ir = InvertedResidual.from_modules(expand, block, skip=False)
         ir.training = expand.training
@@ -106,6 +115,11 @@ class _Converter:
         for node in list(gm.graph.nodes):
             if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
                 continue
+            if getattr(node, "_erased", False):  # (by an earlier match)
+                continue
+            if self.convert_conv_norm_act_call(gm, path, node):
+                changed = True
+                continue
             user = next(iter(node.users))
             if user.op != "call_module" or not user.args or user.args[0] is not node or node in user.args[1:] \
                     or any(node is v for v in user.kwargs.values()):
@@ -131,8 +145,51 @@ class _Converter:
             gm.graph.lint()
             gm.recompile()
 
+    def convert_conv_norm_act_call(self, gm: fx.GraphModule, path: str, conv_node: fx.Node) -> bool:
+        """conv -> norm-with-activation -> JointBlock calls (timm's expand): one InvertedResidual call."""
+        norm_node = next(iter(conv_node.users))
+        if norm_node.op != "call_module" or norm_node.args != (conv_node,) or norm_node.kwargs \
+                or len(norm_node.users) != 1:
+            return False
+        user = next(iter(norm_node.users))
+        if user.op != "call_module" or not user.args or user.args[0] is not norm_node or norm_node in user.args[1:]:
+            return False
+        try:
+            conv, norm, block = (gm.get_submodule(n.target) for n in (conv_node, norm_node, user))
+        except AttributeError:
+            return False
+        if not isinstance(conv, nn.Conv2d) or not isinstance(block, JointBlock) or not is_norm_module(norm):
+            return False
+        act, problem = norm_activation(norm)
+        if act is None or problem is not None or not self.movable(conv, norm):
+            return False
+        try:
+            expand = ConvBNAct.from_modules(conv, plain_batchnorm_sharing(norm), act)
+        except ValueError:  # not a convolution ConvBNAct runs (grouped, padded, ...)
+            return False
+        conv_path, norm_path = _join(path, conv_node.target), _join(path, norm_node.target)
+        if not _is_expand(expand):
+            return False
+        expand.training = conv.training
+        ir = self.pair(expand, block, conv_path, _join(path, user.target), new_expand=True)
+        if ir is None:
+            return False
+        self.moves[conv_path] = f"{conv_path}.0.0"  # (pair() recorded the ConvBNAct's own slot)
+        self.key_moves[norm_path] = f"{conv_path}.0.1"  # (its keys; the module is a plain twin)
+        self.report.inverted_residual_norms[norm_path] = f"{conv_path}.0.1"
+        _set(gm, user.target, nn.Identity())
+        _set(gm, norm_node.target, nn.Identity())
+        _set(gm, conv_node.target, ir)
+        with gm.graph.inserting_after(user):
+            call = gm.graph.call_module(conv_node.target, (conv_node.args[0],) + tuple(user.args[1:]),
+                                        dict(user.kwargs))
+        user.replace_all_uses_with(call)
+        for n in (user, norm_node, conv_node):
+            gm.graph.erase_node(n)
+        return True
+
     def relocate(self, key: str) -> str:
-        for old, new in self.moves.items():
+        for old, new in {**self.moves, **self.key_moves}.items():
             if key.startswith(old + "."):
                 return new + key[len(old):]
         return key

@@ -67,6 +67,9 @@ class FuseReport:
     #: expand's slot (module moves, old path -> new path, in inverted_residual_moves; keys in moved_keys).
     inverted_residuals: List[str] = field(default_factory=list)
     inverted_residual_moves: Dict[str, str] = field(default_factory=dict)
+    #: Norms with their own activation (timm's BatchNormAct2d) of paired expands: old path -> path of
+    #: the plain BatchNorm2d that shares their tensors (their slots hold nn.Identity now).
+    inverted_residual_norms: Dict[str, str] = field(default_factory=dict)
 
     def key_map(self) -> Dict[str, str]:
         """Old state_dict key -> fused model's key, for every fused chain and moved module."""
