@@ -145,12 +145,88 @@ struct ExpandAffine {
 template <typename T>
 thread_local ExpandAffine<T> t_expand_affine;
 
+// dst[n][p][c] = src[n][c][p] for `batch` images of `channels` x `pixels` (to_nhwc), or back.
+template <typename T>
+void transpose_images(const T* src, T* dst, int64_t batch, int64_t channels, int64_t pixels,
+                      bool to_nhwc) {
+  constexpr int64_t kBlock = 16;  // a 16 x 16 block of either side stays in L1
+  for (int64_t n = 0; n < batch; ++n) {
+    const T* s = src + n * channels * pixels;
+    T* d = dst + n * channels * pixels;
+    for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
+      const int64_t c1 = std::min(channels, c0 + kBlock);
+      for (int64_t p0 = 0; p0 < pixels; p0 += kBlock) {
+        const int64_t p1 = std::min(pixels, p0 + kBlock);
+        for (int64_t c = c0; c < c1; ++c) {
+          for (int64_t p = p0; p < p1; ++p) {
+            if (to_nhwc) {
+              d[p * channels + c] = s[c * pixels + p];
+            } else {
+              d[c * pixels + p] = s[p * channels + c];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The calling thread's NHWC copies of x, the residual and y for transpose_io calls.
+template <typename T>
+struct TransposedIo {
+  std::vector<T> x, residual, y;
+};
+template <typename T>
+thread_local TransposedIo<T> t_transposed;
+
+template <typename T>
+void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T>& project_base,
+                  const InvertedResidualGeometry& g, const InvertedResidualTensors<T>& t,
+                  int num_threads);
+
+// transpose_io: the NCHW tensors through NHWC scratch around an NHWC run.
+template <typename T>
+void forward_transposed(const PackedPointwise<T>& expand, const PackedPointwise<T>& project,
+                        const InvertedResidualGeometry& g, const InvertedResidualTensors<T>& t,
+                        int num_threads) {
+  if (t.x == nullptr || t.y == nullptr) {
+    throw std::invalid_argument(std::string("inverted_residual_forward: ") +
+                                (t.x == nullptr ? "x" : "y") + " is null");
+  }
+  TransposedIo<T>& io = t_transposed<T>;
+  const int64_t in_px = g.in_h * g.in_w, out_px = g.out_h * g.out_w;
+  io.x.resize(static_cast<std::size_t>(g.batch * g.in_channels * in_px));
+  io.y.resize(static_cast<std::size_t>(g.batch * g.out_channels * out_px));
+  transpose_images(t.x, io.x.data(), g.batch, g.in_channels, in_px, true);
+  InvertedResidualTensors<T> nhwc = t;
+  nhwc.x = io.x.data();
+  nhwc.y = io.y.data();
+  if (t.residual == t.x) {
+    nhwc.residual = io.x.data();
+  } else if (t.residual != nullptr) {
+    io.residual.resize(io.y.size());
+    transpose_images(t.residual, io.residual.data(), g.batch, g.out_channels, out_px, true);
+    nhwc.residual = io.residual.data();
+  }
+  InvertedResidualGeometry inner = g;
+  inner.transpose_io = false;
+  forward_impl(expand, project, inner, nhwc, num_threads);
+  transpose_images(io.y.data(), t.y, g.batch, g.out_channels, out_px, false);
+}
+
 template <typename T>
 void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T>& project_base,
                   const InvertedResidualGeometry& g, const InvertedResidualTensors<T>& t,
                   int num_threads) {
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("inverted_residual_forward: " + err);
+  if (g.transpose_io) {
+    if (g.layout != Layout::kNHWC) {
+      throw std::invalid_argument("inverted_residual_forward: transpose_io needs layout NHWC");
+    }
+    if (g.batch > 0) forward_transposed(expand_base, project_base, g, t, num_threads);
+    return;
+  }
   const PackedImpl<T>& expand =
       packed_for(expand_base, "expand", g.layout, g.expanded_channels, g.in_channels);
   const PackedImpl<T>& project =

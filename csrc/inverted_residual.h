@@ -28,6 +28,10 @@ struct InvertedResidualGeometry {
   int64_t pad_h = 0, pad_w = 0;
   int64_t dil_h = 1, dil_w = 1;
   Layout layout = Layout::kNCHW;
+  // With layout kNHWC: x, residual and y are NCHW all the same, transposed to and from per-call
+  // scratch around an NHWC run (the weights packed for NHWC). Worth it for small images with many
+  // channels, whose NCHW depthwise runs along rows a few pixels long.
+  bool transpose_io = false;
 };
 
 // Empty when `g` is computable, else a message naming the problem.

@@ -59,7 +59,7 @@ void bind_inverted_residual(py::module_& m) {
                        int64_t expanded_channels, int64_t out_channels, int64_t out_h, int64_t out_w,
                        int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
                        int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-                       const std::string& layout) {
+                       const std::string& layout, bool transpose_io) {
              lwk::InvertedResidualGeometry g;
              g.batch = batch;
              g.in_channels = in_channels;
@@ -78,12 +78,15 @@ void bind_inverted_residual(py::module_& m) {
              g.dil_h = dil_h;
              g.dil_w = dil_w;
              g.layout = lwk_bind::layout_from_name(layout);
+             g.transpose_io = transpose_io;
              return g;
            }),
            py::kw_only(), py::arg("batch"), py::arg("in_channels"), py::arg("in_h"), py::arg("in_w"),
            py::arg("expanded_channels"), py::arg("out_channels"), py::arg("out_h"), py::arg("out_w"),
            py::arg("kernel_h"), py::arg("kernel_w"), py::arg("stride_h"), py::arg("stride_w"),
-           py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"), py::arg("layout"))
+           py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"), py::arg("layout"),
+           py::arg("transpose_io") = false)
+      .def_readonly("transpose_io", &lwk::InvertedResidualGeometry::transpose_io)
       .def("validate", [](const lwk::InvertedResidualGeometry& g) { return lwk::validate(g); });
   bind_forward<float>(m);
   bind_forward<double>(m);

@@ -72,6 +72,18 @@ def test_matches_plain_composition(replays, isa, shape):
     assert replays["n"] == (6 if h == w == 1 else 4)
 
 
+@pytest.mark.parametrize("size,kernel,transposes", [(7, 3, True), (14, 5, True), (14, 3, False), (9, 3, False)])
+def test_small_nchw_images_run_channels_last_inside(replays, size, kernel, transposes):
+    """NCHW calls with a 7x7 output (14x14 for a 5x5 depthwise) run the NHWC kernels on transposed
+    copies; the result is NCHW and equal to the plain composition either way."""
+    m = randomize_(InvertedResidual(16, 16, 6, kernel_size=kernel), seed=12).eval()
+    x = _x(2, 16, size, size)
+    y = _check(m, x)
+    assert m.__dict__["_prepared"].transposes == transposes and y.is_contiguous()
+    _check(m, x.contiguous(memory_format=torch.channels_last))  # channels_last input: no transposing
+    assert not m.__dict__["_prepared"].transposes and replays["n"] == 2
+
+
 def test_explicit_residual_and_threads(replays):
     m = randomize_(InvertedResidual(8, 12, 6, skip=False), seed=3).eval()
     x, r = _x(2, 8, 10, 10), _x(2, 12, 10, 10, seed=2)

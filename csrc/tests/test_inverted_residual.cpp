@@ -4,7 +4,8 @@
 // multiple of any vector width, 1x1 images and images narrower than a vector, kernels 1-5, strides
 // 1-3, dilation, no/large padding, batch > 1, residual from x and from another tensor, every
 // activation, 1-3 threads, tiles of one output row (a tiny band budget) up to whole images, the
-// shared-depthwise split (more threads than tiles), both layouts, every ISA (float) and double;
+// shared-depthwise split (more threads than tiles), both layouts and NCHW tensors through NHWC
+// kernels (transpose_io), every ISA (float) and double;
 // plus NaN propagation and validation.
 #include <cmath>
 #include <cstdint>
@@ -61,9 +62,11 @@ int64_t at(Layout layout, int64_t C, int64_t H, int64_t W, int64_t n, int64_t c,
   return layout == Layout::kNCHW ? ((n * C + c) * H + y) * W + x : ((n * H + y) * W + x) * C + c;
 }
 
+// `layout` is the tensors'; with transpose_io the kernels run NHWC on NCHW tensors.
 template <typename T>
 void run_case(const Shape& sh, Layout layout, const Acts& acts, Residual res, int threads, Isa isa,
-              uint64_t seed, bool nan_pixel = false) {
+              uint64_t seed, bool nan_pixel = false, bool transpose_io = false) {
+  if (transpose_io && layout != Layout::kNCHW) return;
   InvertedResidualGeometry g;
   g.batch = sh.n;
   g.in_channels = sh.cin;
@@ -77,7 +80,8 @@ void run_case(const Shape& sh, Layout layout, const Acts& acts, Residual res, in
   g.dil_h = g.dil_w = sh.dil;
   g.out_h = out_size(sh.h, sh.k, sh.s, sh.pad, sh.dil);
   g.out_w = out_size(sh.w, sh.k, sh.s, sh.pad, sh.dil);
-  g.layout = layout;
+  g.layout = transpose_io ? Layout::kNHWC : layout;
+  g.transpose_io = transpose_io;
   if (g.out_h < 1 || g.out_w < 1) return;
   if (res == Residual::kX && (sh.cin != sh.cout || g.out_h != sh.h || g.out_w != sh.w)) return;
   ++g_runs;
@@ -110,8 +114,8 @@ void run_case(const Shape& sh, Layout layout, const Acts& acts, Residual res, in
     x[at(layout, sh.cin, sh.h, sh.w, nan_at[0], nan_at[1], nan_at[2], nan_at[3])] =
         std::numeric_limits<T>::quiet_NaN();
   }
-  const auto packed_e = lwk::pack_pointwise<T>(isa, layout, we.data(), sh.cexp, sh.cin);
-  const auto packed_p = lwk::pack_pointwise<T>(isa, layout, wp.data(), sh.cout, sh.cexp);
+  const auto packed_e = lwk::pack_pointwise<T>(isa, g.layout, we.data(), sh.cexp, sh.cin);
+  const auto packed_p = lwk::pack_pointwise<T>(isa, g.layout, wp.data(), sh.cout, sh.cexp);
   std::vector<T> y(sh.n * sh.cout * OH * OW, std::numeric_limits<T>::quiet_NaN());
   lwk::InvertedResidualTensors<T> t;
   t.x = x.data();
@@ -190,7 +194,8 @@ void run_case(const Shape& sh, Layout layout, const Acts& acts, Residual res, in
             CHECK(false,
                   "%s %s n=%lld cin=%lld %lldx%lld cexp=%lld cout=%lld k=%lld s=%lld p=%lld d=%lld acts=%d/%d/%d "
                   "res=%d threads=%d nan=%d: y[%lld,%lld,%lld,%lld] = %.9g, want %.9g (tol %.3g)",
-                  lwk::isa_name(isa), layout == Layout::kNCHW ? "NCHW" : "NHWC", (long long)sh.n,
+                  lwk::isa_name(isa), transpose_io ? "NCHW via NHWC" : layout == Layout::kNCHW ? "NCHW" : "NHWC",
+                  (long long)sh.n,
                   (long long)sh.cin, (long long)sh.h, (long long)sh.w, (long long)sh.cexp, (long long)sh.cout,
                   (long long)sh.k, (long long)sh.s, (long long)sh.pad, (long long)sh.dil, int(acts.expand),
                   int(acts.mid), int(acts.out), int(res), threads, int(nan_pixel), (long long)n, (long long)o,
@@ -245,6 +250,10 @@ void grid(Isa isa) {
       }
       lwk::set_expand_band_budget_bytes(0);
       run_case<T>(sh, layout, kActs[0], Residual::kNone, 2, isa, seed++, /*nan_pixel=*/true);
+      for (Residual res : {Residual::kNone, Residual::kX, Residual::kOther}) {  // NCHW through NHWC
+        run_case<T>(sh, layout, kActs[seed % 4], res, 2, isa, seed, false, /*transpose_io=*/true);
+        ++seed;
+      }
     }
   }
 }
@@ -301,6 +310,11 @@ void validation() {
   expect_invalid<float>("wrong output size", "out", [] {
     auto g2 = g;
     g2.out_h = 4;
+    lwk::inverted_residual_forward<float>(*pe, *pp, g2, t, 1);
+  });
+  expect_invalid<float>("transpose_io with NCHW kernels", "transpose_io needs layout NHWC", [] {
+    auto g2 = g;
+    g2.transpose_io = true;
     lwk::inverted_residual_forward<float>(*pe, *pp, g2, t, 1);
   });
   expect_invalid<float>("zero expanded channels", "expanded_channels must be >= 1", [] {

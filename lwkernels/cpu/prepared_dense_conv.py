@@ -208,6 +208,10 @@ class PreparedDenseConv:
         return self._x_shape
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
     def out_shape(self) -> Tuple[int, int, int, int]:
         return self._out_shape
 

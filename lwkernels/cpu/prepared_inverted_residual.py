@@ -14,10 +14,18 @@ from typing import Optional
 
 import torch
 
-from .backend import address
+from .backend import PACK_CACHE, address
 from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
+
+#: NCHW calls whose output has at most this many pixels (7 x 7), or this many for a depthwise of
+#: 25 or more taps (14 x 14, 5 x 5), run channels-last inside the native call (the kernel transposes
+#: the tensors to and from its scratch: transpose_io). There the NCHW depthwise runs along rows of a
+#: few pixels and the NHWC kernels are 1.15-1.4x faster; at 14 x 14 with 3 x 3 taps NCHW is 5-8%
+#: faster (docs/performance.md).
+TRANSPOSE_MAX_PIXELS = 49
+TRANSPOSE_MAX_PIXELS_LARGE_KERNEL = 196
 
 #: Every live PreparedInvertedResidual, so that lwkernels.clear_cache() can drop them.
 _LIVE: "weakref.WeakSet[PreparedInvertedResidual]" = weakref.WeakSet()
@@ -27,7 +35,7 @@ class PreparedInvertedResidual:
     """One (expand, block) pair's fused eval forward for one input signature; see the module docstring."""
 
     __slots__ = ("_expand_call", "_block_call", "_children", "_C", "_geometry", "_expand_operands",
-                 "_acts", "_has_residual", "_valid", "__weakref__")
+                 "_project", "_acts", "_has_residual", "_valid", "__weakref__")
 
     @classmethod
     def prepare(cls, expand: torch.nn.Module, block: torch.nn.Module, x: torch.Tensor,
@@ -49,21 +57,30 @@ class PreparedInvertedResidual:
                 or block_call.has_residual != (residual is not None):
             return None
         call = cls.__new__(cls)
-        call._init(expand_call, block_call, children)
+        call._init(expand_call, block_call, children, block)
         return call
 
-    def _init(self, expand_call: PreparedDenseConv, block_call: PreparedCall, children) -> None:
+    def _init(self, expand_call: PreparedDenseConv, block_call: PreparedCall, children, block) -> None:
         self._expand_call, self._block_call, self._children = expand_call, block_call, children
         self._C = expand_call.native
         n, c, h, w = expand_call.x_shape
         bg = block_call.geometry
+        packed, _ones, scale, shift = expand_call.pointwise_operands
+        project = block_call.packed
+        nchw = block_call.memory_format != torch.channels_last
+        out_px, taps = bg.out_h * bg.out_w, bg.kernel_h * bg.kernel_w
+        limit = TRANSPOSE_MAX_PIXELS_LARGE_KERNEL if taps >= 25 else TRANSPOSE_MAX_PIXELS
+        transpose = nchw and out_px <= limit and expand_call.dtype == torch.float32
+        if transpose:  # (packed for NHWC; the state watches see every change to these weights)
+            packed = PACK_CACHE.get(children[0].weight, packed.isa, "nhwc")
+            project = PACK_CACHE.get(block.pointwise.weight, project.isa, "nhwc")
         self._geometry = self._C.InvertedResidualGeometry(
             batch=n, in_channels=c, in_h=h, in_w=w, expanded_channels=bg.in_channels, out_channels=bg.out_channels,
             out_h=bg.out_h, out_w=bg.out_w, kernel_h=bg.kernel_h, kernel_w=bg.kernel_w, stride_h=bg.stride_h,
             stride_w=bg.stride_w, pad_h=bg.pad_h, pad_w=bg.pad_w, dil_h=bg.dil_h, dil_w=bg.dil_w,
-            layout="nhwc" if block_call.memory_format == torch.channels_last else "nchw")
-        packed, _ones, scale, shift = expand_call.pointwise_operands
+            layout="nchw" if nchw and not transpose else "nhwc", transpose_io=transpose)
         self._expand_operands = (packed, address(scale), address(shift))
+        self._project = project
         self._acts = (expand_call.activation,) + block_call.activations
         self._has_residual = block_call.has_residual
         self._valid = True
@@ -92,9 +109,14 @@ class PreparedInvertedResidual:
         packed, e_scale, e_shift = self._expand_operands
         a = bc.addresses
         self._C.inverted_residual_forward(
-            packed, bc.packed, self._geometry, x.data_ptr(), e_scale, e_shift, self._acts[0], a[0], a[1], a[2],
+            packed, self._project, self._geometry, x.data_ptr(), e_scale, e_shift, self._acts[0], a[0], a[1], a[2],
             self._acts[1], a[3], a[4], address(residual), self._acts[2], y.data_ptr(), torch.get_num_threads())
         return y
+
+    @property
+    def transposes(self) -> bool:
+        """NCHW tensors run through the NHWC kernels (see TRANSPOSE_MAX_PIXELS)."""
+        return self._geometry.transpose_io
 
     def invalidate(self) -> None:
         self._valid = False
