@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "check.h"
+#include "reference.h"
 #include "dense_conv.h"
 
 namespace {
@@ -23,20 +24,8 @@ using lwk::Isa;
 using lwk_test::g_failures;
 int64_t g_runs = 0;
 
-int64_t out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
-  const int64_t ext = d * (k - 1) + 1;
-  return in + 2 * p < ext ? 0 : (in + 2 * p - ext) / s + 1;
-}
-
-double act_ref(double v, Activation a) {
-  switch (a) {
-    case Activation::kRelu: return v > 0 ? v : 0;
-    case Activation::kRelu6: return v < 0 ? 0 : v > 6 ? 6 : v;
-    case Activation::kHardswish: return v * std::fmin(std::fmax(v + 3, 0), 6) / 6;
-    case Activation::kSilu: return v / (1 + std::exp(-v));
-    default: return v;
-  }
-}
+using lwk_test::act_ref;
+using lwk_test::out_size;
 
 template <typename T>
 void run_case(DenseConvGeometry g, Activation act, bool shift, int threads, Isa isa, uint64_t seed) {

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "check.h"
+#include "reference.h"
 #include "inverted_residual.h"
 
 namespace {
@@ -30,22 +31,8 @@ using lwk_test::g_failures;
 int64_t g_runs = 0;
 bool g_quick = false;  // --quick: a smaller grid (emulated runs)
 
-int64_t out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
-  const int64_t ext = d * (k - 1) + 1;
-  return in + 2 * p < ext ? 0 : (in + 2 * p - ext) / s + 1;
-}
-
-// PyTorch's activations, NaN passing through.
-double act_ref(double v, Activation a) {
-  if (v != v) return v;
-  switch (a) {
-    case Activation::kRelu: return v > 0 ? v : 0;
-    case Activation::kRelu6: return v < 0 ? 0 : v > 6 ? 6 : v;
-    case Activation::kHardswish: return v * std::fmin(std::fmax(v + 3, 0), 6) / 6;
-    case Activation::kSilu: return v / (1 + std::exp(-v));
-    default: return v;
-  }
-}
+using lwk_test::act_ref;
+using lwk_test::out_size;
 
 struct Shape {
   int64_t n, cin, h, w, cexp, cout, k, s, pad, dil;
@@ -57,10 +44,7 @@ struct Acts {
 
 enum class Residual { kNone, kX, kOther };
 
-// Index of (n, c, y, x) in a dense [N][C][H][W] tensor stored in `layout`.
-int64_t at(Layout layout, int64_t C, int64_t H, int64_t W, int64_t n, int64_t c, int64_t y, int64_t x) {
-  return layout == Layout::kNCHW ? ((n * C + c) * H + y) * W + x : ((n * H + y) * W + x) * C + c;
-}
+const auto at = lwk_test::offset;
 
 // `layout` is the tensors'; with transpose_io the kernels run NHWC on NCHW tensors.
 template <typename T>

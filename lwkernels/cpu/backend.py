@@ -206,15 +206,20 @@ def geometry_for(_C, x_shape, out_shape, kernel, stride, padding, dilation, layo
     return geometry
 
 
+def computed_in_float32(kernel, args, out_shape):
+    """kernel(args, out_shape) for half-precision args (no CPU kernel has them): every tensor in
+    float32, the result rounded once at the end, in x's layout (.float() may re-lay a strided x)."""
+    x = args.x
+    f32 = type(args)(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
+    return kernel(f32, out_shape).to(dtype=x.dtype, memory_format=output_memory_format(x))
+
+
 def joint_block_cpu(args: JointArgs, out_shape: Tuple[int, int, int, int]) -> torch.Tensor:
     """The op on CPU tensors. `args` are already checked by contract.check_joint_args; `out_shape` is
     what it returned."""
     x = args.x
     if x.dtype not in NATIVE_DTYPES:
-        # No half-precision CPU kernel: compute in float32 and round once at the end.
-        f32 = JointArgs(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
-        y = joint_block_cpu(f32, out_shape)
-        return y.to(dtype=x.dtype, memory_format=output_memory_format(x))  # .float() may re-lay a strided x
+        return computed_in_float32(joint_block_cpu, args, out_shape)
 
     memory_format = output_memory_format(x)
     layout = "nhwc" if memory_format == torch.channels_last else "nchw"

@@ -8,16 +8,15 @@ import torch
 
 from ..ops.args import InvertedResidualArgs
 from ..ops.contract import empty_output, output_memory_format
-from .backend import NATIVE_DTYPES, PACK_CACHE, address, native, selected_isa
+from .backend import NATIVE_DTYPES, PACK_CACHE, address, computed_in_float32, native, selected_isa
 
 
 def inverted_residual_cpu(args: InvertedResidualArgs, out_shape: Tuple[int, int, int, int]) -> torch.Tensor:
     """The op on CPU tensors; `args` are already checked (contract.check_inverted_residual_args), which
     returned `out_shape`."""
     x = args.x
-    if x.dtype not in NATIVE_DTYPES:  # no half-precision CPU kernel: float32, rounded once at the end
-        f32 = InvertedResidualArgs(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
-        return inverted_residual_cpu(f32, out_shape).to(dtype=x.dtype, memory_format=output_memory_format(x))
+    if x.dtype not in NATIVE_DTYPES:
+        return computed_in_float32(inverted_residual_cpu, args, out_shape)
     memory_format = output_memory_format(x)
     layout = "nhwc" if memory_format == torch.channels_last else "nchw"
     y = empty_output(x, out_shape)

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 
+def conv_out_size(size: int, kernel_size: int, stride: int, dilation: int) -> int:
+    """Output size of a convolution padded to keep the size at stride 1 (dilation * (k - 1) // 2)."""
+    pad = dilation * (kernel_size - 1) // 2
+    return (size + 2 * pad - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
 @dataclass(frozen=True)
 class BlockShape:
     in_channels: int
@@ -17,8 +23,7 @@ class BlockShape:
 
     @property
     def out_size(self) -> int:
-        pad = self.dilation * (self.kernel_size - 1) // 2
-        return (self.size + 2 * pad - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+        return conv_out_size(self.size, self.kernel_size, self.stride, self.dilation)
 
     @property
     def name(self) -> str:
@@ -86,8 +91,7 @@ class InvertedResidualShape:
 
     @property
     def out_size(self) -> int:
-        pad = self.dilation * (self.kernel_size - 1) // 2
-        return (self.size + 2 * pad - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+        return conv_out_size(self.size, self.kernel_size, self.stride, self.dilation)
 
     @property
     def name(self) -> str:
