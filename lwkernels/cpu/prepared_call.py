@@ -147,6 +147,10 @@ class PreparedCall:
         it was prepared with, at the same version (the input checks are the caller's)."""
         return self._valid and self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env
 
+    def state_unchanged_here(self) -> bool:
+        """state_unchanged() without the ISA setting (for a caller that has just checked it)."""
+        return self._valid and self._watch.unchanged()
+
     def parameters_require_grad(self) -> bool:
         return self._watch.requires_grad()
 

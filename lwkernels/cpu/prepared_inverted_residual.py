@@ -93,7 +93,11 @@ class PreparedInvertedResidual:
                 or block._forward_pre_hooks or expand.__dict__.get("_prepared") is not self._expand_call \
                 or block.__dict__.get("_prepared") is not self._block_call:
             return False
-        if not self._expand_call.matches(self._children, x) or not self._block_call.state_unchanged():
+        # (expand_call.matches also checks for autograd on x and the expand's parameters, for
+        # compilers, tracers and modes, and the ISA setting.)
+        if not self._expand_call.matches(self._children, x) or not self._block_call.state_unchanged_here():
+            return False
+        if torch.is_grad_enabled() and self._block_call.parameters_require_grad():
             return False
         if residual is None:
             return not self._has_residual

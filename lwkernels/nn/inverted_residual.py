@@ -108,14 +108,16 @@ class InvertedResidual(nn.Sequential):
         if residual is None and self.skip:
             residual = x
         expand, block = self._modules["0"], self._modules["1"]
+        # Eager inference replays the fused call (its matches() checks everything that could
+        # forbid it, exports and compilers included, once per call).
+        prepared = self.__dict__.get("_prepared")
+        if prepared is not None and prepared.matches(expand, block, x, residual):
+            return prepared.run(x, residual)
         if torch.onnx.is_in_onnx_export():  # both exporters translate the plain composition to standard ops
             return block(expand(x), residual)
         if not dispatcher_needed() and not (torch.is_grad_enabled() and self._needs_grad(x, residual)):
-            # Eager inference: replay the fused call, or run the two modules (which prepare their own
-            # calls) and prepare it from theirs.
-            prepared = self.__dict__.get("_prepared")
-            if prepared is not None and prepared.matches(expand, block, x, residual):
-                return prepared.run(x, residual)
+            # Eager inference without a fused call to replay: run the two modules (which prepare
+            # their own calls) and prepare it from theirs.
             y = block(expand(x), residual)
             self.__dict__["_prepared"] = PreparedInvertedResidual.prepare(expand, block, x, residual)
             return y
