@@ -157,6 +157,8 @@ void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling&
   }
 }
 
+namespace {
+
 // Shared-depthwise mode's first phase: about four depthwise items per worker, in whole cache lines
 // of channels (NHWC tiles hold channels along rows: two workers must not write one line). Sets
 // dw_chunk and n_dw_chunks; returns the number of depthwise items.
@@ -305,16 +307,30 @@ void run_call(const Plan<T>& plan, const IsaOps<T>* ops, int64_t n_dw_items, cha
   }
 }
 
+}  // namespace
+
+template <typename T>
+void execute_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& t, const IsaOps<T>* ops,
+                  int threads, bool shared_dw, int64_t dw_units, int64_t chunk_multiple) {
+  std::size_t shared_bytes = 0;
+  int64_t n_dw_items = 0;
+  if (shared_dw) {
+    n_dw_items = plan_shared_depthwise(plan, dw_units, threads, chunk_multiple);
+    shared_bytes = aligned_bytes(g.batch * plan.n_tiles * plan.tile_elems * int64_t(sizeof(T)));
+  }
+  const int tasks =
+      static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
+  char* task_scratch = set_up_call(plan, g, t, *ops, shared_bytes, tasks);
+  run_call(plan, ops, n_dw_items, task_scratch, tasks, t);
+}
+
 #define LWK_INSTANTIATE_FORWARD_CALL(T)                                                          \
   template Plan<T> plan_call<T>(const JointGeometry&, const JointTensors<T>&,                   \
                                 const PackedImpl<T>&, const Tiling&);                            \
   template void lay_out_worker_scratch<T>(Plan<T>&, const JointGeometry&, const Tiling&,        \
                                           const IsaOps<T>&);                                     \
-  template int64_t plan_shared_depthwise<T>(Plan<T>&, int64_t, int, int64_t);                   \
-  template char* set_up_call<T>(Plan<T>&, const JointGeometry&, const JointTensors<T>&,         \
-                                const IsaOps<T>&, std::size_t, int);                             \
-  template void run_call<T>(const Plan<T>&, const IsaOps<T>*, int64_t, char*, int,              \
-                            const JointTensors<T>&);
+  template void execute_call<T>(Plan<T>&, const JointGeometry&, const JointTensors<T>&,         \
+                                const IsaOps<T>*, int, bool, int64_t, int64_t);
 LWK_INSTANTIATE_FORWARD_CALL(float)
 LWK_INSTANTIATE_FORWARD_CALL(double)
 #undef LWK_INSTANTIATE_FORWARD_CALL

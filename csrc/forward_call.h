@@ -45,24 +45,14 @@ template <typename T>
 void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling& tl,
                             const IsaOps<T>& ops);
 
-// Shared-depthwise mode's first phase, whose items are (unit, channel chunk) for `units` units
-// (a joint block: every tile of every image): sets dw_chunk (about four items per worker, in whole
-// cache lines of channels and whole multiples of `chunk_multiple`) and n_dw_chunks; returns the
-// number of items.
+// Runs the planned call (after lay_out_worker_scratch and anything the op adds to the per-worker
+// scratch): in shared-depthwise mode (`shared_dw`) a first phase of (unit, channel chunk) items for
+// `dw_units` units (a joint block: every tile of every image), chunks in whole multiples of
+// `chunk_multiple` channels; the per-call tables; the work items; the workers' statistics added
+// into t.y_sum/t.y_sumsq.
 template <typename T>
-int64_t plan_shared_depthwise(Plan<T>& plan, int64_t units, int threads, int64_t chunk_multiple);
-
-// The per-call tables in the head of the calling thread's scratch (and the shared depthwise tiles,
-// `shared_bytes`); returns where the per-task scratch (plan.scratch_bytes per task) begins.
-template <typename T>
-char* set_up_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& t,
-                  const IsaOps<T>& ops, std::size_t shared_bytes, int tasks);
-
-// Runs the call: the shared-depthwise phase (when planned), the work items, then the workers'
-// statistics added into t.y_sum/t.y_sumsq.
-template <typename T>
-void run_call(const Plan<T>& plan, const IsaOps<T>* ops, int64_t n_dw_items, char* task_scratch,
-              int tasks, const JointTensors<T>& t);
+void execute_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& t, const IsaOps<T>* ops,
+                  int threads, bool shared_dw, int64_t dw_units, int64_t chunk_multiple);
 
 }  // namespace detail
 }  // namespace lwk

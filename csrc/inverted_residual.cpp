@@ -295,19 +295,10 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   }
   plan.expand = &ex;
 
-  std::size_t shared_bytes = 0;
-  int64_t n_dw_items = 0;
-  if (tl.shared_dw) {
-    // Channel chunks start on the expand weights' panel boundaries (kernel_expand.h); by whole
-    // images, about four chunks per worker.
-    n_dw_items = plan_shared_depthwise(plan, bt.whole_images ? g.batch : g.batch * plan.n_tiles,
-                                       threads, int64_t(expand.panel()));
-    shared_bytes = aligned_bytes(g.batch * plan.n_tiles * plan.tile_elems * int64_t(sizeof(T)));
-  }
-  const int tasks =
-      static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
-  char* task_scratch = set_up_call(plan, jg, jt, *ops, shared_bytes, tasks);
-  run_call(plan, ops, n_dw_items, task_scratch, tasks, jt);
+  // Channel chunks start on the expand weights' panel boundaries (kernel_expand.h); by whole
+  // images, one unit per image.
+  execute_call(plan, jg, jt, ops, threads, tl.shared_dw,
+               bt.whole_images ? g.batch : g.batch * plan.n_tiles, int64_t(expand.panel()));
 }
 
 }  // namespace

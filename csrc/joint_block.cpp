@@ -224,16 +224,7 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
 
   Plan<T> plan = plan_call(g, t, packed, tl);
   lay_out_worker_scratch(plan, g, tl, *ops);
-  std::size_t shared_bytes = 0;
-  int64_t n_dw_items = 0;
-  if (tl.shared_dw) {
-    n_dw_items = plan_shared_depthwise(plan, g.batch * plan.n_tiles, threads, 1);
-    shared_bytes = aligned_bytes(g.batch * plan.n_tiles * plan.tile_elems * int64_t(sizeof(T)));
-  }
-  const int tasks =
-      static_cast<int>(std::min<int64_t>(threads, std::max(plan.n_items, n_dw_items)));
-  char* task_scratch = set_up_call(plan, g, t, *ops, shared_bytes, tasks);
-  run_call(plan, ops, n_dw_items, task_scratch, tasks, t);
+  execute_call(plan, g, t, ops, threads, tl.shared_dw, g.batch * plan.n_tiles, 1);
 }
 
 }  // namespace
