@@ -12,6 +12,7 @@
 #include "../csrc/joint_block.h"
 #include "../csrc/parallel.h"
 #include "enum_names.h"
+#include "geometry_fields.h"
 
 namespace py = pybind11;
 
@@ -95,51 +96,12 @@ void bind_dtype(py::module_& m, const char* suffix) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lwkernels CPU kernels (torch-free); use through lwkernels, not directly.";
 
-  py::class_<lwk::JointGeometry>(m, "JointGeometry")
-      .def(py::init([](int64_t batch, int64_t in_channels, int64_t in_h, int64_t in_w,
-                       int64_t out_channels, int64_t out_h, int64_t out_w, int64_t kernel_h,
-                       int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
-                       int64_t pad_w, int64_t dil_h, int64_t dil_w, const std::string& layout) {
-             lwk::JointGeometry g;
-             g.batch = batch;
-             g.in_channels = in_channels;
-             g.in_h = in_h;
-             g.in_w = in_w;
-             g.out_channels = out_channels;
-             g.out_h = out_h;
-             g.out_w = out_w;
-             g.kernel_h = kernel_h;
-             g.kernel_w = kernel_w;
-             g.stride_h = stride_h;
-             g.stride_w = stride_w;
-             g.pad_h = pad_h;
-             g.pad_w = pad_w;
-             g.dil_h = dil_h;
-             g.dil_w = dil_w;
-             g.layout = layout_from_name(layout);
-             return g;
-           }),
-           py::kw_only(), py::arg("batch"), py::arg("in_channels"), py::arg("in_h"),
-           py::arg("in_w"), py::arg("out_channels"), py::arg("out_h"), py::arg("out_w"),
-           py::arg("kernel_h"), py::arg("kernel_w"), py::arg("stride_h"), py::arg("stride_w"),
-           py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"),
-           py::arg("layout"))
-      .def_readonly("batch", &lwk::JointGeometry::batch)
-      .def_readonly("in_channels", &lwk::JointGeometry::in_channels)
-      .def_readonly("in_h", &lwk::JointGeometry::in_h)
-      .def_readonly("in_w", &lwk::JointGeometry::in_w)
-      .def_readonly("out_channels", &lwk::JointGeometry::out_channels)
-      .def_readonly("out_h", &lwk::JointGeometry::out_h)
-      .def_readonly("out_w", &lwk::JointGeometry::out_w)
-      .def_readonly("kernel_h", &lwk::JointGeometry::kernel_h)
-      .def_readonly("kernel_w", &lwk::JointGeometry::kernel_w)
-      .def_readonly("stride_h", &lwk::JointGeometry::stride_h)
-      .def_readonly("stride_w", &lwk::JointGeometry::stride_w)
-      .def_readonly("pad_h", &lwk::JointGeometry::pad_h)
-      .def_readonly("pad_w", &lwk::JointGeometry::pad_w)
-      .def_readonly("dil_h", &lwk::JointGeometry::dil_h)
-      .def_readonly("dil_w", &lwk::JointGeometry::dil_w)
-      .def("validate", [](const lwk::JointGeometry& g) { return lwk::validate(g); });
+  py::class_<lwk::JointGeometry> joint_geometry(m, "JointGeometry");
+  lwk_bind::bind_geometry(joint_geometry, lwk_bind::conv_fields<lwk::JointGeometry>(), {"layout"},
+                          [](lwk::JointGeometry& g, const py::kwargs& kw) {
+                            lwk_bind::set_layout(g, kw, "JointGeometry");
+                          });
+  joint_geometry.def("validate", [](const lwk::JointGeometry& g) { return lwk::validate(g); });
 
   bind_dtype<float>(m, "f32");
   bind_dtype<double>(m, "f64");

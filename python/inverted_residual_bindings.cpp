@@ -8,6 +8,7 @@
 
 #include "../csrc/inverted_residual.h"
 #include "enum_names.h"
+#include "geometry_fields.h"
 
 namespace py = pybind11;
 
@@ -54,40 +55,16 @@ void bind_forward(py::module_& m) {
 }  // namespace
 
 void bind_inverted_residual(py::module_& m) {
-  py::class_<lwk::InvertedResidualGeometry>(m, "InvertedResidualGeometry")
-      .def(py::init([](int64_t batch, int64_t in_channels, int64_t in_h, int64_t in_w,
-                       int64_t expanded_channels, int64_t out_channels, int64_t out_h, int64_t out_w,
-                       int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
-                       int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-                       const std::string& layout, bool transpose_io) {
-             lwk::InvertedResidualGeometry g;
-             g.batch = batch;
-             g.in_channels = in_channels;
-             g.in_h = in_h;
-             g.in_w = in_w;
-             g.expanded_channels = expanded_channels;
-             g.out_channels = out_channels;
-             g.out_h = out_h;
-             g.out_w = out_w;
-             g.kernel_h = kernel_h;
-             g.kernel_w = kernel_w;
-             g.stride_h = stride_h;
-             g.stride_w = stride_w;
-             g.pad_h = pad_h;
-             g.pad_w = pad_w;
-             g.dil_h = dil_h;
-             g.dil_w = dil_w;
-             g.layout = lwk_bind::layout_from_name(layout);
-             g.transpose_io = transpose_io;
-             return g;
-           }),
-           py::kw_only(), py::arg("batch"), py::arg("in_channels"), py::arg("in_h"), py::arg("in_w"),
-           py::arg("expanded_channels"), py::arg("out_channels"), py::arg("out_h"), py::arg("out_w"),
-           py::arg("kernel_h"), py::arg("kernel_w"), py::arg("stride_h"), py::arg("stride_w"),
-           py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"), py::arg("layout"),
-           py::arg("transpose_io") = false)
-      .def_readonly("transpose_io", &lwk::InvertedResidualGeometry::transpose_io)
-      .def("validate", [](const lwk::InvertedResidualGeometry& g) { return lwk::validate(g); });
+  using G = lwk::InvertedResidualGeometry;
+  py::class_<G> geometry(m, "InvertedResidualGeometry");
+  auto fields = lwk_bind::conv_fields<G>();
+  fields.push_back({"expanded_channels", &G::expanded_channels});
+  lwk_bind::bind_geometry(geometry, fields, {"layout", "transpose_io"}, [](G& g, const py::kwargs& kw) {
+    lwk_bind::set_layout(g, kw, "InvertedResidualGeometry");
+    g.transpose_io = kw.contains("transpose_io") && kw["transpose_io"].cast<bool>();
+  });
+  geometry.def_readonly("transpose_io", &G::transpose_io)
+      .def("validate", [](const G& g) { return lwk::validate(g); });
   bind_forward<float>(m);
   bind_forward<double>(m);
   m.def("set_expand_band_budget_bytes", &lwk::set_expand_band_budget_bytes, py::arg("bytes"),
