@@ -78,7 +78,6 @@ struct ExpandStage {
   const T* scale = nullptr;               // [C]
   const T* shift = nullptr;               // [C]
   Activation act = Activation::kNone;
-  int64_t band_rows = 0;                  // the most input rows a band holds
   // Shared-depthwise mode's first phase by whole images: item = n * n_dw_chunks + chunk expands
   // the chunk's channels of all of image n once and runs every tile's depthwise from it.
   bool whole_images = false;

@@ -282,7 +282,6 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   ex.scale = affine.scale.data();
   ex.shift = affine.shift.data();
   ex.act = t.expand_act;
-  ex.band_rows = band_rows;
   ex.whole_images = bt.whole_images;
   // + two vectors of slack: the NCHW plane fill reads whole (stride-2: two) vectors of a short row.
   ex.band_elems = C * band_rows * g.in_w + 2 * ops->vw;
