@@ -32,11 +32,16 @@ struct Avx2F32 {
     const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
   }
-  static LWK_INLINE reg keep_first(reg v, int n) {
+  // All ones in lanes [0, n).
+  static LWK_INLINE __m256i first_lanes(int n) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
-    return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
   }
+  static LWK_INLINE reg keep_first(reg v, int n) {
+    return _mm256_and_ps(v, _mm256_castsi256_ps(first_lanes(n)));
+  }
+  static LWK_INLINE reg load_first(const T* p, int n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+  static LWK_INLINE void store_first(T* p, reg v, int n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
   // maxps/minps return the second operand when either is NaN.
   static LWK_INLINE reg max_keep(reg lo, reg v) { return _mm256_max_ps(lo, v); }
   static LWK_INLINE reg min_keep(reg hi, reg v) { return _mm256_min_ps(hi, v); }

@@ -49,6 +49,12 @@ struct Avx512F32 {
   static LWK_INLINE reg keep_first(reg v, int n) {
     return _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1u), v);
   }
+  static LWK_INLINE reg load_first(const T* p, int n) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+  }
+  static LWK_INLINE void store_first(T* p, reg v, int n) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), v);
+  }
   // vmaxps/vminps return the second operand when either is NaN.
   static LWK_INLINE reg max_keep(reg lo, reg v) { return _mm512_max_ps(lo, v); }
   static LWK_INLINE reg min_keep(reg hi, reg v) { return _mm512_min_ps(hi, v); }

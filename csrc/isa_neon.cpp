@@ -34,6 +34,16 @@ struct NeonF32 {
     const uint32x4_t keep = vcltq_u32(vld1q_u32(lanes), vdupq_n_u32(static_cast<uint32_t>(n)));
     return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), keep));
   }
+  static LWK_INLINE reg load_first(const T* p, int n) {
+    float lanes[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < n; ++i) lanes[i] = p[i];
+    return vld1q_f32(lanes);
+  }
+  static LWK_INLINE void store_first(T* p, reg v, int n) {
+    float lanes[4];
+    vst1q_f32(lanes, v);
+    for (int i = 0; i < n; ++i) p[i] = lanes[i];
+  }
   // FMAX/FMIN propagate NaN from either operand.
   static LWK_INLINE reg max_keep(reg lo, reg v) { return vmaxq_f32(lo, v); }
   static LWK_INLINE reg min_keep(reg hi, reg v) { return vminq_f32(hi, v); }

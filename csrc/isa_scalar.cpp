@@ -20,6 +20,8 @@ struct ScalarVec {
   static LWK_INLINE reg fma(reg a, reg b, reg c) { return a * b + c; }
   static LWK_INLINE reg add(reg a, reg b) { return a + b; }
   static LWK_INLINE reg keep_first(reg v, int n) { return n > 0 ? v : T(0); }
+  static LWK_INLINE reg load_first(const T* p, int) { return *p; }  // n is always 1 (= W)
+  static LWK_INLINE void store_first(T* p, reg v, int) { *p = v; }
   static LWK_INLINE reg max_keep(reg lo, reg v) { return v < lo ? lo : v; }
   static LWK_INLINE reg min_keep(reg hi, reg v) { return v > hi ? hi : v; }
   static LWK_INLINE reg load_s2(const T* p) { return *p; }

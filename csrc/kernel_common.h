@@ -8,6 +8,8 @@
 //   NR = NV * W         micro-kernel columns
 //   zero() set1(s) load(p) store(p, v) fma(a, b, c) = a*b + c, add(a, b)
 //   keep_first(v, n)    v with lanes n .. W-1 set to zero (0 <= n <= W)
+//   load_first(p, n)    p[0 .. n-1] in lanes [0, n), zero above, reading nothing past p[n-1]
+//   store_first(p, v, n)  lanes [0, n) of v to p[0 .. n-1], writing nothing past it (1 <= n <= W)
 //   set_halves(a, b)    lanes [0, W/2) = a, [W/2, W) = b; only needed when W == 2 * MR
 //   max_keep(lo, v) / min_keep(hi, v)     max/min that return v when v is NaN (activation.h)
 //   load_s2(p)          {p[0], p[2], ..., p[2W-2]} without reading past p[2W-2]

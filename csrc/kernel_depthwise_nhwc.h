@@ -71,11 +71,18 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
     }
     LWK_UNROLL for (int q = 0; q < NP_; ++q) V::store(out + q * ldt + c, activate_vec_clamping<V>(acc[q], act));
   }
-  for (; c < c_hi; ++c) {
+  if (c < c_hi) {  // the last C mod W channels: one masked vector
+    const int n = static_cast<int>(c_hi - c);
+    R acc[NP_];
+    LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q] = V::load_first(pl.dw_b + c, n);
+    LWK_UNROLL for (int t = 0; t < 9; ++t) {
+      const R wv = V::load_first(w + t * C + c, n);
+      LWK_UNROLL for (int q = 0; q < NP_; ++q) {
+        acc[q] = V::fma(wv, V::load_first(base + q * pstep + off[t] + c, n), acc[q]);
+      }
+    }
     LWK_UNROLL for (int q = 0; q < NP_; ++q) {
-      T acc = pl.dw_b[c];
-      for (int t = 0; t < 9; ++t) acc += w[t * C + c] * base[q * pstep + off[t] + c];
-      out[q * ldt + c] = activate_clamping(acc, act);
+      V::store_first(out + q * ldt + c, activate_vec_clamping<V>(acc[q], act), n);
     }
   }
 }
@@ -122,14 +129,17 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
     }
     V::store(out + c, activate_vec_clamping<V>(acc, act));
   }
-  for (; c < c_hi; ++c) {
-    T acc = pl.dw_b[c];
+  if (c < c_hi) {  // the last C mod W channels: one masked vector
+    const int n = static_cast<int>(c_hi - c);
+    R acc = V::load_first(pl.dw_b + c, n);
     for (int64_t ky = kyl; ky < kyh; ++ky) {
       const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
       const T* wr = pl.dw_w + ky * pl.KW * C + c;
-      for (int64_t kx = kxl; kx < kxh; ++kx) acc += wr[kx * C] * xr[kx * pl.dil_w * C];
+      for (int64_t kx = kxl; kx < kxh; ++kx) {
+        acc = V::fma(V::load_first(wr + kx * C, n), V::load_first(xr + kx * pl.dil_w * C, n), acc);
+      }
     }
-    out[c] = activate_clamping(acc, act);
+    V::store_first(out + c, activate_vec_clamping<V>(acc, act), n);
   }
 }
 

@@ -94,19 +94,26 @@ LWK_INLINE void stats_add_vec(double* sum, double* sq, typename V::reg s, typena
   V::add_f64(sq, q);
 }
 
-template <class V, int MR_, int NV_, bool kNCHW, Activation A, bool kStats>
-LWK_INLINE void store_full(const typename V::reg (&acc)[MR_][NV_], const Epi<typename V::T>& e,
-                           int64_t r0, int64_t c0) {
+// The epilogue of a micro-tile by vectors. kPartial: only `cols` < NV_ * W columns are valid; the
+// vector that straddles that edge is loaded and stored masked (load_first/store_first) and those
+// past it are skipped, so a tile whose width is not a whole number of micro-kernel columns (24 or 40
+// output channels, a 7-pixel row) keeps the vector epilogue instead of going element by element.
+template <class V, int MR_, int NV_, bool kNCHW, Activation A, bool kStats, bool kPartial>
+LWK_INLINE void store_tile(const typename V::reg (&acc)[MR_][NV_], const Epi<typename V::T>& e,
+                           int64_t r0, int64_t c0, int cols) {
   using T = typename V::T;
   using R = typename V::reg;
   constexpr int W = V::W;
+  // Valid lanes of column vector j (<= 0: none).
+  auto lanes = [cols](int j) { return kPartial ? cols - j * W : W; };
+  auto load = [](const T* p, int n) { return n >= W ? V::load(p) : V::load_first(p, n); };
   R sc_col[NV_], sh_col[NV_], s_col[NV_], q_col[NV_];
+  LWK_UNROLL for (int j = 0; j < NV_; ++j) sc_col[j] = sh_col[j] = s_col[j] = q_col[j] = V::zero();
   if (!kNCHW) {
     LWK_UNROLL for (int j = 0; j < NV_; ++j) {
-      sc_col[j] = V::load(e.scale + c0 + j * W);
-      sh_col[j] = V::load(e.shift + c0 + j * W);
-      s_col[j] = V::zero();
-      q_col[j] = V::zero();
+      if (lanes(j) <= 0) continue;
+      sc_col[j] = load(e.scale + c0 + j * W, lanes(j));
+      sh_col[j] = load(e.shift + c0 + j * W, lanes(j));
     }
   }
   LWK_UNROLL for (int i = 0; i < MR_; ++i) {
@@ -118,10 +125,17 @@ LWK_INLINE void store_full(const typename V::reg (&acc)[MR_][NV_], const Epi<typ
       sh_row = V::set1(e.shift[r0 + i]);
     }
     LWK_UNROLL for (int j = 0; j < NV_; ++j) {
+      const int n = lanes(j);
+      if (n <= 0) continue;
       R v = V::fma(acc[i][j], kNCHW ? sc_row : sc_col[j], kNCHW ? sh_row : sh_col[j]);
-      if (e.res) v = V::add(v, V::load(e.res + off + j * W));
+      if (e.res) v = V::add(v, load(e.res + off + j * W, n));
       v = activate_vec<V, A>(v);
-      V::store(yr + j * W, v);
+      if (n >= W) {
+        V::store(yr + j * W, v);
+      } else {
+        V::store_first(yr + j * W, v, n);
+        v = V::keep_first(v, n);  // the statistics add only valid lanes
+      }
       if (kStats && kNCHW) {
         s_row = V::add(s_row, v);
         q_row = V::fma(v, v, q_row);
@@ -134,18 +148,32 @@ LWK_INLINE void store_full(const typename V::reg (&acc)[MR_][NV_], const Epi<typ
   }
   if (kStats && !kNCHW) {
     LWK_UNROLL for (int j = 0; j < NV_; ++j) {
+      if (lanes(j) <= 0) continue;
       stats_add_vec<V>(e.part_sum + j * W, e.part_sq + j * W, s_col[j], q_col[j]);
     }
   }
 }
 
-template <class V, int MR_, int NV_, bool kNCHW, Activation A>
-LWK_INLINE void store_full_dispatch(const typename V::reg (&acc)[MR_][NV_],
-                                    const Epi<typename V::T>& e, int64_t r0, int64_t c0) {
-  if (e.part_sum) {
-    store_full<V, MR_, NV_, kNCHW, A, true>(acc, e, r0, c0);
-  } else {
-    store_full<V, MR_, NV_, kNCHW, A, false>(acc, e, r0, c0);
+// A whole tile (kPartial false) or `cols` valid columns of it, for a clamping activation.
+template <class V, int MR_, int NV_, bool kNCHW, bool kPartial>
+LWK_INLINE void store_clamping(const typename V::reg (&acc)[MR_][NV_], const Epi<typename V::T>& e,
+                               int64_t r0, int64_t c0, int cols) {
+  const bool stats = e.part_sum != nullptr;
+  switch (e.act) {
+    case Activation::kNone:
+      stats ? store_tile<V, MR_, NV_, kNCHW, Activation::kNone, true, kPartial>(acc, e, r0, c0, cols)
+            : store_tile<V, MR_, NV_, kNCHW, Activation::kNone, false, kPartial>(acc, e, r0, c0, cols);
+      break;
+    case Activation::kRelu:
+      stats ? store_tile<V, MR_, NV_, kNCHW, Activation::kRelu, true, kPartial>(acc, e, r0, c0, cols)
+            : store_tile<V, MR_, NV_, kNCHW, Activation::kRelu, false, kPartial>(acc, e, r0, c0, cols);
+      break;
+    case Activation::kRelu6:
+      stats ? store_tile<V, MR_, NV_, kNCHW, Activation::kRelu6, true, kPartial>(acc, e, r0, c0, cols)
+            : store_tile<V, MR_, NV_, kNCHW, Activation::kRelu6, false, kPartial>(acc, e, r0, c0, cols);
+      break;
+    default:  // hardswish and silu go to store_then_activate
+      break;
   }
 }
 
@@ -182,7 +210,7 @@ LWK_NOINLINE void store_then_activate(const typename V::T* spilled, const Epi<ty
   for (int i = 0; i < MR_; ++i) {
     for (int j = 0; j < NV_; ++j) acc[i][j] = V::load(spilled + (i * NV_ + j) * W);
   }
-  store_full<V, MR_, NV_, kNCHW, Activation::kNone, false>(acc, e, r0, c0);
+  store_tile<V, MR_, NV_, kNCHW, Activation::kNone, false, false>(acc, e, r0, c0, NV_ * W);
   R s_col[NV_], q_col[NV_];
   for (int j = 0; j < NV_; ++j) s_col[j] = q_col[j] = V::zero();
   for (int i = 0; i < MR_; ++i) {
@@ -257,36 +285,9 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
     return;
   }
   if (cols == NV_ * W) {
-    switch (e.act) {
-      case Activation::kNone:
-        store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kNone>(acc, e, r0, c0);
-        break;
-      case Activation::kRelu:
-        store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kRelu>(acc, e, r0, c0);
-        break;
-      case Activation::kRelu6:
-        store_full_dispatch<V, MR_, NV_, kNCHW, Activation::kRelu6>(acc, e, r0, c0);
-        break;
-      default:  // hardswish and silu went to store_then_activate
-        break;
-    }
-    return;
-  }
-  // Partial tile: spill the accumulators, finish the valid part element by element.
-  alignas(64) T tmp[MR_][NV_ * W];
-  LWK_UNROLL for (int i = 0; i < MR_; ++i) {
-    LWK_UNROLL for (int j = 0; j < NV_; ++j) V::store(&tmp[i][j * W], acc[i][j]);
-  }
-  for (int i = 0; i < MR_; ++i) {
-    for (int c = 0; c < cols; ++c) {
-      const int64_t ch = kNCHW ? r0 + i : c0 + c;
-      const int64_t off = (r0 + i) * e.ldy + c0 + c;
-      const T v = store_scalar(e, tmp[i][c], ch, off);
-      if (e.part_sum) {
-        const int p = kNCHW ? i * W : c;
-        stats_add(e.part_sum + p, e.part_sq + p, v);
-      }
-    }
+    store_clamping<V, MR_, NV_, kNCHW, false>(acc, e, r0, c0, cols);
+  } else {
+    store_clamping<V, MR_, NV_, kNCHW, true>(acc, e, r0, c0, cols);
   }
 }
 
