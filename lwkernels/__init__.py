@@ -15,6 +15,7 @@ from .nn.block import JointBlock, check_joint_modules
 from .nn.chain import JointChain
 from .nn.conv_bn_act import ConvBNAct
 from .nn.inverted_residual import InvertedResidual, InvertedResidualReference
+from .nn.layout_sequential import LayoutSequential
 from .cpu.backend import PACK_CACHE, native as _native, selected_isa
 from .triton.backend import register_cuda_kernel
 from .nn.fuse import FuseReport, fuse, to_reference
@@ -58,6 +59,7 @@ def clear_cache() -> None:
 __all__ = [
     "ConvBNAct",
     "JointBlock",
+    "LayoutSequential",
     "JointChain",
     "FuseReport",
     "InvertedResidual",

@@ -11,6 +11,7 @@ from torch import nn
 import lwkernels
 from lwkernels import ConvBNAct, JointBlock, JointBlockReference
 from lwkernels.nn.fuse import FuseReport, fuse, to_reference
+from lwkernels.nn.layout_sequential import LayoutSequential
 from lwkernels.models import LightweightNet
 from lwkernels.ops.activation import ACTIVATIONS
 
@@ -239,6 +240,8 @@ def assert_nothing_else_changed(original, fused, report: FuseReport):
                 assert isinstance(fused_paths[path][0], ConvBNAct), path
             elif path in report.conv_bn_acts:  # an image stem, now the native ConvBNAct
                 assert isinstance(fused_paths[path], ConvBNAct), path
+            elif path in report.layout_sequentials:  # the same container, choosing its blocks' layouts
+                assert type(m) is nn.Sequential and type(fused_paths[path]) is LayoutSequential, path
             else:
                 assert type(fused_paths[path]) is type(m), path
 

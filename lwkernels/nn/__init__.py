@@ -5,6 +5,7 @@ fuse()/to_reference() for models written with plain PyTorch modules.
     chain.py     JointChain: consecutive JointBlocks replayed on the chain's own buffers
     conv_bn_act.py  ConvBNAct: the image stem (dense conv -> BN -> act) on a native kernel
     inverted_residual.py  InvertedResidual: expand ConvBNAct + JointBlock as one native call
+    layout_sequential.py  LayoutSequential: members run in the memory layout their kernels prefer
     folding.py   eval-mode BatchNorm and conv biases as per-channel scale/shift pairs
     training.py  JointBlock's training-mode forward and the running-statistics update
     fuse.py      fuse() and to_reference()
@@ -15,4 +16,5 @@ fuse()/to_reference() for models written with plain PyTorch modules.
     fuse_report.py      FuseReport, FusedChain, SkippedChain, TraceFallback
     fuse_conv_bn_act.py conv -> BN -> act containers (image stems, 1x1 convs) to ConvBNAct
     fuse_inverted_residual.py  expand ConvBNAct + the JointBlock it feeds to InvertedResidual
+    fuse_layouts.py     containers of fused blocks to LayoutSequential
 """

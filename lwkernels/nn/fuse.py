@@ -37,7 +37,9 @@ from .fuse_report import FusedChain, FuseReport, SkippedChain, TraceFallback
 from .fuse_sequential import SequentialMatcher, is_transparent
 from .fuse_conv_bn_act import convert_conv_bn_acts
 from .fuse_inverted_residual import convert_inverted_residuals
+from .fuse_layouts import convert_layout_sequentials
 from .inverted_residual import InvertedResidual, InvertedResidualReference
+from .layout_sequential import LayoutSequential
 from ..ops.reference import JointBlockReference
 
 
@@ -106,6 +108,7 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
     model = fuser.fuse_module(model, "")
     model = convert_conv_bn_acts(model, fuser.report)
     model = convert_inverted_residuals(model, fuser.report)
+    model = convert_layout_sequentials(model, fuser.report.layout_sequentials)
     fuser.report.inverted_residuals.sort(key=lambda p: order.get(p, len(order)))
     fuser.report.conv_bn_acts.sort(key=lambda p: order.get(p, len(order)))
     fuser.report.fused.sort(key=lambda c: order.get(c.path, len(order)))  # in the model's module order
@@ -117,8 +120,8 @@ def to_reference(model: nn.Module, inplace: bool = False) -> nn.Module:
     """`model` with every JointBlock replaced by a :class:`~lwkernels.JointBlockReference` — the plain
     PyTorch composition with the same modules (same parameters, buffers and training mode), so it
     computes the same function without the fused op — every JointChain and ConvBNAct by an
-    nn.Sequential of its modules, and every InvertedResidual by an InvertedResidualReference.
-    Deep-copies `model` first unless `inplace`."""
+    nn.Sequential of its modules, every InvertedResidual by an InvertedResidualReference, and every
+    LayoutSequential is an nn.Sequential again. Deep-copies `model` first unless `inplace`."""
     if not inplace:
         model = copy.deepcopy(model)
 
@@ -139,6 +142,9 @@ def to_reference(model: nn.Module, inplace: bool = False) -> nn.Module:
         ref.training = ir.training
         return ref
 
+    for module in list(model.modules()):
+        if isinstance(module, LayoutSequential):
+            module.as_sequential()
     if isinstance(model, JointBlock):
         return convert(model)
     if isinstance(model, InvertedResidual):

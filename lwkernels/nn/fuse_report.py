@@ -70,6 +70,9 @@ class FuseReport:
     #: Norms with their own activation (timm's BatchNormAct2d) of paired expands: old path -> path of
     #: the plain BatchNorm2d that shares their tensors (their slots hold nn.Identity now).
     inverted_residual_norms: Dict[str, str] = field(default_factory=dict)
+    #: Paths of plain nn.Sequential containers holding fused blocks, now LayoutSequentials (same
+    #: members and keys; "" for the model itself).
+    layout_sequentials: List[str] = field(default_factory=list)
 
     def key_map(self) -> Dict[str, str]:
         """Old state_dict key -> fused model's key, for every fused chain and moved module."""
@@ -86,4 +89,5 @@ class FuseReport:
         lines += [f"  not traced {f}" for f in self.fallbacks]
         lines += [f"  native  {p or '(the model)'}: ConvBNAct" for p in self.conv_bn_acts]
         lines += [f"  native  {p}: InvertedResidual (expand + block)" for p in self.inverted_residuals]
+        lines += [f"  layouts {p or '(the model)'}: LayoutSequential" for p in self.layout_sequentials]
         return "\n".join(lines)

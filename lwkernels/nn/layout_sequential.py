@@ -1,0 +1,162 @@
+"""LayoutSequential: an nn.Sequential whose members run in the memory layout their kernels are
+fastest in, converting between layouts only where that changes and back at its end.
+
+Which layout is faster depends on the block's shape (docs/performance.md, "Layouts inside a
+model"): the NCHW kernels win on large images (a 56x56 or larger output, and the dense image stem),
+the NHWC kernels from 28x28 down (their depthwise runs along channels, so a small image loses no
+vector lanes at row ends, and they need no padded copy of each channel plane). A model written in
+NCHW (torchvision's MobileNetV2, MNASNet) therefore runs its later stages channels-last inside this
+container and hands back NCHW.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .block import JointBlock
+from .conv_bn_act import ConvBNAct
+from .inverted_residual import InvertedResidual
+
+#: Blocks with at most this many output pixels run channels-last when their depthwise kernel has at
+#: most 9 taps (3x3), ...
+CHANNELS_LAST_MAX_PIXELS = 28 * 28
+#: ... and with any kernel at most this many (5x5 and larger depthwise kernels read 25+ taps per
+#: pixel, which the NHWC kernel loads one vector pair each; NCHW shares them along a row).
+CHANNELS_LAST_MAX_PIXELS_LARGE_KERNEL = 14 * 14
+
+_CL = torch.channels_last
+_NCHW = torch.contiguous_format
+
+
+def _out_pixels(conv: nn.Conv2d, h: int, w: int) -> Optional[int]:
+    if isinstance(conv.padding, str):
+        return None
+    size = []
+    for i, n in enumerate((h, w)):
+        k, s, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]
+        size.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
+    return size[0] * size[1]
+
+
+def preferred_memory_format(module: nn.Module, in_shape: Sequence[int]) -> Optional[torch.memory_format]:
+    """The memory format `module` (one of lwkernels' fused modules) runs fastest in on an input of
+    `in_shape`; None when it runs about as fast in either (a 1x1 ConvBNAct), so the layout it is
+    given stays."""
+    h, w = int(in_shape[-2]), int(in_shape[-1])
+    if isinstance(module, ConvBNAct):
+        return None if tuple(module[0].kernel_size) == (1, 1) else _NCHW
+    dw = module[1].depthwise if isinstance(module, InvertedResidual) else module.depthwise
+    px = _out_pixels(dw, h, w)
+    if px is None:
+        return _NCHW
+    taps = dw.kernel_size[0] * dw.kernel_size[1]
+    limit = CHANNELS_LAST_MAX_PIXELS if taps <= 9 else CHANNELS_LAST_MAX_PIXELS_LARGE_KERNEL
+    return _CL if px <= limit else _NCHW
+
+
+_FUSED = (InvertedResidual, JointBlock, ConvBNAct)
+
+
+def _fused_within(module: nn.Module) -> List[nn.Module]:
+    """`module` itself when it is a fused module, else the fused modules inside it (not inside
+    each other)."""
+    if isinstance(module, _FUSED):
+        return [module]
+    found: List[nn.Module] = []
+    for child in module.children():
+        found += _fused_within(child)
+    return found
+
+
+def _member_format(member: nn.Module, shapes: Dict[int, Tuple[int, ...]]) -> Optional[torch.memory_format]:
+    """The layout a member is given: its fused modules' choice when they agree (None: whatever
+    the previous member returned); NCHW when they do not, or for a member without fused modules
+    that has parameters (a PyTorch convolution: keep the layout the model was written for);
+    None for one without (an activation, nn.Identity)."""
+    fused = _fused_within(member)
+    if not fused:
+        has_params = next(member.parameters(), None) is not None
+        return _NCHW if has_params else None
+    choices = {preferred_memory_format(m, shapes[id(m)]) for m in fused if id(m) in shapes}
+    choices.discard(None)
+    if len(choices) == 1:
+        return choices.pop()
+    return _NCHW if choices else None
+
+
+class LayoutSequential(nn.Sequential):
+    """``nn.Sequential(*members)`` that runs each member in the memory layout its kernels are
+    fastest in (see the module docstring), then returns its output in the input's memory format.
+
+    Everything else is nn.Sequential's: indexing, state_dict keys, training, autograd,
+    ``torch.compile``, ``torch.export`` and ONNX export (which trace the plain sequence). The layouts
+    are chosen in eager CPU inference (nothing needing grad) for 4-D float32/float64 input in NCHW or
+    channels_last; on the first call with a new input shape the members run as a plain
+    nn.Sequential while the shapes their fused modules see are recorded. Only layouts change: each
+    member computes the same values (to float rounding: NCHW and NHWC kernels may round
+    differently), and forward hooks still run, seeing the member's input in the layout chosen for it.
+    fuse() puts the containers of a model that hold lwkernels' fused blocks in one of these.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _layouts_apply(x):
+            return super().forward(x)
+        members = tuple(self._modules.values())
+        plans = self.__dict__.setdefault("_layout_plans", {})
+        key = (tuple(x.shape), x.dtype)
+        entry = plans.get(key)
+        if entry is None or len(entry[0]) != len(members) or any(a is not b for a, b in zip(entry[0], members)):
+            if len(plans) >= _MAX_PLANS:
+                plans.clear()
+            y, formats = self._run_recording(x, members)
+            plans[key] = (members, formats)
+            return y
+        out_format = _NCHW if x.is_contiguous() else _CL
+        for member, fmt in zip(members, entry[1]):
+            if fmt is not None:
+                x = x.contiguous(memory_format=fmt)
+            x = member(x)
+        return x.contiguous(memory_format=out_format)
+
+    def _run_recording(self, x: torch.Tensor, members) -> Tuple[torch.Tensor, List[Optional[torch.memory_format]]]:
+        """The plain nn.Sequential call, recording the input shape of every fused module in the
+        members; returns its output and the layout chosen for each member."""
+        shapes: Dict[int, Tuple[int, ...]] = {}
+
+        def record(module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                shapes[id(module)] = tuple(args[0].shape)
+
+        handles = [f.register_forward_pre_hook(record) for m in members for f in _fused_within(m)]
+        try:
+            y = super().forward(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return y, [_member_format(m, shapes) for m in members]
+
+    def as_sequential(self) -> nn.Sequential:
+        """This container as a plain nn.Sequential again (the same object; its plans dropped)."""
+        self.__dict__.pop("_layout_plans", None)
+        self.__class__ = nn.Sequential
+        return self
+
+    def __getstate__(self):
+        # The plans hold the members themselves: never pickle or deep-copy them.
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_layout_plans", None)
+        return state
+
+
+#: Input signatures a LayoutSequential keeps plans for (a few image sizes and batch sizes).
+_MAX_PLANS = 8
+
+
+def _layouts_apply(x) -> bool:
+    """Eager CPU inference on a 4-D float tensor in NCHW or channels_last."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled()
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+            and (x.is_contiguous() or x.is_contiguous(memory_format=_CL)))
