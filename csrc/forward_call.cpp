@@ -212,22 +212,44 @@ char* set_up_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& 
   int64_t* phase_off = reinterpret_cast<int64_t*>(take(b_ph));
   if (shared_bytes) plan.shared_dw = reinterpret_cast<T*>(take(shared_bytes));
 
-  for (int64_t c = 0; c < C; ++c) {
-    const T s = t.dw_scale ? t.dw_scale[c] : T(1);
-    bool nan_weight = false;
-    for (int64_t k = 0; k < taps; ++k) {
-      const T w = t.dw_weight[c * taps + k] * s;
-      nan_weight |= w != w;
-      if (nhwc) {
-        dw_w[k * C + c] = w;
-      } else {
-        dw_w[c * taps + k] = w;
+  // The folded depthwise weights, in the layout's order ([C][taps] NCHW, [taps][C] NHWC), by
+  // blocks of 16 channels: NHWC's reads of a block stay in L1 while its writes run along channels,
+  // and the NaN flags are kept per lane so that the loops vectorise (a channel at a time, with a
+  // running flag, took ~20 us per call for 1152 channels of 5x5 before the workers started).
+  // Zero padding multiplies its taps by the weights, and NaN * 0 is NaN, so a NaN weight makes
+  // every output of its channel NaN. Kernels that skip the padded taps (NHWC, and NCHW rows outside
+  // the padded plane) would leave border outputs finite: the shift carries the NaN there.
+  constexpr int64_t kFoldBlock = 16;
+  for (int64_t c0 = 0; c0 < C; c0 += kFoldBlock) {
+    const int64_t n = std::min(kFoldBlock, C - c0);
+    T s[kFoldBlock];
+    int nan[kFoldBlock] = {};
+    for (int64_t i = 0; i < n; ++i) s[i] = t.dw_scale ? t.dw_scale[c0 + i] : T(1);
+    const T* w = t.dw_weight + c0 * taps;
+    if (nhwc) {
+      for (int64_t k = 0; k < taps; ++k) {
+        T* out = dw_w + k * C + c0;
+        for (int64_t i = 0; i < n; ++i) {
+          const T v = w[i * taps + k] * s[i];
+          out[i] = v;
+          nan[i] |= v != v;
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        T* out = dw_w + (c0 + i) * taps;
+        int any = 0;
+        for (int64_t k = 0; k < taps; ++k) {
+          const T v = w[i * taps + k] * s[i];
+          out[k] = v;
+          any |= v != v;
+        }
+        nan[i] = any;
       }
     }
-    // Zero padding multiplies its taps by the weights, and NaN * 0 is NaN, so a NaN weight makes
-    // every output of its channel NaN. Kernels that skip the padded taps (NHWC, and NCHW rows
-    // outside the padded plane) would leave border outputs finite: the shift carries the NaN there.
-    dw_b[c] = nan_weight ? std::numeric_limits<T>::quiet_NaN() : t.dw_shift ? t.dw_shift[c] : T(0);
+    for (int64_t i = 0; i < n; ++i) {
+      dw_b[c0 + i] = nan[i] ? std::numeric_limits<T>::quiet_NaN() : t.dw_shift ? t.dw_shift[c0 + i] : T(0);
+    }
   }
   for (int64_t o = 0; o < CO; ++o) {
     sc[o] = t.pw_scale ? t.pw_scale[o] : T(1);
