@@ -1,6 +1,6 @@
 // The depthwise side of a work item in NHWC: tile[pixel][channel], vectorised along channels,
-// with the folded weights stored tap-major; 3x3 pixels whose taps are all inside take a path
-// without border tables.
+// with the folded weights stored tap-major; pixels whose taps are all inside take a path without
+// border tables that shares each weight load between two pixels (unrolled for 3x3).
 // The mid activation applied here is a clamping one (none, relu, relu6): depthwise_tile
 // (kernel_work_items.h) applies hardswish and silu in a pass over the finished tile.
 //
@@ -23,13 +23,14 @@ namespace {
 // folded weights stored tap-major ([KH*KW][C]). Each pixel's valid taps come from the tables, so
 // the loops carry no bounds checks.
 
-// NP_ horizontally adjacent output pixels whose 9 taps (3x3) are all inside the image: tap t of
-// pixel p reads base + p*pstep + off[t]. Sharing each weight load between the pixels keeps the
-// loop closer to one load per FMA.
-template <class V, int NP_>
-LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const int64_t* off,
-                                const Plan<typename V::T>& pl, int64_t c_lo, int64_t c_hi,
-                                typename V::T* out, int64_t ldt) {
+// NP_ horizontally adjacent output pixels whose taps are all inside the image: tap t of pixel p
+// reads base + p*pstep + off[t]. Sharing each weight load between the pixels keeps the loop closer
+// to one load per FMA. kTaps: the tap count when known at compile time (9: 3x3, unrolled), else 0
+// and `taps` says.
+template <class V, int NP_, int kTaps>
+LWK_INLINE void dw_nhwc_inside(const typename V::T* base, int64_t pstep, const int64_t* off,
+                               int64_t taps_rt, const Plan<typename V::T>& pl, int64_t c_lo,
+                               int64_t c_hi, typename V::T* out, int64_t ldt) {
   using T = typename V::T;
   using R = typename V::reg;
   constexpr int W = V::W;
@@ -37,6 +38,7 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
   const int64_t C = pl.C;
   const T* w = pl.dw_w;
   const Activation act = pl.mid_act;
+  const int64_t taps = kTaps > 0 ? kTaps : taps_rt;
   int64_t c = c_lo;
   for (; c + U * W <= c_hi; c += U * W) {
     R acc[NP_][U];
@@ -44,7 +46,7 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
       const R b = V::load(pl.dw_b + c + u * W);
       LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q][u] = b;
     }
-    LWK_UNROLL for (int t = 0; t < 9; ++t) {
+    for (int64_t t = 0; t < taps; ++t) {
       const T* xp = base + off[t] + c;
       const T* wp = w + t * C + c;
       LWK_UNROLL for (int u = 0; u < U; ++u) {
@@ -63,7 +65,7 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
   for (; c + W <= c_hi; c += W) {
     R acc[NP_];
     LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q] = V::load(pl.dw_b + c);
-    LWK_UNROLL for (int t = 0; t < 9; ++t) {
+    for (int64_t t = 0; t < taps; ++t) {
       const R wv = V::load(w + t * C + c);
       LWK_UNROLL for (int q = 0; q < NP_; ++q) {
         acc[q] = V::fma(wv, V::load(base + q * pstep + off[t] + c), acc[q]);
@@ -75,7 +77,7 @@ LWK_INLINE void dw_nhwc_inside9(const typename V::T* base, int64_t pstep, const 
     const int n = static_cast<int>(c_hi - c);
     R acc[NP_];
     LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q] = V::load_first(pl.dw_b + c, n);
-    LWK_UNROLL for (int t = 0; t < 9; ++t) {
+    for (int64_t t = 0; t < taps; ++t) {
       const R wv = V::load_first(w + t * C + c, n);
       LWK_UNROLL for (int q = 0; q < NP_; ++q) {
         acc[q] = V::fma(wv, V::load_first(base + q * pstep + off[t] + c, n), acc[q]);
@@ -143,16 +145,23 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
   }
 }
 
+// The most taps whose offsets the inside path keeps (7x7); larger kernels take the border path.
+constexpr int64_t kInsideMaxTaps = 49;
+
 template <class V>
 void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
                   int64_t c_lo, int64_t c_hi, typename V::T* tile) {
   using T = typename V::T;
   const int64_t C = pl.C;
   const T* xn = pl.x + pl.x_image(n);
+  const int64_t taps = pl.KH * pl.KW;
   const bool k3 = pl.KH == 3 && pl.KW == 3;
-  int64_t off[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
-  if (k3) {
-    for (int t = 0; t < 9; ++t) off[t] = ((t / 3) * pl.dil_h * pl.W + (t % 3) * pl.dil_w) * C;
+  const bool inside_path = taps <= kInsideMaxTaps;
+  int64_t off[kInsideMaxTaps];
+  if (inside_path) {
+    for (int64_t t = 0; t < taps; ++t) {
+      off[t] = ((t / pl.KW) * pl.dil_h * pl.W + (t % pl.KW) * pl.dil_w) * C;
+    }
   }
   const int64_t pstep = pl.stride_w * C;
   int64_t oy = p0 / pl.OW, ox = p0 - oy * pl.OW;  // advanced incrementally (no division per pixel)
@@ -162,20 +171,23 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
       ++oy;
     }
     T* out = tile + j * pl.ldt;
-    const bool rows_inside = pl.ky_hi[oy] - pl.ky_lo[oy] == 3;
-    if (k3 && rows_inside && ox >= pl.ox_in_lo && ox < pl.ox_in_hi) {
+    const bool rows_inside = pl.ky_hi[oy] - pl.ky_lo[oy] == pl.KH;
+    if (inside_path && rows_inside && ox >= pl.ox_in_lo && ox < pl.ox_in_hi) {
       const T* base =
           xn + ((oy * pl.stride_h - pl.pad_h - pl.x_row0) * pl.W + ox * pl.stride_w - pl.pad_w) * C;
-      if (ox + 1 < pl.ox_in_hi && j + 1 < np) {
-        dw_nhwc_inside9<V, 2>(base, pstep, off, pl, c_lo, c_hi, out, pl.ldt);
-        j += 2;
-        ox += 2;
-        continue;
+      const bool pair = ox + 1 < pl.ox_in_hi && j + 1 < np;
+      if (k3) {
+        pair ? dw_nhwc_inside<V, 2, 9>(base, pstep, off, 9, pl, c_lo, c_hi, out, pl.ldt)
+             : dw_nhwc_inside<V, 1, 9>(base, pstep, off, 9, pl, c_lo, c_hi, out, pl.ldt);
+      } else {
+        pair ? dw_nhwc_inside<V, 2, 0>(base, pstep, off, taps, pl, c_lo, c_hi, out, pl.ldt)
+             : dw_nhwc_inside<V, 1, 0>(base, pstep, off, taps, pl, c_lo, c_hi, out, pl.ldt);
       }
-      dw_nhwc_inside9<V, 1>(base, pstep, off, pl, c_lo, c_hi, out, pl.ldt);
-    } else {
-      dw_nhwc_pixel<V>(pl, xn, oy, ox, c_lo, c_hi, out);
+      j += pair ? 2 : 1;
+      ox += pair ? 2 : 1;
+      continue;
     }
+    dw_nhwc_pixel<V>(pl, xn, oy, ox, c_lo, c_hi, out);
     ++j;
     ++ox;
   }
