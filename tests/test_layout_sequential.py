@@ -87,6 +87,16 @@ def test_members_get_the_layout_chosen_for_them():
     assert seen == [NCHW, NCHW, NCHW, CL, CL, CL, CL, CL]
 
 
+def test_members_that_leave_four_dimensions():
+    # A whole classifier as one container: the pooled, flattened output keeps no layout.
+    plain = nn.Sequential(*_stages(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10)).eval()
+    seq = LayoutSequential(collections.OrderedDict(plain.named_children()))
+    x = torch.randn(2, 3, 112, 112).contiguous(memory_format=CL)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(seq(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
 def test_plain_path_when_grad_is_needed_or_tracing():
     seq = LayoutSequential(collections.OrderedDict(_stages().named_children()))
     x = torch.randn(1, 3, 112, 112)

@@ -115,10 +115,12 @@ class LayoutSequential(nn.Sequential):
             return y
         out_format = _NCHW if x.is_contiguous() else _CL
         for member, fmt in zip(members, entry[1]):
-            if fmt is not None:
+            if fmt is not None and isinstance(x, torch.Tensor) and x.dim() == 4:
                 x = x.contiguous(memory_format=fmt)
             x = member(x)
-        return x.contiguous(memory_format=out_format)
+        if isinstance(x, torch.Tensor) and x.dim() == 4:  # (a classifier's output has no layout to restore)
+            x = x.contiguous(memory_format=out_format)
+        return x
 
     def _run_recording(self, x: torch.Tensor, members) -> Tuple[torch.Tensor, List[Optional[torch.memory_format]]]:
         """The plain nn.Sequential call, recording the input shape of every fused module in the
