@@ -28,7 +28,7 @@ from torch.nn.modules import module as _module_globals
 from ..nn.folding import fold_batchnorm, uses_running_stats
 from ..ops.activation import activation_name
 from ..ops.inference import dispatcher_needed
-from ..ops.contract import output_memory_format
+from ..ops.contract import conv_output_size, output_memory_format
 from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, geometry_for, native, selected_isa
 from .prepared_call import _dense_layout
 from .outputs import new_output
@@ -58,10 +58,6 @@ def _layout_for(conv: nn.Conv2d, x: torch.Tensor) -> torch.memory_format:
     """The layout the call runs in: x's for a 1x1 convolution (the joint kernel has both), NCHW for
     the dense kernel (a channels_last x then goes to PyTorch)."""
     return output_memory_format(x) if is_pointwise(conv) else torch.contiguous_format
-
-
-def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def is_pointwise(conv: nn.Conv2d) -> bool:
@@ -117,7 +113,7 @@ class PreparedDenseConv:
                     return False
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-        oh, ow = _conv_out(h, kh, sh, ph, dh), _conv_out(w, kw, sw, pw, dw)
+        oh, ow = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
         self._x_shape, self._dtype = x.shape, x.dtype
         self._memory_format = _layout_for(conv, x)
         self._out_shape = (n, conv.out_channels, oh, ow)

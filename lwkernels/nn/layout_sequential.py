@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..ops.contract import conv_output_size
 from .block import JointBlock
 from .conv_bn_act import ConvBNAct
 from .inverted_residual import InvertedResidual
@@ -33,11 +34,9 @@ _NCHW = torch.contiguous_format
 def _out_pixels(conv: nn.Conv2d, h: int, w: int) -> Optional[int]:
     if isinstance(conv.padding, str):
         return None
-    size = []
-    for i, n in enumerate((h, w)):
-        k, s, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]
-        size.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
-    return size[0] * size[1]
+    oh, ow = (conv_output_size(n, conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i])
+              for i, n in enumerate((h, w)))
+    return oh * ow
 
 
 def preferred_memory_format(module: nn.Module, in_shape: Sequence[int]) -> Optional[torch.memory_format]:
