@@ -26,6 +26,7 @@ from .cpu.prepared_call import invalidate_all as _invalidate_prepared_calls
 from .cpu.prepared_chain import invalidate_all as _invalidate_prepared_chains
 from .cpu.prepared_dense_conv import invalidate_all as _invalidate_dense_convs
 from .cpu.prepared_inverted_residual import invalidate_all as _invalidate_inverted_residuals
+from .cpu.prepared_sequence import invalidate_all as _invalidate_prepared_sequences
 from .ops.reference import JointBlockReference, joint_block_reference
 
 __version__ = "0.1.0"
@@ -45,7 +46,7 @@ def _trim_output_cache() -> None:
 
 
 def clear_cache() -> None:
-    """Forget every packed weight, prepared call and prepared chain (with its buffers), and free the
+    """Forget every packed weight, prepared call, chain and sequence (with their buffers), and free the
     output buffers kept for reuse (cpu/outputs.py); needed only after writing parameters through
     `.data`, which bypasses version counters, or to free memory."""
     PACK_CACHE.clear()
@@ -53,6 +54,7 @@ def clear_cache() -> None:
     _invalidate_prepared_chains()
     _invalidate_dense_convs()
     _invalidate_inverted_residuals()
+    _invalidate_prepared_sequences()
     _trim_output_cache()
 
 

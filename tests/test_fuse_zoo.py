@@ -134,7 +134,7 @@ def assert_same_function(model: nn.Module, fused: nn.Module, shape) -> None:
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(to_reference(fused)(x), expected, rtol=0, atol=0)  # same ops, same order
-        for _ in range(2):  # the second call replays: LayoutSequential's layouts, the prepared calls
+        for _ in range(3):  # later calls replay: LayoutSequential's layouts and members, the prepared calls
             torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
         fused64, model64 = copy.deepcopy(fused).double(), copy.deepcopy(model).double()
         torch.testing.assert_close(fused64(x.double()), model64(x.double()), rtol=1e-10, atol=1e-10)
@@ -313,7 +313,7 @@ def assert_matches_relative(model: nn.Module, fused: nn.Module, size: int) -> fl
     error = 0.0
     with torch.no_grad():
         expected = model(x)
-        for _ in range(2):  # the second call replays: LayoutSequential's layouts, the prepared calls
+        for _ in range(3):  # later calls replay: LayoutSequential's layouts and members, the prepared calls
             got = fused(x)
             error = max(error, ((got - expected).abs().max() / expected.abs().max()).item())
     assert error <= 1e-5, error
@@ -366,6 +366,10 @@ def test_real_torchvision_models(name):
     assert len(report.fused) == expected_chains(TORCHVISION_CHAINS[name]), str(report)
     assert report.layout_sequentials, str(report)  # the block container chooses its blocks' layouts
     assert_matches_relative(model, fused, 160)
+    if name in ("mobilenet_v2", "mnasnet1_0"):  # every member's forward is known: the whole container replays
+        container = fused.get_submodule(report.layout_sequentials[0])
+        replay = next(iter(container.__dict__["_layout_plans"].values())).replay
+        assert replay is not None and all(step is not None for step in replay._steps)
 
 
 # -- ONNX export of fused models (swapped modules and traced GraphModules alike) --------------------------

@@ -154,6 +154,12 @@ class PreparedCall:
     def parameters_require_grad(self) -> bool:
         return self._watch.requires_grad()
 
+    def replay_state(self) -> Tuple[Tuple[StateWatch, ...], Optional[str]]:
+        """What a caller that replays this call without matches() (cpu/prepared_sequence.py) checks
+        instead, besides the input: the watches of what it read, and the instruction-set setting it
+        was prepared under."""
+        return (self._watch,), self._isa_env
+
     # What a call composed of this one (cpu/prepared_inverted_residual.py) reuses.
     @property
     def out_shape(self) -> Tuple[int, int, int, int]:

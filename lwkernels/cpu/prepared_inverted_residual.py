@@ -10,7 +10,7 @@ that needs autograd or must see the ops. Anything else runs the two modules.
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -18,6 +18,7 @@ from .backend import PACK_CACHE, address
 from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
+from .state_watch import StateWatch
 
 #: NCHW calls whose output has at most this many pixels (7 x 7), or this many for a depthwise of
 #: 25 or more taps (14 x 14, 5 x 5), run channels-last inside the native call (the kernel transposes
@@ -116,6 +117,34 @@ class PreparedInvertedResidual:
             packed, self._project, self._geometry, x.data_ptr(), e_scale, e_shift, self._acts[0], a[0], a[1], a[2],
             self._acts[1], a[3], a[4], address(residual), self._acts[2], y.data_ptr(), torch.get_num_threads())
         return y
+
+    def replay_state(self) -> Tuple[Tuple[StateWatch, ...], Optional[str]]:
+        """What a caller that replays this call without matches() (cpu/prepared_sequence.py) checks
+        instead, besides the input: the watches of what it read, and the instruction-set setting it
+        was prepared under."""
+        expand_watches, expand_isa = self._expand_call.replay_state()
+        block_watches, block_isa = self._block_call.replay_state()
+        return expand_watches + block_watches, expand_isa if expand_isa == block_isa else "mixed settings"
+
+    @property
+    def x_shape(self) -> torch.Size:
+        return self._expand_call.x_shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._expand_call.dtype
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return self._block_call.memory_format
+
+    @property
+    def out_shape(self):
+        return self._block_call.out_shape
+
+    @property
+    def has_residual(self) -> bool:
+        return self._has_residual
 
     @property
     def transposes(self) -> bool:

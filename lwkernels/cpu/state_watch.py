@@ -29,6 +29,15 @@ class StateWatch:
                 self._versions.append((value, value._version))
         return True
 
+    @classmethod
+    def union(cls, watches: Iterable["StateWatch"]) -> "StateWatch":
+        """One watch over everything `watches` watch, checked in one pass."""
+        merged = cls()
+        for w in watches:
+            merged._same.extend(w._same)
+            merged._versions.extend(w._versions)
+        return merged
+
     def unchanged(self) -> bool:
         for d, key, value in self._same:
             if d.get(key) is not value:

@@ -6,6 +6,7 @@ fuse()/to_reference() for models written with plain PyTorch modules.
     conv_bn_act.py  ConvBNAct: the image stem (dense conv -> BN -> act) on a native kernel
     inverted_residual.py  InvertedResidual: expand ConvBNAct + JointBlock as one native call
     layout_sequential.py  LayoutSequential: members run in the memory layout their kernels prefer
+    member_calls.py  which members of a LayoutSequential only call fused modules (so they replay)
     folding.py   eval-mode BatchNorm and conv biases as per-channel scale/shift pairs
     training.py  JointBlock's training-mode forward and the running-statistics update
     fuse.py      fuse() and to_reference()

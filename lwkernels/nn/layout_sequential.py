@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..cpu.prepared_sequence import PreparedSequence
 from ..ops.contract import conv_output_size
 from .block import JointBlock
 from .conv_bn_act import ConvBNAct
@@ -96,6 +97,11 @@ class LayoutSequential(nn.Sequential):
     nn.Sequential while the shapes their fused modules see are recorded. Only layouts change: each
     member computes the same values (to float rounding: NCHW and NHWC kernels may round
     differently), and forward hooks still run, seeing the member's input in the layout chosen for it.
+    Once the members have run in their layouts, later calls replay them: members whose forward is
+    known to do nothing but call fused modules (nn/member_calls.py) run as those modules' prepared
+    kernel calls, without the module calls in between (cpu/prepared_sequence.py); the results are
+    the same, and anything the modules would notice (hooks, changed parameters or children) makes
+    the members run as modules again.
     fuse() puts the containers of a model that hold lwkernels' fused blocks in one of these.
     """
 
@@ -105,20 +111,30 @@ class LayoutSequential(nn.Sequential):
         members = tuple(self._modules.values())
         plans = self.__dict__.setdefault("_layout_plans", {})
         key = (tuple(x.shape), x.dtype)
-        entry = plans.get(key)
-        if entry is None or len(entry[0]) != len(members) or any(a is not b for a, b in zip(entry[0], members)):
+        plan = plans.get(key)
+        if plan is None or len(plan.members) != len(members) or any(a is not b for a, b in zip(plan.members, members)):
             if len(plans) >= _MAX_PLANS:
                 plans.clear()
             y, formats = self._run_recording(x, members)
-            plans[key] = (members, formats)
+            plans[key] = _Plan(members, formats)
             return y
         out_format = _NCHW if x.is_contiguous() else _CL
-        for member, fmt in zip(members, entry[1]):
+        if REPLAY_MEMBERS and plan.replayable(members):
+            y = plan.replay.run(x)
+        else:
+            y = self._run_in_layouts(x, members, plan.formats)
+            if REPLAY_MEMBERS:
+                plan.ran_as_modules()
+        if isinstance(y, torch.Tensor) and y.dim() == 4:  # (a classifier's output has no layout to restore)
+            y = y.contiguous(memory_format=out_format)
+        return y
+
+    @staticmethod
+    def _run_in_layouts(x, members, formats):
+        for member, fmt in zip(members, formats):
             if fmt is not None and isinstance(x, torch.Tensor) and x.dim() == 4:
                 x = x.contiguous(memory_format=fmt)
             x = member(x)
-        if isinstance(x, torch.Tensor) and x.dim() == 4:  # (a classifier's output has no layout to restore)
-            x = x.contiguous(memory_format=out_format)
         return x
 
     def _run_recording(self, x: torch.Tensor, members) -> Tuple[torch.Tensor, List[Optional[torch.memory_format]]]:
@@ -151,8 +167,63 @@ class LayoutSequential(nn.Sequential):
         return state
 
 
+#: Whether a LayoutSequential replays its members' prepared calls (cpu/prepared_sequence.py) rather
+#: than calling them as modules: a switch for tests and side-by-side measurements, not a setting.
+REPLAY_MEMBERS = True
+
 #: Input signatures a LayoutSequential keeps plans for (a few image sizes and batch sizes).
 _MAX_PLANS = 8
+
+#: Calls as modules before the next try to prepare a replay, after a try failed or a replay went
+#: stale within _MIN_USEFUL_REPLAYS calls (something changes every call: parameters updated between
+#: calls, hooks, a mode); doubled each time up to _MAX_RETRY_INTERVAL. Preparing a replay walks
+#: every member, so it must not happen on every call.
+_FIRST_RETRY_INTERVAL = 4
+_MAX_RETRY_INTERVAL = 1024
+_MIN_USEFUL_REPLAYS = 8
+
+
+class _Plan:
+    """One input signature's layouts per member and, once its members have run in them, their
+    replay (cpu/prepared_sequence.py)."""
+
+    __slots__ = ("members", "formats", "replay", "_replays", "_countdown", "_interval")
+
+    def __init__(self, members, formats) -> None:
+        self.members, self.formats = members, formats
+        self.replay = None
+        self._replays = 0
+        self._countdown, self._interval = 1, _FIRST_RETRY_INTERVAL
+
+    def replayable(self, members) -> bool:
+        """True when the replay gives what calling `members` would; drops a stale one."""
+        replay = self.replay
+        if replay is None:
+            return False
+        if replay.matches(members):
+            self._replays += 1
+            return True
+        self.replay = None
+        if self._replays < _MIN_USEFUL_REPLAYS:
+            self._back_off()
+        else:  # (it paid for itself: prepare again right after the next call as modules)
+            self._interval = _FIRST_RETRY_INTERVAL
+        return False
+
+    def ran_as_modules(self) -> None:
+        """The members have just run as modules in these layouts (so their fused modules hold
+        calls prepared for them): prepare the replay when a try is due."""
+        self._countdown -= 1
+        if self._countdown > 0:
+            return
+        replay = PreparedSequence.prepare(self.members, self.formats)
+        if replay is not None and replay.matches(self.members):
+            self.replay, self._replays, self._countdown = replay, 0, 1
+        else:
+            self._back_off()
+
+    def _back_off(self) -> None:
+        self._countdown, self._interval = self._interval, min(2 * self._interval, _MAX_RETRY_INTERVAL)
 
 
 def _layouts_apply(x) -> bool:
