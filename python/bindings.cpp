@@ -20,6 +20,7 @@ void bind_training(py::module_& m);  // train_bindings.cpp
 void bind_output_tensors(py::module_& m);  // output_tensors.cpp
 void bind_dense_conv(py::module_& m);  // dense_conv_bindings.cpp
 void bind_inverted_residual(py::module_& m);  // inverted_residual_bindings.cpp
+void bind_state_snapshot(py::module_& m);  // state_snapshot.cpp
 
 namespace {
 
@@ -120,4 +121,5 @@ PYBIND11_MODULE(_C, m) {
   bind_output_tensors(m);
   bind_dense_conv(m);
   bind_inverted_residual(m);
+  bind_state_snapshot(m);
 }

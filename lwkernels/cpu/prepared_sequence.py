@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import weakref
-from operator import attrgetter
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -42,9 +41,6 @@ from .state_watch import StateWatch
 
 #: Every live PreparedSequence, so that lwkernels.clear_cache() can drop them.
 _LIVE: "weakref.WeakSet[PreparedSequence]" = weakref.WeakSet()
-
-_FORWARD_HOOKS = attrgetter("_forward_hooks")
-_FORWARD_PRE_HOOKS = attrgetter("_forward_pre_hooks")
 
 #: One replayed member: the signature of its input (shape, dtype, memory format) and its calls,
 #: each (run(x, residual) -> y, whether it gets its input as the residual); (None, ()) for a member
@@ -68,7 +64,7 @@ def _prepared_run(module, residual_is_input: bool):
 class PreparedSequence:
     """A LayoutSequential's replay for one input signature; see the module docstring."""
 
-    __slots__ = ("_members", "_formats", "_steps", "_modules", "_types", "_watch", "_isa_env", "_valid",
+    __slots__ = ("_members", "_formats", "_steps", "_watch", "_isa_env", "_valid",
                  "__weakref__")
 
     @classmethod
@@ -78,7 +74,6 @@ class PreparedSequence:
         they ran that way; None when no member can be replayed."""
         isa_env = os.environ.get(ISA_ENV)
         steps: List[Optional[_Member]] = []
-        modules: List[torch.nn.Module] = []
         watches: List[StateWatch] = []
         for member in members:
             found = member_calls(member)
@@ -88,14 +83,11 @@ class PreparedSequence:
                 continue
             calls, call_watches = step
             steps.append(calls)
-            modules += found.modules
             watches += (found.watch,) + call_watches
         if not any(step is not None and step[1] for step in steps):
             return None
         plan = cls.__new__(cls)
         plan._members, plan._formats, plan._steps = tuple(members), tuple(formats), tuple(steps)
-        plan._modules = tuple(modules)
-        plan._types = [type(m) for m in modules]
         plan._watch = StateWatch.union(watches)
         plan._isa_env = isa_env
         plan._valid = True
@@ -136,10 +128,6 @@ class PreparedSequence:
             return False
         g = _module_globals
         if g._global_forward_hooks or g._global_forward_pre_hooks:
-            return False
-        modules = self._modules
-        if any(map(_FORWARD_HOOKS, modules)) or any(map(_FORWARD_PRE_HOOKS, modules)) \
-                or list(map(type, modules)) != self._types:
             return False
         return self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env and not dispatcher_needed()
 

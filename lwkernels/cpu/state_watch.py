@@ -1,52 +1,102 @@
 """What a prepared call read, so that a replay can tell whether it would still compute the same."""
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from typing import Iterable, List
 
 import torch
 
 
 class StateWatch:
-    """Entries (a module's attribute dict, key) with the object each held when watched, and the
-    version counter of every tensor among them (in-place updates — an optimizer step,
-    load_state_dict, copy_ under no_grad — bump it; writes through `.data` do not)."""
+    """Entries (a module's attribute dict, key) with the object each held when watched, the version
+    counter of every tensor among them (in-place updates — an optimizer step, load_state_dict,
+    copy_ under no_grad — bump it; writes through `.data` do not), containers that must stay empty
+    (hook dicts) and objects that must keep their class.
 
-    __slots__ = ("_same", "_versions")
+    unchanged() runs in C (lwkernels._C.StateSnapshot): a whole model's replay checks about a
+    thousand entries per call, cold in the caches after the kernels ran."""
+
+    __slots__ = ("_dicts", "_keys", "_values", "_tensors", "_versions", "_empty", "_objects", "_types",
+                 "_snapshot")
 
     def __init__(self) -> None:
-        self._same: List[Tuple[dict, str, object]] = []
-        self._versions: List[Tuple[torch.Tensor, int]] = []
+        self._dicts: List[dict] = []
+        self._keys: List[str] = []
+        self._values: List[object] = []
+        self._tensors: List[torch.Tensor] = []
+        self._versions: List[int] = []
+        self._empty: List[object] = []
+        self._objects: List[object] = []
+        self._types: List[type] = []
+        self._snapshot = None
 
-    def watch(self, d: dict, keys: Iterable[str]) -> bool:
-        """Watches d[key] for each key (absent keys as None); False when one is an inference tensor,
-        which has no version counter, so changes to it would go unseen."""
+    def watch(self, d, keys: Iterable[str]) -> bool:
+        """Watches d[key] for each key (absent keys as None; `d` a dict or a class's __dict__);
+        False when one is an inference tensor, which has no version counter, so changes to it would
+        go unseen."""
+        self._snapshot = None
         for key in keys:
             value = d.get(key)
-            self._same.append((d, key, value))
+            self._dicts.append(d)
+            self._keys.append(key)
+            self._values.append(value)
             if isinstance(value, torch.Tensor):
                 if value.is_inference():
                     return False
-                self._versions.append((value, value._version))
+                self._tensors.append(value)
+                self._versions.append(value._version)
         return True
+
+    def watch_empty(self, container) -> None:
+        """`container` (a module's hook dict) must stay empty."""
+        self._snapshot = None
+        self._empty.append(container)
+
+    def watch_class(self, obj) -> None:
+        """`obj` must keep its class."""
+        self._snapshot = None
+        self._objects.append(obj)
+        self._types.append(type(obj))
 
     @classmethod
     def union(cls, watches: Iterable["StateWatch"]) -> "StateWatch":
-        """One watch over everything `watches` watch, checked in one pass."""
+        """One watch over everything `watches` watch, each entry once, checked in one pass."""
         merged = cls()
+        seen = set()
         for w in watches:
-            merged._same.extend(w._same)
-            merged._versions.extend(w._versions)
+            for entry in zip(w._dicts, w._keys, w._values):
+                key = ("entry", id(entry[0]), entry[1], id(entry[2]))  # (a stale duplicate stays: it fails)
+                if key not in seen:
+                    seen.add(key)
+                    for column, item in zip((merged._dicts, merged._keys, merged._values), entry):
+                        column.append(item)
+            for tensor, version in zip(w._tensors, w._versions):
+                if ("tensor", id(tensor), version) not in seen:
+                    seen.add(("tensor", id(tensor), version))
+                    merged._tensors.append(tensor)
+                    merged._versions.append(version)
+            for container in w._empty:
+                if ("empty", id(container)) not in seen:
+                    seen.add(("empty", id(container)))
+                    merged._empty.append(container)
+            for obj, kind in zip(w._objects, w._types):
+                if ("class", id(obj), kind) not in seen:
+                    seen.add(("class", id(obj), kind))
+                    merged._objects.append(obj)
+                    merged._types.append(kind)
         return merged
 
     def unchanged(self) -> bool:
-        for d, key, value in self._same:
-            if d.get(key) is not value:
-                return False
-        for t, version in self._versions:
-            if t._version != version:
-                return False
-        return True
+        snapshot = self._snapshot
+        if snapshot is None:
+            snapshot = self._snapshot = self._native_snapshot()
+        return snapshot.unchanged()
+
+    def _native_snapshot(self):
+        from .backend import native
+
+        return native().StateSnapshot(self._dicts, self._keys, self._values, self._tensors, self._versions,
+                                      self._empty, self._objects, self._types)
 
     def requires_grad(self) -> bool:
         """True when a watched tensor requires grad (a call that autograd must record)."""
-        return any(t.requires_grad for t, _ in self._versions)
+        return any(t.requires_grad for t in self._tensors)

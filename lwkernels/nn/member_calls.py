@@ -14,8 +14,8 @@ Only forwards whose behaviour is known qualify:
     whose forward then returns ``self.conv(x)`` / ``self.layers(x)``.
 Anything else is called as a module. What the analysis relied on (each module's class, the
 children its containers hold, no forward set on an instance, the wrappers' residual flags, a
-GraphModule's generated forward) is watched, and the replay checks it, with the modules' hooks,
-on every call.
+GraphModule's generated forward), and that none of the modules has forward hooks, is watched;
+the replay checks it on every call.
 """
 from __future__ import annotations
 
@@ -48,8 +48,7 @@ class FusedCall(NamedTuple):
 class MemberCalls(NamedTuple):
     """The fused calls a member amounts to, in order, and what that depends on."""
     calls: Tuple[FusedCall, ...]
-    modules: Tuple[nn.Module, ...]  # every module walked: their hooks and classes are checked per call
-    watch: StateWatch               # the containers' children, instance forwards, wrapper flags
+    watch: StateWatch  # classes, children, instance forwards, wrapper flags, empty hook dicts
 
 
 def member_calls(member: nn.Module) -> Optional[MemberCalls]:
@@ -58,18 +57,25 @@ def member_calls(member: nn.Module) -> Optional[MemberCalls]:
     calls = walk.calls_of(member)
     if calls is None:
         return None
-    return MemberCalls(tuple(calls), tuple(walk.modules), walk.watch)
+    return MemberCalls(tuple(calls), walk.watch)
 
 
 class _Walk:
     def __init__(self) -> None:
-        self.modules: List[nn.Module] = []
         self.watch = StateWatch()
 
     def _visit(self, module: nn.Module) -> bool:
-        """Record `module` as walked; False when something could change its forward unseen."""
-        self.modules.append(module)
+        """Watch `module`'s class and that no forward is set on it; False when something could
+        change its forward unseen."""
+        self.watch.watch_class(module)
+        self._no_hooks(module)
         return self.watch.watch(module.__dict__, ("forward",))
+
+    def _no_hooks(self, module: nn.Module) -> None:
+        """`module`'s forward hooks must stay absent (the replay would not call them)."""
+        self.watch.watch(module.__dict__, ("_forward_hooks", "_forward_pre_hooks"))
+        self.watch.watch_empty(module._forward_hooks)
+        self.watch.watch_empty(module._forward_pre_hooks)
 
     def calls_of(self, module: nn.Module) -> Optional[List[FusedCall]]:
         if not self._visit(module):
@@ -101,7 +107,8 @@ class _Walk:
         if type(module) is InvertedResidual:
             inner += list(inner[0].children())
         if type(module) is not JointBlock:
-            self.modules += inner
+            for m in inner:
+                self._no_hooks(m)
         for container in [module] + inner:
             if container._modules and type(container) in _FUSED:
                 self.watch.watch(container._modules, list(container._modules))
