@@ -268,3 +268,32 @@ def test_a_joint_block_subclass_is_called_as_a_module():
             got = model(x)
         assert [s is not None for s in _replay(model)._steps] == [True, False]
         assert torch.equal(got, _modules_path(model, x))
+
+
+def test_threads_replaying_one_model_at_once_get_their_own_results():
+    import threading
+
+    model = _fused()
+    inputs = [_input(batch=1) * (i + 1) for i in range(4)]
+    with torch.no_grad():
+        for _ in range(3):
+            model(inputs[0])
+        want = [_modules_path(model, x) for x in inputs]
+    assert _replay(model) is not None
+    errors = []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(20):
+                    if not torch.equal(model(inputs[i]), want[i]):
+                        errors.append(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
