@@ -147,6 +147,11 @@ class PreparedCall:
         it was prepared with, at the same version (the input checks are the caller's)."""
         return self._valid and self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env
 
+    @property
+    def valid(self) -> bool:
+        """False once lwkernels.clear_cache() dropped it."""
+        return self._valid
+
     def state_unchanged_here(self) -> bool:
         """state_unchanged() without the ISA setting (for a caller that has just checked it)."""
         return self._valid and self._watch.unchanged()

@@ -17,8 +17,9 @@ than the later blocks gained; docs/performance.md.)
 The plan is replayed while
   - the chain holds the same JointBlock objects (plain JointBlock.forward, no forward hooks on them
     and no global forward hooks: the replay does not call them),
-  - every block's prepared call still matches its block (PreparedCall.state_unchanged: same
-    modules, parameters at the same version, same settings, same instruction-set choice),
+  - every block's prepared call still matches its block (same modules, parameters at the same
+    version, same settings: the calls' state watches, checked together in one pass; the same
+    instruction-set choice),
   - x has the signature it was prepared for, nothing needs autograd (no grad, or nothing requires
     it), and nothing needs to see the ops (ops.inference.dispatcher_needed),
   - no other thread is running the same plan (the buffers are the plan's; a concurrent caller goes
@@ -27,6 +28,7 @@ Anything else runs the blocks one by one, each with its own checks and errors.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import List, Optional, Tuple
@@ -37,7 +39,9 @@ from torch.nn.modules import module as _module_globals
 from ..ops.contract import output_memory_format
 from ..ops.inference import dispatcher_needed
 from ..nn.folding import uses_running_stats
+from .backend import ISA_ENV
 from .prepared_call import PreparedCall, _dense_layout
+from .state_watch import StateWatch
 
 #: Every live PreparedChain, so that lwkernels.clear_cache() can drop them (and their buffers).
 _LIVE: "weakref.WeakSet[PreparedChain]" = weakref.WeakSet()
@@ -63,7 +67,7 @@ class PreparedChain:
     """The fused calls of one chain of JointBlocks for one input signature; see the module docstring."""
 
     __slots__ = ("_blocks", "_calls", "_outputs", "_x_shape", "_dtype", "_memory_format", "_lock",
-                 "_valid", "__weakref__")
+                 "_watch", "_isa_env", "_valid", "__weakref__")
 
     @classmethod
     def prepare(cls, blocks: List[torch.nn.Module], x: torch.Tensor,
@@ -98,6 +102,12 @@ class PreparedChain:
             if call is None or call.memory_format != memory_format:
                 return False
             self._calls.append(call)
+        # What every call read, checked in one pass per chain call (not one per block).
+        states = [call.replay_state() for call in self._calls]
+        self._isa_env = states[0][1]
+        if any(isa_env != self._isa_env for _, isa_env in states):
+            return False
+        self._watch = StateWatch.union(w for watches, _ in states for w in watches)
         self._lock = threading.Lock()
         self._valid = True
         _LIVE.add(self)
@@ -112,7 +122,8 @@ class PreparedChain:
             return False
         if not _no_hooks(self._blocks):
             return False
-        if not all(call.state_unchanged() for call in self._calls):
+        if not self._watch.unchanged() or os.environ.get(ISA_ENV) != self._isa_env \
+                or not all(call.valid for call in self._calls):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(c.parameters_require_grad() for c in self._calls)):
             return False
