@@ -3,6 +3,10 @@
 // objects are cold in the caches after the kernels ran; done by the interpreter, one dependent miss
 // at a time, it took 5% of a MobileNetV2 call at batch 1. Here the lookups are independent loads
 // the core overlaps. Pure Python C API: it reads tensors' `_version` like Python code does.
+//
+// It holds borrowed pointers: the StateWatch that builds it keeps every object in its own lists
+// (which the garbage collector sees, so cycles through a watch stay collectable) and drops the
+// snapshot before it changes them.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
@@ -23,32 +27,32 @@ class StateSnapshot {
       throw std::invalid_argument("StateSnapshot: mismatched list lengths");
     }
     for (std::size_t i = 0; i < dicts.size(); ++i) {
-      entries_.push_back({dicts[i], keys[i], values[i]});
+      entries_.push_back({dicts[i].ptr(), keys[i].ptr(), values[i].ptr()});
     }
     for (std::size_t i = 0; i < tensors.size(); ++i) {
-      versions_.push_back({tensors[i], versions[i].cast<long long>()});
+      versions_.push_back({tensors[i].ptr(), versions[i].cast<long long>()});
     }
-    for (auto e : empty) empty_.push_back(py::reinterpret_borrow<py::object>(e));
-    for (std::size_t i = 0; i < objects.size(); ++i) types_.push_back({objects[i], types[i]});
+    for (auto e : empty) empty_.push_back(e.ptr());
+    for (std::size_t i = 0; i < objects.size(); ++i) types_.push_back({objects[i].ptr(), types[i].ptr()});
     version_name_ = py::str("_version");
   }
 
   bool unchanged() const {
     for (const auto& e : entries_) {
-      if (lookup(e.mapping.ptr(), e.key.ptr()) != e.value.ptr()) return false;
+      if (lookup(e.mapping, e.key) != e.value) return false;
     }
     for (const auto& t : types_) {
-      if (reinterpret_cast<PyObject*>(Py_TYPE(t.object.ptr())) != t.type.ptr()) return false;
+      if (reinterpret_cast<PyObject*>(Py_TYPE(t.object)) != t.type) return false;
     }
-    for (const auto& c : empty_) {
-      const Py_ssize_t n = PyDict_Check(c.ptr()) ? PyDict_GET_SIZE(c.ptr()) : PyObject_Length(c.ptr());
+    for (PyObject* c : empty_) {
+      const Py_ssize_t n = PyDict_Check(c) ? PyDict_GET_SIZE(c) : PyObject_Length(c);
       if (n != 0) {
         if (n < 0) PyErr_Clear();
         return false;
       }
     }
     for (const auto& v : versions_) {
-      PyObject* version = PyObject_GetAttr(v.tensor.ptr(), version_name_.ptr());
+      PyObject* version = PyObject_GetAttr(v.tensor, version_name_.ptr());
       if (version == nullptr) {
         PyErr_Clear();
         return false;
@@ -83,18 +87,18 @@ class StateSnapshot {
   }
 
   struct Entry {
-    py::object mapping, key, value;
+    PyObject *mapping, *key, *value;
   };
   struct Version {
-    py::object tensor;
+    PyObject* tensor;
     long long version;
   };
   struct Typed {
-    py::object object, type;
+    PyObject *object, *type;
   };
   std::vector<Entry> entries_;
   std::vector<Version> versions_;
-  std::vector<py::object> empty_;
+  std::vector<PyObject*> empty_;
   std::vector<Typed> types_;
   py::str version_name_;
 };

@@ -89,3 +89,19 @@ def test_union_keeps_an_entry_watched_with_another_value():
     second.watch(d, ("k",))
     assert not first.unchanged() and second.unchanged()
     assert not StateWatch.union([second, first]).unchanged()
+
+
+def test_a_cycle_through_a_watch_is_collected():
+    import gc
+    import weakref
+
+    module = _Holder()
+    watch = StateWatch()
+    watch.watch(module.__dict__, ("forward",))
+    watch.watch_class(module)
+    module.__dict__["_watch"] = watch  # module -> watch -> (its snapshot, its lists) -> module
+    assert watch.unchanged()  # (builds the native snapshot)
+    alive = weakref.ref(module)
+    del module, watch
+    gc.collect()
+    assert alive() is None

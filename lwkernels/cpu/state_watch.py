@@ -13,7 +13,8 @@ class StateWatch:
     (hook dicts) and objects that must keep their class.
 
     unchanged() runs in C (lwkernels._C.StateSnapshot): a whole model's replay checks about a
-    thousand entries per call, cold in the caches after the kernels ran."""
+    thousand entries per call, cold in the caches after the kernels ran. The snapshot borrows the
+    objects in this watch's lists, so it is dropped whenever they change."""
 
     __slots__ = ("_dicts", "_keys", "_values", "_tensors", "_versions", "_empty", "_objects", "_types",
                  "_snapshot")
