@@ -185,9 +185,7 @@ class PreparedDenseConv:
         return y
 
     def replay_state(self) -> Tuple[Tuple[StateWatch, ...], Optional[str]]:
-        """What a caller that replays this call without matches() (cpu/prepared_sequence.py) checks
-        instead, besides the input: the watches of what it read, and the instruction-set setting it
-        was prepared under."""
+        """As PreparedCall.replay_state (cpu/prepared_call.py)."""
         return (self._watch,), self._isa_env
 
     # What a call composed of this one (cpu/prepared_inverted_residual.py) reuses.

@@ -119,11 +119,10 @@ class PreparedInvertedResidual:
         return y
 
     def replay_state(self) -> Tuple[Tuple[StateWatch, ...], Optional[str]]:
-        """What a caller that replays this call without matches() (cpu/prepared_sequence.py) checks
-        instead, besides the input: the watches of what it read, and the instruction-set setting it
-        was prepared under."""
+        """As PreparedCall.replay_state (cpu/prepared_call.py)."""
         expand_watches, expand_isa = self._expand_call.replay_state()
         block_watches, block_isa = self._block_call.replay_state()
+        # (two different settings match no current one, so such a call is never replayed blind)
         return expand_watches + block_watches, expand_isa if expand_isa == block_isa else "mixed settings"
 
     @property

@@ -63,27 +63,22 @@ class StateWatch:
         """One watch over everything `watches` watch, each entry once, checked in one pass."""
         merged = cls()
         seen = set()
+
+        def add(key, columns, items) -> None:
+            if key not in seen:
+                seen.add(key)
+                for column, item in zip(columns, items):
+                    column.append(item)
+
         for w in watches:
-            for entry in zip(w._dicts, w._keys, w._values):
-                key = ("entry", id(entry[0]), entry[1], id(entry[2]))  # (a stale duplicate stays: it fails)
-                if key not in seen:
-                    seen.add(key)
-                    for column, item in zip((merged._dicts, merged._keys, merged._values), entry):
-                        column.append(item)
-            for tensor, version in zip(w._tensors, w._versions):
-                if ("tensor", id(tensor), version) not in seen:
-                    seen.add(("tensor", id(tensor), version))
-                    merged._tensors.append(tensor)
-                    merged._versions.append(version)
-            for container in w._empty:
-                if ("empty", id(container)) not in seen:
-                    seen.add(("empty", id(container)))
-                    merged._empty.append(container)
-            for obj, kind in zip(w._objects, w._types):
-                if ("class", id(obj), kind) not in seen:
-                    seen.add(("class", id(obj), kind))
-                    merged._objects.append(obj)
-                    merged._types.append(kind)
+            for d, k, v in zip(w._dicts, w._keys, w._values):  # (a stale duplicate stays: it fails)
+                add(("entry", id(d), k, id(v)), (merged._dicts, merged._keys, merged._values), (d, k, v))
+            for t, version in zip(w._tensors, w._versions):
+                add(("tensor", id(t), version), (merged._tensors, merged._versions), (t, version))
+            for c in w._empty:
+                add(("empty", id(c)), (merged._empty,), (c,))
+            for o, kind in zip(w._objects, w._types):
+                add(("class", id(o), kind), (merged._objects, merged._types), (o, kind))
         return merged
 
     def unchanged(self) -> bool:

@@ -119,7 +119,7 @@ class LayoutSequential(nn.Sequential):
             plans[key] = _Plan(members, formats)
             return y
         out_format = _NCHW if x.is_contiguous() else _CL
-        if REPLAY_MEMBERS and plan.replayable(members):
+        if REPLAY_MEMBERS and plan.replayable():
             y = plan.replay.run(x)
         else:
             y = self._run_in_layouts(x, members, plan.formats)
@@ -195,12 +195,13 @@ class _Plan:
         self._replays = 0
         self._countdown, self._interval = 1, _FIRST_RETRY_INTERVAL
 
-    def replayable(self, members) -> bool:
-        """True when the replay gives what calling `members` would; drops a stale one."""
+    def replayable(self) -> bool:
+        """True when the replay gives what calling the members would (the caller has checked that
+        the container still holds them); drops a stale one."""
         replay = self.replay
         if replay is None:
             return False
-        if replay.matches(members):
+        if replay.matches():
             self._replays += 1
             return True
         self.replay = None
@@ -217,7 +218,7 @@ class _Plan:
         if self._countdown > 0:
             return
         replay = PreparedSequence.prepare(self.members, self.formats)
-        if replay is not None and replay.matches(self.members):
+        if replay is not None and replay.matches():
             self.replay, self._replays, self._countdown = replay, 0, 1
         else:
             self._back_off()
