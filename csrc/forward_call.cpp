@@ -109,7 +109,7 @@ Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const Packed
 }
 
 // Scratch layout of one worker (Plan's per-worker scratch comment): the depthwise tile (unless
-// shared-depthwise mode keeps the tiles in a shared buffer), NCHW's rows, plane and segments, and
+// shared-depthwise mode keeps the tiles in a shared buffer), NCHW's rows, plane and job lists, and
 // the statistics. Sets the offsets, ldt, the plane's geometry and scratch_bytes.
 template <typename T>
 void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling& tl,
@@ -129,7 +129,7 @@ void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling&
   } else {
     const int64_t nr = ops.nr;
     plan.row_offset = own_tile_bytes;
-    // Row slack of one micro-tile: the depthwise writes whole vectors past a segment's end.
+    // Row slack of one micro-tile: the depthwise writes whole vectors past a row's end.
     plan.ldt = round_up(tl.tile_px, nr) + nr;
     plan.row_stride = static_cast<int64_t>(aligned_bytes(plan.ldt * int64_t(sizeof(T))) / sizeof(T));
     plan.plane_offset = plan.row_offset + 2 * plan.row_stride * sizeof(T);  // two rows
@@ -146,9 +146,13 @@ void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling&
     if (plan.use_plane) {
       plan.plane_stride =
           static_cast<int64_t>(aligned_bytes(plane_elems * int64_t(sizeof(T))) / sizeof(T));
-      plan.max_segs = rows_out;
-      plan.seg_offset = plan.scratch_bytes + 2 * plan.plane_stride * sizeof(T);  // two planes
-      plan.scratch_bytes = plan.seg_offset + aligned_bytes(rows_out * 3 * int64_t(sizeof(int64_t)));
+      // One fill job per row and phase, one depthwise job per output vector of each row.
+      plan.max_fill_jobs = plan.plane_rows * S;
+      plan.max_dw_jobs = rows_out * ceil_div(g.out_w, ops.vw);
+      plan.job_offset = plan.scratch_bytes + 2 * plan.plane_stride * sizeof(T);  // two planes
+      plan.scratch_bytes =
+          plan.job_offset + aligned_bytes((plan.max_fill_jobs * 3 + plan.max_dw_jobs * 2) *
+                                          int64_t(sizeof(int64_t)));
     }
   }
   if (plan.stats) {

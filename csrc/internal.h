@@ -137,9 +137,10 @@ struct Plan {
   const int64_t* phase_lo = nullptr;  // [stride_w]
   const int64_t* phase_hi = nullptr;  // [stride_w]
   const int64_t* phase_off = nullptr;  // [stride_w]
-  // A tile's output-row segments (at most max_segs), computed once per tile at seg_offset.
-  int64_t max_segs = 0;
-  std::size_t seg_offset = 0;
+  // A tile's job lists (kernel_depthwise_nchw.h: at most max_fill_jobs FillJobs, then at most
+  // max_dw_jobs DwJobs), made once per tile at job_offset.
+  int64_t max_fill_jobs = 0, max_dw_jobs = 0;
+  std::size_t job_offset = 0;
   const T* x_end = nullptr;  // one past the last element of x (vector reads never reach it)
 
   // Work decomposition: item = (n * n_tiles + tile) * n_co + co_block. A tile is tile_px

@@ -154,91 +154,98 @@ void zero_plane(typename V::T* plane, int64_t elems) {
   }
 }
 
+// One phase of one plane row, as far as it lies inside the image: n elements of the channel,
+// from its element `src` on (stride stride_w), to plane element `dst` on. The same for every
+// channel of a tile, so they are listed once per tile and each channel's fill is a short loop
+// over the list (on 7x7 and 14x14 images a row is a single vector: the per-row table lookups
+// and index arithmetic cost more than the copy).
+struct FillJob {
+  int64_t src, dst, n;
+};
+
+// One W-wide vector of a tile's depthwise outputs: the plane offset its taps are relative to
+// (its output row's origin plus its first column) and its offset in the tile's row buffer.
+// Listed once per tile; each channel runs them in groups of independent accumulators, so short
+// rows (7 or 14 outputs: one vector each) no longer wait on one dependent chain of FMAs each.
+struct DwJob {
+  int64_t plane, out;
+};
+
 template <class V, int kS>
-void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, int64_t iy_base,
-                int64_t rows, typename V::T* plane) {
+void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, const FillJob* jobs,
+                int64_t njobs, typename V::T* plane) {
   using T = typename V::T;
   constexpr int W = V::W;
-  const int64_t S = pl.stride_w, lp = pl.lp, Win = pl.W, P = pl.pad_w;
-  const int64_t i_a = imax(0, -iy_base), i_b = imin(rows, pl.H - iy_base);
-  for (int64_t i = i_a; i < i_b; ++i) {
-    const T* src = xc + (iy_base + i - pl.x_row0) * Win;
-    T* row = plane + i * S * lp;
-    for (int64_t r = 0; r < S; ++r) {
-      // Phase elements m in [ma, mb) are inside the image (0 <= m*S + r - P < Win).
-      const int64_t ma = pl.phase_lo[r], mb = pl.phase_hi[r];
-      const int64_t n = mb - ma;
-      if (n <= 0) continue;
-      T* d = row + pl.phase_off[r] + ma;
-      const T* s0 = src + (ma * S + r - P);
-      if (n >= W) {  // whole vectors, the last one overlapping: nothing outside [ma, mb) written
-        int64_t m = 0;
-        for (; m + W < n; m += W) {
-          V::store(d + m, load_strided<V, kS>(s0 + m * S, S));
-          LWK_NO_IDIOM();
-        }
-        V::store(d + n - W, load_strided<V, kS>(s0 + (n - W) * S, S));
-      } else if (s0 + (W - 1) * S < pl.x_end) {
-        // A short row: one vector (reading on into the next row) with the lanes past the row
-        // zeroed, as the padding they land on must be. (Scalar zero stores after a whole-vector
-        // store cost more than the rest of the fill on 7- and 14-wide images.)
-        V::store(d, V::keep_first(load_strided<V, kS>(s0, S), static_cast<int>(n)));
-      } else {  // the very end of x: no vector may read past it
-        for (int64_t m = 0; m < n; ++m) {
-          d[m] = s0[m * S];
-          LWK_NO_IDIOM();
-        }
+  const int64_t S = pl.stride_w;
+  for (int64_t f = 0; f < njobs; ++f) {
+    const int64_t n = jobs[f].n;
+    T* d = plane + jobs[f].dst;
+    const T* s0 = xc + jobs[f].src;
+    if (n >= W) {  // whole vectors, the last one overlapping: nothing outside [ma, mb) written
+      int64_t m = 0;
+      for (; m + W < n; m += W) {
+        V::store(d + m, load_strided<V, kS>(s0 + m * S, S));
+        LWK_NO_IDIOM();
+      }
+      V::store(d + n - W, load_strided<V, kS>(s0 + (n - W) * S, S));
+    } else if (s0 + (W - 1) * S < pl.x_end) {
+      // A short row: one vector (reading on into the next row) with the lanes past the row
+      // zeroed, as the padding they land on must be. (Scalar zero stores after a whole-vector
+      // store cost more than the rest of the fill on 7- and 14-wide images.)
+      V::store(d, V::keep_first(load_strided<V, kS>(s0, S), static_cast<int>(n)));
+    } else {  // the very end of x: no vector may read past it
+      for (int64_t m = 0; m < n; ++m) {
+        d[m] = s0[m * S];
+        LWK_NO_IDIOM();
       }
     }
   }
 }
 
-// N output vectors (N*W columns) of one output row: base points at the row's plane origin plus
-// the first column; taps at base + off[t]. kTaps > 0: tap count known at compile time, weights
-// preloaded in wv; kTaps == 0: any tap count, weights broadcast from wc.
+// N jobs of one channel: acc = bias + sum over taps t of w[t] * plane[job.plane + off[t] ...].
+// kTaps > 0: tap count known at compile time, weights preloaded in wv; kTaps == 0: any tap
+// count, weights broadcast from wc. Stores in job order: a job's vector may run past its row's
+// end into the next job's outputs, which that job (later in the list) overwrites.
 template <class V, int N, int kTaps>
-LWK_INLINE void dw_group_plane(const typename V::T* base, const int64_t* off, int64_t taps,
-                               const typename V::reg* wv, const typename V::T* wc,
-                               typename V::reg vb, Activation act, typename V::T* out) {
+LWK_INLINE void dw_jobs_plane(const typename V::T* plane, const DwJob* jobs, const int64_t* off,
+                              int64_t taps, const typename V::reg* wv, const typename V::T* wc,
+                              typename V::reg vb, Activation act, typename V::T* row) {
+  using T = typename V::T;
   using R = typename V::reg;
-  constexpr int W = V::W;
+  const T* base[N];
   R acc[N];
-  LWK_UNROLL for (int u = 0; u < N; ++u) acc[u] = vb;
+  LWK_UNROLL for (int u = 0; u < N; ++u) {
+    base[u] = plane + jobs[u].plane;
+    acc[u] = vb;
+  }
   if constexpr (kTaps > 0) {
     (void)taps;
     (void)wc;
     LWK_UNROLL for (int t = 0; t < kTaps; ++t) {
-      LWK_UNROLL for (int u = 0; u < N; ++u) {
-        acc[u] = V::fma(wv[t], V::load(base + off[t] + u * W), acc[u]);
-      }
+      const int64_t o = off[t];
+      LWK_UNROLL for (int u = 0; u < N; ++u) acc[u] = V::fma(wv[t], V::load(base[u] + o), acc[u]);
     }
   } else {
     (void)wv;
     for (int64_t t = 0; t < taps; ++t) {
       const R w = V::set1(wc[t]);
-      LWK_UNROLL for (int u = 0; u < N; ++u) {
-        acc[u] = V::fma(w, V::load(base + off[t] + u * W), acc[u]);
-      }
+      const int64_t o = off[t];
+      LWK_UNROLL for (int u = 0; u < N; ++u) acc[u] = V::fma(w, V::load(base[u] + o), acc[u]);
     }
   }
-  LWK_UNROLL for (int u = 0; u < N; ++u) V::store(out + u * W, activate_vec_clamping<V>(acc[u], act));
+  LWK_UNROLL for (int u = 0; u < N; ++u) {
+    V::store(row + jobs[u].out, activate_vec_clamping<V>(acc[u], act));
+  }
 }
 
-// A tile's output-row segments: plane offset of the segment's first output (row origin plus
-// first column), its offset in the tile's row buffer, and its length.
-struct Segment {
-  int64_t plane, out, len;
-};
-
 // One channel: the tile's depthwise outputs into row[0 .. np) (whole vectors, so up to W-1
-// elements past a segment's end are written too; they belong to the next segment, written
-// afterwards, or to the row's slack).
+// elements past a row's end are written too; they belong to the next job, written afterwards,
+// or to the row's slack).
 template <class V, int kTaps>
 void dw_channel_plane(const Plan<typename V::T>& pl, const typename V::T* plane,
-                      const Segment* segs, int64_t nsegs, const typename V::T* wc,
+                      const DwJob* jobs, int64_t njobs, const typename V::T* wc,
                       typename V::T bias, typename V::T* row) {
   using R = typename V::reg;
-  constexpr int W = V::W;
   constexpr int U = 4;
   static_assert(U == 4, "the remainder switch below covers U == 4");
   const Activation act = pl.mid_act;
@@ -258,50 +265,67 @@ void dw_channel_plane(const Plan<typename V::T>& pl, const typename V::T* plane,
     off_local[0] = 0;
   }
   const R vb = V::set1(bias);
-  for (int64_t s = 0; s < nsegs; ++s) {
-    const auto* base = plane + segs[s].plane;
-    auto* out = row + segs[s].out;
-    const int64_t len = segs[s].len;
-    int64_t j = 0;
-    for (; j + U * W <= len; j += U * W) {
-      dw_group_plane<V, U, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
-    }
-    switch (iceil_div(len - j, W)) {
-      case 1:
-        dw_group_plane<V, 1, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
-        break;
-      case 2:
-        dw_group_plane<V, 2, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
-        break;
-      case 3:
-        dw_group_plane<V, 3, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
-        break;
-      case 4:
-        dw_group_plane<V, 4, kTaps>(base + j, off, taps, wv, wc, vb, act, out + j);
-        break;
-      default:  // nothing left
-        break;
+  int64_t j = 0;
+  for (; j + U <= njobs; j += U) {
+    dw_jobs_plane<V, U, kTaps>(plane, jobs + j, off, taps, wv, wc, vb, act, row);
+  }
+  switch (njobs - j) {
+    case 1:
+      dw_jobs_plane<V, 1, kTaps>(plane, jobs + j, off, taps, wv, wc, vb, act, row);
+      break;
+    case 2:
+      dw_jobs_plane<V, 2, kTaps>(plane, jobs + j, off, taps, wv, wc, vb, act, row);
+      break;
+    case 3:
+      dw_jobs_plane<V, 3, kTaps>(plane, jobs + j, off, taps, wv, wc, vb, act, row);
+      break;
+    default:  // nothing left
+      break;
+  }
+}
+
+// The tile's fill and depthwise job lists (FillJob, DwJob) into `fill` and `jobs`; returns their
+// counts. The plane holds input rows iy_base .. iy_base + rows - 1.
+template <class V>
+void list_tile_jobs(const Plan<typename V::T>& pl, int64_t p0, int64_t np, int64_t iy_base,
+                    int64_t rows, FillJob* fill, int64_t* nfill, DwJob* jobs, int64_t* njobs) {
+  constexpr int W = V::W;
+  const int64_t S = pl.stride_w, rowsz = S * pl.lp;
+  int64_t nf = 0, nj = 0;
+  const int64_t i_a = imax(0, -iy_base), i_b = imin(rows, pl.H - iy_base);
+  for (int64_t i = i_a; i < i_b; ++i) {
+    for (int64_t r = 0; r < S; ++r) {
+      // Phase elements m in [ma, mb) are inside the image (0 <= m*S + r - P < W).
+      const int64_t ma = pl.phase_lo[r], mb = pl.phase_hi[r];
+      if (mb <= ma) continue;
+      fill[nf++] = FillJob{(iy_base + i - pl.x_row0) * pl.W + ma * S + r - pl.pad_w,
+                           i * rowsz + pl.phase_off[r] + ma, mb - ma};
     }
   }
+  for (int64_t p = p0, pend = p0 + np; p < pend;) {
+    const int64_t oy = p / pl.OW, ox0 = p - oy * pl.OW;
+    const int64_t len = imin(pl.OW - ox0, pend - p);
+    const int64_t origin = (oy * pl.stride_h - pl.pad_h - iy_base) * rowsz + ox0;
+    for (int64_t j = 0; j < len; j += W) jobs[nj++] = DwJob{origin + j, p - p0 + j};
+    p += len;
+  }
+  *nfill = nf;
+  *njobs = nj;
 }
 
 template <class V, int kS>
 void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
                         int64_t c_lo, int64_t c_hi, typename V::T* tile, typename V::T* row,
-                        typename V::T* plane, Segment* segs) {
+                        typename V::T* plane, void* job_lists) {
   using T = typename V::T;
   const int64_t taps = pl.KH * pl.KW;
   const int64_t oy_a = p0 / pl.OW, oy_b = (p0 + np - 1) / pl.OW;
   const int64_t iy_base = oy_a * pl.stride_h - pl.pad_h;
   const int64_t rows = (oy_b - oy_a) * pl.stride_h + (pl.KH - 1) * pl.dil_h + 1;
-  const int64_t rowsz = pl.stride_w * pl.lp;
-  int64_t nsegs = 0;
-  for (int64_t p = p0, pend = p0 + np; p < pend;) {
-    const int64_t oy = p / pl.OW, ox0 = p - oy * pl.OW;
-    const int64_t len = imin(pl.OW - ox0, pend - p);
-    segs[nsegs++] = Segment{(oy * pl.stride_h - pl.pad_h - iy_base) * rowsz + ox0, p - p0, len};
-    p += len;
-  }
+  FillJob* fill = static_cast<FillJob*>(job_lists);
+  DwJob* jobs = reinterpret_cast<DwJob*>(fill + pl.max_fill_jobs);
+  int64_t nfill = 0, njobs = 0;
+  list_tile_jobs<V>(pl, p0, np, iy_base, rows, fill, &nfill, jobs, &njobs);
   const bool k3 = taps == 9;
   // Software pipeline over channels: fill the plane of c+1, compute c, scatter c-1, with two
   // planes and two rows, so every load reads data stored one channel earlier.
@@ -309,19 +333,20 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
   const int64_t plane_elems = rows * pl.stride_w * pl.lp;
   zero_plane<V>(plane, plane_elems);
   zero_plane<V>(plane + pl.plane_stride, plane_elems);
-  fill_plane<V, kS>(pl, pl.x + pl.x_channel(n, c_lo), iy_base, rows, plane + (c_lo & 1) * pl.plane_stride);
+  fill_plane<V, kS>(pl, pl.x + pl.x_channel(n, c_lo), fill, nfill,
+                    plane + (c_lo & 1) * pl.plane_stride);
   for (int64_t c = c_lo; c < c_hi; ++c) {
     T* const cur_plane = plane + (c & 1) * pl.plane_stride;
     T* const cur_row = row + (c & 1) * pl.row_stride;
     if (c + 1 < c_hi) {
-      fill_plane<V, kS>(pl, pl.x + pl.x_channel(n, c + 1), iy_base, rows,
+      fill_plane<V, kS>(pl, pl.x + pl.x_channel(n, c + 1), fill, nfill,
                         plane + ((c + 1) & 1) * pl.plane_stride);
     }
     const T* wc = pl.dw_w + c * taps;
     if (k3) {
-      dw_channel_plane<V, 9>(pl, cur_plane, segs, nsegs, wc, pl.dw_b[c], cur_row);
+      dw_channel_plane<V, 9>(pl, cur_plane, jobs, njobs, wc, pl.dw_b[c], cur_row);
     } else {
-      dw_channel_plane<V, 0>(pl, cur_plane, segs, nsegs, wc, pl.dw_b[c], cur_row);
+      dw_channel_plane<V, 0>(pl, cur_plane, jobs, njobs, wc, pl.dw_b[c], cur_row);
     }
     if (c > c_lo) scatter_row<V>(row + ((c - 1) & 1) * pl.row_stride, np, pl.C, c - 1, tile);
   }

@@ -37,7 +37,7 @@ namespace {
 
 // Depthwise output of channels [c_lo, c_hi) of the tile p0 .. p0+np-1 of image n into `tile`,
 // with a clamping mid activation (activation.h); `scratch` is the worker's (its row, plane and
-// segment buffers).
+// job-list buffers).
 template <class V>
 void depthwise_tile_clamping(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
                              int64_t c_lo, int64_t c_hi, typename V::T* tile, void* scratch) {
@@ -49,13 +49,13 @@ void depthwise_tile_clamping(const Plan<typename V::T>& pl, int64_t n, int64_t p
   T* row = reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.row_offset);
   if (pl.use_plane) {
     T* plane = reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.plane_offset);
-    Segment* segs = reinterpret_cast<Segment*>(static_cast<char*>(scratch) + pl.seg_offset);
+    void* jobs = static_cast<char*>(scratch) + pl.job_offset;
     if (pl.stride_w == 1) {
-      dw_tile_nchw_plane<V, 1>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, segs);
+      dw_tile_nchw_plane<V, 1>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, jobs);
     } else if (pl.stride_w == 2) {
-      dw_tile_nchw_plane<V, 2>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, segs);
+      dw_tile_nchw_plane<V, 2>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, jobs);
     } else {
-      dw_tile_nchw_plane<V, 0>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, segs);
+      dw_tile_nchw_plane<V, 0>(pl, n, p0, np, c_lo, c_hi, tile, row, plane, jobs);
     }
   } else if (pl.stride_w == 1) {
     dw_tile_nchw<V, 1>(pl, n, p0, np, c_lo, c_hi, tile, row);
