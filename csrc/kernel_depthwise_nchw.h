@@ -181,7 +181,7 @@ void fill_plane(const Plan<typename V::T>& pl, const typename V::T* xc, const Fi
     const int64_t n = jobs[f].n;
     T* d = plane + jobs[f].dst;
     const T* s0 = xc + jobs[f].src;
-    if (n >= W) {  // whole vectors, the last one overlapping: nothing outside [ma, mb) written
+    if (n >= W) {  // whole vectors, the last one overlapping: nothing past the n elements written
       int64_t m = 0;
       for (; m + W < n; m += W) {
         V::store(d + m, load_strided<V, kS>(s0 + m * S, S));
@@ -284,8 +284,8 @@ void dw_channel_plane(const Plan<typename V::T>& pl, const typename V::T* plane,
   }
 }
 
-// The tile's fill and depthwise job lists (FillJob, DwJob) into `fill` and `jobs`; returns their
-// counts. The plane holds input rows iy_base .. iy_base + rows - 1.
+// The tile's fill and depthwise job lists (FillJob, DwJob) into `fill` and `jobs`, their counts
+// into *nfill and *njobs. The plane holds input rows iy_base .. iy_base + rows - 1.
 template <class V>
 void list_tile_jobs(const Plan<typename V::T>& pl, int64_t p0, int64_t np, int64_t iy_base,
                     int64_t rows, FillJob* fill, int64_t* nfill, DwJob* jobs, int64_t* njobs) {
