@@ -54,7 +54,9 @@ def test_preferred_memory_format_follows_the_rule():
     assert preferred_memory_format(InvertedResidual(24, 24, 6, stride=2), (1, 24, 56, 56)) == CL  # 28x28 out
     assert preferred_memory_format(InvertedResidual(24, 24, 6, kernel_size=5), (1, 24, 28, 28)) == NCHW
     assert preferred_memory_format(InvertedResidual(24, 24, 6, kernel_size=5), (1, 24, 14, 14)) == CL
-    assert preferred_memory_format(JointBlock(24, 32), (8, 24, 7, 7)) == CL
+    # A JointBlock: NCHW on a large image, whatever it is given on a small one (no conversion pays).
+    assert preferred_memory_format(JointBlock(24, 32), (8, 24, 56, 56)) == NCHW
+    assert preferred_memory_format(JointBlock(24, 32), (8, 24, 7, 7)) is None
     assert preferred_memory_format(ConvBNAct(3, 16, 3, stride=2), (1, 3, 224, 224)) == NCHW
     assert preferred_memory_format(ConvBNAct(16, 32, 1, padding=0), (1, 16, 7, 7)) is None
 
@@ -85,6 +87,22 @@ def test_members_get_the_layout_chosen_for_them():
     # stem, 56x56, 5x5 at 28x28 in NCHW; the 3x3 at 28x28, the 5x5 at 14x14, ReLU (kept), the
     # JointBlock and the 1x1 ConvBNAct (kept) channels-last
     assert seen == [NCHW, NCHW, NCHW, CL, CL, CL, CL, CL]
+
+
+@pytest.mark.parametrize("in_format", [NCHW, CL])
+def test_joint_blocks_alone_keep_the_input_layout(in_format):
+    # A depthwise-separable stack (no inverted residuals): converting around its small-image blocks
+    # cost more than they gained, so every member runs in the caller's layout.
+    plain = randomize_(nn.Sequential(JointBlock(16, 32, stride=2), JointBlock(32, 32), JointBlock(32, 64, stride=2),
+                                     JointBlock(64, 64)), seed=3).eval()
+    seq = LayoutSequential(collections.OrderedDict(plain.named_children()))
+    x = torch.randn(1, 16, 56, 56).contiguous(memory_format=in_format)  # every output <= 28x28
+    _formats_seen(seq, x)
+    y, seen = _formats_seen(seq, x)
+    assert seen == [in_format] * 4
+    assert y.is_contiguous(memory_format=in_format)
+    with torch.no_grad():
+        torch.testing.assert_close(y, plain(x), rtol=1e-4, atol=1e-5)
 
 
 def test_members_that_leave_four_dimensions():

@@ -3,10 +3,11 @@ fastest in, converting between layouts only where that changes and back at its e
 
 Which layout is faster depends on the block's shape (docs/performance.md, "Layouts inside a
 model"): the NCHW kernels win on large images (a 56x56 or larger output, and the dense image stem),
-the NHWC kernels from 28x28 down (their depthwise runs along channels, so a small image loses no
-vector lanes at row ends, and they need no padded copy of each channel plane). A model written in
-NCHW (torchvision's MobileNetV2, MNASNet) therefore runs its later stages channels-last inside this
-container and hands back NCHW.
+the NHWC inverted-residual kernels from 28x28 down (their depthwise runs along channels, so a small
+image loses no vector lanes at row ends, and they need no padded copy of each channel plane). A model
+written in NCHW (torchvision's MobileNetV2, MNASNet) therefore runs its later stages channels-last
+inside this container and hands back NCHW. A JointBlock on a small image gains too little from
+either layout to pay for a conversion, so it runs in the layout it is given.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from .block import JointBlock
 from .conv_bn_act import ConvBNAct
 from .inverted_residual import InvertedResidual
 
-#: Blocks with at most this many output pixels run channels-last when their depthwise kernel has at
-#: most 9 taps (3x3), ...
+#: Inverted residuals with at most this many output pixels run channels-last when their depthwise
+#: kernel has at most 9 taps (3x3), ...
 CHANNELS_LAST_MAX_PIXELS = 28 * 28
 #: ... and with any kernel at most this many (5x5 and larger depthwise kernels read 25+ taps per
 #: pixel, which the NHWC kernel loads one vector pair each; NCHW shares them along a row).
@@ -47,13 +48,18 @@ def preferred_memory_format(module: nn.Module, in_shape: Sequence[int]) -> Optio
     h, w = int(in_shape[-2]), int(in_shape[-1])
     if isinstance(module, ConvBNAct):
         return None if tuple(module[0].kernel_size) == (1, 1) else _NCHW
-    dw = module[1].depthwise if isinstance(module, InvertedResidual) else module.depthwise
+    is_ir = isinstance(module, InvertedResidual)
+    dw = module[1].depthwise if is_ir else module.depthwise
     px = _out_pixels(dw, h, w)
     if px is None:
         return _NCHW
     taps = dw.kernel_size[0] * dw.kernel_size[1]
     limit = CHANNELS_LAST_MAX_PIXELS if taps <= 9 else CHANNELS_LAST_MAX_PIXELS_LARGE_KERNEL
-    return _CL if px <= limit else _NCHW
+    if px > limit:
+        return _NCHW
+    # A JointBlock on a small image runs about as fast in either layout, so converting for it
+    # never pays: it keeps what it is given (docs/performance.md, "Layouts inside a model").
+    return _CL if is_ir else None
 
 
 _FUSED = (InvertedResidual, JointBlock, ConvBNAct)
