@@ -148,9 +148,28 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
 // The most taps whose offsets the inside path keeps (7x7); larger kernels take the border path.
 constexpr int64_t kInsideMaxTaps = 49;
 
+// Bytes of input rows a sweep over one channel range may keep for reuse by the next pixels: each
+// pixel reads (KH-1)*dil+1 rows of its channels, and its right-hand neighbour reads the same rows
+// again. Under an L1 data cache's size (32-48 KiB) with room left for weights and outputs.
+constexpr int64_t kDwWindowBytes = int64_t(32) << 10;
+
+// The channels of one sweep over the tile's pixels: all of [c_lo, c_hi) while their row window fits
+// a few times kDwWindowBytes (L2 then serves it well), else the most whole groups of 4 vectors (the
+// inside path's unit: fewer leave latency-bound single-vector chains) whose window fits
+// kDwWindowBytes. Wide, shallow images at batch 8 (1152 channels at 7x7: a 161 KiB window) ran
+// their depthwise up to 30% faster in L1-sized channel chunks.
 template <class V>
-void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
-                  int64_t c_lo, int64_t c_hi, typename V::T* tile) {
+int64_t dw_nhwc_channel_chunk(const Plan<typename V::T>& pl, int64_t channels) {
+  constexpr int64_t unit = 4 * V::W;
+  const int64_t rows = (pl.KH - 1) * pl.dil_h + 1;
+  const int64_t per_channel = rows * pl.W * int64_t(sizeof(typename V::T));
+  if (channels * per_channel <= 3 * kDwWindowBytes || unit * per_channel > kDwWindowBytes) return channels;
+  return kDwWindowBytes / per_channel / unit * unit;
+}
+
+template <class V>
+void dw_tile_nhwc_channels(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
+                           int64_t c_lo, int64_t c_hi, typename V::T* tile) {
   using T = typename V::T;
   const int64_t C = pl.C;
   const T* xn = pl.x + pl.x_image(n);
@@ -190,6 +209,20 @@ void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t 
     dw_nhwc_pixel<V>(pl, xn, oy, ox, c_lo, c_hi, out);
     ++j;
     ++ox;
+  }
+}
+
+// Depthwise of the tile p0 .. p0+np-1 of image n, channels [c_lo, c_hi), one sweep over the
+// pixels per channel chunk (dw_nhwc_channel_chunk). The last chunk takes what is left when less
+// than two chunks remain, so no sweep is narrower than a chunk.
+template <class V>
+void dw_tile_nhwc(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
+                  int64_t c_lo, int64_t c_hi, typename V::T* tile) {
+  const int64_t chunk = dw_nhwc_channel_chunk<V>(pl, c_hi - c_lo);
+  for (int64_t c = c_lo; c < c_hi;) {
+    const int64_t end = c_hi - c >= 2 * chunk ? c + chunk : c_hi;
+    dw_tile_nhwc_channels<V>(pl, n, p0, np, c, end, tile);
+    c = end;
   }
 }
 

@@ -1,12 +1,15 @@
 // Standalone micro-benchmark of the fused CPU kernel on the seed network's joint blocks
-// (batch 1, k = 3, dilation 3, padding 3), both layouts, plus the 9-block LightweightNet chain.
+// (batch 1, k = 3, dilation 3, "same" padding), both layouts, plus the 9-block LightweightNet chain.
 //
 //   bench_kernels [--threads N] [--isa scalar|avx2|avx512|neon] [--reps R] [--layout nchw|nhwc]
 //                 [--budget BYTES] [--batch N] [--shared-dw -1|0|1] [--plane-limit ELEMS]
-//                 [--shape CIN,COUT,S,HW]
+//                 [--shape CIN,COUT,S,HW]... [--as-chain] [--kernel K] [--dilation D]
 //                 [--mid-act ACT] [--out-act ACT]   (none|relu|relu6|hardswish|silu; default
 //                 none and relu)
-// Prints the median time of R repetitions per shape (after warm-up) and GFLOP/s.
+// Prints the median time of R repetitions per shape (after warm-up) and GFLOP/s. --as-chain runs
+// the --shape blocks back to back (each reading the previous one's output where the sizes agree)
+// and times each inside the chain, where the previous blocks have evicted its weights and input
+// from the caches (MobileNetV1's 13 blocks: --dilation 1 and the shapes of its table).
 #include <algorithm>
 #include <cmath>
 #include <chrono>
@@ -37,6 +40,9 @@ struct Block {
 
 lwk::Activation g_mid_act = lwk::Activation::kNone;
 lwk::Activation g_out_act = lwk::Activation::kRelu;
+int64_t g_dil = 3;
+int64_t g_kernel = 3;
+bool g_as_chain = false;
 
 lwk::Activation act_of(const std::string& v) {
   if (v == "relu") return lwk::Activation::kRelu;
@@ -54,15 +60,15 @@ void make_block(Block& b, const Shape& s, int64_t batch, lwk::Layout layout, lwk
   g.in_channels = s.cin;
   g.in_h = g.in_w = s.hw;
   g.out_channels = s.cout;
-  g.kernel_h = g.kernel_w = 3;
+  g.kernel_h = g.kernel_w = g_kernel;
   g.stride_h = g.stride_w = s.stride;
-  g.pad_h = g.pad_w = 3;
-  g.dil_h = g.dil_w = 3;
-  g.out_h = g.out_w = (s.hw + 6 - 6 - 1) / s.stride + 1;
+  g.pad_h = g.pad_w = g_dil * (g_kernel - 1) / 2;
+  g.dil_h = g.dil_w = g_dil;
+  g.out_h = g.out_w = (s.hw - 1) / s.stride + 1;
   g.layout = layout;
   const int64_t npix = g.out_h * g.out_w;
   b.x.resize(batch * s.cin * s.hw * s.hw);
-  b.dw.resize(s.cin * 9);
+  b.dw.resize(s.cin * g_kernel * g_kernel);
   b.w.resize(s.cout * s.cin);
   b.sc.resize(s.cout);
   b.sh.resize(s.cout);
@@ -78,7 +84,7 @@ void make_block(Block& b, const Shape& s, int64_t batch, lwk::Layout layout, lwk
   b.t.mid_act = g_mid_act;
   b.t.out_act = g_out_act;
   b.t.y = b.y.data();
-  b.flops = 2.0 * batch * npix * s.cin * (s.cout + 9);
+  b.flops = 2.0 * batch * npix * s.cin * (s.cout + g_kernel * g_kernel);
 }
 
 double now_ms() {
@@ -116,12 +122,19 @@ int main(int argc, char** argv) {
   bool chain_only = false;
   for (int i = 1; i < argc; i += 2) {
     const std::string k = argv[i], v = i + 1 < argc ? argv[i + 1] : "";
+    if (k == "--as-chain") {
+      g_as_chain = true;
+      --i;
+      continue;
+    }
     if (k == "--chain-only") {
       chain_only = true;
       --i;
       continue;
     }
     if (k == "--threads") threads = std::atoi(v.c_str());
+    else if (k == "--dilation") g_dil = std::atoll(v.c_str());
+    else if (k == "--kernel") g_kernel = std::atoll(v.c_str());
     else if (k == "--reps") reps = std::atoi(v.c_str());
     else if (k == "--batch") batch = std::atoll(v.c_str());
     else if (k == "--budget") lwk::detail::set_tile_budget_bytes(std::strtoull(v.c_str(), nullptr, 10));
@@ -165,7 +178,31 @@ int main(int argc, char** argv) {
     }
     if (!chain_only) std::printf("%s geomean of %zu shapes: %.3f ms (of minima %.3f)\n", ln, shapes.size(),
                 std::exp(logsum / shapes.size()), std::exp(logmin / shapes.size()));
-    if (!only.empty()) continue;
+    if (!only.empty() && !g_as_chain) continue;
+    const std::vector<Shape>& chain_shapes = only.empty() ? chain : only;
+    if (g_as_chain) {  // the given shapes back to back, each block timed inside the chain
+      std::vector<Block> blocks(chain_shapes.size());
+      for (size_t i = 0; i < blocks.size(); ++i) make_block(blocks[i], chain_shapes[i], batch, layout, isa, gen);
+      for (size_t i = 0; i + 1 < blocks.size(); ++i) {
+        if (blocks[i].y.size() == blocks[i + 1].x.size()) blocks[i + 1].t.x = blocks[i].y.data();
+      }
+      std::vector<std::vector<double>> per(blocks.size());
+      std::vector<double> tot;
+      for (int r = 0; r < reps + 3; ++r) {
+        const double a0 = now_ms();
+        for (size_t i = 0; i < blocks.size(); ++i) {
+          const double a = now_ms();
+          lwk::joint_forward<float>(*blocks[i].packed, blocks[i].g, blocks[i].t, threads);
+          if (r >= 3) per[i].push_back(now_ms() - a);
+        }
+        if (r >= 3) tot.push_back(now_ms() - a0);
+      }
+      auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+      std::printf("%s as chain: %.3f ms; per block:", ln, med(tot));
+      for (auto& v : per) std::printf(" %.3f", med(v));
+      std::printf("\n");
+      continue;
+    }
     std::vector<Block> blocks(chain.size());
     double flops = 0;
     for (size_t i = 0; i < chain.size(); ++i) {

@@ -436,6 +436,43 @@ void test_thin_columns(bool quick) {
   }
 }
 
+// NHWC depthwise in channel chunks (kernel_depthwise_nhwc.h): images whose row window is too
+// wide for one sweep, with channel counts that leave a short last chunk and a masked tail on every
+// ISA; clamping and non-clamping mid activations, one and two workers, with and without shared
+// depthwise (whose per-worker channel ranges then get chunked or not).
+void test_channel_chunks(bool quick) {
+  struct K { int64_t k, stride, pad, dil; };
+  const K kernels[] = {{5, 1, 2, 1}, {5, 2, 2, 1}, {3, 1, 2, 2}};
+  for (int64_t cin : {int64_t(452), int64_t(1157)}) {
+    if (quick && cin > 1000) continue;
+    for (const K& k : kernels) {
+      for (int threads : {1, 2}) {
+        for (int shared : {-1, 1}) {
+          Case c{};
+          c.n = 2;
+          c.cin = cin;
+          c.cout = 24;
+          c.h = 14;
+          c.w = 15;
+          c.k = k.k;
+          c.stride = k.stride;
+          c.pad = k.pad;
+          c.dil = k.dil;
+          c.layout = Layout::kNHWC;
+          c.dw_scale = c.dw_shift = c.pw_scale = c.pw_shift = true;
+          c.residual = k.stride == 1 && threads == 2;
+          c.mid_act = shared == 1 ? Activation::kHardswish : Activation::kRelu6;
+          c.out_act = Activation::kRelu;
+          c.threads = threads;
+          lwk::detail::set_shared_depthwise(shared);
+          run_all(c, 900 + cin + k.k);
+        }
+      }
+    }
+  }
+  lwk::detail::set_shared_depthwise(-1);
+}
+
 // One large block per layout (wide K exercises long accumulation chains).
 void test_large(bool quick) {
   if (quick) return;
@@ -896,6 +933,7 @@ int main(int argc, char** argv) {
     test_random(quick ? 40 : 300);
     test_tiling(quick);
     test_thin_columns(quick);
+    test_channel_chunks(quick);
     // The NCHW direct depthwise path (used when the padded plane would be too large).
     lwk::detail::set_plane_limit_elems(0);
     test_random(quick ? 20 : 100);
