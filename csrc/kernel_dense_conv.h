@@ -2,7 +2,7 @@
 // (image, oy). The C_in * kh input rows it needs are copied, zero-padded, into the worker's
 // scratch; then for each run of kDenseVecs vectors of output pixels the C_in * kh * kw tap vectors
 // are gathered once (plain or stride-2 loads) and every output channel is their weighted sum, four
-// channels at a time; shift and activation follow in place.
+// channels at a time, stored with its shift and activation.
 //
 // In an anonymous namespace like every kernel header (kernel_work_items.h says why).
 #pragma once
@@ -45,18 +45,25 @@ LWK_INLINE void dense_conv_channels(const DensePlan<typename V::T>& p, int64_t c
       LWK_UNROLL for (int v = 0; v < P; ++v) acc[j][v] = V::fma(wj, tv[v], acc[j][v]);
     }
   }
-  alignas(64) T tmp[P * W];
+  // Clamping activations in registers as the vectors are stored (the row's last one masked:
+  // 112-pixel rows end in a partial pass, whose element-wise copy once cost a fifth of the stem);
+  // hardswish and silu in a pass over the stored row.
+  const bool clamping = is_clamping(p.act);
   LWK_UNROLL for (int j = 0; j < NC; ++j) {
     const R sh = V::set1(p.shift ? p.shift[co + j] : T(0));
     T* out = yrow + (co + j) * plane;
-    if (valid == P * W) {
-      LWK_UNROLL for (int v = 0; v < P; ++v) V::store(out + v * W, V::add(acc[j][v], sh));
-      activate_array<V>(out, P * W, p.act);
-    } else {
-      LWK_UNROLL for (int v = 0; v < P; ++v) V::store(tmp + v * W, V::add(acc[j][v], sh));
-      activate_array<V>(tmp, valid, p.act);
-      for (int64_t l = 0; l < valid; ++l) out[l] = tmp[l];
+    LWK_UNROLL for (int v = 0; v < P; ++v) {
+      const int64_t left = valid - int64_t(v) * W;
+      if (left <= 0) continue;
+      R r = V::add(acc[j][v], sh);
+      if (clamping) r = activate_vec_clamping<V>(r, p.act);
+      if (left >= W) {
+        V::store(out + v * W, r);
+      } else {
+        V::store_first(out + v * W, r, static_cast<int>(left));
+      }
     }
+    if (!clamping) activate_array<V>(out, valid, p.act);
   }
 }
 
