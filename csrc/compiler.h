@@ -28,3 +28,10 @@
 #else
 #define LWK_UNROLL
 #endif
+
+// Asks for the cache line at `p` ahead of its use (a read, kept in all levels).
+#if defined(__GNUC__) || defined(__clang__)
+#define LWK_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define LWK_PREFETCH(p) ((void)(p))
+#endif

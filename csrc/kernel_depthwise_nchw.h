@@ -313,6 +313,17 @@ void list_tile_jobs(const Plan<typename V::T>& pl, int64_t p0, int64_t np, int64
   *njobs = nj;
 }
 
+// Channels ahead of the one being filled whose input rows are prefetched (see dw_tile_nchw_plane).
+constexpr int64_t kPrefetchChannels = 2;
+
+// Requests the n elements at p, a channel's input rows for one tile (contiguous in NCHW).
+template <class T>
+LWK_INLINE void prefetch_span(const T* p, int64_t n) {
+  const char* b = reinterpret_cast<const char*>(p);
+  const char* const e = b + n * int64_t(sizeof(T));
+  for (; b < e; b += 64) LWK_PREFETCH(b);
+}
+
 template <class V, int kS>
 void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, int64_t np,
                         int64_t c_lo, int64_t c_hi, typename V::T* tile, typename V::T* row,
@@ -328,7 +339,15 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
   list_tile_jobs<V>(pl, p0, np, iy_base, rows, fill, &nfill, jobs, &njobs);
   const bool k3 = taps == 9;
   // Software pipeline over channels: fill the plane of c+1, compute c, scatter c-1, with two
-  // planes and two rows, so every load reads data stored one channel earlier.
+  // planes and two rows, so every load reads data stored one channel earlier. The rows of channel
+  // c+1+kPrefetchChannels are requested meanwhile: each channel's few rows are too short a stream
+  // for the hardware prefetchers, and inside a model x (the previous block's output) has left L2.
+  const int64_t span_a = imax(0, -iy_base), span_b = imin(rows, pl.H - iy_base);
+  const int64_t span_off = (iy_base + span_a - pl.x_row0) * pl.W;
+  const int64_t span_len = imax(0, span_b - span_a) * pl.W;
+  for (int64_t c = c_lo + 1; c < imin(c_hi, c_lo + 1 + kPrefetchChannels); ++c) {
+    prefetch_span(pl.x + pl.x_channel(n, c) + span_off, span_len);
+  }
 
   const int64_t plane_elems = rows * pl.stride_w * pl.lp;
   zero_plane<V>(plane, plane_elems);
@@ -338,6 +357,9 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
   for (int64_t c = c_lo; c < c_hi; ++c) {
     T* const cur_plane = plane + (c & 1) * pl.plane_stride;
     T* const cur_row = row + (c & 1) * pl.row_stride;
+    if (c + 1 + kPrefetchChannels < c_hi) {
+      prefetch_span(pl.x + pl.x_channel(n, c + 1 + kPrefetchChannels) + span_off, span_len);
+    }
     if (c + 1 < c_hi) {
       fill_plane<V, kS>(pl, pl.x + pl.x_channel(n, c + 1), fill, nfill,
                         plane + ((c + 1) & 1) * pl.plane_stride);
