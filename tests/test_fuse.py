@@ -304,6 +304,23 @@ def test_mobilenet_v2_inverted_residuals():
         torch.testing.assert_close(fused64(x.double()), model64(x.double()), rtol=1e-10, atol=1e-12)
 
 
+def test_fuse_inside_inference_mode_copies_into_ordinary_tensors():
+    # Tensors made inside inference mode have no version counter, so a copy made there could never
+    # replay its prepared calls; fuse() copies outside it and the fused model runs its fast path.
+    model = randomize(MobileNetV2Like(), seed=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        fused, report = fuse(model)
+        assert report.inverted_residuals
+        assert not any(p.is_inference() for p in fused.parameters())
+        assert not any(b.is_inference() for b in fused.buffers())
+        for _ in range(2):
+            y = fused(x)
+        pair = fused.features[2].conv[0]
+        assert pair.__dict__.get("_prepared") is not None  # replayed, not rebuilt every call
+        torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_near_misses_are_reported_and_left_alone():
     model = randomize(near_miss_model(), seed=2).eval()
     original = copy.deepcopy(model)

@@ -26,6 +26,7 @@ import collections
 import copy
 from typing import Tuple
 
+import torch
 from torch import nn
 
 from .block import JointBlock
@@ -101,7 +102,11 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        # Outside inference mode even when called inside it: tensors made there are inference
+        # tensors, which have no version counter, so no fused call of the copy could be prepared
+        # for replay (every call would fall back to the op or to PyTorch, several times slower).
+        with torch.inference_mode(False):
+            model = copy.deepcopy(model)
     order = {path: i for i, (path, _) in enumerate(model.named_modules(remove_duplicate=False))}
     fuser = _Fuser()
     model = fuser.convert_references(model, "")
