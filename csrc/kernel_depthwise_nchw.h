@@ -345,9 +345,8 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
   const int64_t span_a = imax(0, -iy_base), span_b = imin(rows, pl.H - iy_base);
   const int64_t span_off = (iy_base + span_a - pl.x_row0) * pl.W;
   const int64_t span_len = imax(0, span_b - span_a) * pl.W;
-  for (int64_t c = c_lo + 1; c < imin(c_hi, c_lo + 1 + kPrefetchChannels); ++c) {
-    prefetch_span(pl.x + pl.x_channel(n, c) + span_off, span_len);
-  }
+  auto prefetch_channel = [&](int64_t c) { prefetch_span(pl.x + pl.x_channel(n, c) + span_off, span_len); };
+  for (int64_t c = c_lo + 1; c < imin(c_hi, c_lo + 1 + kPrefetchChannels); ++c) prefetch_channel(c);
 
   const int64_t plane_elems = rows * pl.stride_w * pl.lp;
   zero_plane<V>(plane, plane_elems);
@@ -357,9 +356,7 @@ void dw_tile_nchw_plane(const Plan<typename V::T>& pl, int64_t n, int64_t p0, in
   for (int64_t c = c_lo; c < c_hi; ++c) {
     T* const cur_plane = plane + (c & 1) * pl.plane_stride;
     T* const cur_row = row + (c & 1) * pl.row_stride;
-    if (c + 1 + kPrefetchChannels < c_hi) {
-      prefetch_span(pl.x + pl.x_channel(n, c + 1 + kPrefetchChannels) + span_off, span_len);
-    }
+    if (c + 1 + kPrefetchChannels < c_hi) prefetch_channel(c + 1 + kPrefetchChannels);
     if (c + 1 < c_hi) {
       fill_plane<V, kS>(pl, pl.x + pl.x_channel(n, c + 1), fill, nfill,
                         plane + ((c + 1) & 1) * pl.plane_stride);

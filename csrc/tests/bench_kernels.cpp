@@ -179,8 +179,8 @@ int main(int argc, char** argv) {
     if (!chain_only) std::printf("%s geomean of %zu shapes: %.3f ms (of minima %.3f)\n", ln, shapes.size(),
                 std::exp(logsum / shapes.size()), std::exp(logmin / shapes.size()));
     if (!only.empty() && !g_as_chain) continue;
-    const std::vector<Shape>& chain_shapes = only.empty() ? chain : only;
     if (g_as_chain) {  // the given shapes back to back, each block timed inside the chain
+      const std::vector<Shape>& chain_shapes = only.empty() ? chain : only;
       std::vector<Block> blocks(chain_shapes.size());
       for (size_t i = 0; i < blocks.size(); ++i) make_block(blocks[i], chain_shapes[i], batch, layout, isa, gen);
       for (size_t i = 0; i + 1 < blocks.size(); ++i) {
