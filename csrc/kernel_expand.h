@@ -34,12 +34,17 @@ void expand_band(const Plan<typename V::T>& pl, int64_t n, int64_t iy_a, int64_t
     // Rows = pixels, read in place (lda = C_in); columns = expanded channels (packed panels).
     fill_kernels<V, false, V::MR, V::NV>(kern);
     const T* A = ex.x + (n * HW + iy_a * pl.W) * cin;
+    const int64_t blocks = iceil_div(P, MR);
+    const int64_t panel_bytes = cin * NR * int64_t(sizeof(T));
     for (int64_t co = c_lo / NR * NR; co < c_hi; co += NR) {
       const int cols = static_cast<int>(imin(NR, C - co));
       const T* B = packed + (co / NR) * cin * NR;
+      const bool more = co + NR < c_hi;
       for (int64_t r0 = 0; r0 < P; r0 += MR) {
         const int rows = static_cast<int>(imin(MR, P - r0));
-        kern[rows - 1][(cols + W - 1) / W - 1](cin, A + r0 * cin, B, cin, e, r0, co, cols);
+        const PanelPrefetch pf =
+            more ? next_panel_share(B, panel_bytes, r0 / MR, blocks) : PanelPrefetch{};
+        kern[rows - 1][(cols + W - 1) / W - 1](cin, A + r0 * cin, B, cin, e, r0, co, cols, pf);
       }
     }
     return;
@@ -66,7 +71,8 @@ void expand_band(const Plan<typename V::T>& pl, int64_t n, int64_t iy_a, int64_t
     const T* A = packed + (ce / MR) * cin * MR;
     for (int64_t b = 0; b < nb; ++b) {
       const int cols = static_cast<int>(imin(NR, P - b * NR));
-      kern[rows - 1][(cols + W - 1) / W - 1](cin, A, blocks + b * cin * NR, 0, e, ce, b * NR, cols);
+      kern[rows - 1][(cols + W - 1) / W - 1](cin, A, blocks + b * cin * NR, 0, e, ce, b * NR, cols,
+                                             PanelPrefetch{});
     }
   }
 }

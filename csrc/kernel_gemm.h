@@ -7,6 +7,7 @@
 // copy with its own flags (kernel_work_items.h says why).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "activation.h"
@@ -17,6 +18,31 @@
 namespace lwk {
 namespace detail {
 namespace {
+
+// The NHWC micro-kernels stream a packed weight panel (K x NR) once per block of MR pixels; the
+// first block of a panel finds it in L3 when the weights are larger than L2 (the late blocks of
+// a model at batch 1, where a panel serves only 49 or 196 pixels), and at NR values per k step
+// it outruns the hardware prefetchers. So each call also asks for `lines` cache lines from `next`
+// on (a share of the next panel), one per k step. Empty: nothing to ask for.
+struct PanelPrefetch {
+  const char* next = nullptr;
+  int64_t lines = 0;
+};
+
+// The share of the panel after `panel` (both panel_bytes long; the caller knows there is one)
+// that the call for row block `block` of `blocks` asks for: the next panel in equal parts, so
+// that it is on its way before the first block that reads it.
+inline PanelPrefetch next_panel_share(const void* panel, int64_t panel_bytes, int64_t block,
+                                      int64_t blocks) {
+  const int64_t lines = (panel_bytes + 63) / 64;
+  const int64_t per_block = (lines + blocks - 1) / blocks;
+  const int64_t first = block * per_block;
+  PanelPrefetch pf;
+  if (first >= lines) return pf;
+  pf.next = static_cast<const char*>(panel) + panel_bytes + first * 64;
+  pf.lines = std::min(per_block, lines - first);
+  return pf;
+}
 
 // Output side of one micro-tile. Element (r, c) of the tile is y[r * ldy + c] (the pointers are
 // already offset to the work item); its per-channel parameters are indexed by r for NCHW (rows
@@ -243,9 +269,13 @@ LWK_NOINLINE void store_then_activate(const typename V::T* spilled, const Epi<ty
 // block of the depthwise tile).
 //   kNCHW: A is a packed pointwise panel, A(i, k) = A[k * V::MR + i] (ld unused).
 //   NHWC:  A(i, k) = A[i * ld + k] (depthwise tile rows).
+//
+// NHWC only: `pf` asks for cache lines the caller will read next (the next weight panel's share),
+// one per k step, while the FMAs run (see PanelPrefetch).
 template <class V, int MR_, int NV_, bool kNCHW>
 void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T* LWK_RESTRICT B,
-             int64_t ld, const Epi<typename V::T>& e, int64_t r0, int64_t c0, int cols) {
+             int64_t ld, const Epi<typename V::T>& e, int64_t r0, int64_t c0, int cols,
+             PanelPrefetch pf) {
   using T = typename V::T;
   using R = typename V::reg;
   constexpr int W = V::W;
@@ -254,6 +284,8 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
     LWK_UNROLL for (int j = 0; j < NV_; ++j) acc[i][j] = V::zero();
   }
   if (kNCHW) {
+    (void)pf;  // (no gain measured: a weight panel streams 8 values per k step, which the
+               // hardware prefetchers keep up with)
     for (int64_t k = 0; k < K; ++k) {
       R b[NV_];
       LWK_UNROLL for (int j = 0; j < NV_; ++j) b[j] = V::load(B + j * W);
@@ -266,6 +298,7 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
     }
   } else {
     for (int64_t k = 0; k < K; ++k) {
+      if (k < pf.lines) LWK_PREFETCH(pf.next + k * 64);
       R b[NV_];
       LWK_UNROLL for (int j = 0; j < NV_; ++j) b[j] = V::load(B + j * W);
       LWK_UNROLL for (int i = 0; i < MR_; ++i) {
@@ -440,7 +473,7 @@ void thin_dispatch(int tc, int64_t K, const typename V::T* packed, const typenam
 
 template <typename T>
 using KernelFn = void (*)(int64_t, const T*, const T*, int64_t, const Epi<T>&, int64_t, int64_t,
-                          int);
+                          int, PanelPrefetch);
 
 // table[r - 1][v - 1] = micro-kernel with r rows and v column registers.
 template <class V, bool kNCHW, int R_, int N_>
