@@ -14,6 +14,7 @@
 #include "forward_call.h"
 #include "internal.h"
 #include "tiling.h"
+#include "transpose.h"
 
 namespace lwk {
 namespace detail {
@@ -161,32 +162,6 @@ struct ExpandAffine {
 };
 template <typename T>
 thread_local ExpandAffine<T> t_expand_affine;
-
-// dst[n][p][c] = src[n][c][p] for `batch` images of `channels` x `pixels` (to_nhwc), or back.
-template <typename T>
-void transpose_images(const T* src, T* dst, int64_t batch, int64_t channels, int64_t pixels,
-                      bool to_nhwc) {
-  constexpr int64_t kBlock = 16;  // a 16 x 16 block of either side stays in L1
-  for (int64_t n = 0; n < batch; ++n) {
-    const T* s = src + n * channels * pixels;
-    T* d = dst + n * channels * pixels;
-    for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
-      const int64_t c1 = std::min(channels, c0 + kBlock);
-      for (int64_t p0 = 0; p0 < pixels; p0 += kBlock) {
-        const int64_t p1 = std::min(pixels, p0 + kBlock);
-        for (int64_t c = c0; c < c1; ++c) {
-          for (int64_t p = p0; p < p1; ++p) {
-            if (to_nhwc) {
-              d[p * channels + c] = s[c * pixels + p];
-            } else {
-              d[c * pixels + p] = s[p * channels + c];
-            }
-          }
-        }
-      }
-    }
-  }
-}
 
 // The calling thread's NHWC copies of x, the residual and y for transpose_io calls.
 template <typename T>

@@ -11,6 +11,7 @@ add_library(lwkernels_core STATIC
   ${LWK_CSRC_DIR}/inverted_residual.cpp
   ${LWK_CSRC_DIR}/joint_block.cpp
   ${LWK_CSRC_DIR}/tiling.cpp
+  ${LWK_CSRC_DIR}/transpose.cpp
   ${LWK_CSRC_DIR}/parallel.cpp
   ${LWK_CSRC_DIR}/host_openmp.cpp
   ${LWK_CSRC_DIR}/thread_pool.cpp
