@@ -11,6 +11,7 @@
 
 #include "../csrc/joint_block.h"
 #include "../csrc/parallel.h"
+#include "addresses.h"
 #include "enum_names.h"
 #include "geometry_fields.h"
 
@@ -21,17 +22,15 @@ void bind_output_tensors(py::module_& m);  // output_tensors.cpp
 void bind_dense_conv(py::module_& m);  // dense_conv_bindings.cpp
 void bind_inverted_residual(py::module_& m);  // inverted_residual_bindings.cpp
 void bind_state_snapshot(py::module_& m);  // state_snapshot.cpp
+void bind_call_sequence(py::module_& m);  // call_sequence_bindings.cpp
 
 namespace {
+
+using lwk_bind::as_ptr;
 
 using lwk_bind::activation_from_name;
 using lwk_bind::isa_from_name;
 using lwk_bind::layout_from_name;
-
-template <typename T>
-const T* as_ptr(std::uintptr_t address) {
-  return reinterpret_cast<const T*>(address);
-}
 
 template <typename T>
 void bind_dtype(py::module_& m, const char* suffix) {
@@ -122,4 +121,5 @@ PYBIND11_MODULE(_C, m) {
   bind_dense_conv(m);
   bind_inverted_residual(m);
   bind_state_snapshot(m);
+  bind_call_sequence(m);
 }

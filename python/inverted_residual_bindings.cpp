@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../csrc/inverted_residual.h"
+#include "addresses.h"
 #include "enum_names.h"
 #include "geometry_fields.h"
 
@@ -14,10 +15,7 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-const T* as_ptr(std::uintptr_t address) {
-  return reinterpret_cast<const T*>(address);
-}
+using lwk_bind::as_ptr;
 
 template <typename T>
 void bind_forward(py::module_& m) {
