@@ -5,6 +5,7 @@ set(LWK_CSRC_DIR ${CMAKE_CURRENT_LIST_DIR})
 
 add_library(lwkernels_core STATIC
   ${LWK_CSRC_DIR}/buffer_pool.cpp
+  ${LWK_CSRC_DIR}/call_sequence.cpp
   ${LWK_CSRC_DIR}/conv_geometry.cpp
   ${LWK_CSRC_DIR}/dense_conv.cpp
   ${LWK_CSRC_DIR}/forward_call.cpp

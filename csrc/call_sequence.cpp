@@ -1,0 +1,123 @@
+#include "call_sequence.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "transpose.h"
+
+namespace lwk {
+
+namespace {
+
+int64_t elems(int64_t batch, int64_t channels, int64_t h, int64_t w) { return batch * channels * h * w; }
+
+}  // namespace
+
+template <typename T>
+void CallSequence<T>::place(int x, int residual, int y, int64_t x_elems, int64_t y_elems) {
+  auto valid = [](int s) { return s >= kInput && s <= kWorkB; };
+  if (!valid(x) || !valid(y)) throw std::invalid_argument("CallSequence: a slot is out of range");
+  if (y == kInput) throw std::invalid_argument("CallSequence: no call may write the input slot");
+  if (x == y) throw std::invalid_argument("CallSequence: a call must not write the slot it reads");
+  if (residual != kNoSlot && !valid(residual)) {
+    throw std::invalid_argument("CallSequence: the residual slot is out of range");
+  }
+  if (x == kInput) {
+    if (input_elems_ != 0 && input_elems_ != x_elems) {
+      throw std::invalid_argument("CallSequence: calls read the input slot with different sizes");
+    }
+    input_elems_ = x_elems;
+  } else if (slot_elems_[x] < x_elems) {
+    throw std::invalid_argument("CallSequence: a call reads " + std::to_string(x_elems) +
+                                " elements from a slot no earlier call filled that far");
+  }
+  slot_elems_[y] = std::max(slot_elems_[y], y_elems);
+  if (y == kOutput) output_elems_ = y_elems;
+}
+
+template <typename T>
+void CallSequence<T>::add_joint(std::shared_ptr<const PackedPointwise<T>> packed,
+                                const JointGeometry& g, const JointTensors<T>& operands, int x,
+                                int residual, int y) {
+  if (!packed) throw std::invalid_argument("CallSequence: packed weights are null");
+  const std::string err = validate(g);
+  if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
+  place(x, residual, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
+        elems(g.batch, g.out_channels, g.out_h, g.out_w));
+  steps_.push_back([packed = std::move(packed), g, t = operands, x, residual,
+                    y](T* const* slots, int threads) mutable {
+    t.x = slots[x];
+    t.residual = residual == kNoSlot ? nullptr : slots[residual];
+    t.y = slots[y];
+    joint_forward<T>(*packed, g, t, threads);
+  });
+}
+
+template <typename T>
+void CallSequence<T>::add_inverted_residual(std::shared_ptr<const PackedPointwise<T>> expand,
+                                            std::shared_ptr<const PackedPointwise<T>> project,
+                                            const InvertedResidualGeometry& g,
+                                            const InvertedResidualTensors<T>& operands, int x,
+                                            int residual, int y) {
+  if (!expand || !project) throw std::invalid_argument("CallSequence: packed weights are null");
+  const std::string err = validate(g);
+  if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
+  place(x, residual, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
+        elems(g.batch, g.out_channels, g.out_h, g.out_w));
+  steps_.push_back([expand = std::move(expand), project = std::move(project), g, t = operands, x,
+                    residual, y](T* const* slots, int threads) mutable {
+    t.x = slots[x];
+    t.residual = residual == kNoSlot ? nullptr : slots[residual];
+    t.y = slots[y];
+    inverted_residual_forward<T>(*expand, *project, g, t, threads);
+  });
+}
+
+template <typename T>
+void CallSequence<T>::add_dense_conv(const DenseConvGeometry& g, const T* weight, const T* shift,
+                                     Activation act, Isa isa, int x, int y) {
+  const std::string err = validate(g);
+  if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
+  place(x, kNoSlot, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
+        elems(g.batch, g.out_channels, g.out_h, g.out_w));
+  steps_.push_back([g, weight, shift, act, isa, x, y](T* const* slots, int threads) {
+    dense_conv_forward<T>(g, slots[x], weight, shift, act, slots[y], isa, threads);
+  });
+}
+
+template <typename T>
+void CallSequence<T>::add_transpose(int64_t batch, int64_t channels, int64_t pixels, bool to_nhwc,
+                                    int x, int y) {
+  if (batch < 0 || channels < 1 || pixels < 1) {
+    throw std::invalid_argument("CallSequence: a transpose needs batch >= 0, channels and pixels >= 1");
+  }
+  place(x, kNoSlot, y, batch * channels * pixels, batch * channels * pixels);
+  steps_.push_back([batch, channels, pixels, to_nhwc, x, y](T* const* slots, int) {
+    transpose_images<T>(slots[x], slots[y], batch, channels, pixels, to_nhwc);
+  });
+}
+
+template <typename T>
+void CallSequence<T>::run(const T* x, T* y, int num_threads) {
+  if (steps_.empty()) throw std::invalid_argument("CallSequence: no calls to run");
+  if ((x == nullptr && input_elems_ > 0) || (y == nullptr && output_elems_ > 0)) {
+    throw std::invalid_argument("CallSequence: x or y is null");
+  }
+  T* slots[4] = {const_cast<T*>(x), y, nullptr, nullptr};  // (no call writes the input slot)
+  for (int w = 0; w < 2; ++w) {
+    const int64_t need = slot_elems_[kWorkA + w];
+    if (need > work_capacity_[w]) {
+      work_[w].reset(new T[static_cast<std::size_t>(need)]);
+      work_capacity_[w] = need;
+    }
+    slots[kWorkA + w] = work_[w].get();
+  }
+  for (Step& step : steps_) step(slots, num_threads);
+}
+
+template class CallSequence<float>;
+template class CallSequence<double>;
+
+}  // namespace lwk

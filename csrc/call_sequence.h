@@ -1,0 +1,74 @@
+// A fixed list of the fused kernels' calls (joint blocks, inverted residuals, dense convolutions,
+// layout transposes), run back to back by one call, each reading what an earlier one wrote.
+//
+// A model's fused modules called one by one from Python spend time between their kernels on
+// Python itself, and at batch 1 that time grows: the kernels evict the interpreter's objects from
+// the caches, so each of the ~20 calls of a fused MobileNetV2 or MNASNet found its glue cold
+// (docs/performance.md). A CallSequence is built once per input signature with every call's
+// operands bound (the weights and per-channel parameters stay where the caller keeps them; the
+// caller guarantees they outlive the sequence and do not change) and then runs the whole list
+// from one native call.
+//
+// Tensors flow through numbered slots: kInput (the caller's input, read only), kOutput (the
+// caller's output) and two work slots the sequence owns, sized to the largest tensor placed in
+// them. A call reads one slot, writes another and may add a third as its residual.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "dense_conv.h"
+#include "inverted_residual.h"
+#include "joint_block.h"
+
+namespace lwk {
+
+template <typename T>
+class CallSequence {
+ public:
+  static constexpr int kInput = 0, kOutput = 1, kWorkA = 2, kWorkB = 3;
+  static constexpr int kNoSlot = -1;  // as a residual: none
+
+  CallSequence() = default;
+  CallSequence(const CallSequence&) = delete;
+  CallSequence& operator=(const CallSequence&) = delete;
+
+  // The joint block of `packed` and `g` with the operands of `operands` (its x, residual and y are
+  // ignored: they come from the slots).
+  void add_joint(std::shared_ptr<const PackedPointwise<T>> packed, const JointGeometry& g,
+                 const JointTensors<T>& operands, int x, int residual, int y);
+  void add_inverted_residual(std::shared_ptr<const PackedPointwise<T>> expand,
+                             std::shared_ptr<const PackedPointwise<T>> project,
+                             const InvertedResidualGeometry& g,
+                             const InvertedResidualTensors<T>& operands, int x, int residual,
+                             int y);
+  void add_dense_conv(const DenseConvGeometry& g, const T* weight, const T* shift, Activation act,
+                      Isa isa, int x, int y);
+  // `batch` images of channels x pixels from NCHW to NHWC (to_nhwc) or back.
+  void add_transpose(int64_t batch, int64_t channels, int64_t pixels, bool to_nhwc, int x, int y);
+
+  // Runs every call in order on up to `num_threads` threads: x (elements of the first call's
+  // input) in, y (the last call's output) out. Not safe to run concurrently on one sequence (the
+  // work slots are its own); throws std::invalid_argument for an empty sequence or null tensors.
+  void run(const T* x, T* y, int num_threads);
+
+  std::size_t size() const { return steps_.size(); }
+  // Elements each end of the sequence expects (0 before the first call is added).
+  int64_t input_elems() const { return input_elems_; }
+  int64_t output_elems() const { return output_elems_; }
+
+ private:
+  using Step = std::function<void(T* const* slots, int num_threads)>;
+  // Checks the slots of a call reading x_elems and writing y_elems, sizes the work slots.
+  void place(int x, int residual, int y, int64_t x_elems, int64_t y_elems);
+
+  std::vector<Step> steps_;
+  int64_t slot_elems_[4] = {0, 0, 0, 0};
+  int64_t input_elems_ = 0, output_elems_ = 0;
+  std::unique_ptr<T[]> work_[2];
+  int64_t work_capacity_[2] = {0, 0};
+};
+
+}  // namespace lwk

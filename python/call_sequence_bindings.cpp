@@ -1,0 +1,104 @@
+// pybind11 binding of CallSequence (csrc/call_sequence.h) for lwkernels.cpu.prepared_sequence.
+// Operands cross as raw data addresses (0 for "absent"), as in bindings.cpp; the Python layer keeps
+// the tensors behind them alive and unchanged while the sequence exists.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "../csrc/call_sequence.h"
+#include "addresses.h"
+#include "enum_names.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using lwk_bind::as_ptr;
+
+template <typename T>
+void bind_sequence(py::module_& m, const char* name) {
+  using Seq = lwk::CallSequence<T>;
+  using Packed = lwk::PackedPointwise<T>;
+  py::class_<Seq>(m, name)
+      .def(py::init<>())
+      .def_readonly_static("INPUT", &Seq::kInput)
+      .def_readonly_static("OUTPUT", &Seq::kOutput)
+      .def_readonly_static("WORK_A", &Seq::kWorkA)
+      .def_readonly_static("WORK_B", &Seq::kWorkB)
+      .def_readonly_static("NO_SLOT", &Seq::kNoSlot)
+      .def(
+          "add_joint",
+          [](Seq& s, std::shared_ptr<Packed> packed, const lwk::JointGeometry& g,
+             std::uintptr_t dw_weight, std::uintptr_t dw_scale, std::uintptr_t dw_shift,
+             const std::string& mid_act, std::uintptr_t pw_scale, std::uintptr_t pw_shift,
+             const std::string& out_act, int x, int residual, int y) {
+            lwk::JointTensors<T> t;
+            t.dw_weight = as_ptr<T>(dw_weight);
+            t.dw_scale = as_ptr<T>(dw_scale);
+            t.dw_shift = as_ptr<T>(dw_shift);
+            t.mid_act = lwk_bind::activation_from_name(mid_act);
+            t.pw_scale = as_ptr<T>(pw_scale);
+            t.pw_shift = as_ptr<T>(pw_shift);
+            t.out_act = lwk_bind::activation_from_name(out_act);
+            s.add_joint(std::move(packed), g, t, x, residual, y);
+          },
+          py::arg("packed"), py::arg("geometry"), py::arg("dw_weight"), py::arg("dw_scale"),
+          py::arg("dw_shift"), py::arg("mid_act"), py::arg("pw_scale"), py::arg("pw_shift"),
+          py::arg("out_act"), py::arg("x"), py::arg("residual"), py::arg("y"))
+      .def(
+          "add_inverted_residual",
+          [](Seq& s, std::shared_ptr<Packed> expand, std::shared_ptr<Packed> project,
+             const lwk::InvertedResidualGeometry& g, std::uintptr_t expand_scale,
+             std::uintptr_t expand_shift, const std::string& expand_act, std::uintptr_t dw_weight,
+             std::uintptr_t dw_scale, std::uintptr_t dw_shift, const std::string& mid_act,
+             std::uintptr_t project_scale, std::uintptr_t project_shift, const std::string& out_act,
+             int x, int residual, int y) {
+            lwk::InvertedResidualTensors<T> t;
+            t.expand_scale = as_ptr<T>(expand_scale);
+            t.expand_shift = as_ptr<T>(expand_shift);
+            t.expand_act = lwk_bind::activation_from_name(expand_act);
+            t.dw_weight = as_ptr<T>(dw_weight);
+            t.dw_scale = as_ptr<T>(dw_scale);
+            t.dw_shift = as_ptr<T>(dw_shift);
+            t.mid_act = lwk_bind::activation_from_name(mid_act);
+            t.project_scale = as_ptr<T>(project_scale);
+            t.project_shift = as_ptr<T>(project_shift);
+            t.out_act = lwk_bind::activation_from_name(out_act);
+            s.add_inverted_residual(std::move(expand), std::move(project), g, t, x, residual, y);
+          },
+          py::arg("expand"), py::arg("project"), py::arg("geometry"), py::arg("expand_scale"),
+          py::arg("expand_shift"), py::arg("expand_act"), py::arg("dw_weight"), py::arg("dw_scale"),
+          py::arg("dw_shift"), py::arg("mid_act"), py::arg("project_scale"),
+          py::arg("project_shift"), py::arg("out_act"), py::arg("x"), py::arg("residual"),
+          py::arg("y"))
+      .def(
+          "add_dense_conv",
+          [](Seq& s, const lwk::DenseConvGeometry& g, std::uintptr_t weight, std::uintptr_t shift,
+             const std::string& act, const std::string& isa, int x, int y) {
+            s.add_dense_conv(g, as_ptr<T>(weight), as_ptr<T>(shift),
+                             lwk_bind::activation_from_name(act), lwk_bind::isa_from_name(isa), x, y);
+          },
+          py::arg("geometry"), py::arg("weight"), py::arg("shift"), py::arg("act"), py::arg("isa"),
+          py::arg("x"), py::arg("y"))
+      .def("add_transpose", &Seq::add_transpose, py::arg("batch"), py::arg("channels"),
+           py::arg("pixels"), py::arg("to_nhwc"), py::arg("x"), py::arg("y"))
+      .def(
+          "run",
+          [](Seq& s, std::uintptr_t x, std::uintptr_t y, int num_threads) {
+            py::gil_scoped_release release;
+            s.run(as_ptr<T>(x), reinterpret_cast<T*>(y), num_threads);
+          },
+          py::arg("x"), py::arg("y"), py::arg("num_threads"))
+      .def("__len__", &Seq::size)
+      .def_property_readonly("input_elems", &Seq::input_elems)
+      .def_property_readonly("output_elems", &Seq::output_elems);
+}
+
+}  // namespace
+
+void bind_call_sequence(py::module_& m) {
+  bind_sequence<float>(m, "CallSequence_f32");
+  bind_sequence<double>(m, "CallSequence_f64");
+}
