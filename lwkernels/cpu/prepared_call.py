@@ -218,6 +218,13 @@ class PreparedCall:
         self._kernel(self._packed, self._geometry, x.data_ptr(), a[0], a[1], a[2], self._acts[0], a[3], a[4],
                      address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads())
 
+    def append_to(self, sequence, x: int, residual: int, y: int) -> None:
+        """Adds this call to a native CallSequence (cpu/prepared_sequence.py), reading slot x (and
+        slot residual, or NO_SLOT) and writing slot y, with the operands run() passes."""
+        a = self._addresses
+        sequence.add_joint(self._packed, self._geometry, a[0], a[1], a[2], self._acts[0], a[3], a[4],
+                           self._acts[1], x, residual, y)
+
     def invalidate(self) -> None:
         self._valid = False
 

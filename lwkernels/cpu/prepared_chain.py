@@ -1,13 +1,15 @@
-"""JointChain's eager CPU inference fast path: consecutive JointBlocks run back to back on two
-buffers the chain owns.
+"""JointChain's eager CPU inference fast path: consecutive JointBlocks run back to back, from one
+native call, on two work buffers.
 
 Called one by one, every block returns a fresh tensor. PyTorch hands allocations of this size to the
 C library's malloc, which maps large blocks afresh and gives memory back to the operating system when
 enough is free, so in a typical process each call pages every intermediate in again: about 1,500 page
-faults and a third of a LightweightNet call at batch 1 (docs/performance.md). A PreparedChain lays
-the intermediates in two workspace buffers, alternately (each block reads one and writes the other),
-so a call allocates only its output. The buffers are sized once per input signature and freed with
-the plan (a new signature, lwkernels.clear_cache(), or the chain itself going away).
+faults and a third of a LightweightNet call at batch 1 (docs/performance.md). A PreparedChain binds
+the blocks' prepared calls into a native CallSequence (csrc/call_sequence.h), which lays the
+intermediates in its two work buffers, alternately (each block reads one and writes the other), so a
+call allocates only its output and crosses from Python into the kernels once. The buffers are sized
+once per input signature and freed with the plan (a new signature, lwkernels.clear_cache(), or the
+chain itself going away).
 
 Every block runs in the caller's memory format, so the output is laid out as the blocks called in
 turn would lay it out. (Running the wide blocks channels-last, which is faster per block from about
@@ -39,7 +41,8 @@ from torch.nn.modules import module as _module_globals
 from ..ops.contract import output_memory_format
 from ..ops.inference import dispatcher_needed
 from ..nn.folding import uses_running_stats
-from .backend import ISA_ENV
+from .backend import ISA_ENV, native
+from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
 from .state_watch import StateWatch
 
@@ -66,7 +69,7 @@ def _no_hooks(blocks) -> bool:
 class PreparedChain:
     """The fused calls of one chain of JointBlocks for one input signature; see the module docstring."""
 
-    __slots__ = ("_blocks", "_calls", "_outputs", "_x_shape", "_dtype", "_memory_format", "_lock",
+    __slots__ = ("_blocks", "_calls", "_sequence", "_x_shape", "_dtype", "_memory_format", "_lock",
                  "_watch", "_isa_env", "_valid", "__weakref__")
 
     @classmethod
@@ -91,17 +94,27 @@ class PreparedChain:
     def _init(self, blocks, x, out_shapes, memory_format) -> bool:
         self._blocks = tuple(blocks)
         self._x_shape, self._dtype, self._memory_format = x.shape, x.dtype, memory_format
-        # Block i writes buffer i % 2 (the last one a fresh output); prepare each call on the very
-        # views it will read and write, so that its layout checks see what the replay does.
+        # Block i writes buffer i % 2 (the last one a fresh output), as in the sequence below; prepare
+        # each call on views laid out as those it will read and write, so that its layout checks see
+        # what the replay does.
         numel = max([s[0] * s[1] * s[2] * s[3] for s in out_shapes[:-1]] + [1])
         buffers = tuple(torch.empty(numel, dtype=x.dtype) for _ in range(2))
-        self._outputs = tuple(_view(buffers[i % 2], s, memory_format) for i, s in enumerate(out_shapes[:-1]))
+        outputs = tuple(_view(buffers[i % 2], s, memory_format) for i, s in enumerate(out_shapes[:-1]))
         self._calls: List[PreparedCall] = []
-        for block, source, out_shape in zip(blocks, (x,) + self._outputs, out_shapes):
+        for block, source, out_shape in zip(blocks, (x,) + outputs, out_shapes):
             call = PreparedCall.prepare(block, source, None, block._folded_epilogues(), out_shape)
             if call is None or call.memory_format != memory_format:
                 return False
             self._calls.append(call)
+        # The same calls, bound in order: input -> work buffers, alternately -> output.
+        _C = native()
+        seq = (_C.CallSequence_f32 if x.dtype == torch.float32 else _C.CallSequence_f64)()
+        src = seq.INPUT
+        for i, call in enumerate(self._calls):
+            dst = seq.OUTPUT if i == len(self._calls) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
+            call.append_to(seq, src, seq.NO_SLOT, dst)
+            src = dst
+        self._sequence = seq
         # What every call read, checked in one pass per chain call (not one per block).
         states = [call.replay_state() for call in self._calls]
         self._isa_env = states[0][1]
@@ -134,17 +147,16 @@ class PreparedChain:
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            current = x
-            for call, out in zip(self._calls, self._outputs):
-                call.run_into(current, None, out)
-                current = out
-            return self._calls[-1].run(current, None)
+            last = self._calls[-1]
+            y = new_output(native(), last.out_shape, self._dtype, self._memory_format)
+            self._sequence.run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+            return y
         finally:
             self._lock.release()
 
     def invalidate(self) -> None:
         self._valid = False
-        self._outputs = ()
+        self._sequence = None  # (frees its work buffers)
 
 
 def invalidate_all() -> None:

@@ -184,6 +184,16 @@ class PreparedDenseConv:
                      self._isa, torch.get_num_threads())
         return y
 
+    def append_to(self, sequence, x: int, residual: int, y: int) -> None:
+        """Adds this call to a native CallSequence, as PreparedCall.append_to (no residual)."""
+        if self._pointwise:
+            packed, ones, scale, shift = self._operands
+            sequence.add_joint(packed, self._geometry, ones.data_ptr(), 0, 0, "none", scale.data_ptr(),
+                               shift.data_ptr(), self._act, x, residual, y)
+            return
+        weight, shift = self._operands
+        sequence.add_dense_conv(self._geometry, weight.data_ptr(), shift.data_ptr(), self._act, self._isa, x, y)
+
     def replay_state(self) -> Tuple[Tuple[StateWatch, ...], Optional[str]]:
         """As PreparedCall.replay_state (cpu/prepared_call.py)."""
         return (self._watch,), self._isa_env

@@ -118,6 +118,13 @@ class PreparedInvertedResidual:
             self._acts[1], a[3], a[4], address(residual), self._acts[2], y.data_ptr(), torch.get_num_threads())
         return y
 
+    def append_to(self, sequence, x: int, residual: int, y: int) -> None:
+        """Adds this call to a native CallSequence, as PreparedCall.append_to."""
+        packed, e_scale, e_shift = self._expand_operands
+        a = self._block_call.addresses
+        sequence.add_inverted_residual(packed, self._project, self._geometry, e_scale, e_shift, self._acts[0], a[0],
+                                       a[1], a[2], self._acts[1], a[3], a[4], self._acts[2], x, residual, y)
+
     def replay_state(self) -> Tuple[Tuple[StateWatch, ...], Optional[str]]:
         """As PreparedCall.replay_state (cpu/prepared_call.py)."""
         expand_watches, expand_isa = self._expand_call.replay_state()

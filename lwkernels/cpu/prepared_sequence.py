@@ -34,6 +34,8 @@ from ..nn.conv_bn_act import ConvBNAct
 from ..nn.member_calls import member_calls
 from ..ops.inference import dispatcher_needed
 from .backend import ISA_ENV
+from .backend import native as _native_module
+from .native_sequence import NativeSequence
 from .prepared_call import PreparedCall, _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
 from .prepared_inverted_residual import PreparedInvertedResidual
@@ -43,8 +45,8 @@ from .state_watch import StateWatch
 _LIVE: "weakref.WeakSet[PreparedSequence]" = weakref.WeakSet()
 
 #: One replayed member: the signature of its input (shape, dtype, memory format) and its calls,
-#: each (run(x, residual) -> y, whether it gets its input as the residual); (None, ()) for a member
-#: that only passes its input on (nn.Identity).
+#: each (run(x, residual) -> y, whether it gets its input as the residual, the prepared call);
+#: (None, ()) for a member that only passes its input on (nn.Identity).
 _Member = Tuple[Tuple[torch.Size, torch.dtype, torch.memory_format], Tuple[Tuple[object, bool], ...]]
 
 
@@ -64,8 +66,12 @@ def _prepared_run(module, residual_is_input: bool):
 class PreparedSequence:
     """A LayoutSequential's replay for one input signature; see the module docstring."""
 
-    __slots__ = ("_members", "_formats", "_steps", "_watch", "_isa_env", "_valid",
+    __slots__ = ("_members", "_formats", "_steps", "_watch", "_isa_env", "_valid", "_native",
                  "__weakref__")
+
+    #: Whether replays whose members are all prepared calls run as one native call
+    #: (cpu/native_sequence.py); tests turn it off to compare with the calls made from Python.
+    use_native = True
 
     @classmethod
     def prepare(cls, members: Sequence[torch.nn.Module],
@@ -90,6 +96,7 @@ class PreparedSequence:
         plan._members, plan._formats, plan._steps = tuple(members), tuple(formats), tuple(steps)
         plan._watch = StateWatch.union(watches)
         plan._isa_env = isa_env
+        plan._native = None  # built on the first run, for its input's signature
         plan._valid = True
         _LIVE.add(plan)
         return plan
@@ -116,7 +123,7 @@ class PreparedSequence:
             elif tuple(call.x_shape) != tuple(previous.out_shape) or call.dtype != previous.dtype \
                     or call.memory_format != previous.memory_format:
                 return None
-            runs.append((run, residual_is_input))
+            runs.append((run, residual_is_input, call))
             watches += call_watches
             previous = call
         return (signature, tuple(runs)), watches
@@ -132,8 +139,30 @@ class PreparedSequence:
             return False
         return self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env and not dispatcher_needed()
 
+    def _native_items(self) -> Optional[list]:
+        """The replay as NativeSequence items; None when a member is called as a module."""
+        items = []
+        for fmt, step in zip(self._formats, self._steps):
+            if fmt is not None:
+                items.append(("layout", fmt))
+            if step is None:
+                return None
+            signature, runs = step
+            if runs:
+                items.append(("input", signature))
+                items += [("call", call, residual_is_input) for _run, residual_is_input, call in runs]
+        return items
+
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The members' output for `x` (before the container restores the input's layout)."""
+        native = self._native
+        if native is None:
+            items = self._native_items() if self.use_native else None
+            native = self._native = (items is not None and NativeSequence.build(items, x, _native_module())) or False
+        if native and native.matches(x):
+            y = native.run(x)
+            if y is not None:
+                return y
         for member, fmt, step in zip(self._members, self._formats, self._steps):
             if fmt is not None and type(x) is torch.Tensor and x.dim() == 4:
                 x = x.contiguous(memory_format=fmt)
@@ -148,12 +177,13 @@ class PreparedSequence:
                     or not _dense_layout(x, memory_format):
                 x = member(x)  # (its modules check and prepare for what they are given)
                 continue
-            for run, residual_is_input in runs:
+            for run, residual_is_input, _call in runs:
                 x = run(x, x if residual_is_input else None)
         return x
 
     def invalidate(self) -> None:
         self._valid = False
+        self._native = False  # (frees its work buffers)
 
 
 def invalidate_all() -> None:

@@ -1,0 +1,111 @@
+"""A replay's prepared calls run by one native call (csrc/call_sequence.h).
+
+LayoutSequential's replay (cpu/prepared_sequence.py) calls its members' prepared kernels one by one
+from Python. At batch 1 the Python between them costs more than it does on its own: each kernel
+evicts the interpreter's objects from the caches, so a fused MNASNet spent ~0.4 ms of a 3.5 ms call
+outside its 19 kernels (docs/performance.md). When every member of the replay is a prepared call
+(or passes its input on), the same calls, with the same operands, in the same order and with the
+same layout conversions, are bound once into a CallSequence, which then runs them back to back
+through two work buffers of its own. The result is what the replay computes, element for element:
+the kernels and their arguments are the same; only who calls them changes.
+
+Built for one input signature (shape, dtype, dense layout); a call with anything else, or while
+another thread runs this sequence (its work buffers are its own), goes the Python way.
+"""
+from __future__ import annotations
+
+import threading
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .outputs import new_output
+from .prepared_call import _dense_layout
+from ..ops.contract import output_memory_format
+
+#: Items a replay is made of, in order: ("layout", memory_format) where it converts its current
+#: tensor (x.contiguous(memory_format=...)), ("input", (shape, dtype, memory_format)) where a
+#: member checks what it is given, ("call", prepared_call, residual_is_input) for a kernel call.
+Item = Tuple
+
+
+def _degenerate(shape) -> bool:
+    """True when NCHW and channels_last lay `shape` out alike (one channel or one pixel), where the
+    replay's layout checks see a tensor differently from the layout it was made in."""
+    return shape[1] == 1 or shape[2] * shape[3] == 1
+
+
+class NativeSequence:
+    """The calls of a replay as one CallSequence for one input signature; see the module docstring."""
+
+    __slots__ = ("_seq", "_C", "_x_shape", "_dtype", "_memory_format", "_out_shape", "_out_format", "_lock",
+                 "_calls")
+
+    @classmethod
+    def build(cls, items: Sequence[Item], x: torch.Tensor, _C) -> "Optional[NativeSequence]":
+        """The sequence of `items` for inputs like `x`; None when some item has no native form (a layout
+        change of a degenerate shape, a member given something it would not replay) or no call."""
+        if type(x) is not torch.Tensor or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+            return None
+        fmt = output_memory_format(x)
+        if not _dense_layout(x, fmt) or _degenerate(x.shape):
+            return None
+        ops: List[Tuple] = []
+        shape, dtype = tuple(x.shape), x.dtype
+        for item in items:
+            kind = item[0]
+            if kind == "layout":
+                if item[1] != fmt:
+                    if _degenerate(shape):
+                        return None
+                    ops.append(("transpose", shape, item[1] == torch.channels_last))
+                    fmt = item[1]
+            elif kind == "input":
+                want_shape, want_dtype, want_fmt = item[1]
+                if tuple(want_shape) != shape or want_dtype != dtype or want_fmt != fmt:
+                    return None
+            else:
+                _, call, residual_is_input = item
+                if tuple(call.x_shape) != shape or call.dtype != dtype or call.memory_format != fmt:
+                    return None
+                ops.append(("call", call, residual_is_input))
+                shape, fmt = tuple(call.out_shape), call.memory_format
+                if _degenerate(shape):
+                    return None
+        if not any(op[0] == "call" for op in ops):
+            return None
+        seq = (_C.CallSequence_f32 if dtype == torch.float32 else _C.CallSequence_f64)()
+        src = seq.INPUT
+        for i, op in enumerate(ops):
+            dst = seq.OUTPUT if i == len(ops) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
+            if op[0] == "transpose":
+                n, c, h, w = op[1]
+                seq.add_transpose(n, c, h * w, op[2], src, dst)
+            else:
+                op[1].append_to(seq, src, src if op[2] else seq.NO_SLOT, dst)
+            src = dst
+        plan = cls.__new__(cls)
+        plan._seq, plan._C = seq, _C
+        plan._x_shape, plan._dtype, plan._memory_format = x.shape, x.dtype, output_memory_format(x)
+        plan._out_shape, plan._out_format = shape, fmt
+        plan._calls = tuple(op[1] for op in ops if op[0] == "call")  # the operands' owners stay alive
+        plan._lock = threading.Lock()
+        return plan
+
+    def matches(self, x: torch.Tensor) -> bool:
+        return type(x) is torch.Tensor and x.shape == self._x_shape and x.dtype == self._dtype and x.is_cpu \
+            and _dense_layout(x, self._memory_format)
+
+    def run(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The sequence's output for `x` (which matches()); None while another thread runs it."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            y = new_output(self._C, self._out_shape, self._dtype, self._out_format)
+            self._seq.run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+            return y
+        finally:
+            self._lock.release()
+
+    def __len__(self) -> int:
+        return len(self._seq)

@@ -1,0 +1,235 @@
+"""A replay whose members are all prepared calls runs them as one native CallSequence
+(cpu/native_sequence.py, csrc/call_sequence.h): the same kernels with the same operands, so the
+output is exactly what the replay from Python gives; every change that stops the replay stops the
+sequence too; a busy sequence or another input signature goes the Python way. JointChain's plan
+runs its blocks the same way (cpu/prepared_chain.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lwkernels
+import lwkernels.nn.layout_sequential as layout_sequential
+from helpers import randomize_
+from lwkernels import JointBlock, JointChain, LayoutSequential, fuse
+from lwkernels.cpu.backend import native
+from lwkernels.cpu.native_sequence import NativeSequence
+from lwkernels.cpu.prepared_chain import PreparedChain
+from lwkernels.cpu.prepared_sequence import PreparedSequence
+
+CL = torch.channels_last
+
+
+class Residual(nn.Module):
+    """A hand-written inverted residual with its add in forward (fuse() makes a GraphModule of it)."""
+
+    def __init__(self, c: int, e: int, k: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+            nn.Conv2d(e, e, k, padding=k // 2, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+            nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def _ir(cin, e, cout, stride, k=3):
+    return nn.Sequential(
+        nn.Conv2d(cin, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+        nn.Conv2d(e, e, k, stride, k // 2, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+        nn.Conv2d(e, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+def _plain_model() -> nn.Sequential:
+    """Every member fusable: a dense stem (NCHW), inverted residuals that run channels-last from
+    16x16 on (so the sequence changes layout), residual ones, an nn.Identity, a JointBlock, a 1x1
+    ConvBNAct; 7x7 and 5x5 kernels, odd widths."""
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()),  # 0 stem, 32x32
+        _ir(16, 48, 24, 2),                                                                   # 1 -> 16x16
+        Residual(24, 72),                                                                     # 2
+        nn.Sequential(_ir(24, 72, 36, 2, 5), nn.Identity()),                                  # 3 -> 8x8
+        Residual(36, 108, 5),                                                                 # 4
+        nn.Sequential(nn.Conv2d(36, 36, 3, 1, 1, groups=36, bias=False), nn.BatchNorm2d(36),  # 5 joint
+                      nn.Conv2d(36, 52, 1, bias=False), nn.BatchNorm2d(52), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(52, 80, 1, bias=False), nn.BatchNorm2d(80), nn.ReLU6()),      # 6 1x1
+    )
+    return randomize_(model, seed=5).eval()
+
+
+def _fused(dtype=torch.float32) -> LayoutSequential:
+    model, report = fuse(_plain_model().to(dtype))
+    assert isinstance(model, LayoutSequential), report
+    return model
+
+
+def _input(dtype=torch.float32, channels_last=False, batch=2, seed=11):
+    x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return x.contiguous(memory_format=CL) if channels_last else x
+
+
+def _replay(model: LayoutSequential) -> PreparedSequence:
+    plans = model.__dict__["_layout_plans"]
+    assert len(plans) == 1
+    return next(iter(plans.values())).replay
+
+
+def _python_replay(dtype, x):
+    """The output of the same replay, with its calls made from Python (a model of its own)."""
+    model = _fused(dtype)
+    PreparedSequence.use_native = False
+    try:
+        y = _warm(model, x)
+        assert _replay(model)._native is False
+        return y
+    finally:
+        PreparedSequence.use_native = True
+
+
+def _modules_path(model, x):
+    layout_sequential.REPLAY_MEMBERS = False
+    try:
+        return model(x)
+    finally:
+        layout_sequential.REPLAY_MEMBERS = True
+
+
+def _warm(model, x):
+    for _ in range(3):
+        y = model(x)
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_all_members_run_as_one_native_sequence(dtype, channels_last, batch):
+    original = _plain_model().to(dtype)
+    model = _fused(dtype)
+    x = _input(dtype, channels_last, batch)
+    with torch.no_grad():
+        want = original(x)
+        python_path = _python_replay(dtype, x)
+        _warm(model, x)
+        native = _replay(model)._native
+        assert isinstance(native, NativeSequence)
+        calls = sum(len(step[1]) for step in _replay(model)._steps)
+        assert calls == 7  # stem, 4 inverted residuals, the joint block, the 1x1 conv (the Identity: none)
+        assert len(native) > calls  # and the layout changes
+        got = model(x)
+        assert torch.equal(got, python_path)
+        assert torch.equal(got, _modules_path(model, x))
+    assert got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(got, want, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-5)
+
+
+MUTATIONS = {
+    "running mean updated in place": lambda m: m[2].conv[0][0][1].running_mean.add_(0.5),
+    "depthwise weight updated in place": lambda m: m[5][0].depthwise.weight.mul_(2),
+    "project weight updated in place": lambda m: m[4].conv[0][1].pointwise.weight.mul_(-1),
+    "stem weight replaced": lambda m: setattr(m[0][0], "weight", nn.Parameter(torch.randn_like(m[0][0].weight))),
+    "batch norm put in training mode": lambda m: m[5][0].bn.train(),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_the_sequence_sees_what_the_modules_would(mutation):
+    model = _fused()
+    x = _input()
+    with torch.no_grad():
+        before = _warm(model, x)
+        assert isinstance(_replay(model)._native, NativeSequence)
+        MUTATIONS[mutation](model)
+        for _ in range(3):  # a stale replay, the modules' path, then a fresh replay and sequence
+            got = model(x)
+            assert torch.equal(got, _modules_path(model, x)), mutation
+    assert not torch.equal(got, before), "the mutation must change the output for this test to mean anything"
+
+
+def test_a_busy_sequence_leaves_the_call_to_python():
+    model = _fused()
+    x = _input()
+    with torch.no_grad():
+        want = _warm(model, x)
+        native = _replay(model)._native
+        assert native._lock.acquire(blocking=False)
+        try:
+            got = model(x)
+        finally:
+            native._lock.release()
+    assert torch.equal(got, want)
+
+
+def test_an_input_of_another_layout_goes_the_python_way():
+    model = _fused()
+    x = _input()
+    with torch.no_grad():
+        want = _warm(model, x)
+        native = _replay(model)._native
+        assert not native.matches(x.contiguous(memory_format=CL))
+        assert not native.matches(x[:1])
+        assert native.matches(x)
+        got = _replay(model).run(x.contiguous(memory_format=CL))  # (its members check their inputs)
+        assert torch.equal(got.contiguous(), want.contiguous())
+
+
+def test_a_member_called_as_a_module_means_no_sequence():
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 1.5
+
+    plain = _plain_model()
+    plain.insert(3, Scale())
+    model, _ = fuse(plain)
+    x = _input()
+    with torch.no_grad():
+        _warm(model, x)
+        assert _replay(model)._native is False
+        assert torch.equal(model(x), _modules_path(model, x))
+
+
+def test_clear_cache_drops_the_sequence():
+    model = _fused()
+    x = _input()
+    with torch.no_grad():
+        want = _warm(model, x)
+        replay = _replay(model)
+        assert isinstance(replay._native, NativeSequence)
+        lwkernels.clear_cache()
+        assert replay._native is False
+        assert torch.equal(_warm(model, x), want)
+
+
+def test_joint_chain_runs_its_blocks_as_one_sequence():
+    torch.manual_seed(0)
+    blocks = [JointBlock(16, 24, stride=2), JointBlock(24, 24, dilation=2), JointBlock(24, 40, kernel_size=5)]
+    chain = JointChain(*[randomize_(b, seed=i) for i, b in enumerate(blocks)]).eval()
+    x = torch.randn(2, 16, 30, 30)
+    with torch.no_grad():
+        want = x
+        for b in blocks:
+            want = b(want)
+        for _ in range(3):
+            got = chain(x)
+        plan = chain.__dict__.get("_plan")
+        assert isinstance(plan, PreparedChain) and len(plan._sequence) == 3
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(x=2, y=2), "must not write the slot it reads"),
+    (dict(x=1, y=0), "no call may write the input slot"),
+    (dict(x=2, y=1), "no earlier call filled"),
+    (dict(x=0, y=7), "out of range"),
+])
+def test_call_sequence_rejects_impossible_slots(bad, message):
+    seq = native().CallSequence_f32()
+    with pytest.raises(ValueError, match=message):
+        seq.add_transpose(1, 4, 9, True, bad["x"], bad["y"])
+
+
+def test_an_empty_call_sequence_says_so():
+    with pytest.raises(ValueError, match="no calls to run"):
+        native().CallSequence_f32().run(0, 0, 1)
