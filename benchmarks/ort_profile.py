@@ -3,7 +3,7 @@
     python benchmarks/ort_profile.py --batch 1 8 --out benchmarks/results/ort-profile-<cpu>.md
 
 For each workload (lwkernels.bench.workloads: the benchmark-block chain, LightweightNet and
-MobileNetV1 at 224) and batch:
+MobileNetV1 at 224, or a torchvision model after fuse(), e.g. ``torchvision:mnasnet1_0``) and batch:
 
 - lwkernels and eager: the whole model runs as usual, with forward hooks on every layer (the
   blocks, stem, pool, classifier) recording each layer's wall time in place; what the layers do
@@ -56,6 +56,16 @@ def _layer_of(node_name: str, layers: List[str], output_name: str = "y") -> str:
             return path
     if name == output_name or name.startswith(output_name + "_"):
         return layers[-1]
+    # A node named after a module fuse() folded into the fused layer before it (a BatchNorm or
+    # activation at layers.2 of a stem at layers.0): the last listed layer of that container at or
+    # before its index.
+    m = re.search(r"(?:^|/)(\w+)\.(\d+)(?:/|$)", name)
+    if m:
+        container, index = m.group(1), int(m.group(2))
+        before = [p for p in layers if p.startswith(container + ".") and p[len(container) + 1:].isdigit()
+                  and int(p[len(container) + 1:]) <= index]
+        if before:
+            return max(before, key=lambda p: int(p[len(container) + 1:]))
     return "other: " + name.strip("/")
 
 
@@ -68,6 +78,11 @@ def _describe(module) -> str:
         return (f"block {dw.in_channels}->{pw.out_channels} s{dw.stride[0]} d{dw.dilation[0]}"
                 + (" +midBN" if getattr(module, "mid_bn", None) is not None else ""))
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = [c for c in convs if c.groups > 1 and c.groups == c.in_channels]
+    if depthwise:  # a stack of inverted residuals (torchvision's models)
+        k, stride = depthwise[0].kernel_size[0], max(c.stride[0] for c in depthwise)
+        return (f"{len(depthwise)} x IR {convs[0].in_channels}->{convs[-1].out_channels} "
+                f"(x{depthwise[0].in_channels // convs[0].in_channels}) {k}x{k} s{stride}")
     if convs:
         c = convs[0]
         return f"conv {c.kernel_size[0]}x{c.kernel_size[1]} {c.in_channels}->{c.out_channels} s{c.stride[0]}"

@@ -130,3 +130,38 @@ def test_workloads_pair_the_fused_module_with_its_reference(name):
     with torch.inference_mode():
         expected = w.reference(w.x)
         torch.testing.assert_close(w.fused(w.x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_profile_attributes_ort_nodes_to_the_fused_layer_they_belong_to():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ort_profile.py"
+    spec = importlib.util.spec_from_file_location("ort_profile", path)
+    ort_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ort_profile)
+    layers = ["layers.0", "layers.3", "layers.8", "layers.14", "classifier"]
+    cases = {
+        "/layers/layers.8/layers.8.0/Conv_kernel_time": "layers.8",   # by module path
+        "layers/layers.2/Relu_output_0_nchwc_kernel_time": "layers.0",  # the stem's folded activation
+        "layers/layers.16/Relu_output_0_nchwc_kernel_time": "layers.14",
+        "y_kernel_time": "classifier",                                # the graph's output
+        "ReorderOutput_kernel_time": "other: ReorderOutput",
+    }
+    assert {n: ort_profile._layer_of(n, layers) for n in cases} == cases
+
+
+def test_torchvision_workload_needs_torchvision_or_says_so():
+    from lwkernels.bench.workloads import build_workload
+
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        with pytest.raises(RuntimeError, match="needs an importable torchvision"):
+            build_workload("torchvision:mnasnet1_0")
+        return
+    w = build_workload("torchvision:mnasnet1_0")
+    assert w.layers[0] == "layers.0" and w.layers[-1] == "classifier"
+    with torch.inference_mode():
+        expected = w.reference(w.x)
+        torch.testing.assert_close(w.fused(w.x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -44,7 +44,7 @@ def default_input_size(model_name: str) -> int:
     return 32 if model_name.lower().replace("-", "").replace("_", "") == "multiscalenet" else 224
 
 
-def _torchvision_pair(name: str, num_classes: int, seed: int):
+def torchvision_pair(name: str, num_classes: int, seed: int):
     """(fused, reference) for torchvision model `name` with random weights and BatchNorm statistics."""
     try:
         import torchvision
@@ -160,7 +160,7 @@ def run_model_bench(model_name: str, batch: int = 1, device="cpu", dtype: torch.
     try:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if model_name.startswith(TORCHVISION_PREFIX):
-            fused, reference = _torchvision_pair(model_name[len(TORCHVISION_PREFIX):], num_classes, seed)
+            fused, reference = torchvision_pair(model_name[len(TORCHVISION_PREFIX):], num_classes, seed)
             reference = reference.to(device=device, dtype=dtype, memory_format=memory_format).eval()
         else:
             torch.manual_seed(seed)
