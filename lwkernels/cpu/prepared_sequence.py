@@ -153,11 +153,15 @@ class PreparedSequence:
                 items += [("call", call, residual_is_input) for _run, residual_is_input, call in runs]
         return items
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The members' output for `x` (before the container restores the input's layout)."""
+    def run(self, x: torch.Tensor, out_format: Optional[torch.memory_format] = None) -> torch.Tensor:
+        """The members' output for `x`, before the container restores the input's layout, which is
+        `out_format` (a function of x's layout; None: not known) and which the native sequence
+        restores itself."""
         native = self._native
         if native is None:
             items = self._native_items() if self.use_native else None
+            if items is not None and out_format is not None:
+                items.append(("layout", out_format))
             native = self._native = (items is not None and NativeSequence.build(items, x, _native_module())) or False
         if native and native.matches(x):
             y = native.run(x)

@@ -126,7 +126,7 @@ class LayoutSequential(nn.Sequential):
             return y
         out_format = _NCHW if x.is_contiguous() else _CL
         if REPLAY_MEMBERS and plan.replayable():
-            y = plan.replay.run(x)
+            y = plan.replay.run(x, out_format)
         else:
             y = self._run_in_layouts(x, members, plan.formats)
             if REPLAY_MEMBERS:
