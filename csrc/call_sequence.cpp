@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "transpose.h"
 
@@ -12,6 +13,29 @@ namespace lwk {
 namespace {
 
 int64_t elems(int64_t batch, int64_t channels, int64_t h, int64_t w) { return batch * channels * h * w; }
+
+// A call's depthwise weights and shift folded once for the sequence's lifetime (its operands do
+// not change while it exists), instead of on every call before the workers start (~13 us for
+// 1152 channels of 5x5); `dw` points its call at them.
+template <typename T>
+struct FoldedDepthwise {
+  std::vector<T> weight, shift;
+};
+
+template <typename T, class Tensors>
+std::shared_ptr<FoldedDepthwise<T>> fold_once(Layout layout, int64_t channels, int64_t taps, Tensors& dw) {
+  auto f = std::make_shared<FoldedDepthwise<T>>();
+  if (dw.dw_folded) return f;
+  f->weight.resize(static_cast<std::size_t>(channels * taps));
+  f->shift.resize(static_cast<std::size_t>(channels));
+  fold_depthwise<T>(layout, channels, taps, dw.dw_weight, dw.dw_scale, dw.dw_shift, f->weight.data(),
+                    f->shift.data());
+  dw.dw_weight = f->weight.data();
+  dw.dw_scale = nullptr;
+  dw.dw_shift = f->shift.data();
+  dw.dw_folded = true;
+  return f;
+}
 
 }  // namespace
 
@@ -46,8 +70,12 @@ void CallSequence<T>::add_joint(std::shared_ptr<const PackedPointwise<T>> packed
   if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
   place(x, residual, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
         elems(g.batch, g.out_channels, g.out_h, g.out_w));
-  steps_.push_back([packed = std::move(packed), g, t = operands, x, residual,
+  if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
+  JointTensors<T> bound = operands;
+  auto folded = fold_once<T>(g.layout, g.in_channels, g.kernel_h * g.kernel_w, bound);
+  steps_.push_back([packed = std::move(packed), folded = std::move(folded), g, t = bound, x, residual,
                     y](T* const* slots, int threads) mutable {
+    (void)folded;  // (kept alive with the step)
     t.x = slots[x];
     t.residual = residual == kNoSlot ? nullptr : slots[residual];
     t.y = slots[y];
@@ -66,8 +94,12 @@ void CallSequence<T>::add_inverted_residual(std::shared_ptr<const PackedPointwis
   if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
   place(x, residual, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
         elems(g.batch, g.out_channels, g.out_h, g.out_w));
-  steps_.push_back([expand = std::move(expand), project = std::move(project), g, t = operands, x,
-                    residual, y](T* const* slots, int threads) mutable {
+  if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
+  InvertedResidualTensors<T> bound = operands;
+  auto folded = fold_once<T>(g.layout, g.expanded_channels, g.kernel_h * g.kernel_w, bound);
+  steps_.push_back([expand = std::move(expand), project = std::move(project), folded = std::move(folded), g,
+                    t = bound, x, residual, y](T* const* slots, int threads) mutable {
+    (void)folded;  // (kept alive with the step)
     t.x = slots[x];
     t.residual = residual == kNoSlot ? nullptr : slots[residual];
     t.y = slots[y];

@@ -7,7 +7,8 @@
 // (docs/performance.md). A CallSequence is built once per input signature with every call's
 // operands bound (the weights and per-channel parameters stay where the caller keeps them; the
 // caller guarantees they outlive the sequence and do not change) and then runs the whole list
-// from one native call.
+// from one native call. It also folds each call's depthwise weights once (fold_depthwise), which a
+// single call does every time before its workers start.
 //
 // Tensors flow through numbered slots: kInput (the caller's input, read only), kOutput (the
 // caller's output) and two work slots the sequence owns, sized to the largest tensor placed in

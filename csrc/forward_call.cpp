@@ -70,6 +70,50 @@ void dispatch(const Plan<T>& plan, const IsaOps<T>* ops, bool depthwise, int64_t
 
 }  // namespace
 
+// The folded depthwise weights, in the layout's order ([C][taps] NCHW, [taps][C] NHWC), by
+// blocks of 16 channels: NHWC's reads of a block stay in L1 while its writes run along channels,
+// and the NaN flags are kept per lane so that the loops vectorise (a channel at a time, with a
+// running flag, took ~20 us per call for 1152 channels of 5x5 before the workers started).
+// Zero padding multiplies its taps by the weights, and NaN * 0 is NaN, so a NaN weight makes
+// every output of its channel NaN. Kernels that skip the padded taps (NHWC, and NCHW rows outside
+// the padded plane) would leave border outputs finite: the shift carries the NaN there.
+template <typename T>
+void fold_depthwise_into(bool nhwc, int64_t C, int64_t taps, const T* weight, const T* scale,
+                         const T* shift, T* dw_w, T* dw_b) {
+  constexpr int64_t kFoldBlock = 16;
+  for (int64_t c0 = 0; c0 < C; c0 += kFoldBlock) {
+    const int64_t n = std::min(kFoldBlock, C - c0);
+    T s[kFoldBlock];
+    int nan[kFoldBlock] = {};
+    for (int64_t i = 0; i < n; ++i) s[i] = scale ? scale[c0 + i] : T(1);
+    const T* w = weight + c0 * taps;
+    if (nhwc) {
+      for (int64_t k = 0; k < taps; ++k) {
+        T* out = dw_w + k * C + c0;
+        for (int64_t i = 0; i < n; ++i) {
+          const T v = w[i * taps + k] * s[i];
+          out[i] = v;
+          nan[i] |= v != v;
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        T* out = dw_w + (c0 + i) * taps;
+        int any = 0;
+        for (int64_t k = 0; k < taps; ++k) {
+          const T v = w[i * taps + k] * s[i];
+          out[k] = v;
+          any |= v != v;
+        }
+        nan[i] = any;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      dw_b[c0 + i] = nan[i] ? std::numeric_limits<T>::quiet_NaN() : shift ? shift[c0 + i] : T(0);
+    }
+  }
+}
+
 // Planning: the Plan's geometry, tensors and work decomposition for tiling `tl`.
 template <typename T>
 Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const PackedImpl<T>& packed,
@@ -216,44 +260,13 @@ char* set_up_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& 
   int64_t* phase_off = reinterpret_cast<int64_t*>(take(b_ph));
   if (shared_bytes) plan.shared_dw = reinterpret_cast<T*>(take(shared_bytes));
 
-  // The folded depthwise weights, in the layout's order ([C][taps] NCHW, [taps][C] NHWC), by
-  // blocks of 16 channels: NHWC's reads of a block stay in L1 while its writes run along channels,
-  // and the NaN flags are kept per lane so that the loops vectorise (a channel at a time, with a
-  // running flag, took ~20 us per call for 1152 channels of 5x5 before the workers started).
-  // Zero padding multiplies its taps by the weights, and NaN * 0 is NaN, so a NaN weight makes
-  // every output of its channel NaN. Kernels that skip the padded taps (NHWC, and NCHW rows outside
-  // the padded plane) would leave border outputs finite: the shift carries the NaN there.
-  constexpr int64_t kFoldBlock = 16;
-  for (int64_t c0 = 0; c0 < C; c0 += kFoldBlock) {
-    const int64_t n = std::min(kFoldBlock, C - c0);
-    T s[kFoldBlock];
-    int nan[kFoldBlock] = {};
-    for (int64_t i = 0; i < n; ++i) s[i] = t.dw_scale ? t.dw_scale[c0 + i] : T(1);
-    const T* w = t.dw_weight + c0 * taps;
-    if (nhwc) {
-      for (int64_t k = 0; k < taps; ++k) {
-        T* out = dw_w + k * C + c0;
-        for (int64_t i = 0; i < n; ++i) {
-          const T v = w[i * taps + k] * s[i];
-          out[i] = v;
-          nan[i] |= v != v;
-        }
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) {
-        T* out = dw_w + (c0 + i) * taps;
-        int any = 0;
-        for (int64_t k = 0; k < taps; ++k) {
-          const T v = w[i * taps + k] * s[i];
-          out[k] = v;
-          any |= v != v;
-        }
-        nan[i] = any;
-      }
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      dw_b[c0 + i] = nan[i] ? std::numeric_limits<T>::quiet_NaN() : t.dw_shift ? t.dw_shift[c0 + i] : T(0);
-    }
+  if (t.dw_folded) {  // folded by the caller (JointTensors::dw_folded)
+    plan.dw_w = t.dw_weight;
+    plan.dw_b = t.dw_shift;
+  } else {
+    fold_depthwise_into(nhwc, C, taps, t.dw_weight, t.dw_scale, t.dw_shift, dw_w, dw_b);
+    plan.dw_w = dw_w;
+    plan.dw_b = dw_b;
   }
   for (int64_t o = 0; o < CO; ++o) {
     sc[o] = t.pw_scale ? t.pw_scale[o] : T(1);
@@ -270,8 +283,6 @@ char* set_up_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& 
     if (inside) in_hi = ox + 1;
   }
   if (in_lo == OW) in_hi = OW;
-  plan.dw_w = dw_w;
-  plan.dw_b = dw_b;
   plan.pw_scale = sc;
   plan.pw_shift = sh;
   plan.ky_lo = ky_lo;
@@ -356,7 +367,8 @@ void execute_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& 
   template void lay_out_worker_scratch<T>(Plan<T>&, const JointGeometry&, const Tiling&,        \
                                           const IsaOps<T>&);                                     \
   template void execute_call<T>(Plan<T>&, const JointGeometry&, const JointTensors<T>&,         \
-                                const IsaOps<T>*, int, bool, int64_t, int64_t);
+                                const IsaOps<T>*, int, bool, int64_t, int64_t);                   \
+  template void fold_depthwise_into<T>(bool, int64_t, int64_t, const T*, const T*, const T*, T*, T*);
 LWK_INSTANTIATE_FORWARD_CALL(float)
 LWK_INSTANTIATE_FORWARD_CALL(double)
 #undef LWK_INSTANTIATE_FORWARD_CALL

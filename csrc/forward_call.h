@@ -54,5 +54,10 @@ template <typename T>
 void execute_call(Plan<T>& plan, const JointGeometry& g, const JointTensors<T>& t, const IsaOps<T>* ops,
                   int threads, bool shared_dw, int64_t dw_units, int64_t chunk_multiple);
 
+// fold_depthwise (joint_block.h) for NHWC (`nhwc`) or NCHW, without its argument checks.
+template <typename T>
+void fold_depthwise_into(bool nhwc, int64_t C, int64_t taps, const T* weight, const T* scale,
+                         const T* shift, T* dw_w, T* dw_b);
+
 }  // namespace detail
 }  // namespace lwk

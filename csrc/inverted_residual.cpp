@@ -234,6 +234,9 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   if (g.batch == 0) return;
   if (t.x == nullptr) throw std::invalid_argument("inverted_residual_forward: x is null");
   if (t.dw_weight == nullptr) throw std::invalid_argument("inverted_residual_forward: dw_weight is null");
+  if (t.dw_folded && t.dw_shift == nullptr) {
+    throw std::invalid_argument("inverted_residual_forward: folded depthwise weights need their folded shift");
+  }
   if (t.y == nullptr) throw std::invalid_argument("inverted_residual_forward: y is null");
 
   const IsaOps<T>* ops = ops_for<T>(project.isa());
@@ -250,6 +253,7 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   jt.dw_weight = t.dw_weight;
   jt.dw_scale = t.dw_scale;
   jt.dw_shift = t.dw_shift;
+  jt.dw_folded = t.dw_folded;
   jt.mid_act = t.mid_act;
   jt.pw_scale = t.project_scale;
   jt.pw_shift = t.project_shift;

@@ -52,6 +52,7 @@ struct InvertedResidualTensors {
   const T* residual = nullptr;      // [N, C_out, H_out, W_out] or nullptr (x for a skip connection)
   Activation out_act = Activation::kNone;
   T* y = nullptr;                   // [N, C_out, H_out, W_out]
+  bool dw_folded = false;           // as JointTensors::dw_folded (folded for g.layout)
 };
 
 // Runs the block on up to `num_threads` threads. `expand` must be packed as [C_exp][C_in] and

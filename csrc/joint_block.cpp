@@ -203,6 +203,9 @@ void check_tensors(const JointTensors<T>& t) {
   if (t.x == nullptr) throw std::invalid_argument("joint_forward: x is null");
   if (t.dw_weight == nullptr) throw std::invalid_argument("joint_forward: dw_weight is null");
   if (t.y == nullptr) throw std::invalid_argument("joint_forward: y is null");
+  if (t.dw_folded && t.dw_shift == nullptr) {
+    throw std::invalid_argument("joint_forward: folded depthwise weights need their folded shift");
+  }
 }
 
 template <typename T>
@@ -257,6 +260,22 @@ void joint_forward(const PackedPointwise<T>& packed, const JointGeometry& g,
                    const JointTensors<T>& t, int num_threads) {
   detail::forward_impl<T>(packed, g, t, num_threads);
 }
+
+template <typename T>
+void fold_depthwise(Layout layout, int64_t channels, int64_t taps, const T* weight, const T* scale,
+                    const T* shift, T* folded_weight, T* folded_shift) {
+  if (channels < 0 || taps < 1) throw std::invalid_argument("fold_depthwise: needs channels >= 0 and taps >= 1");
+  if (channels > 0 && (weight == nullptr || folded_weight == nullptr || folded_shift == nullptr)) {
+    throw std::invalid_argument("fold_depthwise: weight and both outputs must not be null");
+  }
+  detail::fold_depthwise_into(layout == Layout::kNHWC, channels, taps, weight, scale, shift, folded_weight,
+                              folded_shift);
+}
+
+template void fold_depthwise<float>(Layout, int64_t, int64_t, const float*, const float*, const float*,
+                                    float*, float*);
+template void fold_depthwise<double>(Layout, int64_t, int64_t, const double*, const double*,
+                                     const double*, double*, double*);
 
 template std::shared_ptr<const PackedPointwise<float>> pack_pointwise<float>(Isa, Layout,
                                                                              const float*, int64_t,

@@ -57,7 +57,19 @@ struct JointTensors {
   // together or not at all. Accumulated in double (only a register's few values are added in T).
   double* y_sum = nullptr;
   double* y_sumsq = nullptr;
+  // True: dw_weight and dw_shift are fold_depthwise()'s output for this call's layout (dw_scale is
+  // then unused). A caller that runs the same block many times folds once instead of every call.
+  bool dw_folded = false;
 };
+
+// The depthwise weights and shift as the kernels read them: weight [C][taps] times scale, in the
+// layout's order (NCHW [C][taps], NHWC [taps][C]), into folded_weight (C * taps elements), and the
+// shift (0 where null) into folded_shift (C), NaN for a channel with a NaN among its folded weights
+// (zero padding multiplies every weight, so such a channel is NaN everywhere, also where a kernel
+// skips the padded taps). scale and shift may be null (1 and 0).
+template <typename T>
+void fold_depthwise(Layout layout, int64_t channels, int64_t taps, const T* weight, const T* scale,
+                    const T* shift, T* folded_weight, T* folded_shift);
 
 // Pointwise weights [C_out, C_in] repacked into the GEMM panels of one (ISA, layout) pair.
 // Built once per parameter version by the caller and reused across calls; immutable afterwards,

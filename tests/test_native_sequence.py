@@ -233,3 +233,20 @@ def test_call_sequence_rejects_impossible_slots(bad, message):
 def test_an_empty_call_sequence_says_so():
     with pytest.raises(ValueError, match="no calls to run"):
         native().CallSequence_f32().run(0, 0, 1)
+
+
+@pytest.mark.parametrize("where", ["inverted residual", "joint block"])
+def test_a_nan_depthwise_weight_gives_what_the_modules_give(where):
+    """The sequence folds each call's depthwise weights once; a NaN among them must still make its
+    channel NaN everywhere, also at the borders where kernels skip the padded taps, as the unfolded
+    calls do (the pointwise conv after it then spreads the NaN to every output)."""
+    model = _fused()
+    x = _input()
+    with torch.no_grad():
+        dw = model[2].conv[0][1].depthwise if where == "inverted residual" else model[5][0].depthwise
+        dw.weight[3, 0, 0, 0] = float("nan")
+        got = _warm(model, x)
+        assert isinstance(_replay(model)._native, NativeSequence)
+        want = _modules_path(model, x)
+    assert got.isnan().all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

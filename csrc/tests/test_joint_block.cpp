@@ -121,6 +121,22 @@ void check_stats(const Case& c, Isa isa, const std::vector<T>& y, int64_t npix,
 }
 
 // Runs one case for element type T on `isa`, compares with the double reference.
+// When set, run_case and the NaN tests fold the depthwise weights with fold_depthwise first and
+// pass them as JointTensors::dw_folded (the path a CallSequence takes).
+bool g_prefold = false;
+
+template <typename T>
+void fold_for_call(const JointGeometry& g, lwk::JointTensors<T>& t, std::vector<T>& w, std::vector<T>& b) {
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  w.resize(static_cast<size_t>(g.in_channels * taps));
+  b.resize(static_cast<size_t>(g.in_channels));
+  lwk::fold_depthwise<T>(g.layout, g.in_channels, taps, t.dw_weight, t.dw_scale, t.dw_shift, w.data(), b.data());
+  t.dw_weight = w.data();
+  t.dw_scale = nullptr;
+  t.dw_shift = b.data();
+  t.dw_folded = true;
+}
+
 template <typename T>
 void run_case(const Case& c0, Isa isa, uint64_t seed) {
   Case c = c0;
@@ -184,6 +200,8 @@ void run_case(const Case& c0, Isa isa, uint64_t seed) {
     t.y_sum = ysum.data();
     t.y_sumsq = ysq.data();
   }
+  std::vector<T> folded_w, folded_b;
+  if (g_prefold) fold_for_call(g, t, folded_w, folded_b);
   auto packed = lwk::pack_pointwise<T>(isa, c.layout, pww.data(), c.cout, c.cin, c.threads);
   lwk::joint_forward<T>(*packed, g, t, c.threads);
 
@@ -770,6 +788,8 @@ void test_nan_weight_poisons_channel() {
       t.dw_weight = dw.data();
       t.out_act = Activation::kRelu;
       t.y = y.data();
+      std::vector<float> folded_w, folded_b;
+      if (g_prefold) fold_for_call(g, t, folded_w, folded_b);
       lwk::joint_forward<float>(*packed, g, t, 1);
       for (int p = 0; p < 36; ++p)
         CHECK(std::isnan(y[p]), "[%s %s] pixel %d: a NaN depthwise weight must give NaN, got %g",
@@ -946,6 +966,11 @@ int main(int argc, char** argv) {
     lwk::detail::set_shared_depthwise(-1);
     test_large(quick);
     test_concurrency(quick);
+    // Depthwise weights folded by the caller (JointTensors::dw_folded), as a CallSequence does.
+    g_prefold = true;
+    test_nan_weight_poisons_channel();
+    test_random(quick ? 40 : 150);
+    g_prefold = false;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());
     return 1;
