@@ -14,10 +14,10 @@ class JointChain(nn.Sequential):
     Everything about it is nn.Sequential's: indexing, slicing, appending, state_dict keys
     (``"0.depthwise.weight"``, ...), training, autograd, ``torch.compile``, ``torch.export`` and ONNX
     export (each block as usual). In eager CPU inference (eval-mode BatchNorm, nothing requiring
-    grad) it replays a plan prepared on the first call (cpu/prepared_chain.py): the blocks run back
-    to back on two buffers the chain owns instead of allocating every intermediate, each in the
-    memory layout its kernels are fastest in, converting only where that changes. The output is the
-    same tensor, in the same memory format (the input's), that calling the blocks in turn returns.
+    grad) it replays a plan prepared on the first call (cpu/prepared_chain.py): the blocks' prepared
+    calls run back to back from one native call, on two work buffers instead of a fresh tensor per
+    intermediate, in the input's memory layout. The output is the same tensor, in the same memory
+    format, that calling the blocks in turn returns.
 
     The buffers (two of the largest intermediate's size) live as long as the plan: until the input
     signature changes, ``lwkernels.clear_cache()``, or the chain is freed. The fast path needs every
