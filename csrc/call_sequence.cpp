@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "internal.h"
 #include "transpose.h"
 
 namespace lwk {
@@ -132,6 +133,11 @@ void CallSequence<T>::add_transpose(int64_t batch, int64_t channels, int64_t pix
 }
 
 template <typename T>
+void CallSequence<T>::FreeAligned::operator()(T* p) const {
+  detail::aligned_free_bytes(p);
+}
+
+template <typename T>
 void CallSequence<T>::run(const T* x, T* y, int num_threads) {
   if (steps_.empty()) throw std::invalid_argument("CallSequence: no calls to run");
   if ((x == nullptr && input_elems_ > 0) || (y == nullptr && output_elems_ > 0)) {
@@ -141,7 +147,7 @@ void CallSequence<T>::run(const T* x, T* y, int num_threads) {
   for (int w = 0; w < 2; ++w) {
     const int64_t need = slot_elems_[kWorkA + w];
     if (need > work_capacity_[w]) {
-      work_[w].reset(new T[static_cast<std::size_t>(need)]);
+      work_[w].reset(static_cast<T*>(detail::aligned_alloc_bytes(static_cast<std::size_t>(need) * sizeof(T))));
       work_capacity_[w] = need;
     }
     slots[kWorkA + w] = work_[w].get();

@@ -68,7 +68,10 @@ class CallSequence {
   std::vector<Step> steps_;
   int64_t slot_elems_[4] = {0, 0, 0, 0};
   int64_t input_elems_ = 0, output_elems_ = 0;
-  std::unique_ptr<T[]> work_[2];
+  struct FreeAligned {
+    void operator()(T* p) const;
+  };
+  std::unique_ptr<T, FreeAligned> work_[2];  // cache-line aligned, as the callers' tensors are
   int64_t work_capacity_[2] = {0, 0};
 };
 
