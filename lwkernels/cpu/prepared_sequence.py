@@ -20,6 +20,9 @@ replays while
   - each replayed member's input has the shape, dtype and layout its first call was prepared for
     (a member given anything else is called as a module).
 Anything else runs the members as modules (which prepare their calls again).
+
+When every member is a prepared call (or passes its input on), the replay itself runs as one
+native call (cpu/native_sequence.py) for the input signature of its first run.
 """
 from __future__ import annotations
 
@@ -33,8 +36,7 @@ from torch.nn.modules import module as _module_globals
 from ..nn.conv_bn_act import ConvBNAct
 from ..nn.member_calls import member_calls
 from ..ops.inference import dispatcher_needed
-from .backend import ISA_ENV
-from .backend import native as _native_module
+from .backend import ISA_ENV, native as _native_module
 from .native_sequence import NativeSequence
 from .prepared_call import PreparedCall, _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
@@ -47,7 +49,7 @@ _LIVE: "weakref.WeakSet[PreparedSequence]" = weakref.WeakSet()
 #: One replayed member: the signature of its input (shape, dtype, memory format) and its calls,
 #: each (run(x, residual) -> y, whether it gets its input as the residual, the prepared call);
 #: (None, ()) for a member that only passes its input on (nn.Identity).
-_Member = Tuple[Tuple[torch.Size, torch.dtype, torch.memory_format], Tuple[Tuple[object, bool], ...]]
+_Member = Tuple[Tuple[torch.Size, torch.dtype, torch.memory_format], Tuple[Tuple[object, bool, object], ...]]
 
 
 def _prepared_run(module, residual_is_input: bool):
