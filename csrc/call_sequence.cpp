@@ -49,6 +49,14 @@ void CallSequence<T>::place(int x, int residual, int y, int64_t x_elems, int64_t
   if (residual != kNoSlot && !valid(residual)) {
     throw std::invalid_argument("CallSequence: the residual slot is out of range");
   }
+  // The residual has the output's size: the input's (which this call sets if it reads it first),
+  // what an earlier call left in a work slot, or the call's own output.
+  if (residual != kNoSlot && residual != y) {
+    const int64_t have = residual == kInput ? (x == kInput ? x_elems : input_elems_) : slot_elems_[residual];
+    if (have < y_elems) {
+      throw std::invalid_argument("CallSequence: the residual slot holds fewer elements than the output");
+    }
+  }
   if (x == kInput) {
     if (input_elems_ != 0 && input_elems_ != x_elems) {
       throw std::invalid_argument("CallSequence: calls read the input slot with different sizes");
@@ -69,9 +77,9 @@ void CallSequence<T>::add_joint(std::shared_ptr<const PackedPointwise<T>> packed
   if (!packed) throw std::invalid_argument("CallSequence: packed weights are null");
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
+  if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
   place(x, residual, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
         elems(g.batch, g.out_channels, g.out_h, g.out_w));
-  if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
   JointTensors<T> bound = operands;
   auto folded = fold_once<T>(g.layout, g.in_channels, g.kernel_h * g.kernel_w, bound);
   steps_.push_back([packed = std::move(packed), folded = std::move(folded), g, t = bound, x, residual,
@@ -93,9 +101,9 @@ void CallSequence<T>::add_inverted_residual(std::shared_ptr<const PackedPointwis
   if (!expand || !project) throw std::invalid_argument("CallSequence: packed weights are null");
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
+  if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
   place(x, residual, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
         elems(g.batch, g.out_channels, g.out_h, g.out_w));
-  if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
   InvertedResidualTensors<T> bound = operands;
   auto folded = fold_once<T>(g.layout, g.expanded_channels, g.kernel_h * g.kernel_w, bound);
   steps_.push_back([expand = std::move(expand), project = std::move(project), folded = std::move(folded), g,

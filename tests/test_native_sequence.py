@@ -250,3 +250,20 @@ def test_a_nan_depthwise_weight_gives_what_the_modules_give(where):
         want = _modules_path(model, x)
     assert got.isnan().all()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_call_sequence_rejects_a_residual_smaller_than_the_output():
+    seq = native().CallSequence_f32()
+    seq.add_transpose(1, 4, 9, True, seq.INPUT, seq.WORK_A)  # 36 elements in WORK_A
+    # a 1x1 "joint block" 4 -> 8 channels on 3x3: 72 output elements, residual WORK_A holds 36
+    g = native().JointGeometry(batch=1, in_channels=4, in_h=3, in_w=3, out_channels=8, out_h=3, out_w=3,
+                               kernel_h=1, kernel_w=1, stride_h=1, stride_w=1, pad_h=0, pad_w=0, dil_h=1,
+                               dil_w=1, layout="nhwc")
+    w = torch.randn(8, 4)
+    packed = native().pack_pointwise_f32("scalar", "nhwc", w.data_ptr(), 8, 4)
+    ones = torch.ones(4)
+    with pytest.raises(ValueError, match="residual slot holds fewer elements"):
+        seq.add_joint(packed, g, ones.data_ptr(), 0, 0, "none", 0, 0, "none", seq.WORK_A, seq.WORK_A, seq.OUTPUT)
+    with pytest.raises(ValueError, match="dw_weight is null"):
+        seq.add_joint(packed, g, 0, 0, 0, "none", 0, 0, "none", seq.WORK_A, seq.NO_SLOT, seq.OUTPUT)
+    assert len(seq) == 1  # neither refused call was added
