@@ -9,7 +9,7 @@ import torch
 
 from lwkernels.bench.harness import environment, make_input, make_inverted_residual, make_provider
 from lwkernels.bench.onnxrt import onnxruntime_available
-from lwkernels.bench.models import _torchvision_pair
+from lwkernels.bench.models import torchvision_pair
 from lwkernels.nn.fuse import to_reference
 from lwkernels.models.shapes import INVERTED_RESIDUAL_BLOCKS
 
@@ -42,7 +42,7 @@ def test_inverted_residual(benchmark, timing_enabled, shape, batch, provider):
 def test_torchvision_model(benchmark, timing_enabled, name, batch, provider):
     _skip_unavailable(provider, timing_enabled)
     try:
-        fused, reference = _torchvision_pair(name, 1000, seed=0)
+        fused, reference = torchvision_pair(name, 1000, seed=0)
     except RuntimeError as e:  # torchvision present but not importable beside this torch
         pytest.skip(str(e))
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
