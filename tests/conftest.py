@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 import lwkernels.cpu.backend as cpu_backend
 from helpers import cpu_paths_here, host_openmp_loaded, torch_threads
@@ -59,3 +60,21 @@ def nan_outputs(monkeypatch):
 
     monkeypatch.setattr(cpu_backend, "empty_output", poisoned)  # raises if the backend renamed it
     return poisoned
+
+
+@pytest.fixture
+def cudnn_tf32():
+    """Restores PyTorch's TF32 settings for convolutions after the test changes them."""
+    legacy = torch.backends.cudnn.allow_tf32
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    fine = conv.fp32_precision if conv is not None else None
+    yield
+    torch.backends.cudnn.allow_tf32 = legacy
+    if conv is not None:
+        conv.fp32_precision = fine
+
+
+@pytest.fixture
+def tf32_off(cudnn_tf32):
+    """PyTorch's convolutions, and so the Triton kernels' fp32 dots, in full fp32 for one test."""
+    torch.backends.cudnn.allow_tf32 = False

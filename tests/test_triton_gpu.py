@@ -58,18 +58,6 @@ def nan_outputs(monkeypatch):
     poison_kernel_outputs(monkeypatch)
 
 
-@pytest.fixture
-def cudnn_tf32():
-    """Restores PyTorch's TF32 settings for convolutions after the test changes them."""
-    legacy = torch.backends.cudnn.allow_tf32
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    fine = conv.fp32_precision if conv is not None else None
-    yield
-    torch.backends.cudnn.allow_tf32 = legacy
-    if conv is not None:
-        conv.fp32_precision = fine
-
-
 # -- anywhere ----------------------------------------------------------------------------------------
 def test_register_cuda_kernel():
     ok = register_cuda_kernel()
@@ -78,6 +66,24 @@ def test_register_cuda_kernel():
         return
     assert ok is True and register_cuda_kernel() is True  # idempotent
     assert torch._C._dispatch_has_kernel_for_dispatch_key("lwkernels::joint_block", "CUDA")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_statistics_rows_cover_every_autotune_candidate():
+    """The training kernel writes one statistics row per pixel tile of whichever config autotuning
+    times, so its buffers need the rows of the smallest-pixel candidate (on a GPU a shortfall is an
+    out-of-bounds write: 32 x 256 tiles against rows sized for 64 pixels once corrupted memory)."""
+    import triton
+
+    from lwkernels.triton.joint_block import _candidate_configs, _prune, launch_pixel_tiles
+
+    for c_in, c_out in [(3, 17), (32, 64), (96, 96), (64, 200), (512, 1024)]:
+        for m in (1, 63, 64, 65, 429, 100352):
+            rows = launch_pixel_tiles(m, c_in, c_out, None)
+            for config in _prune(_candidate_configs(), {"C_IN": c_in, "C_OUT": c_out}):
+                needed = triton.cdiv(m, config.kwargs["BLOCK_P"])
+                assert rows >= needed, f"{c_in}->{c_out}, {m} pixels: {rows} rows, {config} writes {needed}"
+    assert launch_pixel_tiles(100, 3, 17, {"BLOCK_P": 16}) == 7
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")

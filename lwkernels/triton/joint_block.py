@@ -403,8 +403,10 @@ def joint_block_triton(
 
     CUDA tensors normally; CPU tensors only under TRITON_INTERPRET=1.
     """
-    y, _ = _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
-                      stride, padding, dilation, allow_tf32=allow_tf32, config=config, stats=False)
+    out_shape = check_joint_args(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift,
+                                 residual, out_act, stride, padding, dilation)
+    y, _ = _run_joint(out_shape, x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual,
+                      out_act, stride, padding, dilation, allow_tf32=allow_tf32, config=config, stats=False)
     return y
 
 
@@ -431,9 +433,12 @@ def pointwise_stats_triton(
     The depthwise output never reaches memory; the statistics cost a [pixel tiles, C_out] fp32 buffer
     per sum and M2, merged on the host in float64 (deterministic: no atomics). Other arguments as
     joint_block_triton; mid BatchNorm in training passes its batch-statistics scale/shift as
-    dw_scale/dw_shift (see depthwise_stats_triton)."""
-    z, partials = _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, None, pw_bias, None, "none",
-                             stride, padding, dilation, allow_tf32=allow_tf32, config=config, stats=True)
+    dw_scale/dw_shift (see depthwise_stats_triton), which may be fp32 whatever x's dtype (the kernel
+    reads every per-channel vector as fp32)."""
+    out_shape = check_joint_args(x, dw_weight, _checked_as_x(dw_scale, x), _checked_as_x(dw_shift, x), mid_act,
+                                 pw_weight, None, pw_bias, None, "none", stride, padding, dilation)
+    z, partials = _run_joint(out_shape, x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, None, pw_bias, None,
+                             "none", stride, padding, dilation, allow_tf32=allow_tf32, config=config, stats=True)
     c_out = z.shape[1]
     if partials is None:
         nan = torch.full((c_out,), float("nan"), dtype=torch.float64, device=z.device)
@@ -521,11 +526,17 @@ def _on_device(x: torch.Tensor, launch) -> None:
         launch()
 
 
-def _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual, out_act,
-               stride, padding, dilation, *, allow_tf32: bool, config: Optional[Dict[str, int]], stats: bool):
-    """Launch the fused kernel; returns (y, partial-statistics buffers or None)."""
-    out_shape = check_joint_args(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift,
-                                 residual, out_act, stride, padding, dilation)
+def _checked_as_x(v: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """An fp32 per-channel vector as check_joint_args should see it next to a lower-precision x: in
+    x's dtype (its shape and device are still checked)."""
+    return v.to(x.dtype) if v is not None and v.dtype == torch.float32 else v
+
+
+def _run_joint(out_shape, x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, pw_shift, residual,
+               out_act, stride, padding, dilation, *, allow_tf32: bool, config: Optional[Dict[str, int]],
+               stats: bool):
+    """Launch the fused kernel on arguments check_joint_args accepted (out_shape is its answer);
+    returns (y, partial-statistics buffers or None)."""
     _check_device_dtype(x)
     y = empty_output(x, out_shape)
     if y.numel() == 0:
@@ -550,8 +561,8 @@ def _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, p
     vectors = [None if v is None else v.contiguous() for v in (dw_scale, dw_shift, pw_scale, pw_shift)]
     dummy = y  # any pointer of the right device for absent operands (never dereferenced)
     res = residual if residual is not None else dummy
-    # Statistics rows: one per pixel tile of the launch, sized for the smallest candidate BLOCK_P.
-    partials = (_partial_buffers(triton.cdiv(m, cfg["BLOCK_P"] if cfg else 64), c_out, x.device)
+    # Statistics rows: one per pixel tile of the launch, whichever candidate autotuning picks.
+    partials = (_partial_buffers(launch_pixel_tiles(m, c_in, c_out, cfg), c_out, x.device)
                 if stats else (dummy, dummy, dummy))
     dot_precision = "tf32" if (x.dtype != torch.float32 or allow_tf32) else "ieee"
     # fp16/bf16 dots ignore input_precision; "tf32" there is Triton's default, i.e. the usual path.
@@ -583,7 +594,7 @@ def _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, p
         _check_grid(programs)
         launch = lambda: _joint_block_kernel[(programs,)](*args, **meta, **cfg)  # noqa: E731
     else:
-        _check_grid(triton.cdiv(m, 64) * triton.cdiv(c_out, 32))  # the candidates' largest grid
+        _check_grid(max(triton.cdiv(m, p) * triton.cdiv(c_out, co) for p, co, _, _ in select_configs(c_in, c_out)))
         kernel = _joint_block_stats_autotuned if stats else _joint_block_autotuned
 
         def grid(meta_):
@@ -593,6 +604,15 @@ def _run_joint(x, dw_weight, dw_scale, dw_shift, mid_act, pw_weight, pw_scale, p
 
     _on_device(x, launch)
     return y, (partials if stats else None)
+
+
+def launch_pixel_tiles(m: int, c_in: int, c_out: int, cfg: Optional[Dict[str, int]]) -> int:
+    """Pixel tiles (program rows) of a launch over m output pixels: cfg's, or without one the most that
+    any candidate autotuning may time for this shape, since a buffer with a row per pixel tile must
+    hold the rows of every candidate (the 32-pixel tiles of wide C_out have twice a 64-pixel one's)."""
+    if cfg is not None:
+        return triton.cdiv(m, cfg["BLOCK_P"])
+    return max(triton.cdiv(m, p) for p, _, _, _ in select_configs(c_in, c_out))
 
 
 def _needs_int64(m: int, tensors, margin: int) -> bool:
