@@ -7,7 +7,8 @@ pytest process with TRITON_INTERPRET=1. To run it by hand:
 
     TRITON_INTERPRET=1 pytest tests/triton_interpreter_cases.py
 
-The interpreter computes tl.dot in plain fp32 and cannot do bf16 arithmetic, so bf16, TF32 and the
+The interpreter computes tl.dot in plain fp32 and cannot do bf16 arithmetic; the kernel's own
+rounding of TF32 dot operands runs here too. bf16, the tensor cores' TF32 arithmetic and the
 GPU compiler's constraints (dot tiles >= 16 in every dimension, which the kernel's tiles respect by
 construction) are covered by test_triton_gpu.py on a GPU.
 """
@@ -23,6 +24,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -84,10 +87,52 @@ def test_other_tilings(config, layout):
     assert_matches_lowp_rule(joint_block_triton(*args, config=config), args)
 
 
-def test_tf32_flag_is_accepted():
-    """TF32 changes the GPU dot only; the interpreter computes it in fp32 either way."""
+def test_tf32_rounds_the_dot_operands():
+    """allow_tf32: the fp32 dot's operands are rounded to TF32 (the error visibly grows, within the TF32
+    rule); without it the dot is full fp32."""
     args = make_case_args(INTERPRETER_CASES[0], torch.float32, "nhwc")
-    assert_matches_lowp_rule(joint_block_triton(*args, allow_tf32=True), args)
+    exact = assert_matches_lowp_rule(joint_block_triton(*args, allow_tf32=False), args)
+    tf32 = assert_matches_lowp_rule(joint_block_triton(*args, allow_tf32=True), args, tf32=True)
+    assert tf32.kernel_error > 20 * exact.kernel_error, (exact, tf32)
+
+
+@triton.jit
+def _dot_operand_kernel(x_ptr, y_ptr, N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, triton_kernel._dot_operand(tl.load(x_ptr + offs), DOT_PRECISION))
+
+
+def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest TF32 (10 mantissa bits, fp32's exponent range), ties away from zero, in float64."""
+    m, e = torch.frexp(x.double().abs())  # |x| = m * 2^e, m in [0.5, 1)
+    unit = torch.exp2((torch.clamp(e - 1, min=-126) - 10).double())  # TF32's spacing at |x| (subnormals: fixed)
+    r = torch.floor(x.double().abs() / unit + 0.5) * unit
+    r = torch.where(r >= 2.0 ** 128, torch.inf, r)
+    return torch.where(torch.isfinite(x), torch.copysign(r, x.double()), x.double()).float()
+
+
+def test_tf32_operand_rounding_is_round_to_nearest():
+    """_dot_operand: every fp32 value to its nearest TF32 value (ties away from zero, like cvt.rna),
+    overflow to infinity, signed zeros, infinities and NaN kept; fp32 untouched for an "ieee" dot."""
+    gen = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"),
+                            1 + 2 ** -11, -(1 + 2 ** -11), 1 + 2 ** -11 - 2 ** -23, 1 + 3 * 2 ** -11,
+                            3.4028235e38, -3.4028235e38, 2 ** -149, 2 ** -126 * (1 + 2 ** -11), 1.1754942e-38])
+    nan_payloads = torch.tensor([0x7F800001, 0x7FFFFFFF, -1, 0x7FFFF000], dtype=torch.int32).view(torch.float32)
+    spread = 256 - special.numel() - nan_payloads.numel()  # random values from subnormal to huge
+    x = torch.cat([special, nan_payloads, torch.randn(spread, generator=gen) * torch.exp2(
+        torch.randint(-140, 120, (spread,), generator=gen).float())])
+    y = torch.empty_like(x)
+    _dot_operand_kernel[(1,)](x, y, N=256, DOT_PRECISION="tf32")
+    ref = _round_to_tf32(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(x))
+    finite = ~torch.isnan(x)
+    wrong = (y[finite].view(torch.int32) != ref[finite].view(torch.int32)).nonzero().flatten()
+    assert not wrong.numel(), [(x[finite][i].item(), y[finite][i].item(), ref[finite][i].item()) for i in wrong[:5]]
+    assert y[6].item() == 1 + 2 ** -10 and y[7].item() == -(1 + 2 ** -10) and y[8].item() == 1.0
+    assert y[10].item() == float("inf") and y[11].item() == float("-inf")
+    _dot_operand_kernel[(1,)](x, y, N=256, DOT_PRECISION="ieee")
+    assert torch.equal(y.view(torch.int32), x.view(torch.int32))
 
 
 def test_nan_propagates_like_pytorch():
