@@ -49,7 +49,9 @@ BENCH = ROOT / "benchmarks"
 #: Wall-time budgets (seconds) of the whole run, and of each part in it.
 BUDGET = {"full": 300, "quick": 120}
 LIMITS = {
-    "full": {"env": 15, "prepare": 125, "tests": 125, "memcheck": 90, "bench": 120, "train": 35},
+    # The first H200 run (16 cores) needed ~130 s for the tests beside prepare's compilations and
+    # ~125 s for memcheck (the sanitizer slows autotuning's timing runs), so bench gives way.
+    "full": {"env": 15, "prepare": 150, "tests": 150, "memcheck": 150, "bench": 95, "train": 35},
     "quick": {"env": 10, "prepare": 40, "tests": 40, "memcheck": 35, "bench": 50, "train": 20},
 }
 #: Seconds a timing part keeps back from its limit to write its results after its deadline.
