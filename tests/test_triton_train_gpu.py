@@ -16,12 +16,11 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import expected_memory_format, randomize_
+from helpers import expected_memory_format
+from training_step import CASES, assert_step_matches, reference_of, run_step, step_inputs, training_pair
 from triton_helpers import aot_signature
-from lwkernels import JointBlock
 from lwkernels.ops import training
 from lwkernels.triton import training as triton_training
-from lwkernels.ops.reference import JointBlockReference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -99,47 +98,6 @@ def test_depthwise_backward_kernels_compile_without_a_gpu(kernel, channels_last)
     assert "st.global" in compiled.asm["ptx"]
 
 
-def _pair(c_in, c_out, stride, dilation, mid_norm, act, seed=0):
-    block = JointBlock(c_in, c_out, stride=stride, dilation=dilation, activation=None if act == "none" else act,
-                       mid_norm=mid_norm, dtype=torch.float64)
-    randomize_(block, seed)
-    return block.train()
-
-
-def _reference(block):
-    return JointBlockReference(*(copy.deepcopy(m) for m in (block.depthwise, block.pointwise, block.bn, block.act,
-                                                             block.mid_bn, block.mid_act))).train()
-
-
-def _step(model, x, r, g):
-    x = x.clone().requires_grad_()
-    y = model(x, r)
-    (y.float() * g).sum().backward()
-    grads = {"x": x.grad}
-    grads.update({name: p.grad for name, p in model.named_parameters()})
-    return y, grads, dict(model.named_buffers())
-
-
-def _check(name, got, lowp, ref, atol):
-    got, lowp = got.detach().double().cpu(), lowp.detach().double().cpu()
-    ref = ref.detach().double().cpu()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got - ref).abs().max().item()
-    torch_err = (lowp - ref).abs().max().item()
-    assert err <= 2 * torch_err + atol * (1 + ref.abs().max().item()), \
-        f"{name}: error {err:.3e}, PyTorch's own {torch_err:.3e}"
-
-
-CASES = [  # (c_in, c_out, stride, dilation, mid_norm, act, residual)
-    (17, 17, 1, 2, True, "relu", True),
-    (3, 17, 2, 3, True, "relu6", False),
-    (1, 3, 2, 2, False, "relu", False),
-    (17, 3, 1, 3, False, "none", False),
-    (32, 64, 2, 2, True, "relu", False),
-    (96, 96, 1, 3, False, "relu", True),
-]
-
-
 @cuda_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
@@ -153,37 +111,17 @@ def test_training_step_matches_reference(case, dtype, layout, request):
         # PyTorch's own fp32 error is no yardstick for a TF32 kernel (test_triton_gpu.py covers TF32).
         request.getfixturevalue("tf32_off")
     c_in, c_out, stride, dilation, mid_norm, act, residual = case
-    block64 = _pair(c_in, c_out, stride, dilation, mid_norm, act)
-    ref64 = _reference(block64)
-    gen = torch.Generator().manual_seed(1)
-    n, h, w = 3, 13, 11
-    x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
-    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
-    r = torch.randn(n, c_out, oh, ow, generator=gen, dtype=torch.float64) if residual else None
-    g = torch.randn(n, c_out, oh, ow, generator=gen)
-    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
-    if r is not None:
-        r = r.contiguous(memory_format=fmt)
-
+    block64 = training_pair(c_in, c_out, stride, dilation, mid_norm, act)
+    x, r, g = step_inputs(case, layout)
     # The fused block on CUDA in `dtype`, PyTorch's nn modules on CUDA in `dtype`, and float64 on the CPU.
     block = copy.deepcopy(block64).to("cuda", dtype)
-    lowp = _reference(block64).to("cuda", dtype)
+    lowp = reference_of(block64).to("cuda", dtype)
     xd, rd, gd = x.to("cuda", dtype), None if r is None else r.to("cuda", dtype), g.cuda()
-    assert triton_training.uses_triton_forward(xd, (n, c_out, oh, ow)), "the CUDA training forward did not take the Triton path"
-    got = _step(block, xd, rd, gd)
-    torch_lowp = _step(lowp, xd, rd, gd)
-    ref = _step(ref64, x, r, g.double())
-    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=expected_memory_format(x))
-    atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    _check("y", got[0], torch_lowp[0], ref[0], atol)
-    for name in ref[1]:
-        _check(f"grad {name}", got[1][name], torch_lowp[1][name], ref[1][name], atol)
-    for name in ref[2]:
-        if name.endswith("num_batches_tracked"):
-            assert int(got[2][name]) == int(ref[2][name])
-            continue
-        _check(name, got[2][name], torch_lowp[2][name], ref[2][name], atol)
+    assert triton_training.uses_triton_forward(xd, tuple(g.shape)), \
+        "the CUDA training forward did not take the Triton path"
+    got = run_step(block, xd, rd, gd)
+    assert got.y.dtype == dtype and got.y.is_contiguous(memory_format=expected_memory_format(x))
+    assert_step_matches(got, run_step(lowp, xd, rd, gd), run_step(reference_of(block64), x, r, g.double()), dtype)
 
 
 @cuda_only
@@ -191,7 +129,7 @@ def test_training_step_matches_reference(case, dtype, layout, request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_statistics_are_deterministic(dtype):
     """No atomics: two runs of the training forward give bit-identical z and statistics."""
-    block = _pair(64, 96, 1, 3, True, "relu").to("cuda", dtype)
+    block = training_pair(64, 96, 1, 3, True, "relu").to("cuda", dtype)
     x = torch.randn(4, 64, 29, 31, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
     outs = [training.joint_block_train(
         x, block.depthwise.weight, block.depthwise.bias, block.mid_bn.weight, block.mid_bn.bias, True, 1e-5, "relu",
@@ -205,7 +143,7 @@ def test_statistics_are_deterministic(dtype):
 @pytest.mark.cuda
 def test_compiled_training_step_uses_the_kernels():
     """torch.compile(fullgraph=True) traces the training op on CUDA; the step matches eager."""
-    block = _pair(17, 17, 1, 2, True, "relu").to("cuda", torch.float32)
+    block = training_pair(17, 17, 1, 2, True, "relu").to("cuda", torch.float32)
     ref = copy.deepcopy(block)
     x = torch.randn(2, 17, 11, 9, device="cuda")
     compiled = torch.compile(block, fullgraph=True)

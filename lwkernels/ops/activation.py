@@ -72,12 +72,14 @@ def activation_backward(grad: torch.Tensor, activated: torch.Tensor, name: str,
     if name in NEEDS_INPUT_FOR_GRAD:
         if pre is None:
             raise ValueError(f"the {name} gradient needs the activation's input")
+        # `pre` may be wider than grad (fp32 beside fp16 grads): computed in pre's dtype, returned in grad's.
+        wide = grad.to(pre.dtype)
         if name == "silu":
-            return torch.ops.aten.silu_backward(grad, pre)
+            return torch.ops.aten.silu_backward(wide, pre).to(grad.dtype)
         # PyTorch's vectorised CPU kernel gives NaN at a NaN input, its scalar tail passes grad:
         # the vectorised rule everywhere, as the C++ kernels.
-        g = torch.ops.aten.hardswish_backward(grad, pre)
-        return torch.where(torch.isnan(pre), pre, g)
+        g = torch.ops.aten.hardswish_backward(wide, pre)
+        return torch.where(torch.isnan(pre), pre, g).to(grad.dtype)
     if name == "relu":
         flat = activated <= 0
     elif name == "relu6":

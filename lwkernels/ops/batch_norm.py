@@ -11,6 +11,13 @@ from torch import Tensor
 STATS = torch.float64  # per-channel sums are accumulated in double
 
 
+def elementwise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BatchNorm's per-element arithmetic runs in for tensors of `dtype`: fp32 for fp16/bf16
+    (as PyTorch's own BatchNorm kernels compute, rounding once at the end; a chain of fp16 operations,
+    such as z * scale + shift with large scale and shift, loses several units), else `dtype` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def per_channel(v: Tensor) -> Tensor:
     """A [C] vector shaped to broadcast over [N, C, H, W]."""
     return v.reshape(1, -1, 1, 1)

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .activation import NEEDS_INPUT_FOR_GRAD, activation_backward, apply_activation
 from .args import TrainArgs, TrainOutputs, TrainSaved
-from .batch_norm import STATS, bn_backward_coefficients, bn_scale_shift, per_channel, with_bias_nan
+from .batch_norm import (STATS, bn_backward_coefficients, bn_scale_shift, elementwise_dtype, per_channel,
+                         with_bias_nan)
 from .contract import output_memory_format
 
 
@@ -20,19 +21,26 @@ def out_activation_input(saved: TrainSaved) -> Optional[Tensor]:
     """bn(z) + residual, recomputed where out_act's gradient needs its input (else None)."""
     if saved.out_act not in NEEDS_INPUT_FOR_GRAD:
         return None
-    scale, shift = bn_scale_shift(saved.mean, saved.var, saved.bn_weight, saved.bn_bias, saved.eps)
-    z = saved.z
-    v = z * per_channel(scale.to(z.dtype)) + per_channel(shift.to(z.dtype))
-    return v if saved.residual is None else v + saved.residual
+    return _bn_plus_residual(saved.z, saved.mean, saved.var, saved.bn_weight, saved.bn_bias, saved.eps,
+                             saved.residual)
+
+
+def _affine(v: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """v * scale + shift per channel, in elementwise_dtype(v.dtype) (fp32 for fp16/bf16 v)."""
+    dt = elementwise_dtype(v.dtype)
+    return v.to(dt) * per_channel(scale.to(dt)) + per_channel(shift.to(dt))
+
+
+def _bn_plus_residual(z, mean, var, bn_weight, bn_bias, eps, residual) -> Tensor:
+    """bn(z) + residual with the batch statistics, in elementwise_dtype(z.dtype)."""
+    v = _affine(z, *bn_scale_shift(mean, var, bn_weight, bn_bias, eps))
+    return v if residual is None else v + residual.to(v.dtype)
 
 
 def normalise(z, mean, var, bn_weight, bn_bias, eps, residual, out_act) -> Tensor:
-    """out_act(bn(z) + residual) with the batch statistics (mean, var), in z's dtype."""
-    scale, shift = bn_scale_shift(mean, var, bn_weight, bn_bias, eps)
-    v = z * per_channel(scale.to(z.dtype)) + per_channel(shift.to(z.dtype))
-    if residual is not None:
-        v = v + residual
-    return apply_activation(v, out_act)
+    """out_act(bn(z) + residual) with the batch statistics (mean, var): computed in
+    elementwise_dtype(z.dtype), returned in z's dtype (one rounding for fp16/bf16)."""
+    return apply_activation(_bn_plus_residual(z, mean, var, bn_weight, bn_bias, eps, residual), out_act).to(z.dtype)
 
 
 def forward(args: TrainArgs) -> TrainOutputs:
@@ -42,12 +50,11 @@ def forward(args: TrainArgs) -> TrainOutputs:
     if args.mid_bn:
         mid_mean = c.mean(dim=(0, 2, 3))
         mid_var = with_bias_nan(c.var(dim=(0, 2, 3), unbiased=False), args.dw_bias)
-        scale, shift = bn_scale_shift(mid_mean, mid_var, args.mid_weight, args.mid_bias, args.mid_eps)
-        a = c * per_channel(scale.to(c.dtype)) + per_channel(shift.to(c.dtype))
+        a = _affine(c, *bn_scale_shift(mid_mean, mid_var, args.mid_weight, args.mid_bias, args.mid_eps))
     else:
         mid_mean, mid_var = args.x.new_empty(0), args.x.new_empty(0)
         a = c if args.dw_bias is None else c + per_channel(args.dw_bias)
-    z = F.conv2d(apply_activation(a, args.mid_act), args.pw_weight, args.pw_bias)
+    z = F.conv2d(apply_activation(a, args.mid_act).to(c.dtype), args.pw_weight, args.pw_bias)
     mean = z.mean(dim=(0, 2, 3))
     var = z.var(dim=(0, 2, 3), unbiased=False)
     y = normalise(z, mean, var, args.bn_weight, args.bn_bias, args.eps, args.residual, args.out_act)
@@ -65,12 +72,13 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool], triton_depthw
     count = n * oh * ow
     dims = (0, 2, 3)
     gb = activation_backward(grad_y, saved.y, saved.out_act, out_activation_input(saved))
-    zc = saved.z - per_channel(saved.mean)
+    dt, et = saved.z.dtype, elementwise_dtype(saved.z.dtype)  # elementwise math in et, one rounding to dt
+    zc = saved.z.to(et) - per_channel(saved.mean.to(et))
     sum_g = gb.sum(dims, dtype=STATS)
-    sum_gz = (gb * zc).sum(dims, dtype=STATS)
+    sum_gz = (gb.to(et) * zc).sum(dims, dtype=STATS)
     A, B, invstd = bn_backward_coefficients(sum_g, sum_gz, saved.var, saved.bn_weight, saved.eps, count)
-    dt = saved.z.dtype
-    gz = per_channel(A.to(dt)) * (gb - per_channel((sum_g / count).to(dt))) + per_channel(B.to(dt)) * zc
+    gz = (per_channel(A.to(et)) * (gb.to(et) - per_channel((sum_g / count).to(et)))
+          + per_channel(B.to(et)) * zc).to(dt)
     grads: List[Optional[Tensor]] = [None] * 10
     grads[6] = gz.sum(dims) if needs[6] else None  # zero up to rounding and NaN, as autograd has it
     grads[7] = (sum_gz * invstd).to(saved.x.dtype) if needs[7] else None
@@ -80,22 +88,22 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool], triton_depthw
         return grads
     c = F.conv2d(saved.x, saved.dw_weight, None, saved.stride, saved.padding, saved.dilation, groups=c_in)
     if saved.mid_bn:
-        sc, sh = bn_scale_shift(saved.mid_mean, saved.mid_var, saved.mid_weight, saved.mid_bias, saved.mid_eps)
-        a = c * per_channel(sc.to(c.dtype)) + per_channel(sh.to(c.dtype))
+        a = _affine(c, *bn_scale_shift(saved.mid_mean, saved.mid_var, saved.mid_weight, saved.mid_bias,
+                                       saved.mid_eps))
     else:
         a = c if saved.dw_bias is None else c + per_channel(saved.dw_bias)
-    t = apply_activation(a, saved.mid_act)
+    t = apply_activation(a, saved.mid_act).to(c.dtype)
     g_t, g_pw_w, _ = torch.ops.aten.convolution_backward(
         gz, t, saved.pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[5], False])
     grads[5] = g_pw_w
     ga = activation_backward(g_t, t, saved.mid_act, a)
     if saved.mid_bn:
-        cc = c - per_channel(saved.mid_mean)
+        cc = c.to(et) - per_channel(saved.mid_mean.to(et))
         s1 = ga.sum(dims, dtype=STATS)
-        s2 = (ga * cc).sum(dims, dtype=STATS)
+        s2 = (ga.to(et) * cc).sum(dims, dtype=STATS)
         A2, B2, invstd2 = bn_backward_coefficients(s1, s2, saved.mid_var, saved.mid_weight, saved.mid_eps, count)
-        gc = per_channel(A2.to(c.dtype)) * (ga - per_channel((s1 / count).to(c.dtype))) + \
-            per_channel(B2.to(c.dtype)) * cc
+        gc = (per_channel(A2.to(et)) * (ga.to(et) - per_channel((s1 / count).to(et)))
+              + per_channel(B2.to(et)) * cc).to(c.dtype)
         grads[3] = (s2 * invstd2).to(saved.x.dtype) if needs[3] else None
         grads[4] = s1.to(saved.x.dtype) if needs[4] else None
         grads[2] = gc.sum(dims) if needs[2] else None  # cancels in mid BN up to rounding and NaN
