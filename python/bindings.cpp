@@ -14,6 +14,7 @@
 #include "addresses.h"
 #include "enum_names.h"
 #include "geometry_fields.h"
+#include "operands.h"
 
 namespace py = pybind11;
 
@@ -69,16 +70,10 @@ void bind_dtype(py::module_& m, const char* suffix) {
          const std::string& mid_act, std::uintptr_t pw_scale, std::uintptr_t pw_shift,
          std::uintptr_t residual, const std::string& out_act, std::uintptr_t y, int num_threads,
          std::uintptr_t y_sum, std::uintptr_t y_sumsq) {
-        lwk::JointTensors<T> t;
+        auto t = lwk_bind::joint_operands<T>(dw_weight, dw_scale, dw_shift, mid_act, pw_scale,
+                                             pw_shift, out_act);
         t.x = as_ptr<T>(x);
-        t.dw_weight = as_ptr<T>(dw_weight);
-        t.dw_scale = as_ptr<T>(dw_scale);
-        t.dw_shift = as_ptr<T>(dw_shift);
-        t.mid_act = activation_from_name(mid_act);
-        t.pw_scale = as_ptr<T>(pw_scale);
-        t.pw_shift = as_ptr<T>(pw_shift);
         t.residual = as_ptr<T>(residual);
-        t.out_act = activation_from_name(out_act);
         t.y = reinterpret_cast<T*>(y);
         t.y_sum = reinterpret_cast<double*>(y_sum);
         t.y_sumsq = reinterpret_cast<double*>(y_sumsq);

@@ -10,6 +10,7 @@
 #include "../csrc/call_sequence.h"
 #include "addresses.h"
 #include "enum_names.h"
+#include "operands.h"
 
 namespace py = pybind11;
 
@@ -34,15 +35,10 @@ void bind_sequence(py::module_& m, const char* name) {
              std::uintptr_t dw_weight, std::uintptr_t dw_scale, std::uintptr_t dw_shift,
              const std::string& mid_act, std::uintptr_t pw_scale, std::uintptr_t pw_shift,
              const std::string& out_act, int x, int residual, int y) {
-            lwk::JointTensors<T> t;
-            t.dw_weight = as_ptr<T>(dw_weight);
-            t.dw_scale = as_ptr<T>(dw_scale);
-            t.dw_shift = as_ptr<T>(dw_shift);
-            t.mid_act = lwk_bind::activation_from_name(mid_act);
-            t.pw_scale = as_ptr<T>(pw_scale);
-            t.pw_shift = as_ptr<T>(pw_shift);
-            t.out_act = lwk_bind::activation_from_name(out_act);
-            s.add_joint(std::move(packed), g, t, x, residual, y);
+            s.add_joint(std::move(packed), g,
+                        lwk_bind::joint_operands<T>(dw_weight, dw_scale, dw_shift, mid_act,
+                                                    pw_scale, pw_shift, out_act),
+                        x, residual, y);
           },
           py::arg("packed"), py::arg("geometry"), py::arg("dw_weight"), py::arg("dw_scale"),
           py::arg("dw_shift"), py::arg("mid_act"), py::arg("pw_scale"), py::arg("pw_shift"),
@@ -55,18 +51,12 @@ void bind_sequence(py::module_& m, const char* name) {
              std::uintptr_t dw_scale, std::uintptr_t dw_shift, const std::string& mid_act,
              std::uintptr_t project_scale, std::uintptr_t project_shift, const std::string& out_act,
              int x, int residual, int y) {
-            lwk::InvertedResidualTensors<T> t;
-            t.expand_scale = as_ptr<T>(expand_scale);
-            t.expand_shift = as_ptr<T>(expand_shift);
-            t.expand_act = lwk_bind::activation_from_name(expand_act);
-            t.dw_weight = as_ptr<T>(dw_weight);
-            t.dw_scale = as_ptr<T>(dw_scale);
-            t.dw_shift = as_ptr<T>(dw_shift);
-            t.mid_act = lwk_bind::activation_from_name(mid_act);
-            t.project_scale = as_ptr<T>(project_scale);
-            t.project_shift = as_ptr<T>(project_shift);
-            t.out_act = lwk_bind::activation_from_name(out_act);
-            s.add_inverted_residual(std::move(expand), std::move(project), g, t, x, residual, y);
+            s.add_inverted_residual(
+                std::move(expand), std::move(project), g,
+                lwk_bind::inverted_residual_operands<T>(expand_scale, expand_shift, expand_act,
+                                                        dw_weight, dw_scale, dw_shift, mid_act,
+                                                        project_scale, project_shift, out_act),
+                x, residual, y);
           },
           py::arg("expand"), py::arg("project"), py::arg("geometry"), py::arg("expand_scale"),
           py::arg("expand_shift"), py::arg("expand_act"), py::arg("dw_weight"), py::arg("dw_scale"),

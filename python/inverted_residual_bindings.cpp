@@ -10,6 +10,7 @@
 #include "addresses.h"
 #include "enum_names.h"
 #include "geometry_fields.h"
+#include "operands.h"
 
 namespace py = pybind11;
 
@@ -27,19 +28,11 @@ void bind_forward(py::module_& m) {
          std::uintptr_t dw_scale, std::uintptr_t dw_shift, const std::string& mid_act,
          std::uintptr_t project_scale, std::uintptr_t project_shift, std::uintptr_t residual,
          const std::string& out_act, std::uintptr_t y, int num_threads) {
-        lwk::InvertedResidualTensors<T> t;
+        auto t = lwk_bind::inverted_residual_operands<T>(expand_scale, expand_shift, expand_act,
+                                                         dw_weight, dw_scale, dw_shift, mid_act,
+                                                         project_scale, project_shift, out_act);
         t.x = as_ptr<T>(x);
-        t.expand_scale = as_ptr<T>(expand_scale);
-        t.expand_shift = as_ptr<T>(expand_shift);
-        t.expand_act = lwk_bind::activation_from_name(expand_act);
-        t.dw_weight = as_ptr<T>(dw_weight);
-        t.dw_scale = as_ptr<T>(dw_scale);
-        t.dw_shift = as_ptr<T>(dw_shift);
-        t.mid_act = lwk_bind::activation_from_name(mid_act);
-        t.project_scale = as_ptr<T>(project_scale);
-        t.project_shift = as_ptr<T>(project_shift);
         t.residual = as_ptr<T>(residual);
-        t.out_act = lwk_bind::activation_from_name(out_act);
         t.y = reinterpret_cast<T*>(y);
         py::gil_scoped_release release;
         lwk::inverted_residual_forward<T>(expand, project, g, t, num_threads);
