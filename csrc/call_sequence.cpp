@@ -71,25 +71,34 @@ void CallSequence<T>::place(int x, int residual, int y, int64_t x_elems, int64_t
 }
 
 template <typename T>
-void CallSequence<T>::add_joint(std::shared_ptr<const PackedPointwise<T>> packed,
-                                const JointGeometry& g, const JointTensors<T>& operands, int x,
-                                int residual, int y) {
-  if (!packed) throw std::invalid_argument("CallSequence: packed weights are null");
+template <class Geometry, class Operands, class Forward>
+void CallSequence<T>::add_fused(const Geometry& g, Operands operands, int64_t dw_channels, int x,
+                                int residual, int y, Forward forward) {
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
   if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
   place(x, residual, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
         elems(g.batch, g.out_channels, g.out_h, g.out_w));
-  JointTensors<T> bound = operands;
-  auto folded = fold_once<T>(g.layout, g.in_channels, g.kernel_h * g.kernel_w, bound);
-  steps_.push_back([packed = std::move(packed), folded = std::move(folded), g, t = bound, x, residual,
-                    y](T* const* slots, int threads) mutable {
+  auto folded = fold_once<T>(g.layout, dw_channels, g.kernel_h * g.kernel_w, operands);
+  steps_.push_back([folded = std::move(folded), g, t = operands, x, residual, y,
+                    forward = std::move(forward)](T* const* slots, int threads) mutable {
     (void)folded;  // (kept alive with the step)
     t.x = slots[x];
     t.residual = residual == kNoSlot ? nullptr : slots[residual];
     t.y = slots[y];
-    joint_forward<T>(*packed, g, t, threads);
+    forward(g, t, threads);
   });
+}
+
+template <typename T>
+void CallSequence<T>::add_joint(std::shared_ptr<const PackedPointwise<T>> packed,
+                                const JointGeometry& g, const JointTensors<T>& operands, int x,
+                                int residual, int y) {
+  if (!packed) throw std::invalid_argument("CallSequence: packed weights are null");
+  add_fused(g, operands, g.in_channels, x, residual, y,
+            [packed = std::move(packed)](const JointGeometry& geo, const JointTensors<T>& t, int threads) {
+              joint_forward<T>(*packed, geo, t, threads);
+            });
 }
 
 template <typename T>
@@ -99,21 +108,11 @@ void CallSequence<T>::add_inverted_residual(std::shared_ptr<const PackedPointwis
                                             const InvertedResidualTensors<T>& operands, int x,
                                             int residual, int y) {
   if (!expand || !project) throw std::invalid_argument("CallSequence: packed weights are null");
-  const std::string err = validate(g);
-  if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
-  if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
-  place(x, residual, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
-        elems(g.batch, g.out_channels, g.out_h, g.out_w));
-  InvertedResidualTensors<T> bound = operands;
-  auto folded = fold_once<T>(g.layout, g.expanded_channels, g.kernel_h * g.kernel_w, bound);
-  steps_.push_back([expand = std::move(expand), project = std::move(project), folded = std::move(folded), g,
-                    t = bound, x, residual, y](T* const* slots, int threads) mutable {
-    (void)folded;  // (kept alive with the step)
-    t.x = slots[x];
-    t.residual = residual == kNoSlot ? nullptr : slots[residual];
-    t.y = slots[y];
-    inverted_residual_forward<T>(*expand, *project, g, t, threads);
-  });
+  add_fused(g, operands, g.expanded_channels, x, residual, y,
+            [expand = std::move(expand), project = std::move(project)](
+                const InvertedResidualGeometry& geo, const InvertedResidualTensors<T>& t, int threads) {
+              inverted_residual_forward<T>(*expand, *project, geo, t, threads);
+            });
 }
 
 template <typename T>

@@ -64,6 +64,12 @@ class CallSequence {
   using Step = std::function<void(T* const* slots, int num_threads)>;
   // Checks the slots of a call reading x_elems and writing y_elems, sizes the work slots.
   void place(int x, int residual, int y, int64_t x_elems, int64_t y_elems);
+  // A joint or inverted-residual call: checks its geometry and depthwise operand, places its slots,
+  // folds its depthwise weights (dw_channels of them) once, and adds the step that binds the slots
+  // and runs forward(g, operands, num_threads).
+  template <class Geometry, class Operands, class Forward>
+  void add_fused(const Geometry& g, Operands operands, int64_t dw_channels, int x, int residual, int y,
+                 Forward forward);
 
   std::vector<Step> steps_;
   int64_t slot_elems_[4] = {0, 0, 0, 0};
