@@ -64,12 +64,26 @@ void bind_dtype(py::module_& m, const char* suffix) {
       py::arg("out_channels"), py::arg("in_channels"), py::arg("num_threads") = 1);
 
   m.def(
+      (std::string("fold_depthwise_") + suffix).c_str(),
+      [](const std::string& layout, int64_t channels, int64_t taps, std::uintptr_t weight,
+         std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t folded_weight,
+         std::uintptr_t folded_shift) {
+        lwk::fold_depthwise<T>(layout_from_name(layout), channels, taps, as_ptr<T>(weight),
+                               as_ptr<T>(scale), as_ptr<T>(shift),
+                               reinterpret_cast<T*>(folded_weight), reinterpret_cast<T*>(folded_shift));
+      },
+      py::arg("layout"), py::arg("channels"), py::arg("taps"), py::arg("weight"), py::arg("scale"),
+      py::arg("shift"), py::arg("folded_weight"), py::arg("folded_shift"),
+      "The depthwise weights times scale in the layout's order, and the shift, as the kernels read "
+      "them (a call given them with dw_folded=True skips its own fold).");
+
+  m.def(
       "joint_forward",
       [](const Packed& packed, const lwk::JointGeometry& geometry, std::uintptr_t x,
          std::uintptr_t dw_weight, std::uintptr_t dw_scale, std::uintptr_t dw_shift,
          const std::string& mid_act, std::uintptr_t pw_scale, std::uintptr_t pw_shift,
          std::uintptr_t residual, const std::string& out_act, std::uintptr_t y, int num_threads,
-         std::uintptr_t y_sum, std::uintptr_t y_sumsq) {
+         std::uintptr_t y_sum, std::uintptr_t y_sumsq, bool dw_folded) {
         auto t = lwk_bind::joint_operands<T>(dw_weight, dw_scale, dw_shift, mid_act, pw_scale,
                                              pw_shift, out_act);
         t.x = as_ptr<T>(x);
@@ -77,13 +91,15 @@ void bind_dtype(py::module_& m, const char* suffix) {
         t.y = reinterpret_cast<T*>(y);
         t.y_sum = reinterpret_cast<double*>(y_sum);
         t.y_sumsq = reinterpret_cast<double*>(y_sumsq);
+        t.dw_folded = dw_folded;
         py::gil_scoped_release release;
         lwk::joint_forward<T>(packed, geometry, t, num_threads);
       },
       py::arg("packed"), py::arg("geometry"), py::arg("x"), py::arg("dw_weight"),
       py::arg("dw_scale"), py::arg("dw_shift"), py::arg("mid_act"), py::arg("pw_scale"),
       py::arg("pw_shift"), py::arg("residual"), py::arg("out_act"), py::arg("y"),
-      py::arg("num_threads"), py::arg("y_sum") = 0, py::arg("y_sumsq") = 0);
+      py::arg("num_threads"), py::arg("y_sum") = 0, py::arg("y_sumsq") = 0,
+      py::arg("dw_folded") = false);
 }
 
 }  // namespace

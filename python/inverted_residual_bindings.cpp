@@ -27,20 +27,22 @@ void bind_forward(py::module_& m) {
          std::uintptr_t expand_shift, const std::string& expand_act, std::uintptr_t dw_weight,
          std::uintptr_t dw_scale, std::uintptr_t dw_shift, const std::string& mid_act,
          std::uintptr_t project_scale, std::uintptr_t project_shift, std::uintptr_t residual,
-         const std::string& out_act, std::uintptr_t y, int num_threads) {
+         const std::string& out_act, std::uintptr_t y, int num_threads, bool dw_folded) {
         auto t = lwk_bind::inverted_residual_operands<T>(expand_scale, expand_shift, expand_act,
                                                          dw_weight, dw_scale, dw_shift, mid_act,
                                                          project_scale, project_shift, out_act);
         t.x = as_ptr<T>(x);
         t.residual = as_ptr<T>(residual);
         t.y = reinterpret_cast<T*>(y);
+        t.dw_folded = dw_folded;
         py::gil_scoped_release release;
         lwk::inverted_residual_forward<T>(expand, project, g, t, num_threads);
       },
       py::arg("expand"), py::arg("project"), py::arg("geometry"), py::arg("x"), py::arg("expand_scale"),
       py::arg("expand_shift"), py::arg("expand_act"), py::arg("dw_weight"), py::arg("dw_scale"),
       py::arg("dw_shift"), py::arg("mid_act"), py::arg("project_scale"), py::arg("project_shift"),
-      py::arg("residual"), py::arg("out_act"), py::arg("y"), py::arg("num_threads"));
+      py::arg("residual"), py::arg("out_act"), py::arg("y"), py::arg("num_threads"),
+      py::arg("dw_folded") = false);
 }
 
 }  // namespace

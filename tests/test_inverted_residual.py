@@ -84,6 +84,36 @@ def test_small_nchw_images_run_channels_last_inside(replays, size, kernel, trans
     assert not m.__dict__["_prepared"].transposes and replays["n"] == 2
 
 
+@pytest.mark.parametrize("nan_weight", [False, True], ids=["finite", "nan_weight"])
+@pytest.mark.parametrize("size,kernel", [(7, 3), (14, 5), (14, 3)])  # transposed NHWC, transposed, NCHW
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_replay_folds_the_depthwise_weights_once(replays, size, kernel, dtype, channels_last, nan_weight):
+    """The replay passes the depthwise weights folded once, for the layout its kernels run in
+    (dw_folded); the same native call folding them itself gives the identical output (a NaN weight's
+    channel reaches every output through the project conv: NaN everywhere, in both)."""
+    m = randomize_(InvertedResidual(16, 16, 6, kernel_size=kernel), seed=5).eval().to(dtype)
+    if nan_weight:
+        with torch.no_grad():
+            m[1].depthwise.weight[7, 0, 1, 1] = float("nan")
+    x = _x(2, 16, size, size, dtype=dtype, channels_last=channels_last)
+    with torch.no_grad():
+        m(x)
+        y = m(x)
+    assert replays["n"] == 1
+    call = m.__dict__["_prepared"]
+    packed, e_scale, e_shift = call._expand_operands
+    a, acts = call._block_call.addresses, call._acts
+    unfolded = torch.empty_like(y)
+    call._C.inverted_residual_forward(packed, call._project, call._geometry, x.data_ptr(), e_scale, e_shift, acts[0],
+                                      a[0], a[1], a[2], acts[1], a[3], a[4], x.data_ptr(), acts[2],  # (skip: x)
+                                      unfolded.data_ptr(), torch.get_num_threads(), dw_folded=False)
+    if nan_weight:
+        assert torch.isnan(y).all() and torch.isnan(unfolded).all()
+    else:
+        assert torch.equal(y, unfolded)
+
+
 def test_explicit_residual_and_threads(replays):
     m = randomize_(InvertedResidual(8, 12, 6, skip=False), seed=3).eval()
     x, r = _x(2, 8, 10, 10), _x(2, 12, 10, 10, seed=2)

@@ -75,6 +75,28 @@ def test_repeated_calls_replay_and_stay_correct(replays, channels_last, mid_norm
     assert replays["n"] == 3
 
 
+@pytest.mark.parametrize("nan_weight", [False, True], ids=["finite", "nan_weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_replay_with_weights_folded_once_equals_the_op(replays, dtype, channels_last, nan_weight):
+    """The first call goes through the op, whose kernel folds the depthwise weights and mid BatchNorm
+    itself; the replay passes them folded once at prepare time: identical outputs (a NaN weight's
+    channel reaches every output through the pointwise conv: NaN everywhere, in both)."""
+    block = _block(mid_norm=True).to(dtype)
+    if nan_weight:
+        with torch.no_grad():
+            block.depthwise.weight[3, 0, 0, 2] = float("nan")
+    x = _x(2, 6, 9, 11, channels_last=channels_last).to(dtype)
+    with torch.no_grad():
+        first = block(x)
+        again = block(x)
+    assert replays["n"] == 1
+    if nan_weight:
+        assert torch.isnan(first).all() and torch.isnan(again).all()
+    else:
+        assert torch.equal(first, again)
+
+
 def test_residual_replays(replays):
     block = _block()
     x, r = _x(1, 6, 8, 8), _x(1, 10, 8, 8, seed=5)

@@ -181,6 +181,20 @@ def address(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def fold_depthwise(_C, layout: str, weight: torch.Tensor, scale: Optional[torch.Tensor],
+                   shift: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight times scale in the layout's order, shift) as the kernels read the depthwise operands,
+    for a prepared call to fold once and pass with dw_folded=True instead of the kernel folding before
+    every call. weight [C, 1, kh, kw] and the [C] vectors contiguous, in one native dtype."""
+    channels, taps = weight.shape[0], weight.shape[2] * weight.shape[3]
+    folded_weight = torch.empty(channels * taps, dtype=weight.dtype)
+    folded_shift = torch.empty(channels, dtype=weight.dtype)
+    fold = _C.fold_depthwise_f32 if weight.dtype == torch.float32 else _C.fold_depthwise_f64
+    fold(layout, channels, taps, address(weight), address(scale), address(shift), address(folded_weight),
+         address(folded_shift))
+    return folded_weight, folded_shift
+
+
 # JointGeometry objects by shape: a network calls each block with the same shapes every time, and
 # building one from keyword arguments costs several microseconds. Geometries are immutable once
 # cached (the kernel only reads them); the cache is bounded.

@@ -4,8 +4,9 @@ A network calls each block with the same input signature over and over, and with
 BatchNorm nothing the kernel reads changes between calls. Going through the op every time
 (argument checks, BatchNorm folding, the packing cache, geometry, layout decisions) costs about
 70 us of Python per call: 10-15% of a block whose kernel runs in half a millisecond. A PreparedCall
-holds everything the C++ kernel needs — packed weights, geometry, the folded per-channel vectors and
-their addresses — and is replayed while
+holds everything the C++ kernel needs — packed weights, geometry, the folded per-channel vectors,
+the depthwise weights already multiplied by their scale (which the kernel would otherwise do before
+every call) and their addresses — and is replayed while
 
   - the call is eager CPU inference that nothing else needs to see (no autograd recording, no
     compiler or tracer, no torch function/dispatch mode: ops.dispatcher_needed),
@@ -29,7 +30,7 @@ import torch
 
 from ..ops.contract import output_memory_format
 from ..ops.activation import activation_name
-from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, address, geometry_for, native, selected_isa
+from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, address, fold_depthwise, geometry_for, native, selected_isa
 from ..ops.inference import dispatcher_needed
 from .outputs import new_output
 from .state_watch import StateWatch
@@ -73,7 +74,7 @@ class PreparedCall:
 
     __slots__ = ("_watch", "_x_shape", "_dtype", "_memory_format",
                  "_has_residual", "_out_shape", "_isa_env", "_C", "_kernel", "_packed", "_geometry",
-                 "_operands", "_addresses", "_acts", "_valid", "__weakref__")
+                 "_operands", "_addresses", "_folded", "_run_addresses", "_acts", "_valid", "__weakref__")
 
     @classmethod
     def prepare(cls, block: torch.nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
@@ -116,6 +117,10 @@ class PreparedCall:
         self._operands = (dw_weight.contiguous(),) + tuple(
             None if v is None else v.detach().contiguous() for v in folded)
         self._addresses = tuple(address(t) for t in self._operands)
+        # run_into's depthwise operands, folded once for this layout (as CallSequence does).
+        self._folded = fold_depthwise(_C, layout, *self._operands[:3])
+        a = self._addresses
+        self._run_addresses = (address(self._folded[0]), 0, address(self._folded[1]), a[3], a[4])
         self._acts = (activation_name(block._modules["mid_act"]), activation_name(block._modules["act"]))
         self._valid = True
         _LIVE.add(self)
@@ -194,8 +199,14 @@ class PreparedCall:
 
     @property
     def addresses(self) -> Tuple[int, ...]:
-        """Addresses of (dw_weight, dw_scale, dw_shift, pw_scale, pw_shift), 0 for absent ones."""
+        """Addresses of (dw_weight, dw_scale, dw_shift, pw_scale, pw_shift), 0 for absent ones: the
+        operands as the op takes them, not folded (a composed call folds for its own layout)."""
         return self._addresses
+
+    @property
+    def depthwise_operands(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(dw_weight, dw_scale, dw_shift) as the op takes them (contiguous; the vectors may be None)."""
+        return self._operands[:3]
 
     @property
     def activations(self) -> Tuple[str, str]:
@@ -214,9 +225,9 @@ class PreparedCall:
     def run_into(self, x: torch.Tensor, residual: Optional[torch.Tensor], y: torch.Tensor) -> None:
         """The fused call writing into `y`, which the caller has laid out as this call's output (shape,
         dtype, dense memory format) and which must not overlap x."""
-        a = self._addresses
+        a = self._run_addresses
         self._kernel(self._packed, self._geometry, x.data_ptr(), a[0], a[1], a[2], self._acts[0], a[3], a[4],
-                     address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads())
+                     address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads(), dw_folded=True)
 
     def append_to(self, sequence, x: int, residual: int, y: int) -> None:
         """Adds this call to a native CallSequence (cpu/prepared_sequence.py), reading slot x (and

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .backend import PACK_CACHE, address
+from .backend import PACK_CACHE, address, fold_depthwise
 from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
@@ -36,7 +36,7 @@ class PreparedInvertedResidual:
     """One (expand, block) pair's fused eval forward for one input signature; see the module docstring."""
 
     __slots__ = ("_expand_call", "_block_call", "_children", "_C", "_geometry", "_expand_operands",
-                 "_project", "_acts", "_has_residual", "_valid", "__weakref__")
+                 "_project", "_folded", "_dw_addresses", "_acts", "_has_residual", "_valid", "__weakref__")
 
     @classmethod
     def prepare(cls, expand: torch.nn.Module, block: torch.nn.Module, x: torch.Tensor,
@@ -75,12 +75,16 @@ class PreparedInvertedResidual:
         if transpose:  # (packed for NHWC; the state watches see every change to these weights)
             packed = PACK_CACHE.get(children[0].weight, packed.isa, "nhwc")
             project = PACK_CACHE.get(block.pointwise.weight, project.isa, "nhwc")
+        layout = "nchw" if nchw and not transpose else "nhwc"
         self._geometry = self._C.InvertedResidualGeometry(
             batch=n, in_channels=c, in_h=h, in_w=w, expanded_channels=bg.in_channels, out_channels=bg.out_channels,
             out_h=bg.out_h, out_w=bg.out_w, kernel_h=bg.kernel_h, kernel_w=bg.kernel_w, stride_h=bg.stride_h,
             stride_w=bg.stride_w, pad_h=bg.pad_h, pad_w=bg.pad_w, dil_h=bg.dil_h, dil_w=bg.dil_w,
-            layout="nchw" if nchw and not transpose else "nhwc", transpose_io=transpose)
+            layout=layout, transpose_io=transpose)
         self._expand_operands = (packed, address(scale), address(shift))
+        # run()'s depthwise operands, folded once for the layout its kernels run in.
+        self._folded = fold_depthwise(self._C, layout, *block_call.depthwise_operands)
+        self._dw_addresses = (address(self._folded[0]), 0, address(self._folded[1]))
         self._project = project
         self._acts = (expand_call.activation,) + block_call.activations
         self._has_residual = block_call.has_residual
@@ -112,10 +116,11 @@ class PreparedInvertedResidual:
         bc = self._block_call
         y = new_output(self._C, bc.out_shape, x.dtype, bc.memory_format)
         packed, e_scale, e_shift = self._expand_operands
-        a = bc.addresses
+        a, dw = bc.addresses, self._dw_addresses
         self._C.inverted_residual_forward(
-            packed, self._project, self._geometry, x.data_ptr(), e_scale, e_shift, self._acts[0], a[0], a[1], a[2],
-            self._acts[1], a[3], a[4], address(residual), self._acts[2], y.data_ptr(), torch.get_num_threads())
+            packed, self._project, self._geometry, x.data_ptr(), e_scale, e_shift, self._acts[0], dw[0], dw[1], dw[2],
+            self._acts[1], a[3], a[4], address(residual), self._acts[2], y.data_ptr(), torch.get_num_threads(),
+            dw_folded=True)
         return y
 
     def append_to(self, sequence, x: int, residual: int, y: int) -> None:
