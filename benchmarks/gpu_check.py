@@ -1,6 +1,6 @@
 """The whole GPU check as one command, for a machine lent with a GPU for a few minutes.
 
-    python benchmarks/gpu_check.py --out DIR            # everything, about 5 minutes of wall time
+    python benchmarks/gpu_check.py --out DIR            # everything, about 6 minutes of wall time
     python benchmarks/gpu_check.py --out DIR --quick    # a short rerun, about 2 minutes
     python benchmarks/gpu_check.py --out DIR --dry-run  # no CUDA: the plan, the static checks, the files
 
@@ -47,11 +47,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
 #: Wall-time budgets (seconds) of the whole run, and of each part in it.
-BUDGET = {"full": 300, "quick": 120}
+BUDGET = {"full": 360, "quick": 120}
 LIMITS = {
-    # The first H200 run (16 cores) needed ~130 s for the tests beside prepare's compilations and
-    # ~125 s for memcheck (the sanitizer slows autotuning's timing runs), so bench gives way.
-    "full": {"env": 15, "prepare": 150, "tests": 150, "memcheck": 150, "bench": 95, "train": 35},
+    # On the H200 (16 cores) the tests did not finish in 150 s beside prepare's compilations (about a
+    # dozen slow ones left) and memcheck took ~150 s (the sanitizer slows autotuning's timing runs).
+    # 360 s in all still leaves a 15-minute lease room for a machine start and a rerun.
+    "full": {"env": 15, "prepare": 210, "tests": 210, "memcheck": 210, "bench": 95, "train": 35},
     "quick": {"env": 10, "prepare": 40, "tests": 40, "memcheck": 35, "bench": 50, "train": 20},
 }
 #: Seconds a timing part keeps back from its limit to write its results after its deadline.
