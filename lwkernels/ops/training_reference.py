@@ -74,10 +74,11 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool], triton_depthw
     gb = activation_backward(grad_y, saved.y, saved.out_act, out_activation_input(saved))
     dt, et = saved.z.dtype, elementwise_dtype(saved.z.dtype)  # elementwise math in et, one rounding to dt
     zc = saved.z.to(et) - per_channel(saved.mean.to(et))
+    gb_e = gb.to(et)
     sum_g = gb.sum(dims, dtype=STATS)
-    sum_gz = (gb.to(et) * zc).sum(dims, dtype=STATS)
+    sum_gz = (gb_e * zc).sum(dims, dtype=STATS)
     A, B, invstd = bn_backward_coefficients(sum_g, sum_gz, saved.var, saved.bn_weight, saved.eps, count)
-    gz = (per_channel(A.to(et)) * (gb.to(et) - per_channel((sum_g / count).to(et)))
+    gz = (per_channel(A.to(et)) * (gb_e - per_channel((sum_g / count).to(et)))
           + per_channel(B.to(et)) * zc).to(dt)
     grads: List[Optional[Tensor]] = [None] * 10
     grads[6] = gz.sum(dims) if needs[6] else None  # zero up to rounding and NaN, as autograd has it
@@ -99,10 +100,11 @@ def backward(grad_y: Tensor, saved: TrainSaved, needs: List[bool], triton_depthw
     ga = activation_backward(g_t, t, saved.mid_act, a)
     if saved.mid_bn:
         cc = c.to(et) - per_channel(saved.mid_mean.to(et))
+        ga_e = ga.to(et)
         s1 = ga.sum(dims, dtype=STATS)
-        s2 = (ga.to(et) * cc).sum(dims, dtype=STATS)
+        s2 = (ga_e * cc).sum(dims, dtype=STATS)
         A2, B2, invstd2 = bn_backward_coefficients(s1, s2, saved.mid_var, saved.mid_weight, saved.mid_eps, count)
-        gc = (per_channel(A2.to(et)) * (ga.to(et) - per_channel((s1 / count).to(et)))
+        gc = (per_channel(A2.to(et)) * (ga_e - per_channel((s1 / count).to(et)))
               + per_channel(B2.to(et)) * cc).to(c.dtype)
         grads[3] = (s2 * invstd2).to(saved.x.dtype) if needs[3] else None
         grads[4] = s1.to(saved.x.dtype) if needs[4] else None
