@@ -1,6 +1,6 @@
 // The depthwise side of a work item in NHWC: tile[pixel][channel], vectorised along channels,
-// with the folded weights stored tap-major; pixels whose taps are all inside take a path without
-// border tables that shares each weight load between two pixels (unrolled for 3x3).
+// with the folded weights stored tap-major; runs of pixels whose taps are all inside take a path
+// without border tables that shares each weight load between several pixels (unrolled for 3x3).
 // The mid activation applied here is a clamping one (none, relu, relu6): depthwise_tile
 // (kernel_work_items.h) applies hardswish and silu in a pass over the finished tile.
 //
@@ -23,69 +23,88 @@ namespace {
 // folded weights stored tap-major ([KH*KW][C]). Each pixel's valid taps come from the tables, so
 // the loops carry no bounds checks.
 
-// NP_ horizontally adjacent output pixels whose taps are all inside the image: tap t of pixel p
-// reads base + p*pstep + off[t]. Sharing each weight load between the pixels keeps the loop closer
-// to one load per FMA. kTaps: the tap count when known at compile time (9: 3x3, unrolled), else 0
-// and `taps` says.
-template <class V, int NP_, int kTaps>
-LWK_INLINE void dw_nhwc_inside(const typename V::T* base, int64_t pstep, const int64_t* off,
-                               int64_t taps_rt, const Plan<typename V::T>& pl, int64_t c_lo,
-                               int64_t c_hi, typename V::T* out, int64_t ldt) {
-  using T = typename V::T;
+// NP_ x NV_ accumulators: NP_ horizontally adjacent output pixels whose taps are all inside the
+// image, NV_ channel vectors from c (the last one masked to `tail` lanes when tail > 0). Tap t of
+// pixel p reads base + p*pstep + off[t]; each weight load serves the NP_ pixels. kTaps: the tap
+// count when known at compile time (9: 3x3, unrolled), else 0 and `taps` says.
+template <class V, int NP_, int NV_, int kTaps>
+LWK_INLINE void dw_nhwc_inside_block(const typename V::T* base, int64_t pstep, const int64_t* off,
+                                     int64_t taps_rt, const Plan<typename V::T>& pl, int64_t c,
+                                     int tail, typename V::T* out, int64_t ldt) {
   using R = typename V::reg;
   constexpr int W = V::W;
-  constexpr int U = 4;
   const int64_t C = pl.C;
-  const T* w = pl.dw_w;
-  const Activation act = pl.mid_act;
   const int64_t taps = kTaps > 0 ? kTaps : taps_rt;
+  auto load = [tail](const typename V::T* p, int u) {
+    return u == NV_ - 1 && tail > 0 ? V::load_first(p + u * W, tail) : V::load(p + u * W);
+  };
+  R acc[NP_][NV_];
+  LWK_UNROLL for (int u = 0; u < NV_; ++u) {
+    const R b = load(pl.dw_b + c, u);
+    LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q][u] = b;
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const typename V::T* xp = base + off[t] + c;
+    const typename V::T* wp = pl.dw_w + t * C + c;
+    LWK_UNROLL for (int u = 0; u < NV_; ++u) {
+      const R wv = load(wp, u);
+      LWK_UNROLL for (int q = 0; q < NP_; ++q) {
+        acc[q][u] = V::fma(wv, load(xp + q * pstep, u), acc[q][u]);
+      }
+    }
+  }
+  LWK_UNROLL for (int q = 0; q < NP_; ++q) {
+    LWK_UNROLL for (int u = 0; u < NV_; ++u) {
+      const R v = activate_vec_clamping<V>(acc[q][u], pl.mid_act);
+      if (u == NV_ - 1 && tail > 0) {
+        V::store_first(out + q * ldt + c + u * W, v, tail);
+      } else {
+        V::store(out + q * ldt + c + u * W, v);
+      }
+    }
+  }
+}
+
+// One channel group of NV_ vectors for `count` adjacent inside pixels, NP_ pixels at a time and
+// the rest one by one.
+template <class V, int NP_, int NV_, int kTaps>
+LWK_INLINE void dw_nhwc_inside_group(const typename V::T* base, int64_t pstep, const int64_t* off,
+                                     int64_t taps, const Plan<typename V::T>& pl, int64_t c,
+                                     int tail, typename V::T* out, int64_t ldt, int64_t count) {
+  int64_t q = 0;
+  for (; q + NP_ <= count; q += NP_) {
+    dw_nhwc_inside_block<V, NP_, NV_, kTaps>(base + q * pstep, pstep, off, taps, pl, c, tail,
+                                             out + q * ldt, ldt);
+  }
+  for (; q < count; ++q) {
+    dw_nhwc_inside_block<V, 1, NV_, kTaps>(base + q * pstep, pstep, off, taps, pl, c, tail,
+                                           out + q * ldt, ldt);
+  }
+}
+
+// A run of `count` horizontally adjacent output pixels whose taps are all inside the image,
+// channels [c_lo, c_hi). Each tap's FMA chain is 4+ cycles long, so a core needs about 8
+// independent accumulators to keep its FMA units busy: groups of 4 channel vectors take pixels in
+// pairs, 2 vectors in fours, a single or masked last vector in eights (a 32-channel image at
+// 112 x 112 ran its depthwise ~3x slower as pairs of single vectors: latency-bound).
+template <class V, int kTaps>
+void dw_nhwc_inside_run(const typename V::T* base, int64_t pstep, const int64_t* off,
+                        int64_t taps, const Plan<typename V::T>& pl, int64_t c_lo, int64_t c_hi,
+                        typename V::T* out, int64_t ldt, int64_t count) {
+  constexpr int W = V::W;
   int64_t c = c_lo;
-  for (; c + U * W <= c_hi; c += U * W) {
-    R acc[NP_][U];
-    LWK_UNROLL for (int u = 0; u < U; ++u) {
-      const R b = V::load(pl.dw_b + c + u * W);
-      LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q][u] = b;
-    }
-    for (int64_t t = 0; t < taps; ++t) {
-      const T* xp = base + off[t] + c;
-      const T* wp = w + t * C + c;
-      LWK_UNROLL for (int u = 0; u < U; ++u) {
-        const R wv = V::load(wp + u * W);
-        LWK_UNROLL for (int q = 0; q < NP_; ++q) {
-          acc[q][u] = V::fma(wv, V::load(xp + q * pstep + u * W), acc[q][u]);
-        }
-      }
-    }
-    LWK_UNROLL for (int q = 0; q < NP_; ++q) {
-      LWK_UNROLL for (int u = 0; u < U; ++u) {
-        V::store(out + q * ldt + c + u * W, activate_vec_clamping<V>(acc[q][u], act));
-      }
-    }
+  for (; c + 4 * W <= c_hi; c += 4 * W) {
+    dw_nhwc_inside_group<V, 2, 4, kTaps>(base, pstep, off, taps, pl, c, 0, out, ldt, count);
+  }
+  for (; c + 2 * W <= c_hi; c += 2 * W) {
+    dw_nhwc_inside_group<V, 4, 2, kTaps>(base, pstep, off, taps, pl, c, 0, out, ldt, count);
   }
   for (; c + W <= c_hi; c += W) {
-    R acc[NP_];
-    LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q] = V::load(pl.dw_b + c);
-    for (int64_t t = 0; t < taps; ++t) {
-      const R wv = V::load(w + t * C + c);
-      LWK_UNROLL for (int q = 0; q < NP_; ++q) {
-        acc[q] = V::fma(wv, V::load(base + q * pstep + off[t] + c), acc[q]);
-      }
-    }
-    LWK_UNROLL for (int q = 0; q < NP_; ++q) V::store(out + q * ldt + c, activate_vec_clamping<V>(acc[q], act));
+    dw_nhwc_inside_group<V, 8, 1, kTaps>(base, pstep, off, taps, pl, c, 0, out, ldt, count);
   }
   if (c < c_hi) {  // the last C mod W channels: one masked vector
-    const int n = static_cast<int>(c_hi - c);
-    R acc[NP_];
-    LWK_UNROLL for (int q = 0; q < NP_; ++q) acc[q] = V::load_first(pl.dw_b + c, n);
-    for (int64_t t = 0; t < taps; ++t) {
-      const R wv = V::load_first(w + t * C + c, n);
-      LWK_UNROLL for (int q = 0; q < NP_; ++q) {
-        acc[q] = V::fma(wv, V::load_first(base + q * pstep + off[t] + c, n), acc[q]);
-      }
-    }
-    LWK_UNROLL for (int q = 0; q < NP_; ++q) {
-      V::store_first(out + q * ldt + c, activate_vec_clamping<V>(acc[q], act), n);
-    }
+    dw_nhwc_inside_group<V, 8, 1, kTaps>(base, pstep, off, taps, pl, c, static_cast<int>(c_hi - c),
+                                         out, ldt, count);
   }
 }
 
@@ -195,16 +214,14 @@ void dw_tile_nhwc_channels(const Plan<typename V::T>& pl, int64_t n, int64_t p0,
     if (inside_path && rows_inside && ox >= pl.ox_in_lo && ox < pl.ox_in_hi) {
       const T* base =
           xn + ((oy * pl.stride_h - pl.pad_h - pl.x_row0) * pl.W + ox * pl.stride_w - pl.pad_w) * C;
-      const bool pair = ox + 1 < pl.ox_in_hi && j + 1 < np;
+      const int64_t count = imin(pl.ox_in_hi - ox, np - j);  // the rest of the row inside
       if (k3) {
-        pair ? dw_nhwc_inside<V, 2, 9>(base, pstep, off, 9, pl, c_lo, c_hi, out, pl.ldt)
-             : dw_nhwc_inside<V, 1, 9>(base, pstep, off, 9, pl, c_lo, c_hi, out, pl.ldt);
+        dw_nhwc_inside_run<V, 9>(base, pstep, off, 9, pl, c_lo, c_hi, out, pl.ldt, count);
       } else {
-        pair ? dw_nhwc_inside<V, 2, 0>(base, pstep, off, taps, pl, c_lo, c_hi, out, pl.ldt)
-             : dw_nhwc_inside<V, 1, 0>(base, pstep, off, taps, pl, c_lo, c_hi, out, pl.ldt);
+        dw_nhwc_inside_run<V, 0>(base, pstep, off, taps, pl, c_lo, c_hi, out, pl.ldt, count);
       }
-      j += pair ? 2 : 1;
-      ox += pair ? 2 : 1;
+      j += count;
+      ox += count;
       continue;
     }
     dw_nhwc_pixel<V>(pl, xn, oy, ox, c_lo, c_hi, out);
