@@ -20,7 +20,7 @@ step() { printf '\n==> %s\n' "$*"; }
 step "native build with AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S "$SRC" -B "$OUT/asan" "${GEN[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLWK_SANITIZE=ON
 cmake --build "$OUT/asan" --parallel "$JOBS" --target test_joint_block test_parallel test_buffer_pool test_dense_conv \
-  test_inverted_residual
+  test_inverted_residual test_transpose
 step "native tests (ASan + UBSan)"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
@@ -31,6 +31,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 "$OUT/asan/test_buffer_pool"
 "$OUT/asan/test_dense_conv"
 "$OUT/asan/test_inverted_residual"
+"$OUT/asan/test_transpose"
 unset ASAN_OPTIONS UBSAN_OPTIONS
 
 # --- 2. aarch64 / NEON under qemu-user ------------------------------------------------------
@@ -54,7 +55,8 @@ step "cross build for aarch64 (NEON path)"
 cmake -S "$SRC" -B "$OUT/aarch64" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DLWK_UBSAN=ON \
   -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
   -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++
-cmake --build "$OUT/aarch64" --parallel "$JOBS" --target test_joint_block test_dense_conv test_inverted_residual
+cmake --build "$OUT/aarch64" --parallel "$JOBS" --target test_joint_block test_dense_conv test_inverted_residual \
+  test_transpose
 step "aarch64 tests under qemu-user (UBSan, quick grid)"
 # (Not test_parallel: qemu-user cannot fork a multi-threaded guest; that code is not ISA-specific.)
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
@@ -63,6 +65,8 @@ UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   qemu-aarch64 -L /usr/aarch64-linux-gnu "$OUT/aarch64/test_dense_conv" --quick
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   qemu-aarch64 -L /usr/aarch64-linux-gnu "$OUT/aarch64/test_inverted_residual" --quick
+UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+  qemu-aarch64 -L /usr/aarch64-linux-gnu "$OUT/aarch64/test_transpose" --quick
 
 step "C++ kernel tests passed"
 

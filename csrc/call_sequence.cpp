@@ -134,8 +134,10 @@ void CallSequence<T>::add_transpose(int64_t batch, int64_t channels, int64_t pix
     throw std::invalid_argument("CallSequence: a transpose needs batch >= 0, channels and pixels >= 1");
   }
   place(x, kNoSlot, y, batch * channels * pixels, batch * channels * pixels);
-  steps_.push_back([batch, channels, pixels, to_nhwc, x, y](T* const* slots, int) {
-    transpose_images<T>(slots[x], slots[y], batch, channels, pixels, to_nhwc);
+  // (Any path gives the same bits: a transpose only moves them. The fastest one the CPU has.)
+  const Isa isa = best_isa();
+  steps_.push_back([batch, channels, pixels, to_nhwc, isa, x, y](T* const* slots, int threads) {
+    transpose_images<T>(slots[x], slots[y], batch, channels, pixels, to_nhwc, isa, threads);
   });
 }
 

@@ -210,13 +210,15 @@ struct IsaOps {
                     int64_t* dw_tile);
   // Shared-depthwise mode's first phase: depthwise items [begin, end) (see Plan::shared_dw).
   void (*run_depthwise)(const Plan<T>& plan, int64_t begin, int64_t end, void* scratch);
+  // Dense convolution rows [begin, end) (row = n * OH + oy) with plan.scratch_elems of scratch.
+  void (*run_dense_rows)(const DensePlan<T>& plan, int64_t begin, int64_t end, T* scratch);
   // Test hooks: p[i] = activation a of p[i] for i in [0, n), as the kernels compute it (whole
   // vectors, then the rest one by one); y[i] = e^x[i] by the path's exp (exp_vec for the vector
   // paths, on every element; std::exp for the scalar one).
-  // Dense convolution rows [begin, end) (row = n * OH + oy) with plan.scratch_elems of scratch.
-  void (*run_dense_rows)(const DensePlan<T>& plan, int64_t begin, int64_t end, T* scratch);
   void (*activate_n)(Activation a, T* p, int64_t n);
   void (*exp_n)(const T* x, T* y, int64_t n);
+  // b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols (kernel_transpose.h).
+  void (*transpose)(const T* a, int64_t lda, T* b, int64_t ldb, int64_t rows, int64_t cols);
 };
 
 // The entry points of `isa` for T (double: the scalar path for every isa), or null when this

@@ -189,7 +189,7 @@ void forward_transposed(const PackedPointwise<T>& expand, const PackedPointwise<
   const int64_t in_px = g.in_h * g.in_w, out_px = g.out_h * g.out_w;
   io.x.resize(static_cast<std::size_t>(g.batch * g.in_channels * in_px));
   io.y.resize(static_cast<std::size_t>(g.batch * g.out_channels * out_px));
-  transpose_images(t.x, io.x.data(), g.batch, g.in_channels, in_px, true);
+  transpose_images(t.x, io.x.data(), g.batch, g.in_channels, in_px, true, expand.isa(), num_threads);
   InvertedResidualTensors<T> nhwc = t;
   nhwc.x = io.x.data();
   nhwc.y = io.y.data();
@@ -197,13 +197,14 @@ void forward_transposed(const PackedPointwise<T>& expand, const PackedPointwise<
     nhwc.residual = io.x.data();
   } else if (t.residual != nullptr) {
     io.residual.resize(io.y.size());
-    transpose_images(t.residual, io.residual.data(), g.batch, g.out_channels, out_px, true);
+    transpose_images(t.residual, io.residual.data(), g.batch, g.out_channels, out_px, true, expand.isa(),
+                     num_threads);
     nhwc.residual = io.residual.data();
   }
   InvertedResidualGeometry inner = g;
   inner.transpose_io = false;
   forward_impl(expand, project, inner, nhwc, num_threads);
-  transpose_images(io.y.data(), t.y, g.batch, g.out_channels, out_px, false);
+  transpose_images(io.y.data(), t.y, g.batch, g.out_channels, out_px, false, expand.isa(), num_threads);
 }
 
 template <typename T>

@@ -59,6 +59,28 @@ struct Avx2F32 {
     const __m256 s = _mm256_shuffle_ps(a, b, 0xD8);  // 0 2 8 10 | 4 6 12 14
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8));
   }
+  // b[j * ldb + i] = a[i * lda + j] for an 8 x 8 block: 4 x 4 transposes within the 128-bit lanes
+  // (unpacks), then the lanes gathered.
+  static LWK_INLINE void transpose_tile(const T* a, int64_t lda, T* b, int64_t ldb) {
+    __m256 r[8], s[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(a + i * lda);
+    for (int i = 0; i < 4; ++i) {
+      s[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      s[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {  // r[4i + j], lane k: column 4k + j of rows 4i .. 4i+3
+      const __m256d s0 = _mm256_castps_pd(s[4 * i]), s1 = _mm256_castps_pd(s[4 * i + 1]);
+      const __m256d s2 = _mm256_castps_pd(s[4 * i + 2]), s3 = _mm256_castps_pd(s[4 * i + 3]);
+      r[4 * i] = _mm256_castpd_ps(_mm256_unpacklo_pd(s0, s2));
+      r[4 * i + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(s0, s2));
+      r[4 * i + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(s1, s3));
+      r[4 * i + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(s1, s3));
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_ps(b + j * ldb, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+      _mm256_storeu_ps(b + (4 + j) * ldb, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+    }
+  }
 };
 
 }  // namespace

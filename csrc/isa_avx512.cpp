@@ -76,6 +76,34 @@ struct Avx512F32 {
                                           2, 0);
     return _mm512_permutex2var_ps(a, pick, b);
   }
+  // b[j * ldb + i] = a[i * lda + j] for a 16 x 16 block: pairs of rows interleaved within 128-bit
+  // lanes, then pairs of those (4 x 4 transposes in each lane), then the lanes gathered.
+  static LWK_INLINE void transpose_tile(const T* a, int64_t lda, T* b, int64_t ldb) {
+    __m512 r[16], s[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(a + i * lda);
+    for (int i = 0; i < 8; ++i) {
+      s[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      s[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // r[4i + j], lane k: column 4k + j of rows 4i .. 4i+3
+      const __m512d s0 = _mm512_castps_pd(s[4 * i]), s1 = _mm512_castps_pd(s[4 * i + 1]);
+      const __m512d s2 = _mm512_castps_pd(s[4 * i + 2]), s3 = _mm512_castps_pd(s[4 * i + 3]);
+      r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(s0, s2));
+      r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(s0, s2));
+      r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(s1, s3));
+      r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(s1, s3));
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m512 c0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);   // lanes 0, 2 | 0, 2
+      const __m512 c1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);   // lanes 1, 3 | 1, 3
+      const __m512 c2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+      const __m512 c3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+      _mm512_storeu_ps(b + j * ldb, _mm512_shuffle_f32x4(c0, c2, 0x88));         // column j
+      _mm512_storeu_ps(b + (4 + j) * ldb, _mm512_shuffle_f32x4(c1, c3, 0x88));   // 4 + j
+      _mm512_storeu_ps(b + (8 + j) * ldb, _mm512_shuffle_f32x4(c0, c2, 0xDD));   // 8 + j
+      _mm512_storeu_ps(b + (12 + j) * ldb, _mm512_shuffle_f32x4(c1, c3, 0xDD));  // 12 + j
+    }
+  }
 };
 
 }  // namespace

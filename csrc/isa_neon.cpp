@@ -60,6 +60,15 @@ struct NeonF32 {
     const float32x4_t hi = vuzp2q_f32(b, b);  // 4 6 4 6
     return vcombine_f32(vget_low_f32(lo), vget_low_f32(hi));
   }
+  // b[j * ldb + i] = a[i * lda + j] for a 4 x 4 block.
+  static LWK_INLINE void transpose_tile(const T* a, int64_t lda, T* b, int64_t ldb) {
+    const float32x4x2_t t01 = vtrnq_f32(vld1q_f32(a), vld1q_f32(a + lda));
+    const float32x4x2_t t23 = vtrnq_f32(vld1q_f32(a + 2 * lda), vld1q_f32(a + 3 * lda));
+    vst1q_f32(b, vcombine_f32(vget_low_f32(t01.val[0]), vget_low_f32(t23.val[0])));
+    vst1q_f32(b + ldb, vcombine_f32(vget_low_f32(t01.val[1]), vget_low_f32(t23.val[1])));
+    vst1q_f32(b + 2 * ldb, vcombine_f32(vget_high_f32(t01.val[0]), vget_high_f32(t23.val[0])));
+    vst1q_f32(b + 3 * ldb, vcombine_f32(vget_high_f32(t01.val[1]), vget_high_f32(t23.val[1])));
+  }
 };
 
 }  // namespace

@@ -26,6 +26,7 @@ struct ScalarVec {
   static LWK_INLINE reg min_keep(reg hi, reg v) { return v > hi ? hi : v; }
   static LWK_INLINE reg load_s2(const T* p) { return *p; }
   static LWK_INLINE void add_f64(double* p, reg v) { *p += double(v); }
+  static LWK_INLINE void transpose_tile(const T* a, int64_t, T* b, int64_t) { *b = *a; }
 };
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include "kernel_dense_conv.h"
 #include "kernel_expand.h"
 #include "kernel_gemm.h"
+#include "kernel_transpose.h"
 
 namespace lwk {
 namespace detail {
@@ -278,7 +279,8 @@ template <class V>
 const IsaOps<typename V::T>* isa_ops(Isa isa) {
   static const IsaOps<typename V::T> ops{isa,           V::MR,           V::NR,
                                          V::W,          &run_items<V>,   &run_depthwise<V>,
-                                         &run_dense_rows<V>, &activate_n<V>, &exp_n<V>};
+                                         &run_dense_rows<V>, &activate_n<V>, &exp_n<V>,
+                                         &transpose_matrix<V>};
   return &ops;
 }
 
