@@ -129,13 +129,15 @@ void CallSequence<T>::add_dense_conv(const DenseConvGeometry& g, const T* weight
 
 template <typename T>
 void CallSequence<T>::add_transpose(int64_t batch, int64_t channels, int64_t pixels, bool to_nhwc,
-                                    int x, int y) {
+                                    Isa isa, int x, int y) {
   if (batch < 0 || channels < 1 || pixels < 1) {
     throw std::invalid_argument("CallSequence: a transpose needs batch >= 0, channels and pixels >= 1");
   }
   place(x, kNoSlot, y, batch * channels * pixels, batch * channels * pixels);
-  // (Any path gives the same bits: a transpose only moves them. The fastest one the CPU has.)
-  const Isa isa = best_isa();
+  if (!isa_supported(isa)) {
+    throw std::invalid_argument(std::string("CallSequence: this build or CPU lacks the ") + isa_name(isa) +
+                                " path");
+  }
   steps_.push_back([batch, channels, pixels, to_nhwc, isa, x, y](T* const* slots, int threads) {
     transpose_images<T>(slots[x], slots[y], batch, channels, pixels, to_nhwc, isa, threads);
   });

@@ -47,8 +47,8 @@ class CallSequence {
                              int y);
   void add_dense_conv(const DenseConvGeometry& g, const T* weight, const T* shift, Activation act,
                       Isa isa, int x, int y);
-  // `batch` images of channels x pixels from NCHW to NHWC (to_nhwc) or back.
-  void add_transpose(int64_t batch, int64_t channels, int64_t pixels, bool to_nhwc, int x, int y);
+  // `batch` images of channels x pixels from NCHW to NHWC (to_nhwc) or back, by `isa`'s transpose.
+  void add_transpose(int64_t batch, int64_t channels, int64_t pixels, bool to_nhwc, Isa isa, int x, int y);
 
   // Runs every call in order on up to `num_threads` threads: x (elements of the first call's
   // input) in, y (the last call's output) out. Not safe to run concurrently on one sequence (the

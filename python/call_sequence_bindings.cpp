@@ -72,8 +72,14 @@ void bind_sequence(py::module_& m, const char* name) {
           },
           py::arg("geometry"), py::arg("weight"), py::arg("shift"), py::arg("act"), py::arg("isa"),
           py::arg("x"), py::arg("y"))
-      .def("add_transpose", &Seq::add_transpose, py::arg("batch"), py::arg("channels"),
-           py::arg("pixels"), py::arg("to_nhwc"), py::arg("x"), py::arg("y"))
+      .def(
+          "add_transpose",
+          [](Seq& s, int64_t batch, int64_t channels, int64_t pixels, bool to_nhwc, const std::string& isa,
+             int x, int y) {
+            s.add_transpose(batch, channels, pixels, to_nhwc, lwk_bind::isa_from_name(isa), x, y);
+          },
+          py::arg("batch"), py::arg("channels"), py::arg("pixels"), py::arg("to_nhwc"), py::arg("isa"),
+          py::arg("x"), py::arg("y"))
       .def(
           "run",
           [](Seq& s, std::uintptr_t x, std::uintptr_t y, int num_threads) {

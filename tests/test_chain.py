@@ -31,11 +31,15 @@ def _x(*shape, seed=1, channels_last=False, dtype=torch.float32):
 
 
 def _blockwise(chain, x):
-    """The blocks called in turn, each through its own fused call (what the chain must equal)."""
+    """The blocks called in turn, each through its own fused call, each given its input in the
+    layout the chain runs it in on the CPU (float32 with 16 or more channels and more than one
+    pixel: channels_last; anything else: x's), the output in x's layout: what the chain must equal."""
+    fmt = expected_memory_format(x)
     y = x
     for block in chain:
-        y = block(y)
-    return y
+        cl = y.dtype == torch.float32 and y.shape[1] >= 16 and y.shape[2] * y.shape[3] > 1
+        y = block(y.contiguous(memory_format=torch.channels_last if cl else fmt))
+    return y.contiguous(memory_format=fmt)
 
 
 @pytest.fixture
@@ -158,7 +162,10 @@ def test_other_modules_make_it_a_plain_sequential(replays):
     with torch.no_grad():
         chain(x)
         y = chain(x)
-    assert replays["n"] == 0 and torch.equal(y, torch.relu(_blockwise(chain[:-1], x)))
+        plain = x  # each block as given, no layout changes
+        for block in chain[:-1]:
+            plain = block(plain)
+    assert replays["n"] == 0 and torch.equal(y, torch.relu(plain))
 
 
 def test_clear_cache_drops_the_plan(replays):
@@ -209,3 +216,22 @@ def test_bad_input_names_the_problem():
     with pytest.raises((ValueError, RuntimeError), match="channel"):
         with torch.no_grad():
             chain(_x(1, 4, 12, 12))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_float32_blocks_run_channels_last_inside(channels_last, dtype):
+    """The layouts the blocks are given in eager CPU inference: float32 inputs of 16 or more
+    channels channels-last, the rest the caller's; the output always in the caller's layout."""
+    chain = _chain(dtype=dtype)
+    seen = []
+    for block in chain:
+        block.register_forward_pre_hook(lambda m, args: seen.append(
+            (args[0].shape[1], args[0].is_contiguous(memory_format=torch.channels_last)
+             and not args[0].is_contiguous())))
+    x = _x(2, 3, 19, 19, channels_last=channels_last, dtype=dtype)
+    with torch.no_grad():
+        y = chain(x)
+    want = [(c, (dtype == torch.float32 and c >= 16) or channels_last) for c, _ in seen]
+    assert [c for c, _ in seen] == [3, 8, 13, 16, 16] and seen == want
+    assert y.is_contiguous(memory_format=expected_memory_format(x))

@@ -208,14 +208,16 @@ def test_joint_chain_runs_its_blocks_as_one_sequence():
     chain = JointChain(*[randomize_(b, seed=i) for i, b in enumerate(blocks)]).eval()
     x = torch.randn(2, 16, 30, 30)
     with torch.no_grad():
-        want = x
+        # 16+ channels: the blocks run channels-last inside, between a transpose in and one out
+        want = x.contiguous(memory_format=torch.channels_last)
         for b in blocks:
             want = b(want)
+        want = want.contiguous()
         for _ in range(3):
             got = chain(x)
         plan = chain.__dict__.get("_plan")
-        assert isinstance(plan, PreparedChain) and len(plan._sequence) == 3
-    assert torch.equal(got, want)
+        assert isinstance(plan, PreparedChain) and len(plan._sequence) == 5
+    assert torch.equal(got, want) and got.is_contiguous()
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -227,7 +229,7 @@ def test_joint_chain_runs_its_blocks_as_one_sequence():
 def test_call_sequence_rejects_impossible_slots(bad, message):
     seq = native().CallSequence_f32()
     with pytest.raises(ValueError, match=message):
-        seq.add_transpose(1, 4, 9, True, bad["x"], bad["y"])
+        seq.add_transpose(1, 4, 9, True, "scalar", bad["x"], bad["y"])
 
 
 def test_an_empty_call_sequence_says_so():
@@ -254,7 +256,7 @@ def test_a_nan_depthwise_weight_gives_what_the_modules_give(where):
 
 def test_call_sequence_rejects_a_residual_smaller_than_the_output():
     seq = native().CallSequence_f32()
-    seq.add_transpose(1, 4, 9, True, seq.INPUT, seq.WORK_A)  # 36 elements in WORK_A
+    seq.add_transpose(1, 4, 9, True, "scalar", seq.INPUT, seq.WORK_A)  # 36 elements in WORK_A
     # a 1x1 "joint block" 4 -> 8 channels on 3x3: 72 output elements, residual WORK_A holds 36
     g = native().JointGeometry(batch=1, in_channels=4, in_h=3, in_w=3, out_channels=8, out_h=3, out_w=3,
                                kernel_h=1, kernel_w=1, stride_h=1, stride_w=1, pad_h=0, pad_w=0, dil_h=1,

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .backend import selected_isa
 from .outputs import new_output
 from .prepared_call import _dense_layout
 from ..ops.contract import output_memory_format
@@ -75,12 +76,13 @@ class NativeSequence:
         if not any(op[0] == "call" for op in ops):
             return None
         seq = (_C.CallSequence_f32 if dtype == torch.float32 else _C.CallSequence_f64)()
+        isa = selected_isa()
         src = seq.INPUT
         for i, op in enumerate(ops):
             dst = seq.OUTPUT if i == len(ops) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
             if op[0] == "transpose":
                 n, c, h, w = op[1]
-                seq.add_transpose(n, c, h * w, op[2], src, dst)
+                seq.add_transpose(n, c, h * w, op[2], isa, src, dst)
             else:
                 op[1].append_to(seq, src, src if op[2] else seq.NO_SLOT, dst)
             src = dst

@@ -11,10 +11,14 @@ call allocates only its output and crosses from Python into the kernels once. Th
 once per input signature and freed with the plan (a new signature, lwkernels.clear_cache(), or the
 chain itself going away).
 
-Every block runs in the caller's memory format, so the output is laid out as the blocks called in
-turn would lay it out. (Running the wide blocks channels-last, which is faster per block from about
-64 input channels on, did not pay: converting the 64x112x112 LightweightNet activation cost more
-than the later blocks gained; docs/performance.md.)
+Inside the sequence, float32 blocks with at least CHANNELS_LAST_MIN_CHANNELS input channels run
+channels-last whatever the caller's layout: their NHWC kernels are faster (a 64->128 stride-2 block
+on a 112x112 image: 0.29 -> 0.22 ms, the deep 14x14 and 7x7 blocks 2-8%), and the register-tiled
+transposes into and out of that layout cost less than that (32x112x112: ~0.03 ms on two threads).
+Narrower blocks (an RGB input) keep the caller's layout, since an NHWC depthwise over 3 channels
+wastes most of each vector. The output is converted back to the caller's layout. The NCHW and NHWC kernels
+sum in different orders, so JointChain's block-by-block eager path (its first call) converts to the
+same layouts, and the replay returns exactly what that path returns.
 
 The plan is replayed while
   - the chain holds the same JointBlock objects (plain JointBlock.forward, no forward hooks on them
@@ -41,13 +45,16 @@ from torch.nn.modules import module as _module_globals
 from ..ops.contract import output_memory_format
 from ..ops.inference import dispatcher_needed
 from ..nn.folding import uses_running_stats
-from .backend import ISA_ENV, native
+from .backend import ISA_ENV, native, selected_isa
 from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
 from .state_watch import StateWatch
 
 #: Every live PreparedChain, so that lwkernels.clear_cache() can drop them (and their buffers).
 _LIVE: "weakref.WeakSet[PreparedChain]" = weakref.WeakSet()
+
+#: Blocks with at least this many input channels run channels-last inside a chain (module docstring).
+CHANNELS_LAST_MIN_CHANNELS = 16
 
 
 def _view(flat: torch.Tensor, shape: Tuple[int, int, int, int], memory_format) -> torch.Tensor:
@@ -57,6 +64,17 @@ def _view(flat: torch.Tensor, shape: Tuple[int, int, int, int], memory_format) -
     if memory_format == torch.channels_last:
         return head.view(n, h, w, c).permute(0, 3, 1, 2)
     return head.view(n, c, h, w)
+
+
+def inner_format(in_shape, dtype: torch.dtype, caller_format: torch.memory_format) -> torch.memory_format:
+    """The memory format a chain's block runs in when it reads a tensor of `in_shape` (module
+    docstring). JointChain's block-by-block eager path converts to it too, so that the replay gives
+    the same bits. A shape with one channel or one pixel is laid out alike in both layouts; it keeps
+    the caller's."""
+    if dtype == torch.float32 and in_shape[1] >= CHANNELS_LAST_MIN_CHANNELS and in_shape[1] != 1 \
+            and in_shape[2] * in_shape[3] != 1:
+        return torch.channels_last
+    return caller_format
 
 
 def _no_hooks(blocks) -> bool:
@@ -94,25 +112,41 @@ class PreparedChain:
     def _init(self, blocks, x, out_shapes, memory_format) -> bool:
         self._blocks = tuple(blocks)
         self._x_shape, self._dtype, self._memory_format = x.shape, x.dtype, memory_format
-        # Block i writes buffer i % 2 (the last one a fresh output), as in the sequence below; prepare
-        # each call on views laid out as those it will read and write, so that its layout checks see
-        # what the replay does.
-        numel = max([s[0] * s[1] * s[2] * s[3] for s in out_shapes[:-1]] + [1])
-        buffers = tuple(torch.empty(numel, dtype=x.dtype) for _ in range(2))
-        outputs = tuple(_view(buffers[i % 2], s, memory_format) for i, s in enumerate(out_shapes[:-1]))
+        # Each call is prepared on a view laid out as what it will read in the sequence, so that its
+        # layout checks see what the replay does (the addresses are bound by the sequence).
+        in_shapes = [tuple(x.shape)] + [tuple(s) for s in out_shapes[:-1]]
+        formats = [inner_format(shape, x.dtype, memory_format) for shape in in_shapes]
+        numel = max(s[0] * s[1] * s[2] * s[3] for s in in_shapes)
+        scratch = torch.empty(numel, dtype=x.dtype)
         self._calls: List[PreparedCall] = []
-        for block, source, out_shape in zip(blocks, (x,) + outputs, out_shapes):
+        for i, (block, shape, fmt, out_shape) in enumerate(zip(blocks, in_shapes, formats, out_shapes)):
+            source = x if i == 0 and fmt == memory_format else _view(scratch, shape, fmt)
             call = PreparedCall.prepare(block, source, None, block._folded_epilogues(), out_shape)
-            if call is None or call.memory_format != memory_format:
+            if call is None or call.memory_format != fmt:
                 return False
             self._calls.append(call)
-        # The same calls, bound in order: input -> work buffers, alternately -> output.
+        # The same calls, bound in order: input -> work buffers, alternately -> output, with a
+        # transpose wherever the layout changes and one back to the caller's at the end.
         _C = native()
         seq = (_C.CallSequence_f32 if x.dtype == torch.float32 else _C.CallSequence_f64)()
+        steps: List[Tuple] = []
+        isa = selected_isa()
+        fmt = memory_format
+        for call, shape, want in zip(self._calls, in_shapes, formats):
+            if want != fmt:
+                steps.append(("transpose", shape, want == torch.channels_last))
+                fmt = want
+            steps.append(("call", call))
+        if fmt != memory_format:
+            steps.append(("transpose", tuple(out_shapes[-1]), memory_format == torch.channels_last))
         src = seq.INPUT
-        for i, call in enumerate(self._calls):
-            dst = seq.OUTPUT if i == len(self._calls) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
-            call.append_to(seq, src, seq.NO_SLOT, dst)
+        for i, step in enumerate(steps):
+            dst = seq.OUTPUT if i == len(steps) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
+            if step[0] == "transpose":
+                n, c, h, w = step[1]
+                seq.add_transpose(n, c, h * w, step[2], isa, src, dst)
+            else:
+                step[1].append_to(seq, src, seq.NO_SLOT, dst)
             src = dst
         self._sequence = seq
         # What every call read, checked in one pass per chain call (not one per block).

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cpu.prepared_chain import PreparedChain
+from ..cpu.prepared_chain import PreparedChain, inner_format
+from ..ops.contract import output_memory_format
 from .block import JointBlock
 
 
@@ -16,8 +17,10 @@ class JointChain(nn.Sequential):
     export (each block as usual). In eager CPU inference (eval-mode BatchNorm, nothing requiring
     grad) it replays a plan prepared on the first call (cpu/prepared_chain.py): the blocks' prepared
     calls run back to back from one native call, on two work buffers instead of a fresh tensor per
-    intermediate, in the input's memory layout. The output is the same tensor, in the same memory
-    format, that calling the blocks in turn returns.
+    intermediate. There float32 blocks with 16 or more input channels run channels-last, whose
+    kernels are faster, converting once on the way in and back to the input's memory format at the
+    end; the first call converts the same way, so every call returns the same values. They equal the
+    blocks called in turn up to rounding (the two layouts' kernels sum in different orders).
 
     The buffers (two of the largest intermediate's size) live as long as the plan: until the input
     signature changes, ``lwkernels.clear_cache()``, or the chain is freed. The fast path needs every
@@ -33,12 +36,24 @@ class JointChain(nn.Sequential):
                 y = plan.run(x)
                 if y is not None:
                     return y
+        fused = all(isinstance(b, JointBlock) and type(b).forward is JointBlock.forward for b in blocks)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not (fused and x.is_cpu and not needs_grad) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            for block in blocks:
+                x = block(x)
+            return x
+        # Eager CPU inference: each block in the layout the replay runs it in (inner_format), the
+        # output in the caller's layout, so that the replay returns these very values.
+        caller_format = output_memory_format(x)
         y, out_shapes = x, []
         for block in blocks:
+            want = inner_format(tuple(y.shape), y.dtype, caller_format)
+            if output_memory_format(y) != want:
+                y = y.contiguous(memory_format=want)
             y = block(y)
             out_shapes.append(tuple(y.shape))
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not torch.is_grad_enabled() \
-                and all(isinstance(b, JointBlock) and type(b).forward is JointBlock.forward for b in blocks):
+        y = y.contiguous(memory_format=caller_format)
+        if not torch.is_grad_enabled():
             self.__dict__["_plan"] = PreparedChain.prepare(blocks, x, out_shapes)
         return y
 
