@@ -36,6 +36,24 @@ def _degenerate(shape) -> bool:
     return shape[1] == 1 or shape[2] * shape[3] == 1
 
 
+def bind_steps(_C, dtype: torch.dtype, steps: Sequence[Tuple]):
+    """A new CallSequence of `steps` in order, each reading what the one before wrote: the input,
+    then the two work buffers in turn, the last writing the output. A step is ("transpose", shape,
+    to_nhwc) or ("call", prepared_call, residual_is_input)."""
+    seq = (_C.CallSequence_f32 if dtype == torch.float32 else _C.CallSequence_f64)()
+    isa = selected_isa()
+    src = seq.INPUT
+    for i, step in enumerate(steps):
+        dst = seq.OUTPUT if i == len(steps) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
+        if step[0] == "transpose":
+            n, c, h, w = step[1]
+            seq.add_transpose(n, c, h * w, step[2], isa, src, dst)
+        else:
+            step[1].append_to(seq, src, src if step[2] else seq.NO_SLOT, dst)
+        src = dst
+    return seq
+
+
 class NativeSequence:
     """The calls of a replay as one CallSequence for one input signature; see the module docstring."""
 
@@ -75,17 +93,7 @@ class NativeSequence:
                     return None
         if not any(op[0] == "call" for op in ops):
             return None
-        seq = (_C.CallSequence_f32 if dtype == torch.float32 else _C.CallSequence_f64)()
-        isa = selected_isa()
-        src = seq.INPUT
-        for i, op in enumerate(ops):
-            dst = seq.OUTPUT if i == len(ops) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
-            if op[0] == "transpose":
-                n, c, h, w = op[1]
-                seq.add_transpose(n, c, h * w, op[2], isa, src, dst)
-            else:
-                op[1].append_to(seq, src, src if op[2] else seq.NO_SLOT, dst)
-            src = dst
+        seq = bind_steps(_C, dtype, ops)
         plan = cls.__new__(cls)
         plan._seq, plan._C = seq, _C
         plan._x_shape, plan._dtype, plan._memory_format = x.shape, x.dtype, output_memory_format(x)

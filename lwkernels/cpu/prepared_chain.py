@@ -45,7 +45,8 @@ from torch.nn.modules import module as _module_globals
 from ..ops.contract import output_memory_format
 from ..ops.inference import dispatcher_needed
 from ..nn.folding import uses_running_stats
-from .backend import ISA_ENV, native, selected_isa
+from .backend import ISA_ENV, native
+from .native_sequence import bind_steps
 from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
 from .state_watch import StateWatch
@@ -127,28 +128,16 @@ class PreparedChain:
             self._calls.append(call)
         # The same calls, bound in order: input -> work buffers, alternately -> output, with a
         # transpose wherever the layout changes and one back to the caller's at the end.
-        _C = native()
-        seq = (_C.CallSequence_f32 if x.dtype == torch.float32 else _C.CallSequence_f64)()
         steps: List[Tuple] = []
-        isa = selected_isa()
         fmt = memory_format
         for call, shape, want in zip(self._calls, in_shapes, formats):
             if want != fmt:
                 steps.append(("transpose", shape, want == torch.channels_last))
                 fmt = want
-            steps.append(("call", call))
+            steps.append(("call", call, False))
         if fmt != memory_format:
             steps.append(("transpose", tuple(out_shapes[-1]), memory_format == torch.channels_last))
-        src = seq.INPUT
-        for i, step in enumerate(steps):
-            dst = seq.OUTPUT if i == len(steps) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
-            if step[0] == "transpose":
-                n, c, h, w = step[1]
-                seq.add_transpose(n, c, h * w, step[2], isa, src, dst)
-            else:
-                step[1].append_to(seq, src, seq.NO_SLOT, dst)
-            src = dst
-        self._sequence = seq
+        self._sequence = bind_steps(native(), x.dtype, steps)
         # What every call read, checked in one pass per chain call (not one per block).
         states = [call.replay_state() for call in self._calls]
         self._isa_env = states[0][1]
