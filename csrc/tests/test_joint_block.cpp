@@ -202,7 +202,7 @@ void run_case(const Case& c0, Isa isa, uint64_t seed) {
   }
   std::vector<T> folded_w, folded_b;
   if (g_prefold) fold_for_call(g, t, folded_w, folded_b);
-  auto packed = lwk::pack_pointwise<T>(isa, c.layout, pww.data(), c.cout, c.cin, c.threads);
+  auto packed = lwk::pack_pointwise<T>(isa, g.layout, pww.data(), c.cout, c.cin, c.threads);
   lwk::joint_forward<T>(*packed, g, t, c.threads);
 
   // Reference (double), plus a magnitude bound for the tolerance.
@@ -489,6 +489,37 @@ void test_channel_chunks(bool quick) {
     }
   }
   lwk::detail::set_shared_depthwise(-1);
+}
+
+// Runs of inside pixels in the NHWC depthwise (kernel_depthwise_nhwc.h): rows wide enough for
+// whole groups of 8, 4 and 2 pixels and a rest, channel counts that take every channel group (4, 2
+// and 1 vectors and a masked tail on each ISA), dilated and strided, 3x3 (unrolled) and 5x5.
+void test_nhwc_inside_runs(bool quick) {
+  struct K { int64_t k, stride, dil; };
+  const K kernels[] = {{3, 1, 1}, {3, 1, 3}, {3, 2, 2}, {5, 1, 1}};
+  for (int64_t cin : {int64_t(16), int64_t(48), int64_t(117)}) {
+    for (const K& k : kernels) {
+      for (int threads : {1, 2}) {
+        if (quick && threads == 2 && cin != 117) continue;
+        Case c{};
+        c.n = 1;
+        c.cin = cin;
+        c.cout = 20;
+        c.h = 7;
+        c.w = 37;
+        c.k = k.k;
+        c.stride = k.stride;
+        c.pad = k.dil * (k.k - 1) / 2;
+        c.dil = k.dil;
+        c.layout = Layout::kNHWC;
+        c.dw_scale = c.dw_shift = c.pw_shift = true;
+        c.mid_act = Activation::kRelu;
+        c.out_act = Activation::kNone;
+        c.threads = threads;
+        run_all(c, 1300 + cin + k.k * 10 + k.dil);
+      }
+    }
+  }
 }
 
 // One large block per layout (wide K exercises long accumulation chains).
@@ -954,6 +985,7 @@ int main(int argc, char** argv) {
     test_tiling(quick);
     test_thin_columns(quick);
     test_channel_chunks(quick);
+    test_nhwc_inside_runs(quick);
     // The NCHW direct depthwise path (used when the padded plane would be too large).
     lwk::detail::set_plane_limit_elems(0);
     test_random(quick ? 20 : 100);
