@@ -17,6 +17,9 @@ from helpers import cpu_paths_here, expected_memory_format, forced_isa, randomiz
 # sizes, stride 2 after stride 1, a mid BatchNorm, channels that are no multiple of any vector.
 SPECS = [(3, 8, 2, 3, False, "relu"), (8, 13, 1, 1, True, "relu6"), (13, 16, 2, 2, False, "hardswish"),
          (16, 16, 1, 3, True, "silu"), (16, 5, 1, 1, False, None)]
+# Four blocks of 16+ input channels after an RGB one: float32 runs those channels-last inside.
+WIDE_SPECS = [(3, 16, 2, 1, False, "relu"), (16, 24, 1, 2, True, "relu6"), (24, 24, 2, 1, False, "hardswish"),
+              (24, 17, 1, 3, True, None), (17, 16, 1, 1, False, "silu")]
 
 
 def _chain(specs=SPECS, seed=0, dtype=torch.float32):
@@ -32,12 +35,14 @@ def _x(*shape, seed=1, channels_last=False, dtype=torch.float32):
 
 def _blockwise(chain, x):
     """The blocks called in turn, each through its own fused call, each given its input in the
-    layout the chain runs it in on the CPU (float32 with 16 or more channels and more than one
-    pixel: channels_last; anything else: x's), the output in x's layout: what the chain must equal."""
+    layout the chain runs it in on the CPU, the output in x's layout: what the chain must equal.
+    A float32 chain of four or more blocks with 16+ input channels runs those channels-last
+    (when their input has more than one pixel); everything else runs in x's layout."""
     fmt = expected_memory_format(x)
+    wide = x.dtype == torch.float32 and sum(b.depthwise.in_channels >= 16 for b in chain) >= 4
     y = x
     for block in chain:
-        cl = y.dtype == torch.float32 and y.shape[1] >= 16 and y.shape[2] * y.shape[3] > 1
+        cl = wide and y.shape[1] >= 16 and y.shape[2] * y.shape[3] > 1
         y = block(y.contiguous(memory_format=torch.channels_last if cl else fmt))
     return y.contiguous(memory_format=fmt)
 
@@ -61,8 +66,9 @@ def replays(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(1, 3, 17, 23), (3, 3, 9, 8)])
-def test_replay_equals_blocks_called_in_turn(replays, isa, dtype, channels_last, shape):
-    chain = _chain(dtype=dtype)
+@pytest.mark.parametrize("specs", [SPECS, WIDE_SPECS], ids=["narrow", "wide"])
+def test_replay_equals_blocks_called_in_turn(replays, isa, dtype, channels_last, shape, specs):
+    chain = _chain(specs, dtype=dtype)
     x = _x(*shape, channels_last=channels_last, dtype=dtype)
     with forced_isa(isa), torch.no_grad():
         first = chain(x)
@@ -220,10 +226,12 @@ def test_bad_input_names_the_problem():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_wide_float32_blocks_run_channels_last_inside(channels_last, dtype):
-    """The layouts the blocks are given in eager CPU inference: float32 inputs of 16 or more
-    channels channels-last, the rest the caller's; the output always in the caller's layout."""
-    chain = _chain(dtype=dtype)
+@pytest.mark.parametrize("specs", [SPECS, WIDE_SPECS], ids=["narrow", "wide"])
+def test_which_blocks_run_channels_last_inside(channels_last, dtype, specs):
+    """The layouts the blocks are given in eager CPU inference: in a float32 chain of four or more
+    blocks with 16+ input channels, those blocks channels-last; otherwise the caller's layout;
+    the output always in the caller's layout."""
+    chain = _chain(specs, dtype=dtype)
     seen = []
     for block in chain:
         block.register_forward_pre_hook(lambda m, args: seen.append(
@@ -232,6 +240,7 @@ def test_wide_float32_blocks_run_channels_last_inside(channels_last, dtype):
     x = _x(2, 3, 19, 19, channels_last=channels_last, dtype=dtype)
     with torch.no_grad():
         y = chain(x)
-    want = [(c, (dtype == torch.float32 and c >= 16) or channels_last) for c, _ in seen]
-    assert [c for c, _ in seen] == [3, 8, 13, 16, 16] and seen == want
+    wide = specs is WIDE_SPECS and dtype == torch.float32
+    assert [c for c, _ in seen] == [spec[0] for spec in specs]
+    assert seen == [(c, (wide and c >= 16) or channels_last) for c, _ in seen]
     assert y.is_contiguous(memory_format=expected_memory_format(x))

@@ -204,11 +204,12 @@ def test_clear_cache_drops_the_sequence():
 
 def test_joint_chain_runs_its_blocks_as_one_sequence():
     torch.manual_seed(0)
-    blocks = [JointBlock(16, 24, stride=2), JointBlock(24, 24, dilation=2), JointBlock(24, 40, kernel_size=5)]
+    blocks = [JointBlock(16, 24, stride=2), JointBlock(24, 24, dilation=2), JointBlock(24, 40, kernel_size=5),
+              JointBlock(40, 40)]
     chain = JointChain(*[randomize_(b, seed=i) for i, b in enumerate(blocks)]).eval()
     x = torch.randn(2, 16, 30, 30)
     with torch.no_grad():
-        # 16+ channels: the blocks run channels-last inside, between a transpose in and one out
+        # four blocks of 16+ channels: they run channels-last inside, between a transpose in and one out
         want = x.contiguous(memory_format=torch.channels_last)
         for b in blocks:
             want = b(want)
@@ -216,7 +217,7 @@ def test_joint_chain_runs_its_blocks_as_one_sequence():
         for _ in range(3):
             got = chain(x)
         plan = chain.__dict__.get("_plan")
-        assert isinstance(plan, PreparedChain) and len(plan._sequence) == 5
+        assert isinstance(plan, PreparedChain) and len(plan._sequence) == 6
     assert torch.equal(got, want) and got.is_contiguous()
 
 

@@ -11,14 +11,16 @@ call allocates only its output and crosses from Python into the kernels once. Th
 once per input signature and freed with the plan (a new signature, lwkernels.clear_cache(), or the
 chain itself going away).
 
-Inside the sequence, float32 blocks with at least CHANNELS_LAST_MIN_CHANNELS input channels run
-channels-last whatever the caller's layout: their NHWC kernels are faster (a 64->128 stride-2 block
-on a 112x112 image: 0.29 -> 0.22 ms, the deep 14x14 and 7x7 blocks 2-8%), and the register-tiled
-transposes into and out of that layout cost less than that (32x112x112: ~0.03 ms on two threads).
+In a chain of at least CHANNELS_LAST_MIN_BLOCKS float32 blocks with at least
+CHANNELS_LAST_MIN_CHANNELS input channels, those blocks run channels-last inside the sequence
+whatever the caller's layout: their NHWC kernels are faster (a 64->128 stride-2 block on a 112x112
+image: 0.29 -> 0.22 ms, the deep 14x14 and 7x7 blocks 2-8%), which pays for the two transposes (one
+in, one back) once there are enough blocks: chains of 4 same-shape blocks ran 3-8% faster, of 6
+6-12%, of 3 between 4% slower and 6% faster, of 1 or 2 up to 35% slower (docs/performance.md).
 Narrower blocks (an RGB input) keep the caller's layout, since an NHWC depthwise over 3 channels
-wastes most of each vector. The output is converted back to the caller's layout. The NCHW and NHWC kernels
-sum in different orders, so JointChain's block-by-block eager path (its first call) converts to the
-same layouts, and the replay returns exactly what that path returns.
+wastes most of each vector. The NCHW and NHWC kernels sum in different orders, so JointChain's
+block-by-block eager path (its first call) converts to the same layouts, and the replay returns
+exactly what that path returns.
 
 The plan is replayed while
   - the chain holds the same JointBlock objects (plain JointBlock.forward, no forward hooks on them
@@ -54,8 +56,17 @@ from .state_watch import StateWatch
 #: Every live PreparedChain, so that lwkernels.clear_cache() can drop them (and their buffers).
 _LIVE: "weakref.WeakSet[PreparedChain]" = weakref.WeakSet()
 
-#: Blocks with at least this many input channels run channels-last inside a chain (module docstring).
+#: Blocks with at least this many input channels run channels-last inside a chain of at least
+#: CHANNELS_LAST_MIN_BLOCKS of them (module docstring).
 CHANNELS_LAST_MIN_CHANNELS = 16
+CHANNELS_LAST_MIN_BLOCKS = 4
+
+
+def runs_channels_last(blocks, dtype: torch.dtype) -> bool:
+    """Whether a chain of `blocks` on `dtype` inputs runs its wide blocks channels-last (module
+    docstring)."""
+    wide = sum(b.depthwise.in_channels >= CHANNELS_LAST_MIN_CHANNELS for b in blocks)
+    return dtype == torch.float32 and wide >= CHANNELS_LAST_MIN_BLOCKS
 
 
 def _view(flat: torch.Tensor, shape: Tuple[int, int, int, int], memory_format) -> torch.Tensor:
@@ -67,13 +78,12 @@ def _view(flat: torch.Tensor, shape: Tuple[int, int, int, int], memory_format) -
     return head.view(n, c, h, w)
 
 
-def inner_format(in_shape, dtype: torch.dtype, caller_format: torch.memory_format) -> torch.memory_format:
-    """The memory format a chain's block runs in when it reads a tensor of `in_shape` (module
-    docstring). JointChain's block-by-block eager path converts to it too, so that the replay gives
-    the same bits. A shape with one channel or one pixel is laid out alike in both layouts; it keeps
-    the caller's."""
-    if dtype == torch.float32 and in_shape[1] >= CHANNELS_LAST_MIN_CHANNELS and in_shape[1] != 1 \
-            and in_shape[2] * in_shape[3] != 1:
+def inner_format(in_shape, channels_last: bool, caller_format: torch.memory_format) -> torch.memory_format:
+    """The memory format a chain's block runs in when it reads a tensor of `in_shape`, given
+    runs_channels_last() of the chain (module docstring). JointChain's block-by-block eager path
+    converts to it too, so that the replay gives the same bits. A shape with one channel or one
+    pixel is laid out alike in both layouts; it keeps the caller's."""
+    if channels_last and in_shape[1] >= CHANNELS_LAST_MIN_CHANNELS and in_shape[2] * in_shape[3] != 1:
         return torch.channels_last
     return caller_format
 
@@ -116,7 +126,8 @@ class PreparedChain:
         # Each call is prepared on a view laid out as what it will read in the sequence, so that its
         # layout checks see what the replay does (the addresses are bound by the sequence).
         in_shapes = [tuple(x.shape)] + [tuple(s) for s in out_shapes[:-1]]
-        formats = [inner_format(shape, x.dtype, memory_format) for shape in in_shapes]
+        cl = runs_channels_last(blocks, x.dtype)
+        formats = [inner_format(shape, cl, memory_format) for shape in in_shapes]
         numel = max(s[0] * s[1] * s[2] * s[3] for s in in_shapes)
         scratch = torch.empty(numel, dtype=x.dtype)
         self._calls: List[PreparedCall] = []

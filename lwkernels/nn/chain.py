@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cpu.prepared_chain import PreparedChain, inner_format
+from ..cpu.prepared_chain import PreparedChain, inner_format, runs_channels_last
 from ..ops.contract import output_memory_format
 from .block import JointBlock
 
@@ -17,10 +17,11 @@ class JointChain(nn.Sequential):
     export (each block as usual). In eager CPU inference (eval-mode BatchNorm, nothing requiring
     grad) it replays a plan prepared on the first call (cpu/prepared_chain.py): the blocks' prepared
     calls run back to back from one native call, on two work buffers instead of a fresh tensor per
-    intermediate. There float32 blocks with 16 or more input channels run channels-last, whose
-    kernels are faster, converting once on the way in and back to the input's memory format at the
-    end; the first call converts the same way, so every call returns the same values. They equal the
-    blocks called in turn up to rounding (the two layouts' kernels sum in different orders).
+    intermediate. In a chain of four or more float32 blocks with 16 or more input channels, those
+    blocks run channels-last, whose kernels are faster, converting once on the way in and back to
+    the input's memory format at the end; the first call converts the same way, so every call
+    returns the same values. They equal the blocks called in turn up to rounding (the two layouts'
+    kernels sum in different orders).
 
     The buffers (two of the largest intermediate's size) live as long as the plan: until the input
     signature changes, ``lwkernels.clear_cache()``, or the chain is freed. The fast path needs every
@@ -45,9 +46,10 @@ class JointChain(nn.Sequential):
         # Eager CPU inference: each block in the layout the replay runs it in (inner_format), the
         # output in the caller's layout, so that the replay returns these very values.
         caller_format = output_memory_format(x)
+        channels_last = runs_channels_last(blocks, x.dtype)
         y, out_shapes = x, []
         for block in blocks:
-            want = inner_format(tuple(y.shape), y.dtype, caller_format)
+            want = inner_format(tuple(y.shape), channels_last, caller_format)
             if output_memory_format(y) != want:
                 y = y.contiguous(memory_format=want)
             y = block(y)
