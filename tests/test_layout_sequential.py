@@ -89,20 +89,35 @@ def test_members_get_the_layout_chosen_for_them():
     assert seen == [NCHW, NCHW, NCHW, CL, CL, CL, CL, CL]
 
 
+@pytest.mark.parametrize("blocks", [3, 4])
 @pytest.mark.parametrize("in_format", [NCHW, CL])
-def test_joint_blocks_alone_keep_the_input_layout(in_format):
-    # A depthwise-separable stack (no inverted residuals): converting around its small-image blocks
-    # cost more than they gained, so every member runs in the caller's layout.
-    plain = randomize_(nn.Sequential(JointBlock(16, 32, stride=2), JointBlock(32, 32), JointBlock(32, 64, stride=2),
-                                     JointBlock(64, 64)), seed=3).eval()
+def test_a_run_of_four_joint_blocks_runs_channels_last(in_format, blocks):
+    # A depthwise-separable stack (no inverted residuals): converting around fewer than four
+    # JointBlocks cost more than they gained, so they run in the caller's layout; four or more run
+    # channels-last, converting once at each end (the output in the caller's layout).
+    specs = [(16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1)][:blocks]
+    plain = randomize_(nn.Sequential(*[JointBlock(ci, co, stride=s) for ci, co, s in specs]), seed=3).eval()
     seq = LayoutSequential(collections.OrderedDict(plain.named_children()))
-    x = torch.randn(1, 16, 56, 56).contiguous(memory_format=in_format)  # every output <= 28x28
+    x = torch.randn(1, 16, 56, 56).contiguous(memory_format=in_format)
     _formats_seen(seq, x)
     y, seen = _formats_seen(seq, x)
-    assert seen == [in_format] * 4
+    assert seen == [CL if blocks >= 4 else in_format] * blocks
     assert y.is_contiguous(memory_format=in_format)
     with torch.no_grad():
         torch.testing.assert_close(y, plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_narrow_or_double_joint_blocks_keep_the_input_layout():
+    plain = randomize_(nn.Sequential(*[JointBlock(8, 8) for _ in range(5)]), seed=4).eval()  # < 16 channels
+    seq = LayoutSequential(collections.OrderedDict(plain.named_children()))
+    x = torch.randn(1, 8, 20, 20)
+    _formats_seen(seq, x)
+    assert _formats_seen(seq, x)[1] == [NCHW] * 5
+    wide = randomize_(nn.Sequential(*[JointBlock(16, 16) for _ in range(4)]), seed=5).double().eval()
+    seq = LayoutSequential(collections.OrderedDict(wide.named_children()))
+    x = torch.randn(1, 16, 20, 20, dtype=torch.float64)
+    _formats_seen(seq, x)
+    assert _formats_seen(seq, x)[1] == [NCHW] * 4
 
 
 def test_members_that_leave_four_dimensions():

@@ -6,8 +6,9 @@ model"): the NCHW kernels win on large images (a 56x56 or larger output, and the
 the NHWC inverted-residual kernels from 28x28 down (their depthwise runs along channels, so a small
 image loses no vector lanes at row ends, and they need no padded copy of each channel plane). A model
 written in NCHW (torchvision's MobileNetV2, MNASNet) therefore runs its later stages channels-last
-inside this container and hands back NCHW. A JointBlock on a small image gains too little from
-either layout to pay for a conversion, so it runs in the layout it is given.
+inside this container and hands back NCHW. A lone JointBlock gains too little from either layout
+to pay for a conversion, so it runs in the layout it is given; a run of four or more wide ones (a
+depthwise-separable stack such as MobileNetV1's) runs channels-last, as JointChain does.
 """
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ def preferred_memory_format(module: nn.Module, in_shape: Sequence[int]) -> Optio
 
 _FUSED = (InvertedResidual, JointBlock, ConvBNAct)
 
+#: At least this many consecutive JointBlock members with at least JOINT_RUN_MIN_CHANNELS input
+#: channels run channels-last (float32), as in a JointChain: together their NHWC kernels gain more
+#: than the two conversions around them cost (fewer lose: cpu/prepared_chain.py says by how much).
+JOINT_RUN_MIN_BLOCKS = 4
+JOINT_RUN_MIN_CHANNELS = 16
+
 
 def _fused_within(module: nn.Module) -> List[nn.Module]:
     """`module` itself when it is a fused module, else the fused modules inside it (not inside
@@ -90,6 +97,29 @@ def _member_format(member: nn.Module, shapes: Dict[int, Tuple[int, ...]]) -> Opt
     if len(choices) == 1:
         return choices.pop()
     return _NCHW if choices else None
+
+
+def _joint_runs_channels_last(members, shapes, formats, dtype: torch.dtype) -> List[Optional[torch.memory_format]]:
+    """`formats` with every run of JOINT_RUN_MIN_BLOCKS or more consecutive wide JointBlock members
+    (which alone keep the layout they are given) set to channels-last, for float32."""
+    formats = list(formats)
+    if dtype != torch.float32:
+        return formats
+
+    def wide(m) -> bool:
+        shape = shapes.get(id(m))
+        return type(m) is JointBlock and shape is not None and shape[1] >= JOINT_RUN_MIN_CHANNELS \
+            and shape[2] * shape[3] > 1
+
+    i = 0
+    while i < len(members):
+        j = i
+        while j < len(members) and wide(members[j]):
+            j += 1
+        if j - i >= JOINT_RUN_MIN_BLOCKS:
+            formats[i:j] = [_CL] * (j - i)
+        i = max(j, i + 1)
+    return formats
 
 
 class LayoutSequential(nn.Sequential):
@@ -158,7 +188,8 @@ class LayoutSequential(nn.Sequential):
         finally:
             for h in handles:
                 h.remove()
-        return y, [_member_format(m, shapes) for m in members]
+        formats = [_member_format(m, shapes) for m in members]
+        return y, _joint_runs_channels_last(members, shapes, formats, x.dtype)
 
     def as_sequential(self) -> nn.Sequential:
         """This container as a plain nn.Sequential again (the same object; its plans dropped)."""
