@@ -133,11 +133,11 @@ void CallSequence<T>::add_transpose(int64_t batch, int64_t channels, int64_t pix
   if (batch < 0 || channels < 1 || pixels < 1) {
     throw std::invalid_argument("CallSequence: a transpose needs batch >= 0, channels and pixels >= 1");
   }
-  place(x, kNoSlot, y, batch * channels * pixels, batch * channels * pixels);
   if (!isa_supported(isa)) {
     throw std::invalid_argument(std::string("CallSequence: this build or CPU lacks the ") + isa_name(isa) +
                                 " path");
   }
+  place(x, kNoSlot, y, batch * channels * pixels, batch * channels * pixels);
   steps_.push_back([batch, channels, pixels, to_nhwc, isa, x, y](T* const* slots, int threads) {
     transpose_images<T>(slots[x], slots[y], batch, channels, pixels, to_nhwc, isa, threads);
   });

@@ -18,9 +18,11 @@ constexpr int64_t kBand = 64;
 template <typename T>
 void transpose_images(const T* src, T* dst, int64_t batch, int64_t channels, int64_t pixels,
                       bool to_nhwc, Isa isa, int num_threads) {
-  const detail::IsaOps<T>* ops = detail::ops_for<T>(isa);
-  if (ops == nullptr) throw std::invalid_argument(std::string("transpose_images: this build lacks the ") +
-                                                  isa_name(isa) + " path");
+  const detail::IsaOps<T>* ops = isa_supported(isa) ? detail::ops_for<T>(isa) : nullptr;
+  if (ops == nullptr) {
+    throw std::invalid_argument(std::string("transpose_images: this build or CPU lacks the ") + isa_name(isa) +
+                                " path");
+  }
   const int64_t bands = (pixels + kBand - 1) / kBand;
   const int64_t image = channels * pixels;
   // Items of at least ~64 K elements: smaller ones cost more in hand-offs than they share.
