@@ -41,9 +41,13 @@ std::shared_ptr<FoldedDepthwise<T>> fold_once(Layout layout, int64_t channels, i
 }  // namespace
 
 template <typename T>
-void CallSequence<T>::place(int x, int residual, int y, int64_t x_elems, int64_t y_elems) {
+void CallSequence<T>::place(int x, int residual, int y, int64_t batch, int64_t x_elems, int64_t y_elems) {
   auto valid = [](int s) { return s >= kInput && s <= kWorkB; };
   if (!valid(x) || !valid(y)) throw std::invalid_argument("CallSequence: a slot is out of range");
+  if (batch_ >= 0 && batch != batch_) {
+    throw std::invalid_argument("CallSequence: every call must have the same batch (" + std::to_string(batch_) +
+                                " before, " + std::to_string(batch) + " now)");
+  }
   if (y == kInput) throw std::invalid_argument("CallSequence: no call may write the input slot");
   if (x == y) throw std::invalid_argument("CallSequence: a call must not write the slot it reads");
   if (residual != kNoSlot && !valid(residual)) {
@@ -66,8 +70,32 @@ void CallSequence<T>::place(int x, int residual, int y, int64_t x_elems, int64_t
     throw std::invalid_argument("CallSequence: a call reads " + std::to_string(x_elems) +
                                 " elements from a slot no earlier call filled that far");
   }
+  // Groups of images find the output slot at the group's first image, which needs one size for
+  // every call that writes it and none that reads it.
+  if (x == kOutput || residual == kOutput || (y == kOutput && output_elems_ != 0 && output_elems_ != y_elems)) {
+    groupable_ = false;
+  }
+  batch_ = batch;
+  widest_call_elems_ = std::max(widest_call_elems_, x_elems + y_elems);
   slot_elems_[y] = std::max(slot_elems_[y], y_elems);
   if (y == kOutput) output_elems_ = y_elems;
+}
+
+template <typename T>
+void CallSequence<T>::set_image_group(int64_t images) {
+  if (images < 0) throw std::invalid_argument("CallSequence: the image group must be >= 0 (0: by cache budget)");
+  image_group_ = images;
+}
+
+template <typename T>
+int64_t CallSequence<T>::image_group() const {
+  if (batch_ <= 1 || !groupable_) return std::max<int64_t>(batch_, 0);
+  if (image_group_ > 0) return std::min(image_group_, batch_);
+  const int64_t per_image = widest_call_elems_ / batch_ * int64_t(sizeof(T));
+  const int64_t most = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, per_image));
+  if (most >= batch_) return batch_;
+  const int64_t groups = (batch_ + most - 1) / most;
+  return (batch_ + groups - 1) / groups;  // equal groups: 8 images at most 3 a time go 3 + 3 + 2
 }
 
 template <typename T>
@@ -77,16 +105,18 @@ void CallSequence<T>::add_fused(const Geometry& g, Operands operands, int64_t dw
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
   if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
-  place(x, residual, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
+  place(x, residual, y, g.batch, elems(g.batch, g.in_channels, g.in_h, g.in_w),
         elems(g.batch, g.out_channels, g.out_h, g.out_w));
   auto folded = fold_once<T>(g.layout, dw_channels, g.kernel_h * g.kernel_w, operands);
   steps_.push_back([folded = std::move(folded), g, t = operands, x, residual, y,
-                    forward = std::move(forward)](T* const* slots, int threads) mutable {
+                    forward = std::move(forward)](T* const* slots, int64_t images, int threads) mutable {
     (void)folded;  // (kept alive with the step)
+    Geometry group = g;
+    group.batch = images;
     t.x = slots[x];
     t.residual = residual == kNoSlot ? nullptr : slots[residual];
     t.y = slots[y];
-    forward(g, t, threads);
+    forward(group, t, threads);
   });
 }
 
@@ -120,10 +150,12 @@ void CallSequence<T>::add_dense_conv(const DenseConvGeometry& g, const T* weight
                                      Activation act, Isa isa, int x, int y) {
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
-  place(x, kNoSlot, y, elems(g.batch, g.in_channels, g.in_h, g.in_w),
+  place(x, kNoSlot, y, g.batch, elems(g.batch, g.in_channels, g.in_h, g.in_w),
         elems(g.batch, g.out_channels, g.out_h, g.out_w));
-  steps_.push_back([g, weight, shift, act, isa, x, y](T* const* slots, int threads) {
-    dense_conv_forward<T>(g, slots[x], weight, shift, act, slots[y], isa, threads);
+  steps_.push_back([g, weight, shift, act, isa, x, y](T* const* slots, int64_t images, int threads) {
+    DenseConvGeometry group = g;
+    group.batch = images;
+    dense_conv_forward<T>(group, slots[x], weight, shift, act, slots[y], isa, threads);
   });
 }
 
@@ -137,9 +169,9 @@ void CallSequence<T>::add_transpose(int64_t batch, int64_t channels, int64_t pix
     throw std::invalid_argument(std::string("CallSequence: this build or CPU lacks the ") + isa_name(isa) +
                                 " path");
   }
-  place(x, kNoSlot, y, batch * channels * pixels, batch * channels * pixels);
-  steps_.push_back([batch, channels, pixels, to_nhwc, isa, x, y](T* const* slots, int threads) {
-    transpose_images<T>(slots[x], slots[y], batch, channels, pixels, to_nhwc, isa, threads);
+  place(x, kNoSlot, y, batch, batch * channels * pixels, batch * channels * pixels);
+  steps_.push_back([channels, pixels, to_nhwc, isa, x, y](T* const* slots, int64_t images, int threads) {
+    transpose_images<T>(slots[x], slots[y], images, channels, pixels, to_nhwc, isa, threads);
   });
 }
 
@@ -154,16 +186,28 @@ void CallSequence<T>::run(const T* x, T* y, int num_threads) {
   if ((x == nullptr && input_elems_ > 0) || (y == nullptr && output_elems_ > 0)) {
     throw std::invalid_argument("CallSequence: x or y is null");
   }
-  T* slots[4] = {const_cast<T*>(x), y, nullptr, nullptr};  // (no call writes the input slot)
-  for (int w = 0; w < 2; ++w) {
-    const int64_t need = slot_elems_[kWorkA + w];
+  const int64_t batch = std::max<int64_t>(batch_, 0);
+  const int64_t group = image_group();
+  T* work[2];
+  for (int w = 0; w < 2; ++w) {  // sized for one group
+    const int64_t need = batch > 0 ? slot_elems_[kWorkA + w] / batch * group : slot_elems_[kWorkA + w];
     if (need > work_capacity_[w]) {
       work_[w].reset(static_cast<T*>(detail::aligned_alloc_bytes(static_cast<std::size_t>(need) * sizeof(T))));
       work_capacity_[w] = need;
     }
-    slots[kWorkA + w] = work_[w].get();
+    work[w] = work_[w].get();
   }
-  for (Step& step : steps_) step(slots, num_threads);
+  const int64_t in_per_image = batch > 0 ? input_elems_ / batch : 0;
+  const int64_t out_per_image = batch > 0 ? output_elems_ / batch : 0;
+  int64_t n0 = 0;
+  do {  // (once for a batch of 0)
+    const int64_t images = std::min(group, batch - n0);
+    // (no call writes the input slot)
+    T* slots[4] = {x ? const_cast<T*>(x) + n0 * in_per_image : nullptr, y ? y + n0 * out_per_image : nullptr,
+                   work[0], work[1]};
+    for (Step& step : steps_) step(slots, images, num_threads);
+    n0 += images;
+  } while (n0 < batch);
 }
 
 template class CallSequence<float>;

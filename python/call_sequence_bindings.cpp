@@ -87,6 +87,9 @@ void bind_sequence(py::module_& m, const char* name) {
             s.run(as_ptr<T>(x), reinterpret_cast<T*>(y), num_threads);
           },
           py::arg("x"), py::arg("y"), py::arg("num_threads"))
+      .def("set_image_group", &Seq::set_image_group, py::arg("images"),
+           "Images per group of a run: 0 (default) from the cache budget, n > 0 n at a time.")
+      .def_property_readonly("image_group", &Seq::image_group)
       .def("__len__", &Seq::size)
       .def_property_readonly("input_elems", &Seq::input_elems)
       .def_property_readonly("output_elems", &Seq::output_elems);

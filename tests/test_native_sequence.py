@@ -270,3 +270,72 @@ def test_call_sequence_rejects_a_residual_smaller_than_the_output():
     with pytest.raises(ValueError, match="dw_weight is null"):
         seq.add_joint(packed, g, 0, 0, 0, "none", 0, 0, "none", seq.WORK_A, seq.NO_SLOT, seq.OUTPUT)
     assert len(seq) == 1  # neither refused call was added
+
+
+def _native_of(model: LayoutSequential, x):
+    with torch.no_grad():
+        want = _warm(model, x)
+    native = _replay(model)._native
+    assert isinstance(native, NativeSequence)
+    return native, want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_image_groups_give_the_bits_of_the_whole_batch(dtype, channels_last):
+    """A run may take the batch a few images at a time (CallSequence's image groups); the kernels
+    compute every element the same way whatever the batch, so any grouping, even groups of unequal
+    size, gives the whole batch's bits. The first member adds the caller's input as its residual."""
+    plain = nn.Sequential(Residual(3, 12), *list(_plain_model().children()))
+    model, report = fuse(randomize_(plain, seed=8).eval().to(dtype))
+    assert isinstance(model, LayoutSequential), report
+    x = _input(dtype, channels_last, batch=5)
+    native, want = _native_of(model, x)
+    seq = native._seq
+    assert seq.image_group == 5  # small images: the whole batch fits the cache budget
+    with torch.no_grad():
+        for images in (1, 2, 3, 4, 5, 9):
+            seq.set_image_group(images)
+            assert seq.image_group == min(images, 5)
+            got = model(x)
+            assert _replay(model)._native is native
+            assert torch.equal(got, want), images
+
+
+def test_a_batch_larger_than_the_cache_budget_runs_in_groups():
+    torch.manual_seed(0)
+    blocks = [randomize_(JointBlock(16 if i == 0 else 32, 32), seed=i) for i in range(4)]
+    chain = JointChain(*blocks).eval()
+    x = torch.randn(3, 16, 160, 160)  # 6.5 MB per image through the widest block
+    with torch.no_grad():
+        for _ in range(3):
+            got = chain(x)
+        seq = chain.__dict__["_plan"]._sequence
+        assert 1 <= seq.image_group < 3
+        seq.set_image_group(3)
+        assert seq.image_group == 3
+        assert torch.equal(chain(x), got)
+
+
+def test_call_sequence_runs_whole_when_its_output_slot_is_also_read():
+    """Groups find the output slot at their first image, which only works when no call reads it."""
+    seq = native().CallSequence_f32()
+    seq.add_transpose(2, 4, 9, True, "scalar", seq.INPUT, seq.OUTPUT)
+    seq.add_transpose(2, 4, 9, False, "scalar", seq.OUTPUT, seq.WORK_A)
+    seq.add_transpose(2, 4, 9, True, "scalar", seq.WORK_A, seq.OUTPUT)
+    seq.set_image_group(1)
+    assert seq.image_group == 2
+    x = torch.randn(2, 4, 3, 3)
+    y = torch.empty(2, 9, 4)
+    seq.run(x.data_ptr(), y.data_ptr(), 2)
+    assert torch.equal(y, x.flatten(2).transpose(1, 2))
+
+
+def test_call_sequence_rejects_calls_of_another_batch_and_a_negative_group():
+    seq = native().CallSequence_f32()
+    seq.add_transpose(1, 4, 9, True, "scalar", seq.INPUT, seq.WORK_A)
+    with pytest.raises(ValueError, match="same batch"):
+        seq.add_transpose(2, 4, 9, False, "scalar", seq.WORK_A, seq.OUTPUT)
+    with pytest.raises(ValueError, match="image group"):
+        seq.set_image_group(-1)
+    assert len(seq) == 1
