@@ -30,6 +30,7 @@ import torch
 
 from ..ops.contract import output_memory_format
 from ..ops.activation import activation_name
+from .call_signature import CallSignature
 from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, address, fold_depthwise, geometry_for, native, selected_isa
 from ..ops.inference import dispatcher_needed
 from .outputs import new_output
@@ -69,7 +70,7 @@ def _preparable(x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
     return residual is None or (type(residual) is torch.Tensor and _dense_layout(residual, memory_format))
 
 
-class PreparedCall:
+class PreparedCall(CallSignature):
     """One JointBlock's fused forward for one input signature; see the module docstring."""
 
     __slots__ = ("_watch", "_x_shape", "_dtype", "_memory_format",
@@ -152,11 +153,6 @@ class PreparedCall:
         it was prepared with, at the same version (the input checks are the caller's)."""
         return self._valid and self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env
 
-    @property
-    def valid(self) -> bool:
-        """False once lwkernels.clear_cache() dropped it."""
-        return self._valid
-
     def state_unchanged_here(self) -> bool:
         """state_unchanged() without the ISA setting (for a caller that has just checked it)."""
         return self._valid and self._watch.unchanged()
@@ -171,18 +167,6 @@ class PreparedCall:
         return (self._watch,), self._isa_env
 
     # What a call composed of this one (cpu/prepared_inverted_residual.py) reuses.
-    @property
-    def out_shape(self) -> Tuple[int, int, int, int]:
-        return self._out_shape
-
-    @property
-    def x_shape(self) -> torch.Size:
-        return self._x_shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
     @property
     def has_residual(self) -> bool:
         return self._has_residual
@@ -212,10 +196,6 @@ class PreparedCall:
     def activations(self) -> Tuple[str, str]:
         """(mid activation, output activation) names."""
         return self._acts
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return self._memory_format
 
     def run(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         y = new_output(self._C, self._out_shape, self._dtype, self._memory_format)

@@ -29,6 +29,7 @@ from ..nn.folding import fold_batchnorm, uses_running_stats
 from ..ops.activation import activation_name
 from ..ops.inference import dispatcher_needed
 from ..ops.contract import conv_output_size, output_memory_format
+from .call_signature import CallSignature
 from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, geometry_for, native, selected_isa
 from .prepared_call import _dense_layout
 from .outputs import new_output
@@ -83,7 +84,7 @@ def eligible(conv: nn.Module, bn: nn.Module, act: nn.Module) -> Optional[str]:
     return None
 
 
-class PreparedDenseConv:
+class PreparedDenseConv(CallSignature):
     """One ConvBNAct's fused eval forward for one input signature; see the module docstring."""
 
     __slots__ = ("_children", "_watch", "_x_shape", "_dtype", "_memory_format", "_out_shape", "_isa",
@@ -212,22 +213,6 @@ class PreparedDenseConv:
     @property
     def native(self):
         return self._C
-
-    @property
-    def x_shape(self) -> torch.Size:
-        return self._x_shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def out_shape(self) -> Tuple[int, int, int, int]:
-        return self._out_shape
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return self._memory_format
 
     @property
     def activation(self) -> str:
