@@ -25,6 +25,7 @@ from .ops.onnx import onnx_translation_table, register_symbolic as _register_onn
 from .cpu.prepared_call import invalidate_all as _invalidate_prepared_calls
 from .cpu.prepared_chain import invalidate_all as _invalidate_prepared_chains
 from .cpu.prepared_dense_conv import invalidate_all as _invalidate_dense_convs
+from .cpu.prepared_head import invalidate_all as _invalidate_prepared_heads
 from .cpu.prepared_inverted_residual import invalidate_all as _invalidate_inverted_residuals
 from .cpu.prepared_sequence import invalidate_all as _invalidate_prepared_sequences
 from .ops.reference import JointBlockReference, joint_block_reference
@@ -53,6 +54,7 @@ def clear_cache() -> None:
     _invalidate_prepared_calls()
     _invalidate_prepared_chains()
     _invalidate_dense_convs()
+    _invalidate_prepared_heads()
     _invalidate_inverted_residuals()
     _invalidate_prepared_sequences()
     _trim_output_cache()

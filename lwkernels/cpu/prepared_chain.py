@@ -51,6 +51,7 @@ from .backend import ISA_ENV, native
 from .native_sequence import bind_steps
 from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
+from .prepared_head import PreparedHead
 from .state_watch import StateWatch
 
 #: Every live PreparedChain, so that lwkernels.clear_cache() can drop them (and their buffers).
@@ -98,15 +99,19 @@ def _no_hooks(blocks) -> bool:
 class PreparedChain:
     """The fused calls of one chain of JointBlocks for one input signature; see the module docstring."""
 
-    __slots__ = ("_blocks", "_calls", "_sequence", "_x_shape", "_dtype", "_memory_format", "_lock",
+    __slots__ = ("_blocks", "_calls", "_head", "_sequence", "_x_shape", "_dtype", "_memory_format", "_lock",
                  "_watch", "_isa_env", "_valid", "__weakref__")
 
     @classmethod
     def prepare(cls, blocks: List[torch.nn.Module], x: torch.Tensor,
-                out_shapes: List[Tuple[int, int, int, int]]) -> "Optional[PreparedChain]":
+                out_shapes: List[Tuple[int, int, int, int]],
+                head: Optional[PreparedHead] = None) -> "Optional[PreparedChain]":
         """The plan for `blocks` called in turn on `x`, right after they have been, giving outputs
         of `out_shapes`; None when the calls cannot be replayed safely. Each block must have taken
-        its fused eval path just now: its own prepared call (block.py) exists and still matches."""
+        its fused eval path just now: its own prepared call (block.py) exists and still matches.
+        With `head` (prepared for the last block's output in the layout the chain runs it in), the
+        plan's sequence ends with the classifier head instead of the chain's output
+        (JointChain.classify)."""
         if not blocks or type(x) is not torch.Tensor:
             return None
         for block in blocks:
@@ -118,10 +123,11 @@ class PreparedChain:
         if not _dense_layout(x, memory_format):
             return None
         plan = cls.__new__(cls)
-        return plan if plan._init(blocks, x, out_shapes, memory_format) else None
+        return plan if plan._init(blocks, x, out_shapes, memory_format, head) else None
 
-    def _init(self, blocks, x, out_shapes, memory_format) -> bool:
+    def _init(self, blocks, x, out_shapes, memory_format, head) -> bool:
         self._blocks = tuple(blocks)
+        self._head = head
         self._x_shape, self._dtype, self._memory_format = x.shape, x.dtype, memory_format
         # Each call is prepared on a view laid out as what it will read in the sequence, so that its
         # layout checks see what the replay does (the addresses are bound by the sequence).
@@ -146,11 +152,16 @@ class PreparedChain:
                 steps.append(("transpose", shape, want == torch.channels_last))
                 fmt = want
             steps.append(("call", call, False))
-        if fmt != memory_format:
-            steps.append(("transpose", tuple(out_shapes[-1]), memory_format == torch.channels_last))
+        end_format = memory_format if head is None else head.memory_format
+        if fmt != end_format:
+            steps.append(("transpose", tuple(out_shapes[-1]), end_format == torch.channels_last))
+        if head is not None:
+            if tuple(head.x_shape) != tuple(out_shapes[-1]) or head.dtype != x.dtype:
+                return False
+            steps.append(("call", head, False))
         self._sequence = bind_steps(native(), x.dtype, steps)
         # What every call read, checked in one pass per chain call (not one per block).
-        states = [call.replay_state() for call in self._calls]
+        states = [call.replay_state() for call in self._parts()]
         self._isa_env = states[0][1]
         if any(isa_env != self._isa_env for _, isa_env in states):
             return False
@@ -160,29 +171,43 @@ class PreparedChain:
         _LIVE.add(self)
         return True
 
-    def matches(self, blocks, x: torch.Tensor) -> bool:
-        """True when replaying gives exactly what calling the blocks in turn would."""
+    def _parts(self):
+        return self._calls if self._head is None else self._calls + [self._head]
+
+    def matches(self, blocks, x: torch.Tensor, head_modules: Tuple = ()) -> bool:
+        """True when replaying gives exactly what calling the blocks in turn (and the head of
+        `head_modules`, (pool, dropout, linear), for a plan with a head) would."""
         if not self._valid or type(x) is not torch.Tensor or x.shape != self._x_shape or x.dtype != self._dtype \
                 or not x.is_cpu or not _dense_layout(x, self._memory_format):
             return False
         if len(blocks) != len(self._blocks) or any(a is not b for a, b in zip(blocks, self._blocks)):
             return False
+        if (self._head is None) != (not head_modules) or \
+                (self._head is not None and any(a is not b for a, b in zip(head_modules, self._head.modules()))):
+            return False
         if not _no_hooks(self._blocks):
             return False
+        parts = self._parts()
         if not self._watch.unchanged() or os.environ.get(ISA_ENV) != self._isa_env \
-                or not all(call.valid for call in self._calls):
+                or not all(call.valid for call in parts):
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(c.parameters_require_grad() for c in self._calls)):
+        if torch.is_grad_enabled() and (x.requires_grad or any(c.parameters_require_grad() for c in parts)):
             return False
         return not dispatcher_needed()
+
+    @property
+    def out_shapes(self) -> List[Tuple[int, int, int, int]]:
+        """Every block's output shape, in order."""
+        return [tuple(call.out_shape) for call in self._calls]
 
     def run(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The chain's output for `x`; None while another thread runs this plan."""
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            last = self._calls[-1]
-            y = new_output(native(), last.out_shape, self._dtype, self._memory_format)
+            last = self._parts()[-1]
+            y = new_output(native(), last.out_shape, self._dtype,
+                           self._memory_format if self._head is None else torch.contiguous_format)
             self._sequence.run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
             return y
         finally:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..nn.block import JointBlock
-from ..nn.chain import JointChain
+from ..nn.chain import JointChain, classify
 from .shapes import LIGHTWEIGHTNET_CONFIG
 from ._common import ReferenceConvertible, scaled
 
@@ -66,4 +66,4 @@ class LightweightNet(ReferenceConvertible, nn.Module):
         self.classifier = nn.Linear(c_prev, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+        return classify(self.features, x, self.pool, None, self.classifier)

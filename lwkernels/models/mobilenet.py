@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..nn.block import JointBlock
-from ..nn.chain import JointChain
+from ..nn.chain import JointChain, classify
 from ..nn.conv_bn_act import ConvBNAct
 from ._common import ReferenceConvertible, scaled
 
@@ -48,5 +48,4 @@ class MobileNetV1(ReferenceConvertible, nn.Module):
         self.classifier = nn.Linear(c_prev, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.stem(x))
-        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
+        return classify(self.features, self.stem(x), self.pool, self.dropout, self.classifier)
