@@ -114,6 +114,11 @@ def test_other_modules_hooks_and_autograd_run_the_modules():
         got = chain.classify(x, pool, dropout, linear)
         handle.remove()
         assert seen == [(2, 11)] and torch.equal(got, plain_head(chain(x), pool, dropout, linear))
+        want = chain.classify(x, pool, dropout, linear)
+        handle = chain.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        assert torch.equal(chain.classify(x, pool, dropout, linear), want)  # (fused head, chain called)
+        handle.remove()
+        assert seen == [(2, 11), (2, 40, 5, 5)]
     got = chain.classify(x, pool, dropout, linear)  # grad enabled, parameters require grad
     assert got.requires_grad and got.grad_fn is not None
     got.sum().backward()

@@ -74,7 +74,8 @@ class JointChain(nn.Sequential):
         blocks = list(self._modules.values())
         head_modules = (pool, dropout, classifier)
         traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        if not traced:
+        # (the plan calls neither this chain nor its blocks: hooks on the chain need the modules)
+        if not traced and not (self._forward_hooks or self._forward_pre_hooks):
             plan = self.__dict__.get("_head_plan")
             if plan is not None and plan.matches(blocks, x, head_modules):
                 y = plan.run(x)
