@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lwkernels
-from lwkernels import JointBlock, JointChain
+from lwkernels import ConvBNAct, JointBlock, JointChain
 from lwkernels.cpu.prepared_chain import PreparedChain
 from lwkernels.models import LightweightNet, MobileNetV1
 from lwkernels.nn.chain import classify, plain_head
@@ -153,3 +153,31 @@ def test_models_classify_through_the_fused_head(model_class):
                                     reference.pool, getattr(reference, "dropout", None), reference.classifier), want)
     assert torch.equal(first, again)
     torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_convbnact_stem_joins_the_plan():
+    stem = randomize_(ConvBNAct(3, 16, 3, stride=2, padding=1), seed=9).eval()
+    chain, pool, dropout, linear = _parts(specs=SPECS[1:])
+    x = _x(2, 3, 40, 40)
+    with torch.no_grad():
+        first = chain.classify(x, pool, dropout, linear, stem)
+        plan = _head_plan(chain)
+        again = chain.classify(x, pool, dropout, linear, stem)
+        assert chain.__dict__["_head_plan"] is plan and plan.matches(list(chain), x, (pool, dropout, linear), stem)
+        assert torch.equal(again, first)
+        torch.testing.assert_close(first, plain_head(chain(stem(x)), pool, dropout, linear), rtol=1e-5, atol=1e-5)
+        stem[0].weight.mul_(-1)  # what the stem reads is watched
+        got = chain.classify(x, pool, dropout, linear, stem)
+        torch.testing.assert_close(got, plain_head(chain(stem(x)), pool, dropout, linear), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, first)
+        seen = []
+        for module in (stem, stem[0]):  # hooks on the stem or its conv: called (the conv's by PyTorch's)
+            handle = module.register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+            torch.testing.assert_close(chain.classify(x, pool, dropout, linear, stem), got, rtol=1e-5, atol=1e-5)
+            handle.remove()
+        assert seen == ["ConvBNAct", "Conv2d"]
+        other = randomize_(nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU()), seed=9).eval()
+        for _ in range(2):  # not a ConvBNAct: it runs as a module, and the plan does not take it
+            torch.testing.assert_close(chain.classify(x, pool, dropout, linear, other),
+                                       plain_head(chain(other(x)), pool, dropout, linear), rtol=1e-5, atol=1e-5)
+            assert not _head_plan(chain).matches(list(chain), x, (pool, dropout, linear), other)

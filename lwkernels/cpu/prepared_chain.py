@@ -51,6 +51,7 @@ from .backend import ISA_ENV, native
 from .native_sequence import bind_steps
 from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
+from .prepared_dense_conv import PreparedDenseConv
 from .prepared_head import PreparedHead
 from .state_watch import StateWatch
 
@@ -99,20 +100,21 @@ def _no_hooks(blocks) -> bool:
 class PreparedChain:
     """The fused calls of one chain of JointBlocks for one input signature; see the module docstring."""
 
-    __slots__ = ("_blocks", "_calls", "_head", "_sequence", "_x_shape", "_dtype", "_memory_format", "_lock",
+    __slots__ = ("_blocks", "_calls", "_head", "_stem", "_sequence", "_x_shape", "_dtype", "_memory_format", "_lock",
                  "_watch", "_isa_env", "_valid", "__weakref__")
 
     @classmethod
     def prepare(cls, blocks: List[torch.nn.Module], x: torch.Tensor,
-                out_shapes: List[Tuple[int, int, int, int]],
-                head: Optional[PreparedHead] = None) -> "Optional[PreparedChain]":
+                out_shapes: List[Tuple[int, int, int, int]], head: Optional[PreparedHead] = None,
+                stem: Optional[Tuple[torch.nn.Module, PreparedDenseConv]] = None) -> "Optional[PreparedChain]":
         """The plan for `blocks` called in turn on `x`, right after they have been, giving outputs
         of `out_shapes`; None when the calls cannot be replayed safely. Each block must have taken
         its fused eval path just now: its own prepared call (block.py) exists and still matches.
         With `head` (prepared for the last block's output in the layout the chain runs it in), the
         plan's sequence ends with the classifier head instead of the chain's output
-        (JointChain.classify)."""
-        if not blocks or type(x) is not torch.Tensor:
+        (JointChain.classify); with `stem` too, (a ConvBNAct, its prepared call whose output is x),
+        it starts with the stem's call and takes the stem's input."""
+        if not blocks or type(x) is not torch.Tensor or (stem is not None and head is None):
             return None
         for block in blocks:
             call = block.__dict__.get("_prepared")
@@ -123,11 +125,12 @@ class PreparedChain:
         if not _dense_layout(x, memory_format):
             return None
         plan = cls.__new__(cls)
-        return plan if plan._init(blocks, x, out_shapes, memory_format, head) else None
+        return plan if plan._init(blocks, x, out_shapes, memory_format, head, stem) else None
 
-    def _init(self, blocks, x, out_shapes, memory_format, head) -> bool:
+    def _init(self, blocks, x, out_shapes, memory_format, head, stem) -> bool:
         self._blocks = tuple(blocks)
         self._head = head
+        self._stem = stem
         self._x_shape, self._dtype, self._memory_format = x.shape, x.dtype, memory_format
         # Each call is prepared on a view laid out as what it will read in the sequence, so that its
         # layout checks see what the replay does (the addresses are bound by the sequence).
@@ -146,6 +149,12 @@ class PreparedChain:
         # The same calls, bound in order: input -> work buffers, alternately -> output, with a
         # transpose wherever the layout changes and one back to the caller's at the end.
         steps: List[Tuple] = []
+        if stem is not None:
+            stem_call = stem[1]
+            if tuple(stem_call.out_shape) != tuple(x.shape) or stem_call.dtype != x.dtype \
+                    or stem_call.memory_format != memory_format:
+                return False
+            steps.append(("call", stem_call, False))
         fmt = memory_format
         for call, shape, want in zip(self._calls, in_shapes, formats):
             if want != fmt:
@@ -160,6 +169,8 @@ class PreparedChain:
                 return False
             steps.append(("call", head, False))
         self._sequence = bind_steps(native(), x.dtype, steps)
+        if stem is not None:  # (the plan takes the stem's input)
+            self._x_shape, self._memory_format = stem[1].x_shape, stem[1].memory_format
         # What every call read, checked in one pass per chain call (not one per block).
         states = [call.replay_state() for call in self._parts()]
         self._isa_env = states[0][1]
@@ -172,11 +183,13 @@ class PreparedChain:
         return True
 
     def _parts(self):
-        return self._calls if self._head is None else self._calls + [self._head]
+        return ([] if self._stem is None else [self._stem[1]]) + self._calls + \
+            ([] if self._head is None else [self._head])
 
-    def matches(self, blocks, x: torch.Tensor, head_modules: Tuple = ()) -> bool:
+    def matches(self, blocks, x: torch.Tensor, head_modules: Tuple = (), stem=None) -> bool:
         """True when replaying gives exactly what calling the blocks in turn (and the head of
-        `head_modules`, (pool, dropout, linear), for a plan with a head) would."""
+        `head_modules`, (pool, dropout, linear), for a plan with a head; the stem module first, for
+        a plan with a stem) would."""
         if not self._valid or type(x) is not torch.Tensor or x.shape != self._x_shape or x.dtype != self._dtype \
                 or not x.is_cpu or not _dense_layout(x, self._memory_format):
             return False
@@ -184,6 +197,10 @@ class PreparedChain:
             return False
         if (self._head is None) != (not head_modules) or \
                 (self._head is not None and any(a is not b for a, b in zip(head_modules, self._head.modules()))):
+            return False
+        if (self._stem is None) != (stem is None) or (stem is not None and not (
+                stem is self._stem[0] and not (stem._forward_hooks or stem._forward_pre_hooks)
+                and self._stem[1].serves(tuple(stem._modules.values())))):
             return False
         if not _no_hooks(self._blocks):
             return False

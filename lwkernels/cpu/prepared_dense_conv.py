@@ -173,6 +173,14 @@ class PreparedDenseConv(CallSignature):
             return False
         return not dispatcher_needed() and os.environ.get(ISA_ENV) == self._isa_env
 
+    def serves(self, children) -> bool:
+        """True while `children` are the modules it was prepared from and none has hooks (a plan
+        that replays it without calling the module checks this, the state watch and the input)."""
+        return all(a is b for a, b in zip(children, self._children)) and not _hooked(self._children)
+
+    def parameters_require_grad(self) -> bool:
+        return self._watch.requires_grad()
+
     def run(self, x: torch.Tensor) -> torch.Tensor:
         y = new_output(self._C, self._out_shape, self._dtype, self._memory_format)
         if self._pointwise:

@@ -48,4 +48,4 @@ class MobileNetV1(ReferenceConvertible, nn.Module):
         self.classifier = nn.Linear(c_prev, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return classify(self.features, self.stem(x), self.pool, self.dropout, self.classifier)
+        return classify(self.features, x, self.pool, self.dropout, self.classifier, stem=self.stem)

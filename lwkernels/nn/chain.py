@@ -9,6 +9,7 @@ from ..cpu.prepared_head import PreparedHead, head_modules_fit
 from ..ops.contract import output_memory_format
 from ..ops.inference import dispatcher_needed
 from .block import JointBlock
+from .conv_bn_act import ConvBNAct
 
 
 class JointChain(nn.Sequential):
@@ -62,26 +63,28 @@ class JointChain(nn.Sequential):
         return y
 
     def classify(self, x: torch.Tensor, pool: nn.Module, dropout: "nn.Module | None",
-                 classifier: nn.Module) -> torch.Tensor:
-        """``classifier(dropout(torch.flatten(pool(self(x)), 1)))``: a classification model's head
-        after its chain (``dropout`` may be None), as lwkernels' models call it.
+                 classifier: nn.Module, stem: "nn.Module | None" = None) -> torch.Tensor:
+        """``classifier(dropout(torch.flatten(pool(self(stem(x))), 1)))``: a classification model's
+        head after its chain (``dropout`` and ``stem`` may be None), as lwkernels' models call it.
 
         In eager CPU inference, with average pooling to 1 x 1, an eval-mode (or no) dropout and an
         nn.Linear, the head runs as one more fused call (cpu/prepared_head.py) at the end of the
         chain's native sequence: PyTorch's pooling and linear layer, run right after the blocks,
         found their code and data evicted and cost 0.1-0.2 ms at batch 1. Every call returns the
-        same values, which equal PyTorch's head up to rounding. Anything else runs the modules."""
+        same values, which equal PyTorch's head up to rounding. A ConvBNAct ``stem`` on its native
+        path joins the same call, ahead of the blocks. Anything else runs the modules."""
         blocks = list(self._modules.values())
         head_modules = (pool, dropout, classifier)
         traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
         # (the plan calls neither this chain nor its blocks: hooks on the chain need the modules)
         if not traced and not (self._forward_hooks or self._forward_pre_hooks):
             plan = self.__dict__.get("_head_plan")
-            if plan is not None and plan.matches(blocks, x, head_modules):
+            if plan is not None and plan.matches(blocks, x, head_modules, stem):
                 y = plan.run(x)
                 if y is not None:
                     return y.flatten(1)
-        features = self(x)
+        chain_input = x if stem is None else stem(x)
+        features = self(chain_input)
         head = None
         if not traced and self._fused_inference(blocks, features) and head_modules_fit(*head_modules) \
                 and not (torch.is_grad_enabled() and any(p.requires_grad for p in classifier.parameters())):
@@ -94,8 +97,10 @@ class JointChain(nn.Sequential):
             return plain_head(features, pool, dropout, classifier)
         y = head.run(features)
         chain_plan = self.__dict__.get("_plan")
-        if chain_plan is not None and chain_plan.matches(blocks, x):
-            self.__dict__["_head_plan"] = PreparedChain.prepare(blocks, x, chain_plan.out_shapes, head)
+        stem_part = _stem_part(stem, x)
+        if chain_plan is not None and chain_plan.matches(blocks, chain_input) and stem_part is not False:
+            self.__dict__["_head_plan"] = PreparedChain.prepare(blocks, chain_input, chain_plan.out_shapes, head,
+                                                                stem_part)
         return y
 
     def _fused_inference(self, blocks, y: torch.Tensor) -> bool:
@@ -111,6 +116,18 @@ class JointChain(nn.Sequential):
         return state
 
 
+def _stem_part(stem, x: torch.Tensor):
+    """(stem, its prepared call) for a plan to start with, None without a stem, False when the stem
+    cannot join one (not a ConvBNAct on its native path for x, or hooks on it)."""
+    if stem is None:
+        return None
+    call = stem.__dict__.get("_prepared") if type(stem) is ConvBNAct else None
+    children = tuple(stem._modules.values())
+    if call is None or stem._forward_hooks or stem._forward_pre_hooks or not call.matches(children, x):
+        return False
+    return stem, call
+
+
 def plain_head(features: torch.Tensor, pool: nn.Module, dropout: "nn.Module | None",
                classifier: nn.Module) -> torch.Tensor:
     """``classifier(dropout(torch.flatten(pool(features), 1)))`` by the modules themselves."""
@@ -119,9 +136,9 @@ def plain_head(features: torch.Tensor, pool: nn.Module, dropout: "nn.Module | No
 
 
 def classify(features: nn.Module, x: torch.Tensor, pool: nn.Module, dropout: "nn.Module | None",
-             classifier: nn.Module) -> torch.Tensor:
-    """A model's ``features`` then its head: JointChain.classify for a JointChain, the modules one
-    after the other for anything else (a model after to_reference, say)."""
+             classifier: nn.Module, stem: "nn.Module | None" = None) -> torch.Tensor:
+    """A model's ``stem`` (if any), ``features``, then its head: JointChain.classify for a
+    JointChain, the modules one after the other for anything else (a model after to_reference, say)."""
     if isinstance(features, JointChain):
-        return features.classify(x, pool, dropout, classifier)
-    return plain_head(features(x), pool, dropout, classifier)
+        return features.classify(x, pool, dropout, classifier, stem)
+    return plain_head(features(x if stem is None else stem(x)), pool, dropout, classifier)
