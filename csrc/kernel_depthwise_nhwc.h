@@ -176,8 +176,9 @@ constexpr int64_t kDwWindowBytes = int64_t(24) << 10;
 // The channels of one sweep over the tile's pixels: all of [c_lo, c_hi) while their row window fits
 // a few times kDwWindowBytes (L2 then serves it well), else the most whole groups of 4 vectors (the
 // inside path's widest group; splitting 32-128 channels into single-vector chunks measured 10-25%
-// slower on 112x112 images at batch 8) whose window fits kDwWindowBytes. Wide, shallow images at batch 8 (1152 channels at 7x7: a 161 KiB window) ran
-// their depthwise up to 30% faster in L1-sized channel chunks.
+// slower on 112x112 images at batch 8) whose window fits kDwWindowBytes. Wide, shallow images at
+// batch 8 (1152 channels at 7x7: a 161 KiB window) ran their depthwise up to 30% faster in
+// L1-sized channel chunks.
 template <class V>
 int64_t dw_nhwc_channel_chunk(const Plan<typename V::T>& pl, int64_t channels) {
   constexpr int64_t unit = 4 * V::W;

@@ -100,8 +100,8 @@ def _no_hooks(blocks) -> bool:
 class PreparedChain:
     """The fused calls of one chain of JointBlocks for one input signature; see the module docstring."""
 
-    __slots__ = ("_blocks", "_calls", "_head", "_stem", "_sequence", "_x_shape", "_dtype", "_memory_format", "_lock",
-                 "_watch", "_isa_env", "_valid", "__weakref__")
+    __slots__ = ("_blocks", "_calls", "_head", "_stem", "_parts", "_sequence", "_x_shape", "_dtype",
+                 "_memory_format", "_lock", "_watch", "_isa_env", "_valid", "__weakref__")
 
     @classmethod
     def prepare(cls, blocks: List[torch.nn.Module], x: torch.Tensor,
@@ -169,10 +169,12 @@ class PreparedChain:
                 return False
             steps.append(("call", head, False))
         self._sequence = bind_steps(native(), x.dtype, steps)
+        # Every prepared call the sequence runs, in order (the watch, validity and grad checks).
+        self._parts = tuple(([] if stem is None else [stem[1]]) + self._calls + ([] if head is None else [head]))
         if stem is not None:  # (the plan takes the stem's input)
             self._x_shape, self._memory_format = stem[1].x_shape, stem[1].memory_format
         # What every call read, checked in one pass per chain call (not one per block).
-        states = [call.replay_state() for call in self._parts()]
+        states = [call.replay_state() for call in self._parts]
         self._isa_env = states[0][1]
         if any(isa_env != self._isa_env for _, isa_env in states):
             return False
@@ -181,10 +183,6 @@ class PreparedChain:
         self._valid = True
         _LIVE.add(self)
         return True
-
-    def _parts(self):
-        return ([] if self._stem is None else [self._stem[1]]) + self._calls + \
-            ([] if self._head is None else [self._head])
 
     def matches(self, blocks, x: torch.Tensor, head_modules: Tuple = (), stem=None) -> bool:
         """True when replaying gives exactly what calling the blocks in turn (and the head of
@@ -204,7 +202,7 @@ class PreparedChain:
             return False
         if not _no_hooks(self._blocks):
             return False
-        parts = self._parts()
+        parts = self._parts
         if not self._watch.unchanged() or os.environ.get(ISA_ENV) != self._isa_env \
                 or not all(call.valid for call in parts):
             return False
@@ -222,7 +220,7 @@ class PreparedChain:
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            last = self._parts()[-1]
+            last = self._parts[-1]
             y = new_output(native(), last.out_shape, self._dtype,
                            self._memory_format if self._head is None else torch.contiguous_format)
             self._sequence.run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())

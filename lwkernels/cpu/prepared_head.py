@@ -14,8 +14,9 @@ the last place of PyTorch's pooling.
 
 Replayed while the three modules are the ones it was prepared with (an nn.AdaptiveAvgPool2d to 1 x 1,
 an nn.Dropout in eval mode or none, an nn.Linear), their settings and the linear layer's parameters
-are unchanged (same objects, same versions), none has hooks, and LWKERNELS_CPU_ISA is unchanged;
-the caller checks the input and autograd as for a JointBlock's prepared call.
+are unchanged (same objects, same versions), none has hooks, and LWKERNELS_CPU_ISA is unchanged:
+the chain plan that binds it checks the modules' identity (modules()), its watch (replay_state()),
+the input and autograd, as for the blocks' prepared calls.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def head_modules_fit(pool, dropout, linear) -> bool:
     a linear layer, none of them with hooks."""
     if not _pools_to_one(pool) or type(linear) is not nn.Linear:
         return False
-    if dropout is not None and not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)):
+    inert_dropout = type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)
+    if dropout is not None and not inert_dropout:
         return False
     return not any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in (pool, dropout, linear))
 
@@ -104,19 +106,6 @@ class PreparedHead(CallSignature):
         self._valid = True
         _LIVE.add(self)
         return True
-
-    def matches(self, pool, dropout, linear, x: torch.Tensor) -> bool:
-        """True when these modules and this input are the ones prepared for and nothing they hold
-        changed (the caller checks autograd and the dispatcher)."""
-        if not self._valid or any(a is not b for a, b in zip((pool, dropout, linear), self._modules)):
-            return False
-        if type(x) is not torch.Tensor or x.shape != self._x_shape or x.dtype != self._dtype or not x.is_cpu \
-                or not _dense_layout(x, self._memory_format):
-            return False
-        return self.state_unchanged()
-
-    def state_unchanged(self) -> bool:
-        return self._valid and self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env
 
     def modules(self) -> Tuple:
         """(pool, dropout, linear) as prepared."""
