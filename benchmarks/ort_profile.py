@@ -13,6 +13,10 @@ MobileNetV1 at 224, or a torchvision model after fuse(), e.g. ``torchvision:mnas
   keeps it through its graph rewrites); reorders and the like are listed by their own names.
 - All three take turns in rounds with pauses between them (harness.time_in_rounds' method), and
   the whole-call medians are timed the same way without hooks or profiler.
+- Hooks break lwkernels' native sequences (a model's fused calls run by one native call) into
+  module calls, so the per-layer lwkernels column is the modules' cost, not the sequence's; a
+  second table times every kernel call inside the sequences by their own clock
+  (NativeSequence/PreparedChain.time_steps), over whole calls without hooks.
 
 Tables give medians over all calls (a layer's ORT time is the sum of its nodes' medians), and the
 fastest call (sum of the nodes' fastest), a floor that other processes' load inflates less. The
@@ -153,6 +157,8 @@ def profile(name: str, batch: int, min_time: float, rounds: int, idle_cpu, tmp: 
                      "onnxruntime_ms": seconds * 1e3, "lwkernels_fastest_ms": None,
                      "onnxruntime_fastest_ms": ort_fastest[layer] * 1e3, "ort_ops": ort_ops[layer]})
 
+    steps = _native_step_times(w.fused, fns["lwkernels"], max(20, rounds * 10))
+
     graph = onnx.load(prefix + "-optimized.onnx").graph
     ops = collections.Counter(f"{n.domain + ':' if n.domain else ''}{n.op_type}" for n in graph.node)
     fused_acts = collections.Counter(
@@ -160,8 +166,30 @@ def profile(name: str, batch: int, min_time: float, rounds: int, idle_cpu, tmp: 
     layouts = [n.name for n in graph.node if n.op_type.startswith("Reorder")]
     return {"workload": name, "batch": batch, "input": list(w.x.shape), "whole_ms": {p: t * 1e3 for p, t in whole.items()},
             "whole_fastest_ms": {p: t * 1e3 for p, t in fastest.items()},
-            "rows": rows, "ort_graph": {"ops": dict(ops), "fused_activations": dict(fused_acts), "reorders": layouts,
+            "rows": rows, "native_steps": steps, "ort_graph": {"ops": dict(ops), "fused_activations": dict(fused_acts), "reorders": layouts,
                                         "nodes": len(graph.node)}}
+
+
+def _native_step_times(model, call, runs: int) -> List[Dict]:
+    """Every kernel call inside lwkernels' native sequences (the calls of step 2's hooks break those
+    sequences up): the sequences' own clock, over `runs` whole calls without hooks, in order."""
+    from lwkernels.cpu.native_sequence import native_plans
+
+    plans = native_plans(model)
+    seconds: Dict[tuple, List[float]] = collections.defaultdict(list)
+    labels: Dict[tuple, str] = {}
+    for _ in range(runs):
+        for plan in plans:
+            plan.time_steps(True)  # (drops the last call's: a plan this call does not run stays empty)
+        call()
+        for i, plan in enumerate(plans):
+            for j, (label, s) in enumerate(zip(plan.step_labels(), plan.step_seconds())):
+                seconds[(i, j)].append(s)
+                labels[(i, j)] = label
+    for plan in plans:
+        plan.time_steps(False)
+    return [{"step": labels[k], "ms": statistics.median(v) * 1e3, "fastest_ms": min(v) * 1e3, "calls": len(v)}
+            for k, v in sorted(seconds.items())]
 
 
 def _fmt(v, digits=3):
@@ -197,6 +225,15 @@ def to_markdown(result: Dict) -> str:
                  f"{sums['onnxruntime_ms']:.3f} | {sums['onnxruntime_ms'] / sums['lwkernels_ms']:.2f}x | "
                  f"{sums['lwkernels_fastest_ms']:.3f} | {sums['onnxruntime_fastest_ms']:.3f} | "
                  f"{sums['onnxruntime_fastest_ms'] / sums['lwkernels_fastest_ms']:.2f}x | |")
+    steps = result.get("native_steps") or []
+    if steps:
+        total = sum(r["ms"] for r in steps)
+        lines += ["", "Inside lwkernels' native calls (whole calls, no hooks; each kernel call timed by the "
+                  "sequence itself):", "", "| kernel call | median ms | fastest ms |", "|---|---:|---:|"]
+        lines += [f"| {r['step']} | {r['ms']:.3f} | {r['fastest_ms']:.3f} |" for r in steps]
+        lines.append(f"| sum | {total:.3f} | {sum(r['fastest_ms'] for r in steps):.3f} |")
+        lines += ["", f"The whole call's median ({whole['lwkernels']:.3f} ms) less the kernel calls': "
+                  f"{whole['lwkernels'] - total:.3f} ms outside them (Python, the ops PyTorch runs)."]
     g = result["ort_graph"]
     lines += ["", f"ORT's optimised graph: {g['nodes']} nodes: "
               + ", ".join(f"{n} {op}" for op, n in sorted(g["ops"].items(), key=lambda kv: -kv[1]))

@@ -1,6 +1,7 @@
 #include "call_sequence.h"
 
 #include <algorithm>
+#include <chrono>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -181,6 +182,12 @@ void CallSequence<T>::FreeAligned::operator()(T* p) const {
 }
 
 template <typename T>
+void CallSequence<T>::set_step_timing(bool on) {
+  step_timing_ = on;
+  step_seconds_.clear();
+}
+
+template <typename T>
 void CallSequence<T>::run(const T* x, T* y, int num_threads) {
   if (steps_.empty()) throw std::invalid_argument("CallSequence: no calls to run");
   if ((x == nullptr && input_elems_ > 0) || (y == nullptr && output_elems_ > 0)) {
@@ -199,13 +206,22 @@ void CallSequence<T>::run(const T* x, T* y, int num_threads) {
   }
   const int64_t in_per_image = batch > 0 ? input_elems_ / batch : 0;
   const int64_t out_per_image = batch > 0 ? output_elems_ / batch : 0;
+  if (step_timing_) step_seconds_.assign(steps_.size(), 0.0);
   int64_t n0 = 0;
   do {  // (once for a batch of 0)
     const int64_t images = std::min(group, batch - n0);
     // (no call writes the input slot)
     T* slots[4] = {x ? const_cast<T*>(x) + n0 * in_per_image : nullptr, y ? y + n0 * out_per_image : nullptr,
                    work[0], work[1]};
-    for (Step& step : steps_) step(slots, images, num_threads);
+    if (step_timing_) {
+      for (std::size_t i = 0; i < steps_.size(); ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        steps_[i](slots, images, num_threads);
+        step_seconds_[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      }
+    } else {
+      for (Step& step : steps_) step(slots, images, num_threads);
+    }
     n0 += images;
   } while (n0 < batch);
 }

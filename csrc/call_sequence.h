@@ -69,6 +69,13 @@ class CallSequence {
   int64_t image_group() const;
   static constexpr int64_t kGroupBytes = int64_t(12) << 20;
 
+  // Per-step wall times, for profiling inside one native call (forward hooks cannot see its
+  // calls): while on, every run records how long each call took, summed over the image groups.
+  // Either way the last run's times are dropped.
+  void set_step_timing(bool on);
+  // Seconds per call of the last timed run, in the order added (empty before one).
+  const std::vector<double>& step_seconds() const { return step_seconds_; }
+
   std::size_t size() const { return steps_.size(); }
   // Elements each end of the sequence expects (0 before the first call is added).
   int64_t input_elems() const { return input_elems_; }
@@ -94,6 +101,8 @@ class CallSequence {
   int64_t widest_call_elems_ = 0;  // the most input + output elements of one call
   bool groupable_ = true;          // false when the output slot also serves as a work slot
   int64_t image_group_ = 0;        // set_image_group's
+  bool step_timing_ = false;
+  std::vector<double> step_seconds_;
   struct FreeAligned {
     void operator()(T* p) const;
   };

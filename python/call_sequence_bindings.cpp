@@ -2,6 +2,7 @@
 // Operands cross as raw data addresses (0 for "absent"), as in bindings.cpp; the Python layer keeps
 // the tensors behind them alive and unchanged while the sequence exists.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <memory>
@@ -90,6 +91,10 @@ void bind_sequence(py::module_& m, const char* name) {
       .def("set_image_group", &Seq::set_image_group, py::arg("images"),
            "Images per group of a run: 0 (default) from the cache budget, n > 0 n at a time.")
       .def_property_readonly("image_group", &Seq::image_group)
+      .def("set_step_timing", &Seq::set_step_timing, py::arg("on"),
+           "While on, each run records how long every call took (step_seconds).")
+      .def_property_readonly("step_seconds", &Seq::step_seconds,
+                             "Seconds per call of the last timed run, in the order added.")
       .def("__len__", &Seq::size)
       .def_property_readonly("input_elems", &Seq::input_elems)
       .def_property_readonly("output_elems", &Seq::output_elems);

@@ -5,6 +5,8 @@ sequence too; a busy sequence or another input signature goes the Python way. Jo
 runs its blocks the same way (cpu/prepared_chain.py)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -217,7 +219,7 @@ def test_joint_chain_runs_its_blocks_as_one_sequence():
         for _ in range(3):
             got = chain(x)
         plan = chain.__dict__.get("_plan")
-        assert isinstance(plan, PreparedChain) and len(plan._sequence) == 6
+        assert isinstance(plan, PreparedChain) and len(plan._seq) == 6
     assert torch.equal(got, want) and got.is_contiguous()
 
 
@@ -310,7 +312,7 @@ def test_a_batch_larger_than_the_cache_budget_runs_in_groups():
     with torch.no_grad():
         for _ in range(3):
             got = chain(x)
-        seq = chain.__dict__["_plan"]._sequence
+        seq = chain.__dict__["_plan"]._seq
         assert 1 <= seq.image_group < 3
         seq.set_image_group(3)
         assert seq.image_group == 3
@@ -339,3 +341,43 @@ def test_call_sequence_rejects_calls_of_another_batch_and_a_negative_group():
     with pytest.raises(ValueError, match="image group"):
         seq.set_image_group(-1)
     assert len(seq) == 1
+
+
+def test_step_times_cover_every_call_of_a_run():
+    model = _fused()
+    x = _input()
+    with torch.no_grad():
+        want = _warm(model, x)
+        native = _replay(model)._native
+        assert native.step_seconds() == []  # (off by default)
+        native.time_steps(True)
+        start = time.perf_counter()
+        got = model(x)
+        wall = time.perf_counter() - start
+        seconds, labels = native.step_seconds(), native.step_labels()
+        native.time_steps(False)
+        assert native.step_seconds() == []
+    assert torch.equal(got, want)  # (timing changes nothing)
+    assert len(seconds) == len(labels) == len(native)
+    assert all(s > 0 for s in seconds) and sum(seconds) <= wall
+    calls = [label for label in labels if not label.startswith("transpose")]
+    assert len(calls) == len(native._calls) and all(" -> " in label for label in calls)
+
+
+def test_a_model_plan_times_its_stem_blocks_and_head():
+    from lwkernels.models import MobileNetV1
+
+    model = randomize_(MobileNetV1(num_classes=10, width_mult=0.25), seed=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            want = model(x)
+        plan = model.features.__dict__["_head_plan"]
+        plan.time_steps(True)
+        got = model(x)
+        seconds, labels = plan.step_seconds(), plan.step_labels()
+        plan.time_steps(False)
+    assert torch.equal(got, want)
+    assert len(seconds) == len(labels) == len(plan._seq) and all(s > 0 for s in seconds)
+    assert labels[0].startswith("PreparedDenseConv (2, 3, 64, 64)") and labels[-1].startswith("PreparedHead")
+    assert sum(label.startswith("PreparedCall") for label in labels) == len(model.features)

@@ -54,11 +54,41 @@ def bind_steps(_C, dtype: torch.dtype, steps: Sequence[Tuple]):
     return seq
 
 
-class NativeSequence:
+def step_label(step: Tuple) -> str:
+    """What a bind_steps() step is, for profiles: the prepared call's kind and shapes, or a transpose."""
+    if step[0] == "transpose":
+        return f"transpose {'NCHW->NHWC' if step[2] else 'NHWC->NCHW'} {tuple(step[1])}"
+    call = step[1]
+    return f"{type(call).__name__} {tuple(call.x_shape)} -> {tuple(call.out_shape)}"
+
+
+class StepTiming:
+    """Per-call wall times inside one native call, where forward hooks see nothing (profiling: a
+    model's fused modules are not called one by one on this path). For classes holding the
+    CallSequence in `_seq` and the bind_steps() steps it was made of in `_steps`."""
+
+    __slots__ = ()
+
+    def step_labels(self) -> List[str]:
+        """What each call of the sequence is, in order: the labels of step_seconds()."""
+        return [step_label(step) for step in self._steps]
+
+    def time_steps(self, on: bool = True) -> None:
+        """Record every call's wall time in the runs that follow (a clock read per call), or stop;
+        either way the last run's times are dropped."""
+        self._seq.set_step_timing(on)
+
+    def step_seconds(self) -> List[float]:
+        """Seconds each call took in the last run while time_steps() was on (summed over the image
+        groups); empty before such a run."""
+        return list(self._seq.step_seconds)
+
+
+class NativeSequence(StepTiming):
     """The calls of a replay as one CallSequence for one input signature; see the module docstring."""
 
     __slots__ = ("_seq", "_C", "_x_shape", "_dtype", "_memory_format", "_out_shape", "_out_format", "_lock",
-                 "_calls")
+                 "_calls", "_steps")
 
     @classmethod
     def build(cls, items: Sequence[Item], x: torch.Tensor, _C) -> "Optional[NativeSequence]":
@@ -99,8 +129,14 @@ class NativeSequence:
         plan._x_shape, plan._dtype, plan._memory_format = x.shape, x.dtype, output_memory_format(x)
         plan._out_shape, plan._out_format = shape, fmt
         plan._calls = tuple(op[1] for op in ops if op[0] == "call")  # the operands' owners stay alive
+        plan._steps = tuple(ops)
         plan._lock = threading.Lock()
         return plan
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of the inputs it takes (and of its output: the replay restores it)."""
+        return self._memory_format
 
     def matches(self, x: torch.Tensor) -> bool:
         return type(x) is torch.Tensor and x.shape == self._x_shape and x.dtype == self._dtype and x.is_cpu \
@@ -119,3 +155,20 @@ class NativeSequence:
 
     def __len__(self) -> int:
         return len(self._seq)
+
+
+def native_plans(model) -> List[StepTiming]:
+    """The native sequences `model`'s fused containers have prepared so far (LayoutSequential
+    replays, JointChain plans with or without their head), for profiling with StepTiming."""
+    plans: List[StepTiming] = []
+    for module in model.modules():
+        for layout_plan in module.__dict__.get("_layout_plans", {}).values():
+            replay = layout_plan.replay
+            native = replay._native if replay is not None else None
+            if native:
+                plans.append(native)
+        for key in ("_plan", "_head_plan"):
+            chain_plan = module.__dict__.get(key)
+            if chain_plan is not None and chain_plan._seq is not None:  # (None: cleared)
+                plans.append(chain_plan)
+    return plans

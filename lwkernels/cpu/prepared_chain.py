@@ -48,7 +48,7 @@ from ..ops.contract import output_memory_format
 from ..ops.inference import dispatcher_needed
 from ..nn.folding import uses_running_stats
 from .backend import ISA_ENV, native
-from .native_sequence import bind_steps
+from .native_sequence import StepTiming, bind_steps
 from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
@@ -97,10 +97,10 @@ def _no_hooks(blocks) -> bool:
     return not any(b._forward_hooks or b._forward_pre_hooks for b in blocks)
 
 
-class PreparedChain:
+class PreparedChain(StepTiming):
     """The fused calls of one chain of JointBlocks for one input signature; see the module docstring."""
 
-    __slots__ = ("_blocks", "_calls", "_head", "_stem", "_parts", "_sequence", "_x_shape", "_dtype",
+    __slots__ = ("_blocks", "_calls", "_head", "_stem", "_parts", "_seq", "_steps", "_x_shape", "_dtype",
                  "_memory_format", "_lock", "_watch", "_isa_env", "_valid", "__weakref__")
 
     @classmethod
@@ -168,7 +168,7 @@ class PreparedChain:
             if tuple(head.x_shape) != tuple(out_shapes[-1]) or head.dtype != x.dtype:
                 return False
             steps.append(("call", head, False))
-        self._sequence = bind_steps(native(), x.dtype, steps)
+        self._seq, self._steps = bind_steps(native(), x.dtype, steps), tuple(steps)
         # Every prepared call the sequence runs, in order (the watch, validity and grad checks).
         self._parts = tuple(([] if stem is None else [stem[1]]) + self._calls + ([] if head is None else [head]))
         if stem is not None:  # (the plan takes the stem's input)
@@ -223,14 +223,14 @@ class PreparedChain:
             last = self._parts[-1]
             y = new_output(native(), last.out_shape, self._dtype,
                            self._memory_format if self._head is None else torch.contiguous_format)
-            self._sequence.run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+            self._seq.run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
             return y
         finally:
             self._lock.release()
 
     def invalidate(self) -> None:
         self._valid = False
-        self._sequence = None  # (frees its work buffers)
+        self._seq = None  # (frees its work buffers)
 
 
 def invalidate_all() -> None:
