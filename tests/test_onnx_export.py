@@ -153,3 +153,29 @@ def test_inverted_residual_op_and_module_export(exporter, acts, single_thread):
     with torch.no_grad():
         expected = module(x)
     _assert_same(_run_ort(_export(module, [x], exporter), [x]), expected)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_replaying_layout_sequential_exports_its_members(exporter, single_thread):
+    """fuse()'s container, once eager calls have prepared its replay as one native call: an export
+    must still see the members' ops (both exporters trace with torch.jit or torch.export, which the
+    container checks), and the exported model computes what the container does."""
+    from lwkernels.nn.layout_sequential import LayoutSequential
+
+    members = [lwkernels.ConvBNAct(3, 16, 3, stride=2)]
+    members += [JointBlock(16 if i == 0 else 24, 24) for i in range(4)]  # (a channels-last run)
+    members += [lwkernels.InvertedResidual(24, 24, 4)]
+    seq = randomize_(LayoutSequential(*members), seed=7).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(3):
+            expected = seq(x)
+    (plan,) = seq.__dict__["_layout_plans"].values()
+    assert plan.replay is not None and plan.replay._native  # (the export below starts from a replay)
+    with torch.no_grad():  # (as a deployment script exports; with grad on no replay would run anyway)
+        data = _export(seq, [x], exporter)
+        other = torch.randn(1, 3, 32, 32)  # (a graph that recorded no ops would return x's output)
+        expected_other = seq(other)
+    assert "Conv" in set(_op_nodes(data))
+    _assert_same(_run_ort(data, [x]), expected)
+    _assert_same(_run_ort(data, [other]), expected_other)
