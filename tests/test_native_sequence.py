@@ -173,7 +173,8 @@ def test_an_input_of_another_layout_goes_the_python_way():
         assert not native.matches(x.contiguous(memory_format=CL))
         assert not native.matches(x[:1])
         assert native.matches(x)
-        got = _replay(model).run(x.contiguous(memory_format=CL))  # (its members check their inputs)
+        got = _replay(model).run(x.contiguous(memory_format=CL), CL)  # (its members check their inputs)
+        assert got.is_contiguous(memory_format=CL)
         assert torch.equal(got.contiguous(), want.contiguous())
 
 

@@ -35,7 +35,7 @@ from torch.nn.modules import module as _module_globals
 
 from ..nn.conv_bn_act import ConvBNAct
 from ..nn.member_calls import member_calls
-from ..ops.inference import dispatcher_needed
+from ..ops.inference import dispatcher_needed, modes_active
 from .backend import ISA_ENV, native as _native_module
 from .native_sequence import NativeSequence
 from .prepared_call import PreparedCall, _dense_layout
@@ -130,16 +130,18 @@ class PreparedSequence:
             previous = call
         return (signature, tuple(runs)), watches
 
-    def matches(self) -> bool:
+    def matches(self, eager_checked: bool = False) -> bool:
         """True when replaying gives what calling the members it was prepared from would (the caller
         holds those members and checks that the container still does; the input is checked per
-        member)."""
+        member). eager_checked: the caller has just seen that nothing compiles or traces, so only
+        modes and transforms are left to check."""
         if not self._valid:
             return False
         g = _module_globals
         if g._global_forward_hooks or g._global_forward_pre_hooks:
             return False
-        return self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env and not dispatcher_needed()
+        return self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env \
+            and not (modes_active() if eager_checked else dispatcher_needed())
 
     def _native_items(self) -> Optional[list]:
         """The replay as NativeSequence items; None when a member is called as a module."""
@@ -155,17 +157,17 @@ class PreparedSequence:
                 items += [("call", call, residual_is_input) for _run, residual_is_input, call in runs]
         return items
 
-    def run(self, x: torch.Tensor, out_format: Optional[torch.memory_format] = None) -> torch.Tensor:
-        """The members' output for `x`, before the container restores the input's layout, which is
-        `out_format` (a function of x's layout; None: not known) and which the native sequence
-        restores itself."""
+    def run(self, x: torch.Tensor, out_format: torch.memory_format) -> torch.Tensor:
+        """The members' output for `x`, a 4-D one in `out_format`: x's own memory format (the
+        caller, LayoutSequential, has checked that x is a CPU tensor dense in it, of the shape and
+        dtype this replay was prepared for)."""
         native = self._native
         if native is None:
             items = self._native_items() if self.use_native else None
-            if items is not None and out_format is not None:
+            if items is not None:
                 items.append(("layout", out_format))
             native = self._native = (items is not None and NativeSequence.build(items, x, _native_module())) or False
-        if native and native.matches(x):
+        if native and type(x) is torch.Tensor and native.memory_format == out_format:
             y = native.run(x)
             if y is not None:
                 return y
@@ -185,6 +187,8 @@ class PreparedSequence:
                 continue
             for run, residual_is_input, _call in runs:
                 x = run(x, x if residual_is_input else None)
+        if isinstance(x, torch.Tensor) and x.dim() == 4:  # (a classifier's output has no layout)
+            x = x.contiguous(memory_format=out_format)
         return x
 
     def invalidate(self) -> None:

@@ -12,6 +12,7 @@ depthwise-separable stack such as MobileNetV1's) runs channels-last, as JointCha
 """
 from __future__ import annotations
 
+import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -148,7 +149,7 @@ class LayoutSequential(nn.Sequential):
         plans = self.__dict__.setdefault("_layout_plans", {})
         key = (tuple(x.shape), x.dtype)
         plan = plans.get(key)
-        if plan is None or len(plan.members) != len(members) or any(a is not b for a, b in zip(plan.members, members)):
+        if plan is None or len(plan.members) != len(members) or not all(map(operator.is_, plan.members, members)):
             if len(plans) >= _MAX_PLANS:
                 plans.clear()
             y, formats = self._run_recording(x, members)
@@ -156,11 +157,10 @@ class LayoutSequential(nn.Sequential):
             return y
         out_format = _NCHW if x.is_contiguous() else _CL
         if REPLAY_MEMBERS and plan.replayable():
-            y = plan.replay.run(x, out_format)
-        else:
-            y = self._run_in_layouts(x, members, plan.formats)
-            if REPLAY_MEMBERS:
-                plan.ran_as_modules()
+            return plan.replay.run(x, out_format)  # (in out_format already)
+        y = self._run_in_layouts(x, members, plan.formats)
+        if REPLAY_MEMBERS:
+            plan.ran_as_modules()
         if isinstance(y, torch.Tensor) and y.dim() == 4:  # (a classifier's output has no layout to restore)
             y = y.contiguous(memory_format=out_format)
         return y
@@ -238,7 +238,7 @@ class _Plan:
         replay = self.replay
         if replay is None:
             return False
-        if replay.matches():
+        if replay.matches(eager_checked=True):  # (forward() has just run _layouts_apply)
             self._replays += 1
             return True
         self.replay = None
@@ -265,8 +265,11 @@ class _Plan:
 
 
 def _layouts_apply(x) -> bool:
-    """Eager CPU inference on a 4-D float tensor in NCHW or channels_last."""
-    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"
+    """Eager CPU inference on a 4-D float tensor in NCHW or channels_last. (ONNX export needs no
+    check of its own: the TorchScript exporter traces with torch.jit, the dynamo one goes through
+    torch.export, which sets is_compiling(); torch.onnx.is_in_onnx_export() imports two modules on
+    every call, ~40 us once a model's kernels have evicted them.)"""
+    return (isinstance(x, torch.Tensor) and x.is_cpu and x.dim() == 4
             and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled()
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
             and (x.is_contiguous() or x.is_contiguous(memory_format=_CL)))

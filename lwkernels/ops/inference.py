@@ -66,6 +66,12 @@ def dispatcher_needed() -> bool:
     have no storage of their own)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
+    return modes_active()
+
+
+def modes_active() -> bool:
+    """The part of dispatcher_needed() beyond compiling and tracing (for callers that have just
+    checked those): a torch function/dispatch mode or a torch.func transform is active."""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
