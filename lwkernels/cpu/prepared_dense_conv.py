@@ -162,7 +162,10 @@ class PreparedDenseConv(CallSignature):
         return True
 
     def matches(self, children, x: torch.Tensor) -> bool:
-        if not self._valid or type(x) is not torch.Tensor or x.shape != self._x_shape or x.dtype != self._dtype \
+        # (tracers and compilers first: comparing a traced x's shape warns that the trace may be wrong)
+        if not self._valid or dispatcher_needed():
+            return False
+        if type(x) is not torch.Tensor or x.shape != self._x_shape or x.dtype != self._dtype \
                 or not x.is_cpu or not _dense_layout(x, self._memory_format):
             return False
         if any(a is not b for a, b in zip(children, self._children)):
@@ -171,7 +174,7 @@ class PreparedDenseConv(CallSignature):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self._watch.requires_grad()):
             return False
-        return not dispatcher_needed() and os.environ.get(ISA_ENV) == self._isa_env
+        return os.environ.get(ISA_ENV) == self._isa_env
 
     def serves(self, children) -> bool:
         """True while `children` are the modules it was prepared from and none has hooks (a plan
