@@ -148,15 +148,18 @@ void CallSequence<T>::add_inverted_residual(std::shared_ptr<const PackedPointwis
 
 template <typename T>
 void CallSequence<T>::add_dense_conv(const DenseConvGeometry& g, const T* weight, const T* shift,
-                                     Activation act, Isa isa, int x, int y) {
+                                     Activation act, Isa isa, int x, int y, Layout out_layout) {
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
+  if (out_layout != Layout::kNCHW && out_layout != Layout::kNHWC) {
+    throw std::invalid_argument("CallSequence: unknown output layout value");
+  }
   place(x, kNoSlot, y, g.batch, elems(g.batch, g.in_channels, g.in_h, g.in_w),
         elems(g.batch, g.out_channels, g.out_h, g.out_w));
-  steps_.push_back([g, weight, shift, act, isa, x, y](T* const* slots, int64_t images, int threads) {
+  steps_.push_back([g, weight, shift, act, isa, x, y, out_layout](T* const* slots, int64_t images, int threads) {
     DenseConvGeometry group = g;
     group.batch = images;
-    dense_conv_forward<T>(group, slots[x], weight, shift, act, slots[y], isa, threads);
+    dense_conv_forward<T>(group, slots[x], weight, shift, act, slots[y], isa, threads, out_layout);
   });
 }
 

@@ -52,8 +52,9 @@ class CallSequence {
                              const InvertedResidualGeometry& g,
                              const InvertedResidualTensors<T>& operands, int x, int residual,
                              int y);
+  // (out_layout kNHWC: the output channels-last, see dense_conv_forward)
   void add_dense_conv(const DenseConvGeometry& g, const T* weight, const T* shift, Activation act,
-                      Isa isa, int x, int y);
+                      Isa isa, int x, int y, Layout out_layout = Layout::kNCHW);
   // `batch` images of channels x pixels from NCHW to NHWC (to_nhwc) or back, by `isa`'s transpose.
   void add_transpose(int64_t batch, int64_t channels, int64_t pixels, bool to_nhwc, Isa isa, int x, int y);
 

@@ -5,6 +5,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "conv_geometry.h"
 #include "internal.h"
@@ -43,9 +44,12 @@ struct AlignedScratch {
 
 template <typename T>
 void dense_conv_forward(const DenseConvGeometry& g, const T* x, const T* weight, const T* shift,
-                        Activation act, T* y, Isa isa, int num_threads) {
+                        Activation act, T* y, Isa isa, int num_threads, Layout out_layout) {
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("dense_conv_forward: " + err);
+  if (out_layout != Layout::kNCHW && out_layout != Layout::kNHWC) {
+    throw std::invalid_argument("dense_conv_forward: unknown output layout value");
+  }
   if (g.batch == 0) return;
   if (x == nullptr || weight == nullptr || y == nullptr) {
     throw std::invalid_argument("dense_conv_forward: x, weight and y must not be null");
@@ -79,10 +83,26 @@ void dense_conv_forward(const DenseConvGeometry& g, const T* x, const T* weight,
   // A padded row must hold the copied input and everything the last vector's taps read:
   // pixels up to a whole vector past the row's end, at the stride, plus the kernel's extent.
   const int64_t vw = ops->vw * detail::kDenseConvVectors;  // pixels per pass
-  const int64_t last_px = (g.out_w + vw - 1) / vw * vw - 1;
+  const int64_t group = out_layout == Layout::kNHWC ? std::max<int64_t>(vw, detail::kDenseNhwcPixels) : vw;
+  const int64_t last_px = (g.out_w + group - 1) / group * group - 1;
   p.row_len = std::max(g.pad_w + g.in_w, last_px * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1);
   p.row_len = (p.row_len + 15) / 16 * 16;
+  p.nhwc_out = out_layout == Layout::kNHWC;
   p.scratch_elems = (p.taps * vw + g.in_channels * g.kernel_h * p.row_len + 15) / 16 * 16;
+  // NHWC output: the weights transposed to [tap][channel] and the shifts, zero-padded to whole
+  // pairs of vectors, once per call.
+  std::vector<T> nhwc_operands;
+  if (p.nhwc_out) {
+    p.co_pad = detail::dense_nhwc_channels(g.out_channels, ops->vw);
+    nhwc_operands.assign(static_cast<std::size_t>((p.taps + 1) * p.co_pad), T(0));
+    T* wt = nhwc_operands.data();
+    for (int64_t co = 0; co < g.out_channels; ++co) {
+      for (int64_t t = 0; t < p.taps; ++t) wt[t * p.co_pad + co] = weight[co * p.taps + t];
+      if (shift != nullptr) wt[p.taps * p.co_pad + co] = shift[co];
+    }
+    p.w_nhwc = wt;
+    p.shift_nhwc = wt + p.taps * p.co_pad;
+  }
   p.x = x;
   p.w = weight;
   p.shift = shift;
@@ -97,8 +117,8 @@ void dense_conv_forward(const DenseConvGeometry& g, const T* x, const T* weight,
 }
 
 template void dense_conv_forward<float>(const DenseConvGeometry&, const float*, const float*,
-                                        const float*, Activation, float*, Isa, int);
+                                        const float*, Activation, float*, Isa, int, Layout);
 template void dense_conv_forward<double>(const DenseConvGeometry&, const double*, const double*,
-                                         const double*, Activation, double*, Isa, int);
+                                         const double*, Activation, double*, Isa, int, Layout);
 
 }  // namespace lwk

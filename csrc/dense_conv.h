@@ -33,11 +33,12 @@ struct DenseConvGeometry {
 std::string validate(const DenseConvGeometry& g);
 
 // y = act(conv(x, weight) + shift) on up to `num_threads` threads. weight: [C_out][C_in][kh][kw]
-// (BatchNorm's scale already multiplied in); shift: [C_out] or null (= 0). Throws
-// std::invalid_argument on a geometry validate() rejects, a null tensor or an unsupported ISA.
-// double always runs the scalar path. x must not overlap y.
+// (BatchNorm's scale already multiplied in); shift: [C_out] or null (= 0). x is NCHW; y NCHW or,
+// with out_layout kNHWC, NHWC. Throws std::invalid_argument on a geometry validate() rejects, a
+// null tensor, an unsupported ISA or an unknown layout. double always runs the scalar path. x must
+// not overlap y.
 template <typename T>
 void dense_conv_forward(const DenseConvGeometry& g, const T* x, const T* weight, const T* shift,
-                        Activation act, T* y, Isa isa, int num_threads);
+                        Activation act, T* y, Isa isa, int num_threads, Layout out_layout = Layout::kNCHW);
 
 }  // namespace lwk

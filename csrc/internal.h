@@ -181,6 +181,8 @@ struct Plan {
 // Per-ISA entry points.
 // Pixel vectors the dense convolution computes per pass (kernel_dense_conv.h says why).
 constexpr int kDenseConvVectors = 4;
+// Pixels per group of the NHWC-output loop (kernel_dense_conv.h).
+constexpr int kDenseNhwcPixels = 8;
 
 // One call of the dense convolution (dense_conv.h): its geometry, tensors and the length of a
 // zero-padded input row in the workers' scratch (scratch_elems per worker: the tap vectors, then
@@ -195,7 +197,15 @@ struct DensePlan {
   const T* shift = nullptr;  // [CO] or null
   Activation act = Activation::kNone;
   T* y = nullptr;
+  bool nhwc_out = false;  // y is NHWC (kernel_dense_conv.h), from:
+  const T* w_nhwc = nullptr;      // [taps][co_pad]: w transposed, zeros past CO
+  const T* shift_nhwc = nullptr;  // [co_pad]: shift (or zeros), zeros past CO
+  int64_t co_pad = 0;             // dense_nhwc_channels(CO, the path's vector width)
 };
+
+// Output channels the NHWC dense convolution computes for `co` of them with `vw`-wide vectors (whole
+// pairs of vectors; its transposed weights and shifts are zero-padded to this many).
+inline int64_t dense_nhwc_channels(int64_t co, int64_t vw) { return (co + 2 * vw - 1) / (2 * vw) * (2 * vw); }
 
 template <typename T>
 struct IsaOps {

@@ -67,12 +67,13 @@ void bind_sequence(py::module_& m, const char* name) {
       .def(
           "add_dense_conv",
           [](Seq& s, const lwk::DenseConvGeometry& g, std::uintptr_t weight, std::uintptr_t shift,
-             const std::string& act, const std::string& isa, int x, int y) {
+             const std::string& act, const std::string& isa, int x, int y, const std::string& out_layout) {
             s.add_dense_conv(g, as_ptr<T>(weight), as_ptr<T>(shift),
-                             lwk_bind::activation_from_name(act), lwk_bind::isa_from_name(isa), x, y);
+                             lwk_bind::activation_from_name(act), lwk_bind::isa_from_name(isa), x, y,
+                             lwk_bind::layout_from_name(out_layout));
           },
           py::arg("geometry"), py::arg("weight"), py::arg("shift"), py::arg("act"), py::arg("isa"),
-          py::arg("x"), py::arg("y"))
+          py::arg("x"), py::arg("y"), py::arg("out_layout") = "nchw")
       .def(
           "add_transpose",
           [](Seq& s, int64_t batch, int64_t channels, int64_t pixels, bool to_nhwc, const std::string& isa,

@@ -19,16 +19,18 @@ void bind_forward(py::module_& m, const char* name) {
   m.def(
       name,
       [](const lwk::DenseConvGeometry& g, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t shift,
-         const std::string& act, std::uintptr_t y, const std::string& isa, int num_threads) {
+         const std::string& act, std::uintptr_t y, const std::string& isa, int num_threads,
+         const std::string& out_layout) {
         const lwk::Activation a = lwk_bind::activation_from_name(act);
         const lwk::Isa i = lwk_bind::isa_from_name(isa);
+        const lwk::Layout l = lwk_bind::layout_from_name(out_layout);
         py::gil_scoped_release release;
         lwk::dense_conv_forward<T>(g, reinterpret_cast<const T*>(x), reinterpret_cast<const T*>(weight),
                                    reinterpret_cast<const T*>(shift), a, reinterpret_cast<T*>(y), i,
-                                   num_threads);
+                                   num_threads, l);
       },
       py::arg("geometry"), py::arg("x"), py::arg("weight"), py::arg("shift"), py::arg("act"), py::arg("y"),
-      py::arg("isa"), py::arg("num_threads"));
+      py::arg("isa"), py::arg("num_threads"), py::arg("out_layout") = "nchw");
 }
 
 }  // namespace

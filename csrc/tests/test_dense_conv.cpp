@@ -2,7 +2,7 @@
 // grid with the awkward cases: 1-4 input channels, kernels 1-5 (rectangular too), strides 1-3,
 // dilations, no/same/large padding, images narrower than a vector or than the kernel's extent,
 // output channels that are no multiple of 4, every activation, batch > 1, 1-3 threads, every ISA
-// (float) and double; plus validation and NaN propagation.
+// (float) and double, NCHW and NHWC output; plus validation and NaN propagation.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -80,7 +80,29 @@ void run_case(DenseConvGeometry g, Activation act, bool shift, int threads, Isa 
       }
     }
   }
-  if (bad) ++g_failures;
+  // NHWC output: within the reference's tolerance of the NCHW one, every element written (the buffer
+  // starts as NaN); the very same values for the activations computed in registers (the same sums in
+  // the same order; activate_array's scalar tail may round hardswish and silu differently).
+  std::vector<T> y_nhwc(y.size(), std::numeric_limits<T>::quiet_NaN());
+  lwk::dense_conv_forward<T>(g, x.data(), w.data(), shift ? b.data() : nullptr, act, y_nhwc.data(), isa, threads,
+                             lwk::Layout::kNHWC);
+  const bool exact = act == Activation::kNone || act == Activation::kRelu || act == Activation::kRelu6;
+  int moved = 0;
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t o = 0; o < g.out_channels; ++o) {
+      for (int64_t px = 0; px < g.out_h * g.out_w; ++px) {
+        const T want = y[(n * g.out_channels + o) * g.out_h * g.out_w + px];
+        const T got = y_nhwc[(n * g.out_h * g.out_w + px) * g.out_channels + o];
+        const double tol = exact ? 0.0 : 64 * std::numeric_limits<T>::epsilon() * (1 + std::fabs(double(want)));
+        if (!(std::fabs(double(got) - double(want)) <= tol) && moved++ < 3) {
+          std::fprintf(stderr, "FAIL [%s %s] NHWC output differs at n=%lld o=%lld px=%lld: %.9g vs NCHW %.9g\n",
+                       lwk::isa_name(isa), sizeof(T) == 4 ? "f32" : "f64", (long long)n, (long long)o,
+                       (long long)px, double(got), double(want));
+        }
+      }
+    }
+  }
+  if (bad || moved) ++g_failures;
 }
 
 std::vector<Isa> isas() {
@@ -185,6 +207,14 @@ void test_validation() {
     threw = true;
   }
   CHECK(threw, "a null x is rejected");
+  threw = false;
+  try {
+    lwk::dense_conv_forward<float>(g, buf.data(), buf.data(), nullptr, Activation::kNone, buf.data() + 2048,
+                                   Isa::kScalar, 1, static_cast<lwk::Layout>(7));
+  } catch (const std::invalid_argument& e) {
+    threw = std::string(e.what()).find("layout") != std::string::npos;
+  }
+  CHECK(threw, "an unknown output layout is rejected");
 }
 
 // A NaN weight reaches every output of its channel, padded borders included (PyTorch multiplies
@@ -207,6 +237,14 @@ void test_nan_weight() {
       for (int64_t i = 0; i < 25; ++i) (o == 2 ? nan2 : nan_other) += std::isnan(y[o * 25 + i]);
     }
     CHECK(nan2 == 25 && nan_other == 0, "[%s] NaN weight: %d of 25 outputs NaN in its channel, %d elsewhere",
+          lwk::isa_name(isa), nan2, nan_other);
+    lwk::dense_conv_forward<float>(g, x.data(), w.data(), nullptr, Activation::kRelu, y.data(), isa, 2,
+                                   lwk::Layout::kNHWC);
+    nan2 = nan_other = 0;
+    for (int64_t i = 0; i < 25; ++i) {
+      for (int64_t o = 0; o < 5; ++o) (o == 2 ? nan2 : nan_other) += std::isnan(y[i * 5 + o]);
+    }
+    CHECK(nan2 == 25 && nan_other == 0, "[%s] NaN weight, NHWC output: %d of 25 NaN in its channel, %d elsewhere",
           lwk::isa_name(isa), nan2, nan_other);
   }
 }
