@@ -382,3 +382,43 @@ def test_a_model_plan_times_its_stem_blocks_and_head():
     assert len(seconds) == len(labels) == len(plan._seq) and all(s > 0 for s in seconds)
     assert labels[0].startswith("PreparedDenseConv (2, 3, 64, 64)") and labels[-1].startswith("PreparedHead")
     assert sum(label.startswith("PreparedCall") for label in labels) == len(model.features)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_stem_before_channels_last_blocks_writes_nhwc_itself(batch, monkeypatch):
+    """The stem's dense convolution followed by the transpose of its output to NHWC (the chain runs
+    its 32-channel blocks channels-last) is one kernel call writing NHWC, with exactly the values of
+    the stem and the separate transpose (a copy of the model whose plan keeps them apart)."""
+    import copy
+
+    import lwkernels.cpu.native_sequence as native_sequence
+    from lwkernels.models import MobileNetV1
+
+    model = randomize_(MobileNetV1(num_classes=10), seed=4).eval()
+    apart = copy.deepcopy(model)
+    x = torch.randn(batch, 3, 48, 40)
+    with torch.no_grad():
+        merged = [model(x) for _ in range(3)]
+        labels = model.features.__dict__["_head_plan"].step_labels()
+        monkeypatch.setattr(native_sequence, "_nhwc_output_step", lambda steps, i: False)
+        separate = [apart(x) for _ in range(3)]
+        apart_labels = apart.features.__dict__["_head_plan"].step_labels()
+    assert labels[0].startswith(f"PreparedDenseConv ({batch}, 3, 48, 40)") and labels[0].endswith("NHWC out")
+    assert not any(label.startswith("transpose NCHW->NHWC") for label in labels)
+    assert apart_labels[1].startswith("transpose NCHW->NHWC") and len(apart_labels) == len(labels) + 1
+    for got, want in zip(merged, separate):
+        assert torch.equal(got, want)
+
+
+def test_only_a_kxk_dense_conv_writes_nhwc():
+    from lwkernels import ConvBNAct
+
+    conv = randomize_(ConvBNAct(8, 16, 1, padding=0), seed=1).eval()
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        conv(x)
+    call = conv.__dict__["_prepared"]
+    assert call.pointwise and not call.writes_nhwc_alike
+    seq = native().CallSequence_f32()
+    with pytest.raises(ValueError, match="1x1"):
+        call.append_to(seq, seq.INPUT, seq.NO_SLOT, seq.OUTPUT, out_layout="nhwc")

@@ -22,6 +22,7 @@ import torch
 from .backend import selected_isa
 from .outputs import new_output
 from .prepared_call import _dense_layout
+from .prepared_dense_conv import PreparedDenseConv
 from ..ops.contract import output_memory_format
 
 #: Items a replay is made of, in order: ("layout", memory_format) where it converts its current
@@ -36,22 +37,46 @@ def _degenerate(shape) -> bool:
     return shape[1] == 1 or shape[2] * shape[3] == 1
 
 
+def _nhwc_output_step(steps: Sequence[Tuple], i: int) -> bool:
+    """True when steps[i] is a dense convolution whose output the next step only transposes to NHWC,
+    and which gives the same values writing NHWC itself (saving a pass over the whole map)."""
+    if i + 1 >= len(steps) or steps[i][0] != "call" or steps[i + 1][0] != "transpose":
+        return False
+    call, residual_is_input = steps[i][1], steps[i][2]
+    _, shape, to_nhwc = steps[i + 1]
+    return (isinstance(call, PreparedDenseConv) and call.writes_nhwc_alike and not residual_is_input and to_nhwc
+            and tuple(shape) == tuple(call.out_shape))
+
+
 def bind_steps(_C, dtype: torch.dtype, steps: Sequence[Tuple]):
-    """A new CallSequence of `steps` in order, each reading what the one before wrote: the input,
-    then the two work buffers in turn, the last writing the output. A step is ("transpose", shape,
-    to_nhwc) or ("call", prepared_call, residual_is_input)."""
+    """(a new CallSequence of `steps` in order, the steps it runs), each reading what the one before
+    wrote: the input, then the two work buffers in turn, the last writing the output. A step is
+    ("transpose", shape, to_nhwc) or ("call", prepared_call, residual_is_input); a dense
+    convolution followed by a transpose of its output to NHWC runs as one step writing NHWC,
+    ("call", prepared_dense_conv, False, "nhwc")."""
+    bound: List[Tuple] = []
+    i = 0
+    while i < len(steps):
+        if _nhwc_output_step(steps, i):
+            bound.append(tuple(steps[i]) + ("nhwc",))
+            i += 2
+        else:
+            bound.append(tuple(steps[i]))
+            i += 1
     seq = (_C.CallSequence_f32 if dtype == torch.float32 else _C.CallSequence_f64)()
     isa = selected_isa()
     src = seq.INPUT
-    for i, step in enumerate(steps):
-        dst = seq.OUTPUT if i == len(steps) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
+    for i, step in enumerate(bound):
+        dst = seq.OUTPUT if i == len(bound) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
         if step[0] == "transpose":
             n, c, h, w = step[1]
             seq.add_transpose(n, c, h * w, step[2], isa, src, dst)
+        elif len(step) == 4:
+            step[1].append_to(seq, src, seq.NO_SLOT, dst, out_layout=step[3])
         else:
             step[1].append_to(seq, src, src if step[2] else seq.NO_SLOT, dst)
         src = dst
-    return seq
+    return seq, tuple(bound)
 
 
 def step_label(step: Tuple) -> str:
@@ -59,7 +84,8 @@ def step_label(step: Tuple) -> str:
     if step[0] == "transpose":
         return f"transpose {'NCHW->NHWC' if step[2] else 'NHWC->NCHW'} {tuple(step[1])}"
     call = step[1]
-    return f"{type(call).__name__} {tuple(call.x_shape)} -> {tuple(call.out_shape)}"
+    label = f"{type(call).__name__} {tuple(call.x_shape)} -> {tuple(call.out_shape)}"
+    return label + " NHWC out" if len(step) == 4 else label
 
 
 class StepTiming:
@@ -123,13 +149,13 @@ class NativeSequence(StepTiming):
                     return None
         if not any(op[0] == "call" for op in ops):
             return None
-        seq = bind_steps(_C, dtype, ops)
+        seq, steps = bind_steps(_C, dtype, ops)
         plan = cls.__new__(cls)
         plan._seq, plan._C = seq, _C
         plan._x_shape, plan._dtype, plan._memory_format = x.shape, x.dtype, output_memory_format(x)
         plan._out_shape, plan._out_format = shape, fmt
         plan._calls = tuple(op[1] for op in ops if op[0] == "call")  # the operands' owners stay alive
-        plan._steps = tuple(ops)
+        plan._steps = steps
         plan._lock = threading.Lock()
         return plan
 

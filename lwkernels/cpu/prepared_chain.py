@@ -168,7 +168,7 @@ class PreparedChain(StepTiming):
             if tuple(head.x_shape) != tuple(out_shapes[-1]) or head.dtype != x.dtype:
                 return False
             steps.append(("call", head, False))
-        self._seq, self._steps = bind_steps(native(), x.dtype, steps), tuple(steps)
+        self._seq, self._steps = bind_steps(native(), x.dtype, steps)
         # Every prepared call the sequence runs, in order (the watch, validity and grad checks).
         self._parts = tuple(([] if stem is None else [stem[1]]) + self._calls + ([] if head is None else [head]))
         if stem is not None:  # (the plan takes the stem's input)
