@@ -54,7 +54,7 @@ def test_the_fused_head_gives_pytorchs_head(isa, dtype, channels_last, batch):
         assert chain.__dict__["_head_plan"] is plan  # replayed, not prepared again
         want = plain_head(chain(x).double(), pool, dropout, linear.double())
     assert first.shape == (batch, 11) and first.dtype == dtype and first.is_contiguous()
-    assert torch.equal(again, first)
+    assert again.shape == first.shape and again.stride() == first.stride() and torch.equal(again, first)
     rtol, atol = tolerance(dtype, 40)
     torch.testing.assert_close(first.double(), want, rtol=rtol, atol=atol)
 

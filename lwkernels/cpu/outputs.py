@@ -35,16 +35,21 @@ def apply_cache_limit_from_env(_C) -> None:
     _C.set_output_pool_limit(int(mb * (1 << 20)))
 
 
-def _strides(shape: Tuple[int, int, int, int], memory_format: torch.memory_format) -> Tuple[int, ...]:
-    n, c, h, w = shape
+def _strides(shape: Tuple[int, ...], memory_format: torch.memory_format) -> Tuple[int, ...]:
     if memory_format == torch.channels_last:
+        n, c, h, w = shape
         return (h * w * c, 1, w * c, c)
-    return (c * h * w, h * w, w, 1)
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
-def new_output(_C, shape: Tuple[int, int, int, int], dtype: torch.dtype,
+def new_output(_C, shape: Tuple[int, ...], dtype: torch.dtype,
                memory_format: torch.memory_format) -> torch.Tensor:
-    """An uninitialised float32/float64 CPU tensor of `shape`, dense in `memory_format`, from the pool."""
+    """An uninitialised float32/float64 CPU tensor of `shape` (4-D for channels_last), dense in
+    `memory_format`, from the pool."""
     return _from_dlpack(_C.pooled_tensor(list(shape), list(_strides(shape, memory_format)), _ITEMSIZE[dtype]))
 
 

@@ -120,11 +120,11 @@ class PreparedHead(CallSignature):
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The head's [N, classes] output for `x` (which matches())."""
-        y = new_output(self._C, self._out_shape, self._dtype, torch.contiguous_format)
+        y = new_output(self._C, self._out_shape[:2], self._dtype, torch.contiguous_format)
         self._C.joint_forward(self._packed, self._geometry, x.data_ptr(), address(self._folded[0]), 0,
                               address(self._folded[1]), "none", 0, self._addresses[1], 0, "none", y.data_ptr(),
                               torch.get_num_threads(), dw_folded=True)
-        return y.view(self._out_shape[:2])
+        return y
 
     def append_to(self, sequence, x: int, residual: int, y: int) -> None:
         """Adds this call to a native CallSequence, as PreparedCall.append_to does (no residual)."""

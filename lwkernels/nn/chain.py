@@ -82,7 +82,7 @@ class JointChain(nn.Sequential):
             if plan is not None and plan.matches(blocks, x, head_modules, stem):
                 y = plan.run(x)
                 if y is not None:
-                    return y.flatten(1)
+                    return y
         chain_input = x if stem is None else stem(x)
         features = self(chain_input)
         head = None
