@@ -173,7 +173,9 @@ def profile(name: str, batch: int, min_time: float, rounds: int, idle_cpu, tmp: 
 def _native_step_times(model, call, runs: int) -> Dict:
     """Every kernel call inside lwkernels' native sequences (the calls of step 2's hooks break those
     sequences up): the sequences' own clock over `runs` whole calls back to back without hooks, in
-    order, and those calls' median wall time."""
+    order; those calls' median wall time, and the medians of each call's kernel time and of its
+    wall time minus that (per call: a few calls in which one step waits for an interrupted thread
+    make the sum of the steps' medians smaller than a typical call's kernel time)."""
     from lwkernels.cpu.native_sequence import native_plans
 
     # (Step 2's hooks stopped the replays; a LayoutSequential tries again at growing intervals of
@@ -186,12 +188,14 @@ def _native_step_times(model, call, runs: int) -> Dict:
     seconds: Dict[tuple, List[float]] = collections.defaultdict(list)
     labels: Dict[tuple, str] = {}
     walls: List[float] = []
+    kernels: List[float] = []
     for _ in range(runs):
         for plan in plans:
             plan.time_steps(True)  # (drops the last call's: a plan this call does not run stays empty)
         start = time.perf_counter()
         call()
         walls.append(time.perf_counter() - start)
+        kernels.append(sum(sum(plan.step_seconds()) for plan in plans))
         for i, plan in enumerate(plans):
             for j, (label, s) in enumerate(zip(plan.step_labels(), plan.step_seconds())):
                 seconds[(i, j)].append(s)
@@ -200,7 +204,9 @@ def _native_step_times(model, call, runs: int) -> Dict:
         plan.time_steps(False)
     steps = [{"step": labels[k], "ms": statistics.median(v) * 1e3, "fastest_ms": min(v) * 1e3, "calls": len(v)}
              for k, v in sorted(seconds.items())]
-    return {"steps": steps, "whole_ms": statistics.median(walls) * 1e3, "runs": runs}
+    return {"steps": steps, "whole_ms": statistics.median(walls) * 1e3, "runs": runs,
+            "kernels_ms": statistics.median(kernels) * 1e3,
+            "outside_ms": statistics.median(w - k for w, k in zip(walls, kernels)) * 1e3}
 
 
 def _fmt(v, digits=3):
@@ -245,9 +251,11 @@ def to_markdown(result: Dict) -> str:
                   "|---|---:|---:|"]
         lines += [f"| {r['step']} | {r['ms']:.3f} | {r['fastest_ms']:.3f} |" for r in steps]
         lines.append(f"| sum | {total:.3f} | {sum(r['fastest_ms'] for r in steps):.3f} |")
-        lines += ["", f"Those calls' median wall time {native['whole_ms']:.3f} ms, so {native['whole_ms'] - total:.3f} ms "
-                  "outside the kernel calls (Python, PyTorch's ops, output allocation). Back to back they run "
-                  "warmer than the whole calls above, which take turns with the other engines."]
+        lines += ["", f"Those calls: median wall time {native['whole_ms']:.3f} ms, median kernel time per call "
+                  f"{native['kernels_ms']:.3f} ms (the sum of the steps' medians is smaller: a step now and then "
+                  f"waits for an interrupted thread), median {native['outside_ms']:.3f} ms per call outside the "
+                  "kernel calls (Python, PyTorch's ops, output allocation). Back to back they run warmer than "
+                  "the whole calls above, which take turns with the other engines."]
     g = result["ort_graph"]
     lines += ["", f"ORT's optimised graph: {g['nodes']} nodes: "
               + ", ".join(f"{n} {op}" for op, n in sorted(g["ops"].items(), key=lambda kv: -kv[1]))
