@@ -164,11 +164,6 @@ class NativeSequence(StepTiming):
         """The layout of the inputs it takes (and of its output: the replay restores it)."""
         return self._memory_format
 
-    @property
-    def memory_format(self) -> torch.memory_format:
-        """The layout of the inputs it takes (and of its output: the replay restores it)."""
-        return self._memory_format
-
     def matches(self, x: torch.Tensor) -> bool:
         return type(x) is torch.Tensor and x.shape == self._x_shape and x.dtype == self._dtype and x.is_cpu \
             and _dense_layout(x, self._memory_format)
