@@ -24,6 +24,7 @@ from .ops.inverted_residual import inverted_residual, inverted_residual_referenc
 from .ops.onnx import onnx_translation_table, register_symbolic as _register_onnx_symbolic
 from .cpu.prepared_call import invalidate_all as _invalidate_prepared_calls
 from .cpu.prepared_chain import invalidate_all as _invalidate_prepared_chains
+from .cpu.prepared_classifier import invalidate_all as _invalidate_prepared_classifiers
 from .cpu.prepared_dense_conv import invalidate_all as _invalidate_dense_convs
 from .cpu.prepared_head import invalidate_all as _invalidate_prepared_heads
 from .cpu.prepared_inverted_residual import invalidate_all as _invalidate_inverted_residuals
@@ -57,6 +58,7 @@ def clear_cache() -> None:
     _invalidate_prepared_heads()
     _invalidate_inverted_residuals()
     _invalidate_prepared_sequences()
+    _invalidate_prepared_classifiers()
     _trim_output_cache()
 
 

@@ -15,6 +15,7 @@ import lwkernels
 from torch import nn
 
 from lwkernels import JointBlock
+from lwkernels.nn.classifier_forward import installed
 from lwkernels.nn.fuse import fuse, to_reference
 from lwkernels.ops.activation import ACTIVATIONS
 from test_fuse import Plain, assert_nothing_else_changed, randomize
@@ -370,6 +371,18 @@ def test_real_torchvision_models(name):
         container = fused.get_submodule(report.layout_sequentials[0])
         replay = next(iter(container.__dict__["_layout_plans"].values())).replay
         assert replay is not None and all(step is not None for step in replay._steps)
+    # Their forwards are a pooled linear classifier after the blocks (MobileNetV3's has two linear
+    # layers): body and head run as one native call (nn/classifier_forward.py).
+    head = installed(fused)
+    assert (head is not None) == (name in ("mobilenet_v2", "mnasnet1_0")), str(report)
+    if head is not None:
+        x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            want = model(x)
+            for _ in range(3):
+                got = fused(x)
+        assert head.plans()
+        assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
 
 
 # -- ONNX export of fused models (swapped modules and traced GraphModules alike) --------------------------

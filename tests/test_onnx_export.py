@@ -183,3 +183,25 @@ def test_a_replaying_layout_sequential_exports_its_members(exporter, single_thre
     assert "Conv" in set(_op_nodes(data))
     _assert_same(_run_ort(data, [x]), expected)
     _assert_same(_run_ort(data, [other]), expected_other)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_fused_classifier_forward_exports_its_class_forward(exporter, single_thread):
+    """A model fuse() gave a ClassifierForward (its body and head replaying as one native call)
+    exports what its class's forward does: the body's ops, pooling and the linear layer."""
+    from test_classifier_forward import TinyMnas, _model
+    from lwkernels.nn.classifier_forward import installed
+
+    model, _ = lwkernels.fuse(_model(TinyMnas))
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        for _ in range(3):
+            expected = model(x)
+    assert installed(model).plans()  # (the export below starts from a replay)
+    with torch.no_grad():
+        data = _export(model, [x], exporter)
+        other = torch.randn(1, 3, 48, 48)
+        expected_other = model(other)
+    assert {"Conv", "Gemm"} <= set(_op_nodes(data)) or {"Conv", "MatMul"} <= set(_op_nodes(data))
+    _assert_same(_run_ort(data, [x]), expected)
+    _assert_same(_run_ort(data, [other]), expected_other)

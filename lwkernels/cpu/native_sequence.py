@@ -27,7 +27,9 @@ from ..ops.contract import output_memory_format
 
 #: Items a replay is made of, in order: ("layout", memory_format) where it converts its current
 #: tensor (x.contiguous(memory_format=...)), ("input", (shape, dtype, memory_format)) where a
-#: member checks what it is given, ("call", prepared_call, residual_is_input) for a kernel call.
+#: member checks what it is given, ("call", prepared_call, residual_is_input) for a kernel call and,
+#: last only, ("head", prepared_head) for a classifier head (cpu/prepared_head.py) whose [N, classes]
+#: output is the sequence's.
 Item = Tuple
 
 
@@ -77,6 +79,18 @@ def bind_steps(_C, dtype: torch.dtype, steps: Sequence[Tuple]):
             step[1].append_to(seq, src, src if step[2] else seq.NO_SLOT, dst)
         src = dst
     return seq, tuple(bound)
+
+
+def items_output(items: Sequence[Item], x: torch.Tensor) -> Tuple[Tuple[int, ...], torch.memory_format]:
+    """(shape, memory format) of what `items` leave for an input like `x`: where a head appended to
+    them would read (NativeSequence.build checks that the items chain)."""
+    shape, fmt = tuple(x.shape), output_memory_format(x)
+    for item in items:
+        if item[0] == "layout":
+            fmt = item[1]
+        elif item[0] == "call":
+            shape, fmt = tuple(item[1].out_shape), item[1].memory_format
+    return shape, fmt
 
 
 def step_label(step: Tuple) -> str:
@@ -139,6 +153,13 @@ class NativeSequence(StepTiming):
                 want_shape, want_dtype, want_fmt = item[1]
                 if tuple(want_shape) != shape or want_dtype != dtype or want_fmt != fmt:
                     return None
+            elif kind == "head":
+                head = item[1]
+                if item is not items[-1] or tuple(head.x_shape) != shape or head.dtype != dtype \
+                        or head.memory_format != fmt:
+                    return None
+                ops.append(("call", head, False))
+                shape, fmt = tuple(head.out_shape)[:2], torch.contiguous_format
             else:
                 _, call, residual_is_input = item
                 if tuple(call.x_shape) != shape or call.dtype != dtype or call.memory_format != fmt:
@@ -185,9 +206,15 @@ class NativeSequence(StepTiming):
 
 def native_plans(model) -> List[StepTiming]:
     """The native sequences `model`'s fused containers have prepared so far (LayoutSequential
-    replays, JointChain plans with or without their head), for profiling with StepTiming."""
+    replays, JointChain plans with or without their head, a fused classifier's body and head), for
+    profiling with StepTiming."""
+    from ..nn.classifier_forward import installed  # (nn imports cpu: only at call time)
+
     plans: List[StepTiming] = []
     for module in model.modules():
+        head = installed(module)
+        if head is not None:
+            plans += [plan.native for plan in head.plans()]
         for layout_plan in module.__dict__.get("_layout_plans", {}).values():
             replay = layout_plan.replay
             native = replay._native if replay is not None else None

@@ -111,6 +111,14 @@ class PreparedHead(CallSignature):
         """(pool, dropout, linear) as prepared."""
         return self._modules
 
+    def serves(self, modules: Tuple, x: torch.Tensor) -> bool:
+        """True while it computes the head of `modules` (pool, dropout, linear) on `x` as prepared:
+        the same modules, unchanged (its watch, LWKERNELS_CPU_ISA), and an input of its signature.
+        (For a caller that runs it on its own; a native sequence that binds it checks the watch.)"""
+        return self._valid and all(a is b for a, b in zip(modules, self._modules)) and x.shape == self._x_shape \
+            and x.dtype == self._dtype and x.is_cpu and _dense_layout(x, self._memory_format) \
+            and self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env
+
     def parameters_require_grad(self) -> bool:
         return self._watch.requires_grad()
 

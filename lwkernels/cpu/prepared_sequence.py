@@ -143,7 +143,7 @@ class PreparedSequence:
         return self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env \
             and not (modes_active() if eager_checked else dispatcher_needed())
 
-    def _native_items(self) -> Optional[list]:
+    def native_items(self) -> Optional[list]:
         """The replay as NativeSequence items; None when a member is called as a module."""
         items = []
         for fmt, step in zip(self._formats, self._steps):
@@ -163,7 +163,7 @@ class PreparedSequence:
         dtype this replay was prepared for)."""
         native = self._native
         if native is None:
-            items = self._native_items() if self.use_native else None
+            items = self.native_items() if self.use_native else None
             if items is not None:
                 items.append(("layout", out_format))
             native = self._native = (items is not None and NativeSequence.build(items, x, _native_module())) or False

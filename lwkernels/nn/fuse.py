@@ -38,6 +38,7 @@ from .fuse_report import FusedChain, FuseReport, SkippedChain, TraceFallback
 from .fuse_sequential import SequentialMatcher, is_transparent
 from .fuse_conv_bn_act import convert_conv_bn_acts
 from .fuse_inverted_residual import convert_inverted_residuals
+from .fuse_head import install_classifier_forward, remove_classifier_forward
 from .fuse_layouts import convert_layout_sequentials
 from .inverted_residual import InvertedResidual, InvertedResidualReference
 from .layout_sequential import LayoutSequential
@@ -114,6 +115,7 @@ def fuse(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, FuseReport
     model = convert_conv_bn_acts(model, fuser.report)
     model = convert_inverted_residuals(model, fuser.report)
     model = convert_layout_sequentials(model, fuser.report.layout_sequentials)
+    fuser.report.classifier_head = install_classifier_forward(model)
     fuser.report.inverted_residuals.sort(key=lambda p: order.get(p, len(order)))
     fuser.report.conv_bn_acts.sort(key=lambda p: order.get(p, len(order)))
     fuser.report.fused.sort(key=lambda c: order.get(c.path, len(order)))  # in the model's module order
@@ -148,6 +150,7 @@ def to_reference(model: nn.Module, inplace: bool = False) -> nn.Module:
         return ref
 
     for module in list(model.modules()):
+        remove_classifier_forward(module)
         if isinstance(module, LayoutSequential):
             module.as_sequential()
     if isinstance(model, JointBlock):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from .classifier_forward import HeadPattern
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class FuseReport:
     #: Paths of plain nn.Sequential containers holding fused blocks, now LayoutSequentials (same
     #: members and keys; "" for the model itself).
     layout_sequentials: List[str] = field(default_factory=list)
+    #: The model's forward as fuse() read it when it is a classifier head after a LayoutSequential
+    #: body (nn/fuse_head.py): the model got a ClassifierForward that runs the head fused; else None.
+    classifier_head: Optional["HeadPattern"] = None
 
     def key_map(self) -> Dict[str, str]:
         """Old state_dict key -> fused model's key, for every fused chain and moved module."""
@@ -90,4 +96,7 @@ class FuseReport:
         lines += [f"  native  {p or '(the model)'}: ConvBNAct" for p in self.conv_bn_acts]
         lines += [f"  native  {p}: InvertedResidual (expand + block)" for p in self.inverted_residuals]
         lines += [f"  layouts {p or '(the model)'}: LayoutSequential" for p in self.layout_sequentials]
+        if self.classifier_head is not None:
+            h = self.classifier_head
+            lines.append(f"  head    (the model): {h.body} -> pool -> {h.classifier} fused (ClassifierForward)")
         return "\n".join(lines)

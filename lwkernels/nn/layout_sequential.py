@@ -143,7 +143,7 @@ class LayoutSequential(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _layouts_apply(x):
+        if not layouts_apply(x):
             return super().forward(x)
         members = tuple(self._modules.values())
         plans = self.__dict__.setdefault("_layout_plans", {})
@@ -238,7 +238,7 @@ class _Plan:
         replay = self.replay
         if replay is None:
             return False
-        if replay.matches(eager_checked=True):  # (forward() has just run _layouts_apply)
+        if replay.matches(eager_checked=True):  # (forward() has just run layouts_apply)
             self._replays += 1
             return True
         self.replay = None
@@ -264,7 +264,7 @@ class _Plan:
         self._countdown, self._interval = self._interval, min(2 * self._interval, _MAX_RETRY_INTERVAL)
 
 
-def _layouts_apply(x) -> bool:
+def layouts_apply(x) -> bool:
     """Eager CPU inference on a 4-D float tensor in NCHW or channels_last. (ONNX export needs no
     check of its own: the TorchScript exporter traces with torch.jit, the dynamo one goes through
     torch.export, which sets is_compiling(); torch.onnx.is_in_onnx_export() imports two modules on

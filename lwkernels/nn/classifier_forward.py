@@ -1,0 +1,201 @@
+"""ClassifierForward: the forward fuse() gives a model whose own forward is a classifier head after one
+body module — ``classifier(flatten(global_average_pool(body(x))))``, as torchvision's MobileNetV2 and
+MNASNet write it (nn/fuse_head.py finds that pattern).
+
+The model keeps its class, children, parameters and state_dict; only its instance gets this object's
+``forward`` method as its own ``forward`` (nn.Module calls ``self.forward``, hooks on the model still
+run around it, and to_reference() removes it). In eager CPU inference without grad, on a 4-D float input, it runs the
+body, then the head — pooling, dropout and the linear layer — as one fused kernel call
+(cpu/prepared_head.py) instead of PyTorch's ops; once the body replays its members as one native call
+(a LayoutSequential), body and head run together as a single native call for that input signature
+(cpu/prepared_classifier.py). The head's average differs from PyTorch's pooling by rounding only.
+Anything else — training, autograd, compiling, tracing, exporting, a changed classifier, hooks on the
+head's modules, other arguments — runs the class's own forward, exactly as before fuse().
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..cpu.prepared_classifier import PreparedClassifier
+from ..cpu.prepared_head import PreparedHead, head_modules_fit
+from ..ops.contract import output_memory_format
+from ..ops.inference import modes_active
+from .layout_sequential import LayoutSequential, layouts_apply
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    """How a model's forward reads: ``classifier(flatten(pool(body(x))))``.
+
+    ``pool`` is "adaptive_avg_pool2d" (the function, to 1 x 1, then ``flatten``), "mean" (x.mean over
+    the two spatial dimensions, already flat) or the name of an nn.AdaptiveAvgPool2d child (then
+    ``flatten``); ``body`` and ``classifier`` are the names of the model's children."""
+
+    body: str
+    pool: str
+    classifier: str
+    pool_args: Tuple = ()
+
+    def plain_head(self, model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """What the model's forward does after its body, with PyTorch's ops."""
+        if self.pool == "mean":
+            pooled = features.mean(*self.pool_args)
+        elif self.pool == "adaptive_avg_pool2d":
+            pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(features, *self.pool_args), 1)
+        else:
+            pooled = torch.flatten(model._modules[self.pool](features), 1)
+        return model._modules[self.classifier](pooled)
+
+
+#: Input signatures a model keeps plans for (a few image sizes and batch sizes).
+_MAX_PLANS = 8
+#: Calls before the next try to prepare a plan after a try failed or a plan went stale within
+#: _MIN_USEFUL_REPLAYS calls, doubled each time up to _MAX_RETRY_INTERVAL (as LayoutSequential).
+_FIRST_RETRY_INTERVAL = 4
+_MAX_RETRY_INTERVAL = 1024
+_MIN_USEFUL_REPLAYS = 8
+
+
+class _Slot:
+    """One input signature's plan and when to try preparing it again."""
+
+    __slots__ = ("plan", "replays", "countdown", "interval")
+
+    def __init__(self) -> None:
+        self.plan: Optional[PreparedClassifier] = None
+        self.replays = 0
+        self.countdown, self.interval = 1, _FIRST_RETRY_INTERVAL
+
+    def back_off(self) -> None:
+        self.countdown, self.interval = self.interval, min(2 * self.interval, _MAX_RETRY_INTERVAL)
+
+
+class ClassifierForward:
+    """The instance-level forward of a fused classifier; see the module docstring."""
+
+    def __init__(self, model: nn.Module, pattern: HeadPattern) -> None:
+        self._model = model
+        self._pattern = pattern
+        self._forward = type(model).forward  # the class's forward the pattern was read from
+        # Stands in for functional pooling in the fused head (never registered on the model).
+        self._pool = nn.AdaptiveAvgPool2d(1)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._slots: Dict[Tuple, _Slot] = {}
+        self._heads: Dict[Tuple, PreparedHead] = {}
+
+    @property
+    def pattern(self) -> HeadPattern:
+        return self._pattern
+
+    def forward(self, x, *args, **kwargs):
+        """The model's forward (installed as the bound method; torch.export reads its code)."""
+        model = self._model
+        forward = type(model).forward
+        if forward is self._forward and not args and not kwargs and layouts_apply(x):
+            y = self._fused(model, x)
+            if y is not None:
+                return y
+        return forward(model, x, *args, **kwargs)
+
+    def _fused(self, model: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        key = (x.shape, x.dtype, x.is_contiguous())
+        slot = self._slots.get(key)
+        if slot is not None and slot.plan is not None:
+            if slot.plan.matches(x):
+                y = slot.plan.run(x)
+                if y is not None:
+                    slot.replays += 1
+                    return y
+            else:
+                slot.plan = None
+                if slot.replays < _MIN_USEFUL_REPLAYS:
+                    slot.back_off()
+        head_modules = self._head_modules(model)
+        body = model._modules.get(self._pattern.body)
+        if head_modules is None or body is None:
+            return None
+        features = body(x)
+        y = self._head(model, features, head_modules)
+        if slot is None:
+            if len(self._slots) >= _MAX_PLANS:
+                self._slots.clear()
+            slot = self._slots[key] = _Slot()
+        slot.countdown -= 1
+        if slot.countdown <= 0 and slot.plan is None:
+            replay = self._body_replay(body, x)
+            if replay is None:  # (not yet: the body prepares its replay on its second call)
+                slot.countdown = 1
+            else:
+                slot.plan = PreparedClassifier.prepare(model, (self._pattern.body, self._pattern.classifier),
+                                                       replay, head_modules, x)
+                if slot.plan is None or not slot.plan.matches(x):
+                    slot.plan = None
+                    slot.back_off()
+                else:
+                    slot.replays = 0
+        return y
+
+    def _head_modules(self, model: nn.Module) -> Optional[Tuple]:
+        """(pool, dropout or None, linear) when the head fuses now, else None."""
+        p = self._pattern
+        classifier = model._modules.get(p.classifier)
+        if classifier is None or classifier._forward_hooks or classifier._forward_pre_hooks:
+            return None
+        if type(classifier) is nn.Linear:
+            dropout, linear = None, classifier
+        elif type(classifier) is nn.Sequential and len(classifier) in (1, 2):
+            *rest, linear = classifier._modules.values()
+            dropout = rest[0] if rest else None
+        else:
+            return None
+        pool = self._pool if p.pool in ("mean", "adaptive_avg_pool2d") else model._modules.get(p.pool)
+        return (pool, dropout, linear) if head_modules_fit(pool, dropout, linear) else None
+
+    def _head(self, model: nn.Module, features, head_modules) -> torch.Tensor:
+        """The head on the body's output: fused when it fits, else PyTorch's ops."""
+        if type(features) is torch.Tensor and features.dim() == 4 and not modes_active():
+            key = (features.shape, features.dtype, output_memory_format(features))
+            head = self._heads.get(key)
+            if head is None or not head.serves(head_modules, features):
+                if len(self._heads) >= _MAX_PLANS:
+                    self._heads.clear()
+                head = self._heads[key] = PreparedHead.prepare(*head_modules, features)
+            if head is not None and head.serves(head_modules, features):
+                return head.run(features)
+        return self._pattern.plain_head(model, features)
+
+    @staticmethod
+    def _body_replay(body: nn.Module, x: torch.Tensor):
+        """The replay a LayoutSequential body prepared for `x`'s signature, if it would replay now."""
+        if type(body) is not LayoutSequential:
+            return None
+        layout_plan = body.__dict__.get("_layout_plans", {}).get((tuple(x.shape), x.dtype))
+        replay = None if layout_plan is None else layout_plan.replay
+        return replay if replay is not None and replay.matches(eager_checked=True) else None
+
+    def plans(self):
+        """The native plans prepared so far (profiling)."""
+        return [slot.plan for slot in self._slots.values() if slot.plan is not None]
+
+    def __getstate__(self):
+        # The plans hold native objects and buffers: never pickle or deep-copy them.
+        state = dict(self.__dict__)
+        state.pop("_slots", None)
+        state.pop("_heads", None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+
+def installed(model: nn.Module) -> Optional[ClassifierForward]:
+    """The ClassifierForward fuse() gave `model`, or None."""
+    owner = getattr(model.__dict__.get("forward"), "__self__", None)
+    return owner if isinstance(owner, ClassifierForward) else None
