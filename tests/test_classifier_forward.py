@@ -347,3 +347,21 @@ def test_compile_and_export_see_the_class_forward():
         compiled = torch.compile(model, backend="eager", fullgraph=True)  # (dynamo reads the forward)
         _close(compiled(x), want)
         torch._dynamo.reset()
+
+
+def test_the_fused_model_goes_with_its_last_reference():
+    """No reference cycle through the installed forward or its plans: the model (and the plans'
+    work buffers) are freed as soon as the last user reference goes, without the garbage collector."""
+    import gc
+    import weakref
+
+    model, _ = fuse(_model())
+    _warm(model, _input())
+    assert installed(model).plans()
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()

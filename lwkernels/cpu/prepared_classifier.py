@@ -10,7 +10,7 @@ body's last kernel wrote it, inside the same native call.
 
 Replayed while the body's replay itself would be (its state watch, hooks, modes and the ISA setting:
 PreparedSequence.matches), the model still holds the same body and classifier, the body the same
-members, none of the containers has hooks or a new class, and the head's modules and parameters are
+members, neither container has hooks or a new class, and the head's modules and parameters are
 unchanged (PreparedHead's watch). The caller (nn/classifier_forward.py) checks the rest: eager CPU
 inference without grad on an input the plan was made for.
 """
@@ -70,7 +70,6 @@ class PreparedClassifier:
         body, classifier = (model._modules[name] for name in names)
         _watch_container(watch, body)
         _watch_container(watch, classifier)
-        watch.watch_class(model)
         plan = cls.__new__(cls)
         plan._replay, plan._head, plan._native = replay, head, seq
         plan._watch = StateWatch.union([watch] + list(head.replay_state()[0]))

@@ -14,6 +14,7 @@ head's modules, other arguments — runs the class's own forward, exactly as bef
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -78,20 +79,26 @@ class ClassifierForward:
     """The instance-level forward of a fused classifier; see the module docstring."""
 
     def __init__(self, model: nn.Module, pattern: HeadPattern) -> None:
-        self._model = model
+        # The model holds this object (its forward): a weak reference back avoids a cycle, so the model
+        # and the plans' buffers go when the last user reference does.
+        self._model_ref = weakref.ref(model)
         self._pattern = pattern
         self._forward = type(model).forward  # the class's forward the pattern was read from
         # Stands in for functional pooling in the fused head (never registered on the model).
         self._pool = nn.AdaptiveAvgPool2d(1)
-        self._reset()
-
-    def _reset(self) -> None:
         self._slots: Dict[Tuple, _Slot] = {}
         self._heads: Dict[Tuple, PreparedHead] = {}
 
     @property
     def pattern(self) -> HeadPattern:
         return self._pattern
+
+    @property
+    def _model(self) -> nn.Module:
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("this forward's model no longer exists")
+        return model
 
     def forward(self, x, *args, **kwargs):
         """The model's forward (installed as the bound method; torch.export reads its code)."""
@@ -183,16 +190,10 @@ class ClassifierForward:
         """The native plans prepared so far (profiling)."""
         return [slot.plan for slot in self._slots.values() if slot.plan is not None]
 
-    def __getstate__(self):
-        # The plans hold native objects and buffers: never pickle or deep-copy them.
-        state = dict(self.__dict__)
-        state.pop("_slots", None)
-        state.pop("_heads", None)
-        return state
-
-    def __setstate__(self, state) -> None:
-        self.__dict__.update(state)
-        self._reset()
+    def __reduce__(self):
+        # (pickle and deepcopy: rebuilt for the copy of the model; the plans hold native objects and
+        # buffers, which are never copied)
+        return (ClassifierForward, (self._model, self._pattern))
 
 
 def installed(model: nn.Module) -> Optional[ClassifierForward]:
