@@ -163,7 +163,7 @@ def test_a_convbnact_stem_joins_the_plan():
         first = chain.classify(x, pool, dropout, linear, stem)
         plan = _head_plan(chain)
         again = chain.classify(x, pool, dropout, linear, stem)
-        assert chain.__dict__["_head_plan"] is plan and plan.matches(list(chain), x, (pool, dropout, linear), stem)
+        assert chain.__dict__["_head_plan"] is plan and plan.matches(chain, x, (pool, dropout, linear), stem)
         assert torch.equal(again, first)
         torch.testing.assert_close(first, plain_head(chain(stem(x)), pool, dropout, linear), rtol=1e-5, atol=1e-5)
         stem[0].weight.mul_(-1)  # what the stem reads is watched
@@ -180,4 +180,24 @@ def test_a_convbnact_stem_joins_the_plan():
         for _ in range(2):  # not a ConvBNAct: it runs as a module, and the plan does not take it
             torch.testing.assert_close(chain.classify(x, pool, dropout, linear, other),
                                        plain_head(chain(other(x)), pool, dropout, linear), rtol=1e-5, atol=1e-5)
-            assert not _head_plan(chain).matches(list(chain), x, (pool, dropout, linear), other)
+            assert not _head_plan(chain).matches(chain, x, (pool, dropout, linear), other)
+
+
+def test_a_model_with_plans_goes_with_its_last_reference():
+    """The plans refer to their chain weakly: a model is freed (with the plans' buffers) as soon as
+    its last reference goes, without the garbage collector."""
+    import gc
+    import weakref
+
+    model = MobileNetV1(num_classes=10, width_mult=0.25).eval()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(1, 3, 64, 64))
+    assert model.features.__dict__.get("_head_plan") is not None
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()

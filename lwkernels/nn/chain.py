@@ -33,13 +33,13 @@ class JointChain(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = list(self._modules.values())
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             plan = self.__dict__.get("_plan")
-            if plan is not None and plan.matches(blocks, x):
+            if plan is not None and plan.matches(self, x):
                 y = plan.run(x)
                 if y is not None:
                     return y
+        blocks = list(self._modules.values())
         fused = all(isinstance(b, JointBlock) and type(b).forward is JointBlock.forward for b in blocks)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not (fused and x.is_cpu and not needs_grad) or torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -59,7 +59,7 @@ class JointChain(nn.Sequential):
             out_shapes.append(tuple(y.shape))
         y = y.contiguous(memory_format=caller_format)
         if not torch.is_grad_enabled():
-            self.__dict__["_plan"] = PreparedChain.prepare(blocks, x, out_shapes)
+            self.__dict__["_plan"] = PreparedChain.prepare(self, x, out_shapes)
         return y
 
     def classify(self, x: torch.Tensor, pool: nn.Module, dropout: "nn.Module | None",
@@ -73,16 +73,16 @@ class JointChain(nn.Sequential):
         found their code and data evicted and cost 0.1-0.2 ms at batch 1. Every call returns the
         same values, which equal PyTorch's head up to rounding. A ConvBNAct ``stem`` on its native
         path joins the same call, ahead of the blocks. Anything else runs the modules."""
-        blocks = list(self._modules.values())
         head_modules = (pool, dropout, classifier)
         traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
         # (the plan calls neither this chain nor its blocks: hooks on the chain need the modules)
         if not traced and not (self._forward_hooks or self._forward_pre_hooks):
             plan = self.__dict__.get("_head_plan")
-            if plan is not None and plan.matches(blocks, x, head_modules, stem):
+            if plan is not None and plan.matches(self, x, head_modules, stem):
                 y = plan.run(x)
                 if y is not None:
                     return y
+        blocks = list(self._modules.values())
         chain_input = x if stem is None else stem(x)
         features = self(chain_input)
         head = None
@@ -98,8 +98,8 @@ class JointChain(nn.Sequential):
         y = head.run(features)
         chain_plan = self.__dict__.get("_plan")
         stem_part = _stem_part(stem, x)
-        if chain_plan is not None and chain_plan.matches(blocks, chain_input) and stem_part is not False:
-            self.__dict__["_head_plan"] = PreparedChain.prepare(blocks, chain_input, chain_plan.out_shapes, head,
+        if chain_plan is not None and chain_plan.matches(self, chain_input) and stem_part is not False:
+            self.__dict__["_head_plan"] = PreparedChain.prepare(self, chain_input, chain_plan.out_shapes, head,
                                                                 stem_part)
         return y
 
