@@ -105,3 +105,35 @@ def test_a_cycle_through_a_watch_is_collected():
     del module, watch
     gc.collect()
     assert alive() is None
+
+
+def _set_scale(m, value):
+    m.scale = value  # (the interpreter specializes this store after a few calls)
+
+
+def _set_buf(m, value):
+    m._buffers["buf"] = value
+
+
+@pytest.mark.parametrize("write", [_set_scale, _set_buf])
+def test_writes_after_a_passed_check_are_seen_every_time(write):
+    """A check that passed remembers each dict's version tag and skips its keys while the tag is the
+    same (python/state_snapshot.cpp): every later write, from specialized bytecode too, and a write
+    back of the watched object, must still be told apart."""
+    module, watch = _watched()
+    watched = module.scale if write is _set_scale else module.buf
+    for i in range(64):
+        assert watch.unchanged()
+        write(module, float(i) + 0.5 if write is _set_scale else torch.zeros(3))
+        assert not watch.unchanged()
+        assert not watch.unchanged()  # (a failed check records nothing)
+        write(module, watched)
+    assert watch.unchanged()
+
+
+def test_dict_version_tags_are_trusted_only_where_they_work():
+    import sys
+
+    from lwkernels.cpu.backend import native
+
+    assert native().dict_version_tags_work() == (sys.version_info < (3, 14))
