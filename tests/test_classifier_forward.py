@@ -366,3 +366,21 @@ def test_the_fused_model_goes_with_its_last_reference():
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_alternating_input_signatures_each_replay_their_own_plan(monkeypatch):
+    original = _model()
+    model, _ = fuse(original)
+    a, b = _input(1), _input(3, channels_last=True, seed=9)
+    with torch.no_grad():
+        for _ in range(4):
+            model(a)
+            model(b)
+        assert len(installed(model).plans()) == 2
+        runs = []
+        real_run = PreparedClassifier.run
+        monkeypatch.setattr(PreparedClassifier, "run", lambda self, x: runs.append(1) or real_run(self, x))
+        for _ in range(2):
+            _close(model(a), original(a))
+            _close(model(b), original(b))
+    assert len(runs) == 4
