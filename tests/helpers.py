@@ -366,3 +366,20 @@ class OpRecorder(TorchDispatchMode):
 
     def count(self, name="lwkernels.joint_block.default"):
         return self.ops.count(name)
+
+
+def assert_freed_by_refcount(box: list) -> None:
+    """Drops box's one item, the last reference to an object, and checks that the object is freed at
+    once, with the garbage collector off: nothing holds it through a reference cycle. (Garbage
+    already in cycles, such as torch.fx tracers that refer to a fused model, is collected first.)"""
+    import gc
+    import weakref
+
+    gone = weakref.ref(box[0])
+    gc.collect()
+    gc.disable()
+    try:
+        box.clear()
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -12,7 +12,7 @@ from lwkernels import ConvBNAct, JointBlock, JointChain
 from lwkernels.cpu.prepared_chain import PreparedChain
 from lwkernels.models import LightweightNet, MobileNetV1
 from lwkernels.nn.chain import classify, plain_head
-from helpers import cpu_paths_here, forced_isa, randomize_, tolerance
+from helpers import assert_freed_by_refcount, cpu_paths_here, forced_isa, randomize_, tolerance
 
 # Four wide blocks (the chain runs them channels-last inside) after an RGB one; odd sizes.
 SPECS = [(3, 16, 2, 1), (16, 24, 1, 2), (24, 24, 2, 1), (24, 17, 1, 3), (17, 40, 1, 1)]
@@ -186,18 +186,11 @@ def test_a_convbnact_stem_joins_the_plan():
 def test_a_model_with_plans_goes_with_its_last_reference():
     """The plans refer to their chain weakly: a model is freed (with the plans' buffers) as soon as
     its last reference goes, without the garbage collector."""
-    import gc
-    import weakref
-
     model = MobileNetV1(num_classes=10, width_mult=0.25).eval()
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(1, 3, 64, 64))
     assert model.features.__dict__.get("_head_plan") is not None
-    gone = weakref.ref(model)
-    gc.disable()
-    try:
-        del model
-        assert gone() is None
-    finally:
-        gc.enable()
+    box = [model]
+    del model
+    assert_freed_by_refcount(box)

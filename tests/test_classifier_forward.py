@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import lwkernels
-from helpers import randomize_
+from helpers import assert_freed_by_refcount, randomize_
 from lwkernels import fuse, to_reference
 from lwkernels.cpu.prepared_classifier import PreparedClassifier
 from lwkernels.nn.classifier_forward import installed
@@ -352,20 +352,12 @@ def test_compile_and_export_see_the_class_forward():
 def test_the_fused_model_goes_with_its_last_reference():
     """No reference cycle through the installed forward or its plans: the model (and the plans'
     work buffers) are freed as soon as the last user reference goes, without the garbage collector."""
-    import gc
-    import weakref
-
     model, _ = fuse(_model())
     _warm(model, _input())
     assert installed(model).plans()
-    gone = weakref.ref(model)
-    gc.collect()  # (fuse()'s torch.fx tracers are garbage in cycles that refer to the model)
-    gc.disable()
-    try:
-        del model
-        assert gone() is None
-    finally:
-        gc.enable()
+    box = [model]
+    del model
+    assert_freed_by_refcount(box)
 
 
 def test_alternating_input_signatures_each_replay_their_own_plan(monkeypatch):
