@@ -34,17 +34,19 @@ void expand_band(const Plan<typename V::T>& pl, int64_t n, int64_t iy_a, int64_t
     // Rows = pixels, read in place (lda = C_in); columns = expanded channels (packed panels).
     fill_kernels<V, false, V::MR, V::NV>(kern);
     const T* A = ex.x + (n * HW + iy_a * pl.W) * cin;
-    const int64_t blocks = iceil_div(P, MR);
+    const EvenRowBlocks blocks(P, MR);
     const int64_t panel_bytes = cin * NR * int64_t(sizeof(T));
     for (int64_t co = c_lo / NR * NR; co < c_hi; co += NR) {
       const int cols = static_cast<int>(imin(NR, C - co));
       const T* B = packed + (co / NR) * cin * NR;
       const bool more = co + NR < c_hi;
-      for (int64_t r0 = 0; r0 < P; r0 += MR) {
-        const int rows = static_cast<int>(imin(MR, P - r0));
+      int64_t r0 = 0;
+      for (int64_t b = 0; b < blocks.count; ++b) {
+        const int rows = static_cast<int>(blocks.rows(b));
         const PanelPrefetch pf =
-            more ? next_panel_share(B, panel_bytes, r0 / MR, blocks) : PanelPrefetch{};
+            more ? next_panel_share(B, panel_bytes, b, blocks.count) : PanelPrefetch{};
         kern[rows - 1][(cols + W - 1) / W - 1](cin, A + r0 * cin, B, cin, e, r0, co, cols, pf);
+        r0 += rows;
       }
     }
     return;

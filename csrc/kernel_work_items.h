@@ -231,7 +231,7 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
       const Epi<T> e{pl.y + off, pl.residual ? pl.residual + off : nullptr, CO,
                      pl.pw_scale, pl.pw_shift, pl.out_act,
                      ch_sum ? part_sum : nullptr, ch_sum ? part_sq : nullptr, ch_sum, ch_sq};
-      const int64_t blocks = iceil_div(np, MR);
+      const EvenRowBlocks blocks(np, MR);
       const int64_t panel_bytes = C * NR * int64_t(sizeof(T));
       for (int64_t co = co_a; co < co_b; co += NR) {
         const int cols = static_cast<int>(imin(NR, co_b - co));
@@ -239,11 +239,13 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
         const T* B = packed + (co / NR) * C * NR;
         const bool more = co + NR < co_b;  // a next panel in this item's chunk
         if (ch_sum) panel_begin();
-        for (int64_t r0 = 0; r0 < np; r0 += MR) {
-          const int rows = static_cast<int>(imin(MR, np - r0));
+        int64_t r0 = 0;
+        for (int64_t b = 0; b < blocks.count; ++b) {
+          const int rows = static_cast<int>(blocks.rows(b));
           const PanelPrefetch pf =
-              more ? next_panel_share(B, panel_bytes, r0 / MR, blocks) : PanelPrefetch{};
+              more ? next_panel_share(B, panel_bytes, b, blocks.count) : PanelPrefetch{};
           kern[rows - 1][nv - 1](C, tile + r0 * pl.ldt, B, pl.ldt, e, r0, co, cols, pf);
+          r0 += rows;
         }
         if (ch_sum) panel_end(co, cols, 1);
       }
