@@ -191,14 +191,17 @@ void test_fork(const char* what) {
 
 // share_work (work_sharing.h), the kernels' one work-sharing scheme: every item exactly once, in
 // chunks of at most `grain` items, on task numbers below the task count; with one task a single
-// call covering everything.
+// call covering everything. With several, the chunks are of equal sizes (within one item) and
+// their number is a multiple of the tasks where there are enough items (49 items at grain 43 on
+// two tasks: 25 + 24, not 43 + 6).
 void test_share_work(const char* what) {
   for (int tasks : {1, 2, 3, 8}) {
-    for (int64_t n : {0, 1, 7, 100, 1000}) {
-      for (int64_t grain : {1, 3, 64}) {
+    for (int64_t n : {0, 1, 7, 49, 100, 1000}) {
+      for (int64_t grain : {1, 3, 43, 64}) {
         std::vector<std::atomic<int>> done(static_cast<size_t>(n));
         for (auto& d : done) d.store(0);
         std::atomic<int> bad_chunks{0}, calls{0};
+        std::atomic<int64_t> smallest{n + 1}, largest{0};
         const int used = lwk::detail::tasks_for(n, grain, tasks);
         lwk::detail::share_work(n, grain, tasks, [&](int task, int64_t b, int64_t e) {
           calls.fetch_add(1);
@@ -207,6 +210,9 @@ void test_share_work(const char* what) {
             return;
           }
           if (used > 1 && e - b > grain) bad_chunks.fetch_add(1);
+          int64_t s = smallest.load(), l = largest.load();
+          while (e - b < s && !smallest.compare_exchange_weak(s, e - b)) {}
+          while (e - b > l && !largest.compare_exchange_weak(l, e - b)) {}
           for (int64_t i = b; i < e; ++i) done[static_cast<size_t>(i)].fetch_add(1);
         });
         int wrong = 0;
@@ -216,6 +222,14 @@ void test_share_work(const char* what) {
               what, tasks, (long long)n, (long long)grain, wrong, bad_chunks.load());
         CHECK(used > 1 || calls.load() == (n > 0 ? 1 : 0),
               "%s share_work with one task made %d calls for n=%lld", what, calls.load(), (long long)n);
+        if (used > 1) {
+          CHECK(largest.load() - smallest.load() <= 1,
+                "%s share_work tasks=%d n=%lld grain=%lld: chunks of %lld to %lld items", what, tasks,
+                (long long)n, (long long)grain, (long long)smallest.load(), (long long)largest.load());
+          CHECK(calls.load() % used == 0 || calls.load() == n,
+                "%s share_work tasks=%d n=%lld grain=%lld: %d chunks for %d tasks", what, tasks,
+                (long long)n, (long long)grain, calls.load(), used);
+        }
       }
     }
   }
