@@ -207,15 +207,38 @@ void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling&
 
 namespace {
 
-// Shared-depthwise mode's first phase: about four depthwise items per worker, in whole cache lines
-// of channels (NHWC tiles hold channels along rows: two workers must not write one line). Sets
-// dw_chunk and n_dw_chunks; returns the number of depthwise items.
+// Shared-depthwise mode's first phase: chunks of channels in whole cache lines (NHWC tiles hold
+// channels along rows: two workers must not write one line) and multiples of chunk_multiple, for
+// `units` tiles or images. The chunk size whose busiest worker (contiguous runs of items, as
+// share_work hands them out) has the fewest channels to do; of equals, the one nearest four items
+// per worker (room to take over a late worker's items). 960 channels in 48-channel steps went
+// 7 x 144 (four chunks for one worker, three for the other); 10 x 96 splits evenly. Sets dw_chunk
+// and n_dw_chunks; returns the number of depthwise items.
 template <typename T>
 int64_t plan_shared_depthwise(Plan<T>& plan, int64_t units, int threads, int64_t chunk_multiple) {
   const int64_t line = 64 / int64_t(sizeof(T));
   const int64_t unit = std::lcm(line, std::max<int64_t>(1, chunk_multiple));
-  plan.dw_chunk = round_up(ceil_div(plan.C, ceil_div(4 * int64_t(threads), units)), unit);
-  plan.n_dw_chunks = ceil_div(plan.C, plan.dw_chunk);
+  const int64_t C = plan.C, steps = ceil_div(C, unit), t = std::max(1, threads);
+  const int64_t target = ceil_div(4 * t, units);  // chunks per unit for about four items per worker
+  int64_t best_chunk = 0, best_load = 0, best_distance = 0;
+  for (int64_t k = 1; k <= steps; ++k) {
+    const int64_t chunk = ceil_div(steps, k) * unit, n = ceil_div(C, chunk);
+    if (n != k) continue;  // (another k gives the same chunks)
+    const int64_t last = C - (n - 1) * chunk, items = units * n;
+    int64_t load = 0;
+    for (int64_t w = 0; w < t; ++w) {
+      const int64_t a = items * w / t, b = items * (w + 1) / t, lasts = b / n - a / n;
+      load = std::max(load, (b - a - lasts) * chunk + lasts * last);
+    }
+    const int64_t distance = n > target ? n - target : target - n;
+    if (best_chunk == 0 || load < best_load || (load == best_load && distance < best_distance)) {
+      best_chunk = chunk;
+      best_load = load;
+      best_distance = distance;
+    }
+  }
+  plan.dw_chunk = best_chunk;
+  plan.n_dw_chunks = ceil_div(C, best_chunk);
   return units * plan.n_dw_chunks;
 }
 

@@ -102,11 +102,31 @@ struct BandTiling {
 // One tile per thread rather than two, or than the shared mode's two phases, on MobileNetV2's and
 // MNASNet's 28 x 28 and 14 x 14 blocks at batch 1 (2 threads): 5-18% faster per block
 // (docs/performance.md).
-BandTiling choose_band_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts,
-                              int threads) {
+BandTiling choose_band_tiling(const JointGeometry& g, int64_t block_in_channels, int64_t elem_size,
+                              const TileShape& ts, int threads) {
   const int64_t C = g.in_channels, OH = g.out_h, OW = g.out_w;
   auto rows_read = [&](int64_t r) {
     return std::min(g.in_h, (r - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1);
+  };
+  // The busiest thread's work with tiles of r output rows, the tiles split in equal contiguous
+  // runs (share_work): a tile costs its expanded rows (C_in multiply-adds per pixel and expanded
+  // channel) and its output rows (the depthwise's taps and the projection's CO), its last rows
+  // may be fewer. Per expanded channel, in multiply-adds.
+  const double in_row = double(block_in_channels) * double(g.in_w);
+  const double out_row = double(g.kernel_h * g.kernel_w + g.out_channels) * double(OW);
+  auto busiest = [&](int64_t r) {
+    const int64_t per_image = ceil_div(OH, r), tiles = g.batch * per_image;
+    const int64_t last_rows = OH - (per_image - 1) * r;
+    const double full = in_row * double(rows_read(r)) + out_row * double(r);
+    const double last = in_row * double(rows_read(last_rows)) + out_row * double(last_rows);
+    const int t = std::max(1, threads);
+    double worst = 0;
+    for (int th = 0; th < t; ++th) {
+      const int64_t a = tiles * th / t, b = tiles * (th + 1) / t;
+      const int64_t lasts = b / per_image - a / per_image;  // tiles i in [a, b) with i + 1 a multiple
+      worst = std::max(worst, double(b - a - lasts) * full + double(lasts) * last);
+    }
+    return worst;
   };
   // Expanded rows computed per row of the image, for tiles of r output rows.
   auto recompute = [&](int64_t r) {
@@ -117,7 +137,14 @@ BandTiling choose_band_tiling(const JointGeometry& g, int64_t elem_size, const T
   while (r > 1 && (C * rows_read(r) * g.in_w * elem_size > budget || r * OW * C * elem_size > budget)) {
     --r;
   }
-  r = ceil_div(OH, ceil_div(OH, r));  // equal heights
+  // The height whose busiest thread has the least to do, the tallest of equals (at batch 1, 56
+  // rows at most 5 a tile went 11 x 5 + 1, six tiles for one thread and five and a sliver for the
+  // other; 14 x 4 splits evenly and expands fewer rows per thread).
+  int64_t best_r = r;
+  for (int64_t h = r - 1; h >= 1 && h * 2 >= r; --h) {
+    if (busiest(h) < busiest(best_r) * 0.999) best_r = h;
+  }
+  r = ceil_div(OH, ceil_div(OH, best_r));  // equal heights
   const int64_t t = std::max(1, threads);
   if (g.batch * ceil_div(OH, r) < 2 * t) {
     // Fewer than two tiles per thread: one tile per thread where the budget allows it and the
@@ -245,7 +272,7 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   const int threads = std::max(1, num_threads);
   const bool nhwc = g.layout == Layout::kNHWC;
   const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, project.panel(), !nhwc};
-  const BandTiling bt = choose_band_tiling(jg, sizeof(T), ts, threads);
+  const BandTiling bt = choose_band_tiling(jg, g.in_channels, sizeof(T), ts, threads);
   const Tiling& tl = bt.tiling;
   const int64_t band_rows = bt.band_rows;
 

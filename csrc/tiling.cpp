@@ -31,6 +31,9 @@ constexpr int64_t kSharedDwBytes = int64_t(4) << 20;
 constexpr double kSharedDwOverhead = 4000.0;
 constexpr double kSharedDwRemoteCost = 2.0;
 
+// Up to this many work items the cost model follows each worker's items exactly.
+constexpr int64_t kExactItems = 64;
+
 }  // namespace
 
 Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads) {
@@ -56,6 +59,10 @@ Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape&
   auto shared_fits = [&](int64_t p) {
     return workers > 1 && g.batch * ceil_div(npix, p) * p * C * elem_size <= kSharedDwBytes;
   };
+  auto dw_cost = [&](int64_t q) { return double(q) * C * taps / double(ts.vw); };
+  auto pw_cost = [&](int64_t q, int64_t chunk) {
+    return pw_columns(q, ts) * double(chunk) * C / double(2 * ts.vw) + double(chunk) * C * 0.25 + 2000.0;
+  };
   auto consider = [&](int64_t p) {
     p = std::min(std::max<int64_t>(p, 1), npix);
     if (p > pmax) return;
@@ -71,10 +78,35 @@ Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape&
       const int64_t k = ceil_div(items, workers);
       const int64_t q = tiles == 1 ? last_px : p;
       const int64_t dw_tiles = ceil_div(k - 1, nco) + 1;
-      const double dw = double(dw_tiles) * double(q) * C * taps / double(ts.vw);
-      const double per_item = pw_columns(q, ts) * double(chunk) * C / double(2 * ts.vw) +
-                              double(chunk) * C * 0.25 + 2000.0;
-      const double worst = dw + double(k) * per_item;
+      double dw = double(dw_tiles) * dw_cost(q);
+      const double per_item = pw_cost(q, chunk);
+      double pw = double(k) * per_item, items_busiest = double(k);
+      if (items <= kExactItems) {
+        // Few items: the workers' contiguous runs of items (share_work) exactly, with the image's
+        // last tile (last_px) and the last, narrower chunk of output channels (160 channels in
+        // 48-wide panels go 96 + 64: one worker a third busier than the other).
+        const int64_t last_chunk = CO - (nco - 1) * chunk;
+        dw = pw = items_busiest = 0;
+        double worst_load = -1;
+        for (int w = 0; w < workers; ++w) {
+          const int64_t a = items * w / workers, b = items * (w + 1) / workers;
+          double w_pw = 0, w_dw = 0;
+          for (int64_t i = a; i < b; ++i) {
+            const int64_t tile = (i / nco) % tiles;
+            w_pw += pw_cost(tile == tiles - 1 ? last_px : p, i % nco == nco - 1 ? last_chunk : chunk);
+          }
+          for (int64_t nt = a / nco; b > a && nt <= (b - 1) / nco; ++nt) {
+            w_dw += dw_cost(nt % tiles == tiles - 1 ? last_px : p);
+          }
+          if (w_pw + w_dw > worst_load) {
+            worst_load = w_pw + w_dw;
+            pw = w_pw;
+            dw = w_dw;
+            items_busiest = double(b - a);
+          }
+        }
+      }
+      const double worst = dw + pw;
       if (worst < best_cost * 0.999) {
         best_cost = worst;
         best = Tiling{p, tiles, chunk, nco, false};
@@ -84,8 +116,8 @@ Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape&
       if (shared_mode != 0 && nco > 1 && shared_fits(p)) {
         const double dw_all = double(g.batch * tiles) * double(q) * C * taps / double(ts.vw);
         const double remote = double(q) * C / double(ts.vw) * double(workers - 1) / workers;
-        const double shared = dw_all / workers + kSharedDwOverhead +
-                              double(k) * (per_item + kSharedDwRemoteCost * remote);
+        const double shared = dw_all / workers + kSharedDwOverhead + pw +
+                              items_busiest * kSharedDwRemoteCost * remote;
         if (shared < best_cost * 0.999) {
           best_cost = shared;
           best = Tiling{p, tiles, chunk, nco, true};
