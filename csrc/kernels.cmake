@@ -16,6 +16,7 @@ add_library(lwkernels_core STATIC
   ${LWK_CSRC_DIR}/parallel.cpp
   ${LWK_CSRC_DIR}/host_openmp.cpp
   ${LWK_CSRC_DIR}/thread_pool.cpp
+  ${LWK_CSRC_DIR}/parallel_session.cpp
   ${LWK_CSRC_DIR}/isa_scalar.cpp
   ${LWK_CSRC_DIR}/train_kernels.cpp)
 set_target_properties(lwkernels_core PROPERTIES POSITION_INDEPENDENT_CODE ON)

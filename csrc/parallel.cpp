@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "host_openmp.h"
+#include "parallel_session.h"
 #include "thread_pool.h"
 
 namespace lwk {
@@ -37,6 +38,7 @@ void parallel_run(int n, TaskFn fn, void* ctx) {
     fn(ctx, 0);
     return;
   }
+  if (session_run(n, fn, ctx)) return;
   if (parallel_backend() != ParallelBackend::kThreadPool && host_openmp_run(n, fn, ctx)) return;
   pool_run(n, fn, ctx);
 }

@@ -28,6 +28,13 @@ ParallelBackend parallel_backend();
 // What calls use now: "openmp (<runtime file name>)" or "threadpool".
 std::string parallel_backend_in_use();
 
+// Runs body(ctx) on the calling thread with the host OpenMP runtime's other `threads` - 1 threads
+// standing by: the parallel_run calls body makes on this thread run as one region instead of one
+// region each (parallel_session.cpp says why). With one thread, with the thread pool, inside
+// another session, or where no host runtime is loaded, body(ctx) simply runs. Rethrows what body
+// throws.
+void parallel_session(int threads, void (*body)(void* ctx), void* ctx);
+
 namespace detail {
 
 using TaskFn = void (*)(void* ctx, int task);

@@ -10,6 +10,8 @@
 #include <thread>
 #include <vector>
 
+#include "spin_wait.h"
+
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #define LWK_HAVE_PTHREAD_ATFORK 1
@@ -18,14 +20,6 @@
 namespace lwk {
 namespace detail {
 namespace {
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
-#endif
-}
 
 // How long an idle worker (or a caller waiting for workers) spins before blocking.
 constexpr auto kSpin = std::chrono::microseconds(100);

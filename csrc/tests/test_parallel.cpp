@@ -7,7 +7,8 @@
 //
 // Checked: each task index runs at most once and within [0, n), task 0 on the calling thread,
 // dynamically shared work is done exactly once, the first exception reaches the caller, nested
-// and concurrent calls neither deadlock nor lose work, and a forked child still computes.
+// and concurrent calls neither deadlock nor lose work, calls inside a parallel_session do the
+// same, and a forked child still computes.
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -235,12 +236,57 @@ void test_share_work(const char* what) {
   }
 }
 
-void run_all(const char* what) {
+// parallel_session (parallel.h): the checks above for calls made inside a session's body, the
+// session's other threads taking tasks (with the host OpenMP runtime, where it holds a region),
+// and an exception from the body reaching the caller.
+struct SessionCtx {
+  const char* what;
+  std::atomic<int> helped{0};  // calls whose task 1 ran
+};
+
+void session_body(void* p) {
+  auto* c = static_cast<SessionCtx*>(p);
+  test_tasks_and_work(c->what);
+  test_share_work(c->what);
+  test_exceptions(c->what);
+  test_nested(c->what);
+  for (int rep = 0; rep < 200; ++rep) {
+    Shared s(20000);
+    parallel_run(2, shared_task, &s);
+    check_shared(s, 2, c->what);
+    if (s.task_runs[1].load() == 1) c->helped.fetch_add(1);
+  }
+}
+
+void throwing_body(void*) { throw std::runtime_error("body failed"); }
+
+void test_session(const char* what, bool holds_region) {
+  const std::string inside = std::string(what) + ", in a session";
+  SessionCtx c{inside.c_str()};
+  lwk::parallel_session(4, session_body, &c);
+  if (holds_region) {
+    CHECK(c.helped.load() > 0, "%s: the session's other threads took no task in 200 calls", what);
+  }
+  std::string message;
+  try {
+    lwk::parallel_session(2, throwing_body, nullptr);
+  } catch (const std::runtime_error& e) {
+    message = e.what();
+  }
+  CHECK(message == "body failed", "%s: a session's body threw 'body failed', the caller got '%s'", what,
+        message.c_str());
+  Shared s(100);  // plain calls still work afterwards
+  parallel_run(2, shared_task, &s);
+  check_shared(s, 2, what);
+}
+
+void run_all(const char* what, bool host_openmp) {
   test_tasks_and_work(what);
   test_share_work(what);
   test_exceptions(what);
   test_nested(what);
   test_concurrent_callers(what);
+  test_session(what, host_openmp);
 #if defined(__linux__)
   test_fork(what);
 #endif
@@ -269,10 +315,10 @@ int main(int argc, char** argv) {
       const std::string in_use = lwk::parallel_backend_in_use();
       CHECK(in_use == "openmp (libgomp.so.1)", "auto should pick the loaded runtime, got '%s'", in_use.c_str());
       lwk::set_parallel_backend(lwk::ParallelBackend::kHostOpenMP);
-      run_all("host openmp");
+      run_all("host openmp", true);
       lwk::set_parallel_backend(lwk::ParallelBackend::kThreadPool);
       CHECK(lwk::parallel_backend_in_use() == "threadpool", "threadpool was not selected");
-      run_all("thread pool beside openmp");
+      run_all("thread pool beside openmp", false);
     } else {
       const std::string in_use = lwk::parallel_backend_in_use();
       CHECK(in_use == "threadpool", "no runtime is loaded, yet the backend in use is '%s'", in_use.c_str());
@@ -283,7 +329,7 @@ int main(int argc, char** argv) {
         threw = true;
       }
       CHECK(threw, "asking for the host OpenMP runtime without one loaded must throw");
-      run_all("thread pool");
+      run_all("thread pool", false);
     }
   } catch (const std::exception& e) {
     std::printf("FAIL: unexpected exception: %s\n", e.what());
