@@ -20,7 +20,7 @@ step() { printf '\n==> %s\n' "$*"; }
 step "native build with AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S "$SRC" -B "$OUT/asan" "${GEN[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLWK_SANITIZE=ON
 cmake --build "$OUT/asan" --parallel "$JOBS" --target test_joint_block test_parallel test_buffer_pool test_dense_conv \
-  test_inverted_residual test_transpose
+  test_inverted_residual test_transpose test_recent_results
 step "native tests (ASan + UBSan)"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
@@ -29,6 +29,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 "$OUT/asan/test_parallel"
 "$OUT/asan/test_parallel" --host-openmp
 "$OUT/asan/test_buffer_pool"
+"$OUT/asan/test_recent_results"
 "$OUT/asan/test_dense_conv"
 "$OUT/asan/test_inverted_residual"
 "$OUT/asan/test_transpose"

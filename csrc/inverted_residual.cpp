@@ -13,6 +13,7 @@
 #include "conv_geometry.h"
 #include "forward_call.h"
 #include "internal.h"
+#include "recent_results.h"
 #include "tiling.h"
 #include "transpose.h"
 
@@ -102,8 +103,8 @@ struct BandTiling {
 // One tile per thread rather than two, or than the shared mode's two phases, on MobileNetV2's and
 // MNASNet's 28 x 28 and 14 x 14 blocks at batch 1 (2 threads): 5-18% faster per block
 // (docs/performance.md).
-BandTiling choose_band_tiling(const JointGeometry& g, int64_t block_in_channels, int64_t elem_size,
-                              const TileShape& ts, int threads) {
+BandTiling compute_band_tiling(const JointGeometry& g, int64_t block_in_channels, int64_t elem_size,
+                               const TileShape& ts, int threads) {
   const int64_t C = g.in_channels, OH = g.out_h, OW = g.out_w;
   auto rows_read = [&](int64_t r) {
     return std::min(g.in_h, (r - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1);
@@ -179,6 +180,19 @@ BandTiling choose_band_tiling(const JointGeometry& g, int64_t block_in_channels,
   bt.tiling = Tiling{r * OW, ceil_div(OH, r), g.out_channels, 1, false};
   bt.band_rows = rows_read(r);
   return bt;
+}
+
+// compute_band_tiling, remembered per calling thread (recent_results.h) by everything it and
+// choose_tiling read, the budgets and the shared-depthwise setting included.
+BandTiling choose_band_tiling(const JointGeometry& g, int64_t block_in_channels, int64_t elem_size,
+                              const TileShape& ts, int threads) {
+  static thread_local RecentResults<21, BandTiling> recent;
+  return recent.get({g.out_channels, g.in_channels, block_in_channels, g.out_h, g.out_w, g.in_h, g.in_w,
+                     g.batch, g.kernel_h, g.kernel_w, g.stride_h, g.dil_h, elem_size, ts.gran, ts.vw,
+                     ts.panel, int64_t(ts.nchw), int64_t(threads),
+                     static_cast<int64_t>(band_budget_bytes()),
+                     static_cast<int64_t>(tile_budget_bytes()), int64_t(shared_depthwise())},
+                    [&] { return compute_band_tiling(g, block_in_channels, elem_size, ts, threads); });
 }
 
 // The expand step's scale and shift, with a vector of slack (the epilogue loads whole vectors of

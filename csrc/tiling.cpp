@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "internal.h"
+#include "recent_results.h"
 
 namespace lwk {
 namespace detail {
@@ -34,9 +35,7 @@ constexpr double kSharedDwRemoteCost = 2.0;
 // Up to this many work items the cost model follows each worker's items exactly.
 constexpr int64_t kExactItems = 64;
 
-}  // namespace
-
-Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads) {
+Tiling compute_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads) {
   const int64_t npix = g.out_h * g.out_w;
   const int64_t C = g.in_channels, CO = g.out_channels;
   const int64_t taps = g.kernel_h * g.kernel_w;
@@ -136,6 +135,17 @@ Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape&
   }
   if (shared_mode == 1 && shared_fits(best.tile_px)) best.shared_dw = true;
   return best;
+}
+
+}  // namespace
+
+Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads) {
+  // Everything compute_tiling reads, the settings included.
+  static thread_local RecentResults<15, Tiling> recent;
+  return recent.get({g.out_channels, g.in_channels, g.out_h, g.out_w, g.batch, g.kernel_h, g.kernel_w,
+                     elem_size, ts.gran, ts.vw, ts.panel, int64_t(ts.nchw), int64_t(threads),
+                     static_cast<int64_t>(tile_budget_bytes()), int64_t(shared_depthwise())},
+                    [&] { return compute_tiling(g, elem_size, ts, threads); });
 }
 
 }  // namespace detail

@@ -25,7 +25,9 @@ struct TileShape {
 // depthwise work (once per tile and worker), pointwise work on the columns the micro-kernels
 // really compute, streaming the packed weights once per item, and a fixed per-item overhead. The
 // makespan is what the busiest worker does under the static contiguous partition of share_work
-// (estimated in closed form: this runs on every call).
+// (each worker's items followed exactly when there are few, else estimated in closed form). Each
+// calling thread remembers its recent tilings by everything they depend on (recent_results.h):
+// costing the candidates takes up to ~7 us, and a model asks for the same few on every call.
 // Tiles need not be whole micro-kernel blocks: 7 x 7 = 49 pixels is better one tile of a 48-wide
 // block and a thin column than a 48-pixel tile and a 1-pixel tile, which repeats the depthwise
 // for one pixel and streams all the weights again for it.
