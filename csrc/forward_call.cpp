@@ -220,16 +220,13 @@ int64_t plan_shared_depthwise(Plan<T>& plan, int64_t units, int threads, int64_t
   const int64_t unit = std::lcm(line, std::max<int64_t>(1, chunk_multiple));
   const int64_t C = plan.C, steps = ceil_div(C, unit), t = std::max(1, threads);
   const int64_t target = ceil_div(4 * t, units);  // chunks per unit for about four items per worker
-  int64_t best_chunk = 0, best_load = 0, best_distance = 0;
+  int64_t best_chunk = 0, best_distance = 0;
+  double best_load = 0;
   for (int64_t k = 1; k <= steps; ++k) {
     const int64_t chunk = ceil_div(steps, k) * unit, n = ceil_div(C, chunk);
     if (n != k) continue;  // (another k gives the same chunks)
-    const int64_t last = C - (n - 1) * chunk, items = units * n;
-    int64_t load = 0;
-    for (int64_t w = 0; w < t; ++w) {
-      const int64_t a = items * w / t, b = items * (w + 1) / t, lasts = b / n - a / n;
-      load = std::max(load, (b - a - lasts) * chunk + lasts * last);
-    }
+    const int64_t last = C - (n - 1) * chunk;
+    const double load = busiest_share(units * n, static_cast<int>(t), n, double(chunk), double(last));
     const int64_t distance = n > target ? n - target : target - n;
     if (best_chunk == 0 || load < best_load || (load == best_load && distance < best_distance)) {
       best_chunk = chunk;

@@ -16,6 +16,7 @@
 #include "recent_results.h"
 #include "tiling.h"
 #include "transpose.h"
+#include "work_sharing.h"
 
 namespace lwk {
 namespace detail {
@@ -116,18 +117,10 @@ BandTiling compute_band_tiling(const JointGeometry& g, int64_t block_in_channels
   const double in_row = double(block_in_channels) * double(g.in_w);
   const double out_row = double(g.kernel_h * g.kernel_w + g.out_channels) * double(OW);
   auto busiest = [&](int64_t r) {
-    const int64_t per_image = ceil_div(OH, r), tiles = g.batch * per_image;
-    const int64_t last_rows = OH - (per_image - 1) * r;
-    const double full = in_row * double(rows_read(r)) + out_row * double(r);
-    const double last = in_row * double(rows_read(last_rows)) + out_row * double(last_rows);
-    const int t = std::max(1, threads);
-    double worst = 0;
-    for (int th = 0; th < t; ++th) {
-      const int64_t a = tiles * th / t, b = tiles * (th + 1) / t;
-      const int64_t lasts = b / per_image - a / per_image;  // tiles i in [a, b) with i + 1 a multiple
-      worst = std::max(worst, double(b - a - lasts) * full + double(lasts) * last);
-    }
-    return worst;
+    const int64_t per_image = ceil_div(OH, r), last_rows = OH - (per_image - 1) * r;
+    return busiest_share(g.batch * per_image, std::max(1, threads), per_image,
+                         in_row * double(rows_read(r)) + out_row * double(r),
+                         in_row * double(rows_read(last_rows)) + out_row * double(last_rows));
   };
   // Expanded rows computed per row of the image, for tiles of r output rows.
   auto recompute = [&](int64_t r) {
@@ -142,8 +135,13 @@ BandTiling compute_band_tiling(const JointGeometry& g, int64_t block_in_channels
   // rows at most 5 a tile went 11 x 5 + 1, six tiles for one thread and five and a sliver for the
   // other; 14 x 4 splits evenly and expands fewer rows per thread).
   int64_t best_r = r;
+  double best_load = busiest(r);
   for (int64_t h = r - 1; h >= 1 && h * 2 >= r; --h) {
-    if (busiest(h) < busiest(best_r) * 0.999) best_r = h;
+    const double load = busiest(h);
+    if (load < best_load * 0.999) {
+      best_r = h;
+      best_load = load;
+    }
   }
   r = ceil_div(OH, ceil_div(OH, best_r));  // equal heights
   const int64_t t = std::max(1, threads);

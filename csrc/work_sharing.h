@@ -32,6 +32,21 @@ inline int tasks_for(int64_t n, int64_t grain, int threads) {
   return static_cast<int>(t > 1 ? t : 1);
 }
 
+// The most any task has to do when n items of grain 1 are shared as below on an idle machine (task
+// t runs items [n * t / tasks, n * (t + 1) / tasks)), every item costing `full` except the last of
+// each group of `group` consecutive items, which costs `last` (an image's last, shorter row tile; a
+// tile's last, narrower chunk of channels). For the cost models that choose how to cut the work.
+inline double busiest_share(int64_t n, int tasks, int64_t group, double full, double last) {
+  double worst = 0;
+  for (int t = 0; t < tasks; ++t) {
+    const int64_t a = n * t / tasks, b = n * (t + 1) / tasks;
+    const int64_t lasts = b / group - a / group;  // items i in [a, b) with (i + 1) % group == 0
+    const double load = double(b - a - lasts) * full + double(lasts) * last;
+    if (load > worst) worst = load;
+  }
+  return worst;
+}
+
 struct alignas(64) ChunkClaim {
   std::atomic<int64_t> next{0};  // the next chunk of this range to hand out
   int64_t end = 0;               // one past the range's last chunk

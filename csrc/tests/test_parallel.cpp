@@ -9,6 +9,7 @@
 // dynamically shared work is done exactly once, the first exception reaches the caller, nested
 // and concurrent calls neither deadlock nor lose work, calls inside a parallel_session do the
 // same, and a forked child still computes.
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -236,6 +237,29 @@ void test_share_work(const char* what) {
   }
 }
 
+// busiest_share (work_sharing.h), the cost models' view of share_work's split: the busiest task's
+// cost item by item, and the example of an image's 56 output rows in tiles of 5 (11 full tiles and
+// a 1-row one) on two tasks.
+void test_busiest_share(const char* what) {
+  for (int tasks : {1, 2, 3, 8}) {
+    for (int64_t n : {1, 7, 12, 49, 100}) {
+      for (int64_t group : {1, 2, 4, 7, 12, 100}) {
+        double worst = 0;
+        for (int t = 0; t < tasks; ++t) {
+          double load = 0;
+          for (int64_t i = n * t / tasks; i < n * (t + 1) / tasks; ++i) load += (i + 1) % group == 0 ? 3.0 : 10.0;
+          worst = std::max(worst, load);
+        }
+        const double got = lwk::detail::busiest_share(n, tasks, group, 10.0, 3.0);
+        CHECK(got == worst, "%s busiest_share(n=%lld, tasks=%d, group=%lld) = %g, item by item %g", what,
+              (long long)n, tasks, (long long)group, got, worst);
+      }
+    }
+  }
+  const double rows = lwk::detail::busiest_share(12, 2, 12, 5.0, 1.0);
+  CHECK(rows == 30.0, "%s busiest_share: 11 x 5 + 1 rows on two tasks gave %g, not 6 x 5", what, rows);
+}
+
 // parallel_session (parallel.h): the checks above for calls made inside a session's body, the
 // session's other threads taking tasks (with the host OpenMP runtime, where it holds a region),
 // and an exception from the body reaching the caller.
@@ -283,6 +307,7 @@ void test_session(const char* what, bool holds_region) {
 void run_all(const char* what, bool host_openmp) {
   test_tasks_and_work(what);
   test_share_work(what);
+  test_busiest_share(what);
   test_exceptions(what);
   test_nested(what);
   test_concurrent_callers(what);
