@@ -189,6 +189,8 @@ def _native_step_times(model, call, runs: int) -> Dict:
         call()
     plans = native_plans(model)
     seconds: Dict[tuple, List[float]] = collections.defaultdict(list)
+    alone: Dict[tuple, List[float]] = collections.defaultdict(list)
+    idle: Dict[tuple, List[float]] = collections.defaultdict(list)
     labels: Dict[tuple, str] = {}
     walls: List[float] = []
     kernels: List[float] = []
@@ -200,12 +202,15 @@ def _native_step_times(model, call, runs: int) -> Dict:
         walls.append(time.perf_counter() - start)
         kernels.append(sum(sum(plan.step_seconds()) for plan in plans))
         for i, plan in enumerate(plans):
-            for j, (label, s) in enumerate(zip(plan.step_labels(), plan.step_seconds())):
+            for j, (label, s, t) in enumerate(zip(plan.step_labels(), plan.step_seconds(), plan.step_threads())):
                 seconds[(i, j)].append(s)
+                alone[(i, j)].append(t["alone"])
+                idle[(i, j)].append(t["idle"])
                 labels[(i, j)] = label
     for plan in plans:
         plan.time_steps(False)
-    steps = [{"step": labels[k], "ms": statistics.median(v) * 1e3, "fastest_ms": min(v) * 1e3, "calls": len(v)}
+    steps = [{"step": labels[k], "ms": statistics.median(v) * 1e3, "fastest_ms": min(v) * 1e3, "calls": len(v),
+              "alone_ms": statistics.median(alone[k]) * 1e3, "idle_thread_ms": statistics.median(idle[k]) * 1e3}
              for k, v in sorted(seconds.items())]
     return {"steps": steps, "whole_ms": statistics.median(walls) * 1e3, "runs": runs,
             "kernels_ms": statistics.median(kernels) * 1e3,
@@ -250,10 +255,15 @@ def to_markdown(result: Dict) -> str:
     if steps:
         total = sum(r["ms"] for r in steps)
         lines += ["", f"Inside lwkernels' native calls ({native['runs']} whole calls back to back, no hooks; each "
-                  "kernel call timed by the sequence itself):", "", "| kernel call | median ms | fastest ms |",
-                  "|---|---:|---:|"]
-        lines += [f"| {r['step']} | {r['ms']:.3f} | {r['fastest_ms']:.3f} |" for r in steps]
-        lines.append(f"| sum | {total:.3f} | {sum(r['fastest_ms'] for r in steps):.3f} |")
+                  "kernel call timed by the sequence itself; *alone*: the calling thread outside parallel "
+                  "regions, set-up and single-task work, while the others wait; *idle*: thread time inside "
+                  "the regions without a task, summed over threads):", "",
+                  "| kernel call | median ms | fastest ms | alone ms | idle thread-ms |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['step']} | {r['ms']:.3f} | {r['fastest_ms']:.3f} | {r.get('alone_ms', 0):.3f} | "
+                  f"{r.get('idle_thread_ms', 0):.3f} |" for r in steps]
+        lines.append(f"| sum | {total:.3f} | {sum(r['fastest_ms'] for r in steps):.3f} | "
+                     f"{sum(r.get('alone_ms', 0) for r in steps):.3f} | "
+                     f"{sum(r.get('idle_thread_ms', 0) for r in steps):.3f} |")
         lines += ["", f"Those calls: median wall time {native['whole_ms']:.3f} ms, median kernel time per call "
                   f"{native['kernels_ms']:.3f} ms (the sum of the steps' medians is smaller: a step now and then "
                   f"waits for an interrupted thread), median {native['outside_ms']:.3f} ms per call outside the "

@@ -189,6 +189,9 @@ template <typename T>
 void CallSequence<T>::set_step_timing(bool on) {
   step_timing_ = on;
   step_seconds_.clear();
+  step_region_seconds_.clear();
+  step_busy_seconds_.clear();
+  step_threads_ = 0;
 }
 
 template <typename T>
@@ -210,7 +213,12 @@ void CallSequence<T>::run(const T* x, T* y, int num_threads) {
   }
   const int64_t in_per_image = batch > 0 ? input_elems_ / batch : 0;
   const int64_t out_per_image = batch > 0 ? output_elems_ / batch : 0;
-  if (step_timing_) step_seconds_.assign(steps_.size(), 0.0);
+  if (step_timing_) {
+    step_seconds_.assign(steps_.size(), 0.0);
+    step_region_seconds_.assign(steps_.size(), 0.0);
+    step_busy_seconds_.assign(steps_.size(), 0.0);
+    step_threads_ = std::max(1, num_threads);
+  }
   auto run_steps = [&] {
     int64_t n0 = 0;
     do {  // (once for a batch of 0)
@@ -220,9 +228,19 @@ void CallSequence<T>::run(const T* x, T* y, int num_threads) {
                      y ? y + n0 * out_per_image : nullptr, work[0], work[1]};
       if (step_timing_) {
         for (std::size_t i = 0; i < steps_.size(); ++i) {
+          detail::RegionTimes regions;
+          detail::set_region_timing(&regions);
           const auto start = std::chrono::steady_clock::now();
-          steps_[i](slots, images, num_threads);
+          try {
+            steps_[i](slots, images, num_threads);
+          } catch (...) {
+            detail::set_region_timing(nullptr);
+            throw;
+          }
           step_seconds_[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          detail::set_region_timing(nullptr);
+          step_region_seconds_[i] += regions.wall;
+          step_busy_seconds_[i] += regions.busy;
         }
       } else {
         for (Step& step : steps_) step(slots, images, num_threads);

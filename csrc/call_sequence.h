@@ -71,11 +71,19 @@ class CallSequence {
   static constexpr int64_t kGroupBytes = int64_t(12) << 20;
 
   // Per-step wall times, for profiling inside one native call (forward hooks cannot see its
-  // calls): while on, every run records how long each call took, summed over the image groups.
-  // Either way the last run's times are dropped.
+  // calls): while on, every run records how long each call took, and how its threads spent that
+  // time, summed over the image groups. Either way the last run's times are dropped.
   void set_step_timing(bool on);
   // Seconds per call of the last timed run, in the order added (empty before one).
   const std::vector<double>& step_seconds() const { return step_seconds_; }
+  // Per call of the last timed run: seconds inside its parallel regions (the rest of
+  // step_seconds the calling thread worked alone: set-up, serial parts), and the seconds its
+  // threads' tasks ran, summed over the threads (parallel.h's RegionTimes). With step_threads
+  // threads, step_threads * step_seconds - step_busy_seconds is the thread time a call left idle.
+  const std::vector<double>& step_region_seconds() const { return step_region_seconds_; }
+  const std::vector<double>& step_busy_seconds() const { return step_busy_seconds_; }
+  // The num_threads of the last timed run (0 before one).
+  int step_threads() const { return step_threads_; }
 
   std::size_t size() const { return steps_.size(); }
   // Elements each end of the sequence expects (0 before the first call is added).
@@ -103,7 +111,8 @@ class CallSequence {
   bool groupable_ = true;          // false when the output slot also serves as a work slot
   int64_t image_group_ = 0;        // set_image_group's
   bool step_timing_ = false;
-  std::vector<double> step_seconds_;
+  std::vector<double> step_seconds_, step_region_seconds_, step_busy_seconds_;
+  int step_threads_ = 0;
   struct FreeAligned {
     void operator()(T* p) const;
   };

@@ -42,5 +42,16 @@ using TaskFn = void (*)(void* ctx, int task);
 // Rethrows the first exception a task threw (tasks should not throw). n <= 1 runs inline.
 void parallel_run(int n, TaskFn fn, void* ctx);
 
+// Profiling (CallSequence's step timing): while a RegionTimes is set on a thread, every
+// parallel_run that thread makes adds its wall time (call to return) to `wall` and its tasks'
+// summed run times to `busy`; with `threads` threads standing by, threads * wall - busy is the
+// thread time the calls left idle. Tasks' own calls are not counted twice. Costs two clock reads
+// per task while set.
+struct RegionTimes {
+  double wall = 0, busy = 0;
+};
+// The calling thread's (nullptr: stop).
+void set_region_timing(RegionTimes* times);
+
 }  // namespace detail
 }  // namespace lwk

@@ -96,6 +96,12 @@ void bind_sequence(py::module_& m, const char* name) {
            "While on, each run records how long every call took (step_seconds).")
       .def_property_readonly("step_seconds", &Seq::step_seconds,
                              "Seconds per call of the last timed run, in the order added.")
+      .def_property_readonly("step_region_seconds", &Seq::step_region_seconds,
+                             "Per call of the last timed run: seconds inside its parallel regions.")
+      .def_property_readonly("step_busy_seconds", &Seq::step_busy_seconds,
+                             "Per call of the last timed run: seconds its tasks ran, summed over threads.")
+      .def_property_readonly("step_threads", &Seq::step_threads,
+                             "The thread count of the last timed run (0 before one).")
       .def("__len__", &Seq::size)
       .def_property_readonly("input_elems", &Seq::input_elems)
       .def_property_readonly("output_elems", &Seq::output_elems);

@@ -355,12 +355,19 @@ def test_step_times_cover_every_call_of_a_run():
         start = time.perf_counter()
         got = model(x)
         wall = time.perf_counter() - start
-        seconds, labels = native.step_seconds(), native.step_labels()
+        seconds, labels, threads = native.step_seconds(), native.step_labels(), native.step_threads()
         native.time_steps(False)
-        assert native.step_seconds() == []
+        assert native.step_seconds() == [] and native.step_threads() == []
     assert torch.equal(got, want)  # (timing changes nothing)
-    assert len(seconds) == len(labels) == len(native)
+    assert len(seconds) == len(labels) == len(threads) == len(native)
     assert all(s > 0 for s in seconds) and sum(seconds) <= wall
+    n = torch.get_num_threads()
+    for s, t in zip(seconds, threads):
+        assert t["alone"] + t["region"] == pytest.approx(s, rel=1e-6, abs=1e-9)
+        # (a call with too little work for two tasks runs on the calling thread alone: no region)
+        assert 0 <= t["region"] <= s and 0 <= t["busy"] <= n * t["region"] + 1e-9
+        assert t["idle"] == pytest.approx(n * t["region"] - t["busy"], abs=1e-9)
+    assert n == 1 or sum(t["busy"] for t in threads) > 0
     calls = [label for label in labels if not label.startswith("transpose")]
     assert len(calls) == len(native._calls) and all(" -> " in label for label in calls)
 

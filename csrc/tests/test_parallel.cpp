@@ -11,6 +11,7 @@
 // same, and a forked child still computes.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
@@ -237,6 +238,62 @@ void test_share_work(const char* what) {
   }
 }
 
+// set_region_timing (parallel.h): a call's wall time and its tasks' summed run time, the calling
+// thread's nested calls counted once, nothing recorded once it is unset.
+struct SpinCtx {
+  std::atomic<int> next{0};
+  int items = 0;
+  bool nested = false;
+};
+
+void spin_for(double seconds) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < end) {
+  }
+}
+
+void spin_task(void* p, int) {
+  auto* c = static_cast<SpinCtx*>(p);
+  while (c->next.fetch_add(1) < c->items) {
+    spin_for(200e-6);
+    if (c->nested) {
+      SpinCtx inner;
+      inner.items = 2;
+      parallel_run(2, spin_task, &inner);  // (inside a task: runs inline or on the pool)
+    }
+  }
+}
+
+void test_region_timing(const char* what) {
+  for (int n : {1, 2}) {
+    for (bool nested : {false, true}) {
+      lwk::detail::RegionTimes times;
+      SpinCtx c;
+      c.items = 10;
+      c.nested = nested;
+      lwk::detail::set_region_timing(&times);
+      const auto start = std::chrono::steady_clock::now();
+      parallel_run(n, spin_task, &c);
+      const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      lwk::detail::set_region_timing(nullptr);
+      // 10 items of >= 200 us each, shared by the tasks (nested: each item's own call of two more
+      // runs within the item, in part on other threads, which only the item's time counts).
+      const double work = 10 * 200e-6;
+      CHECK(times.wall > 0 && times.wall <= wall, "%s region timing n=%d: wall %g s of a call taking %g s", what,
+            n, times.wall, wall);
+      CHECK(times.busy >= work && times.busy <= n * times.wall + 1e-6,
+            "%s region timing n=%d nested=%d: busy %g s for %g s of work in %g s on %d threads", what, n,
+            int(nested), times.busy, work, times.wall, n);
+      const lwk::detail::RegionTimes before = times;
+      SpinCtx more;
+      more.items = 2;
+      parallel_run(n, spin_task, &more);
+      CHECK(times.wall == before.wall && times.busy == before.busy, "%s region timing went on after it was unset",
+            what);
+    }
+  }
+}
+
 // busiest_share (work_sharing.h), the cost models' view of share_work's split: the busiest task's
 // cost item by item, and the example of an image's 56 output rows in tiles of 5 (11 full tiles and
 // a 1-row one) on two tasks.
@@ -308,6 +365,7 @@ void run_all(const char* what, bool host_openmp) {
   test_tasks_and_work(what);
   test_share_work(what);
   test_busiest_share(what);
+  test_region_timing(what);
   test_exceptions(what);
   test_nested(what);
   test_concurrent_callers(what);

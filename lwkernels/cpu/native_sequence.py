@@ -15,7 +15,7 @@ another thread runs this sequence (its work buffers are its own), goes the Pytho
 from __future__ import annotations
 
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -122,6 +122,19 @@ class StepTiming:
         """Seconds each call took in the last run while time_steps() was on (summed over the image
         groups); empty before such a run."""
         return list(self._seq.step_seconds)
+
+    def step_threads(self) -> List[Dict[str, float]]:
+        """How each call of that run spent its threads' time (summed over the image groups), for
+        finding where threads wait: ``alone`` seconds the calling thread worked outside parallel
+        regions (set-up, serial parts) while the others waited, ``region`` seconds inside them,
+        ``busy`` seconds the tasks ran (summed over threads) and ``idle`` thread-seconds inside the
+        regions without a task to run (threads * region - busy: uneven shares, start and end of a
+        region). Empty before such a run."""
+        seq = self._seq
+        threads = seq.step_threads
+        return [{"alone": max(0.0, wall - region), "region": region, "busy": busy,
+                 "idle": max(0.0, threads * region - busy)}
+                for wall, region, busy in zip(seq.step_seconds, seq.step_region_seconds, seq.step_busy_seconds)]
 
 
 class NativeSequence(StepTiming):
