@@ -134,6 +134,12 @@ Tiling compute_tiling(const JointGeometry& g, int64_t elem_size, const TileShape
     best = Tiling{p, ceil_div(npix, p), CO, 1, false};
   }
   if (shared_mode == 1 && shared_fits(best.tile_px)) best.shared_dw = true;
+  // Fewer items than workers (a classifier head's pooling: one output pixel per image): in one
+  // dispatch the other workers would idle for the whole call; sharing the depthwise gives them
+  // its part, which reads the whole map.
+  if (shared_mode != 0 && g.batch * best.n_tiles * best.n_co < workers && shared_fits(best.tile_px)) {
+    best.shared_dw = true;
+  }
   return best;
 }
 
