@@ -229,16 +229,12 @@ void CallSequence<T>::run(const T* x, T* y, int num_threads) {
       if (step_timing_) {
         for (std::size_t i = 0; i < steps_.size(); ++i) {
           detail::RegionTimes regions;
-          detail::set_region_timing(&regions);
-          const auto start = std::chrono::steady_clock::now();
-          try {
+          {
+            const detail::ScopedRegionTiming timing(&regions);
+            const auto start = std::chrono::steady_clock::now();
             steps_[i](slots, images, num_threads);
-          } catch (...) {
-            detail::set_region_timing(nullptr);
-            throw;
+            step_seconds_[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
           }
-          step_seconds_[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-          detail::set_region_timing(nullptr);
           step_region_seconds_[i] += regions.wall;
           step_busy_seconds_[i] += regions.busy;
         }

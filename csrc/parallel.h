@@ -52,6 +52,13 @@ struct RegionTimes {
 };
 // The calling thread's (nullptr: stop).
 void set_region_timing(RegionTimes* times);
+// set_region_timing(times) for its lifetime, also when what it times throws.
+struct ScopedRegionTiming {
+  explicit ScopedRegionTiming(RegionTimes* times) { set_region_timing(times); }
+  ~ScopedRegionTiming() { set_region_timing(nullptr); }
+  ScopedRegionTiming(const ScopedRegionTiming&) = delete;
+  ScopedRegionTiming& operator=(const ScopedRegionTiming&) = delete;
+};
 
 }  // namespace detail
 }  // namespace lwk
