@@ -155,8 +155,9 @@ void test_grid(bool quick) {
       }
     }
   }
-  // The mobile-network stem: 3 -> 32, 3x3, stride 2, padding 1, at 224 and an odd size.
-  for (int64_t hw : {224, 113}) {
+  // The mobile-network stem: 3 -> 32, 3x3, stride 2, padding 1, at 224, an odd size, and a size
+  // whose rows are whole passes (no tail pass) on every vector width.
+  for (int64_t hw : {224, 113, 256}) {
     DenseConvGeometry g;
     g.batch = 2;
     g.in_channels = 3;
