@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -119,6 +120,17 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("isa_supported", [](const std::string& name) { return lwk::isa_supported(isa_from_name(name)); });
   m.def("best_isa", []() { return std::string(lwk::isa_name(lwk::best_isa())); });
+  // os.environ.get(name) without the Mapping's encoding and lookups (the replays read
+  // LWKERNELS_CPU_ISA on every call; lwkernels/cpu/backend.py isa_env). os.environ's writes go
+  // through putenv/unsetenv, so both see the same value; decoded as os.environ decodes it.
+  m.def(
+      "environment_value",
+      [](const py::str& name) -> py::object {
+        const char* value = std::getenv(std::string(name).c_str());
+        if (value == nullptr) return py::none();
+        return py::reinterpret_steal<py::object>(PyUnicode_DecodeFSDefault(value));
+      },
+      py::arg("name"), "The environment variable's value, None when it is unset.");
   m.def("set_parallel_backend", [](const std::string& name) {
     if (name == "auto") return lwk::set_parallel_backend(lwk::ParallelBackend::kAuto);
     if (name == "threadpool") return lwk::set_parallel_backend(lwk::ParallelBackend::kThreadPool);

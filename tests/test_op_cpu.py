@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import threading
 
 import numpy as np
@@ -241,6 +242,18 @@ def test_isa_selection_follows_the_environment(monkeypatch):
         assert lwkernels.selected_isa() == _C.best_isa()
     monkeypatch.setenv(cpu_backend.ISA_ENV, " Scalar ")
     assert lwkernels.selected_isa() == "scalar"
+
+
+def test_isa_env_reads_what_os_environ_holds(monkeypatch):
+    """isa_env() (the per-call check of prepared calls) reads the C environment: it must see every
+    change made through os.environ, as os.environ.get would."""
+    monkeypatch.delenv(cpu_backend.ISA_ENV, raising=False)
+    assert cpu_backend.isa_env() is None
+    for value in ("avx2", "", " Scalar ", "caf\u00e9"):
+        monkeypatch.setenv(cpu_backend.ISA_ENV, value)
+        assert cpu_backend.isa_env() == os.environ.get(cpu_backend.ISA_ENV) == value
+    monkeypatch.delenv(cpu_backend.ISA_ENV)
+    assert cpu_backend.isa_env() is None
 
 
 def test_every_path_available_is_tested():

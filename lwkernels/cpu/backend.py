@@ -77,6 +77,13 @@ def parallel_backend_in_use() -> str:
     return native().parallel_backend_in_use()
 
 
+def isa_env() -> Optional[str]:
+    """LWKERNELS_CPU_ISA's value now (None when unset). Prepared calls compare it with the value they
+    were made under on every call, after the kernels have evicted the interpreter's objects from the
+    caches: read through the native module it costs ~4 us there, os.environ.get ~14 us."""
+    return (_NATIVE or native()).environment_value(ISA_ENV)
+
+
 # (raw LWKERNELS_CPU_ISA value, the path it selects): the last successful selection, so that the
 # per-call lookup is one environment read and a comparison. Invalid values are never cached.
 _ISA_CHOICE: Tuple[Optional[str], str] = (None, "")
@@ -85,7 +92,7 @@ _ISA_CHOICE: Tuple[Optional[str], str] = (None, "")
 def selected_isa() -> str:
     """The CPU path the next call will use (honours LWKERNELS_CPU_ISA)."""
     global _ISA_CHOICE
-    raw = os.environ.get(ISA_ENV)
+    raw = isa_env()
     choice = _ISA_CHOICE
     if choice[1] and choice[0] == raw:
         return choice[1]

@@ -22,7 +22,6 @@ the packing cache: call ``lwkernels.clear_cache()`` after them (it also drops pr
 """
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Optional, Tuple
 
@@ -31,7 +30,7 @@ import torch
 from ..ops.contract import output_memory_format
 from ..ops.activation import activation_name
 from .call_signature import CallSignature
-from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, address, fold_depthwise, geometry_for, native, selected_isa
+from .backend import NATIVE_DTYPES, PACK_CACHE, address, fold_depthwise, geometry_for, isa_env, native, selected_isa
 from ..ops.inference import dispatcher_needed
 from .outputs import new_output
 from .state_watch import StateWatch
@@ -104,7 +103,7 @@ class PreparedCall(CallSignature):
         self._memory_format = output_memory_format(x)
         self._has_residual = residual is not None
         self._out_shape = out_shape
-        self._isa_env = os.environ.get(ISA_ENV)
+        self._isa_env = isa_env()
         isa = selected_isa()
         layout = "nhwc" if self._memory_format == torch.channels_last else "nchw"
         _C = native()
@@ -144,14 +143,14 @@ class PreparedCall(CallSignature):
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
                                         or self.parameters_require_grad()):
             return False
-        if dispatcher_needed() or os.environ.get(ISA_ENV) != self._isa_env:
+        if dispatcher_needed() or isa_env() != self._isa_env:
             return False
         return True
 
     def state_unchanged(self) -> bool:
         """True while every module, parameter, buffer and setting the block's call reads is the one
         it was prepared with, at the same version (the input checks are the caller's)."""
-        return self._valid and self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env
+        return self._valid and self._watch.unchanged() and isa_env() == self._isa_env
 
     def state_unchanged_here(self) -> bool:
         """state_unchanged() without the ISA setting (for a caller that has just checked it)."""

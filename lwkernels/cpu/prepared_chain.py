@@ -38,7 +38,6 @@ in the caches, and the same checks walked in Python cost ~0.1 ms of a MobileNetV
 """
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from typing import List, Optional, Tuple
@@ -49,7 +48,7 @@ from torch.nn.modules import module as _module_globals
 from ..ops.contract import output_memory_format
 from ..ops.inference import dispatcher_needed
 from ..nn.folding import uses_running_stats
-from .backend import ISA_ENV, native
+from .backend import isa_env, native
 from .native_sequence import StepTiming, bind_steps
 from .outputs import new_output
 from .prepared_call import PreparedCall, _dense_layout
@@ -216,7 +215,7 @@ class PreparedChain(StepTiming):
         g = _module_globals
         if g._global_forward_hooks or g._global_forward_pre_hooks:
             return False
-        if not self._watch.unchanged() or os.environ.get(ISA_ENV) != self._isa_env:
+        if not self._watch.unchanged() or isa_env() != self._isa_env:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self._watch.requires_grad()):
             return False

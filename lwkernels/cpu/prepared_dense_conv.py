@@ -17,7 +17,6 @@ nothing needs to see the ops. Anything else runs the plain modules.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Optional, Tuple
 
@@ -30,7 +29,7 @@ from ..ops.activation import activation_name
 from ..ops.inference import dispatcher_needed
 from ..ops.contract import conv_output_size, output_memory_format
 from .call_signature import CallSignature
-from .backend import ISA_ENV, NATIVE_DTYPES, PACK_CACHE, geometry_for, native, selected_isa
+from .backend import NATIVE_DTYPES, PACK_CACHE, geometry_for, isa_env, native, selected_isa
 from .prepared_call import _dense_layout
 from .outputs import new_output
 from .state_watch import StateWatch
@@ -121,7 +120,7 @@ class PreparedDenseConv(CallSignature):
         _C = native()
         self._C = _C
         self._act = activation_name(act)
-        self._isa_env = os.environ.get(ISA_ENV)
+        self._isa_env = isa_env()
         self._pointwise = is_pointwise(conv)
         if self._pointwise:
             return self._init_pointwise(conv, bn, x, (oh, ow))
@@ -174,7 +173,7 @@ class PreparedDenseConv(CallSignature):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self._watch.requires_grad()):
             return False
-        return os.environ.get(ISA_ENV) == self._isa_env
+        return isa_env() == self._isa_env
 
     def serves(self, children) -> bool:
         """True while `children` are the modules it was prepared from and none has hooks (a plan

@@ -20,7 +20,6 @@ the input and autograd, as for the blocks' prepared calls.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Optional, Tuple
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from ..ops.contract import output_memory_format
 from .call_signature import CallSignature
-from .backend import ISA_ENV, NATIVE_DTYPES, address, fold_depthwise, geometry_for, native, pack_pointwise, \
+from .backend import NATIVE_DTYPES, address, fold_depthwise, geometry_for, isa_env, native, pack_pointwise, \
     selected_isa
 from .outputs import new_output
 from .prepared_call import _dense_layout
@@ -93,7 +92,7 @@ class PreparedHead(CallSignature):
         classes = linear.out_features
         self._x_shape, self._dtype, self._memory_format = x.shape, x.dtype, memory_format
         self._out_shape = (n, classes, 1, 1)
-        self._isa_env = os.environ.get(ISA_ENV)
+        self._isa_env = isa_env()
         layout = "nhwc" if memory_format == torch.channels_last else "nchw"
         _C = self._C = native()
         self._packed = pack_pointwise(linear.weight.detach().view(classes, c, 1, 1), selected_isa(), layout)
@@ -117,7 +116,7 @@ class PreparedHead(CallSignature):
         (For a caller that runs it on its own; a native sequence that binds it checks the watch.)"""
         return self._valid and all(a is b for a, b in zip(modules, self._modules)) and x.shape == self._x_shape \
             and x.dtype == self._dtype and x.is_cpu and _dense_layout(x, self._memory_format) \
-            and self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env
+            and self._watch.unchanged() and isa_env() == self._isa_env
 
     def parameters_require_grad(self) -> bool:
         return self._watch.requires_grad()

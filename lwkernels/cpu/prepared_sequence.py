@@ -26,7 +26,6 @@ native call (cpu/native_sequence.py) for the input signature of its first run.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from typing import List, Optional, Sequence, Tuple
 
@@ -36,7 +35,7 @@ from torch.nn.modules import module as _module_globals
 from ..nn.conv_bn_act import ConvBNAct
 from ..nn.member_calls import member_calls
 from ..ops.inference import dispatcher_needed, modes_active
-from .backend import ISA_ENV, native as _native_module
+from .backend import isa_env, native as _native_module
 from .native_sequence import NativeSequence
 from .prepared_call import PreparedCall, _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
@@ -80,12 +79,12 @@ class PreparedSequence:
                 formats: Sequence[Optional[torch.memory_format]]) -> "Optional[PreparedSequence]":
         """The replay of `members`, each given its input in `formats` (None: as it comes), right after
         they ran that way; None when no member can be replayed."""
-        isa_env = os.environ.get(ISA_ENV)
+        isa_setting = isa_env()
         steps: List[Optional[_Member]] = []
         watches: List[StateWatch] = []
         for member in members:
             found = member_calls(member)
-            step = None if found is None else cls._member_step(found.calls, isa_env)
+            step = None if found is None else cls._member_step(found.calls, isa_setting)
             if step is None:
                 steps.append(None)
                 continue
@@ -97,14 +96,14 @@ class PreparedSequence:
         plan = cls.__new__(cls)
         plan._members, plan._formats, plan._steps = tuple(members), tuple(formats), tuple(steps)
         plan._watch = StateWatch.union(watches)
-        plan._isa_env = isa_env
+        plan._isa_env = isa_setting
         plan._native = None  # built on the first run, for its input's signature
         plan._valid = True
         _LIVE.add(plan)
         return plan
 
     @staticmethod
-    def _member_step(fused_calls, isa_env) -> Optional[Tuple[_Member, Tuple[StateWatch, ...]]]:
+    def _member_step(fused_calls, isa_setting) -> Optional[Tuple[_Member, Tuple[StateWatch, ...]]]:
         """A member's prepared calls, chained (each takes the previous one's output), with the watches
         they need; None when one is missing or they do not chain."""
         if not fused_calls:
@@ -118,7 +117,7 @@ class PreparedSequence:
                 return None
             call, run = found
             call_watches, call_isa_env = call.replay_state()
-            if call_isa_env != isa_env:
+            if call_isa_env != isa_setting:
                 return None
             if previous is None:
                 signature = (call.x_shape, call.dtype, call.memory_format)
@@ -140,7 +139,7 @@ class PreparedSequence:
         g = _module_globals
         if g._global_forward_hooks or g._global_forward_pre_hooks:
             return False
-        return self._watch.unchanged() and os.environ.get(ISA_ENV) == self._isa_env \
+        return self._watch.unchanged() and isa_env() == self._isa_env \
             and not (modes_active() if eager_checked else dispatcher_needed())
 
     def native_items(self) -> Optional[list]:
