@@ -2,7 +2,6 @@
 #include "dense_conv.h"
 
 #include <algorithm>
-#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -31,14 +30,12 @@ std::string validate(const DenseConvGeometry& g) {
 
 namespace {
 
+// The calling thread's scratch for the workers' padded rows and tap vectors, and the NHWC
+// output's transposed weights: a new allocation of the stem's ~30 KiB on every call went through
+// malloc's consolidation of the small blocks the Python side had just freed.
+thread_local detail::ScratchBuf t_dense_scratch;
 template <typename T>
-struct AlignedScratch {
-  T* p;
-  explicit AlignedScratch(std::size_t n) : p(static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)))) {}
-  ~AlignedScratch() { ::operator delete(p, std::align_val_t(64)); }
-  AlignedScratch(const AlignedScratch&) = delete;
-  AlignedScratch& operator=(const AlignedScratch&) = delete;
-};
+thread_local std::vector<T> t_nhwc_operands;
 
 }  // namespace
 
@@ -91,7 +88,7 @@ void dense_conv_forward(const DenseConvGeometry& g, const T* x, const T* weight,
   p.scratch_elems = (p.taps * vw + g.in_channels * g.kernel_h * p.row_len + 15) / 16 * 16;
   // NHWC output: the weights transposed to [tap][channel] and the shifts, zero-padded to whole
   // pairs of vectors, once per call.
-  std::vector<T> nhwc_operands;
+  std::vector<T>& nhwc_operands = t_nhwc_operands<T>;
   if (p.nhwc_out) {
     p.co_pad = detail::dense_nhwc_channels(g.out_channels, ops->vw);
     nhwc_operands.assign(static_cast<std::size_t>((p.taps + 1) * p.co_pad), T(0));
@@ -110,9 +107,9 @@ void dense_conv_forward(const DenseConvGeometry& g, const T* x, const T* weight,
   p.y = y;
   const int64_t n_rows = g.batch * g.out_h;
   const int tasks = detail::tasks_for(n_rows, 1, std::max(1, num_threads));
-  AlignedScratch<T> scratch(static_cast<std::size_t>(p.scratch_elems * tasks));
+  T* scratch = static_cast<T*>(t_dense_scratch.get(static_cast<std::size_t>(p.scratch_elems * tasks) * sizeof(T)));
   detail::share_work(n_rows, 1, tasks, [&](int task, int64_t begin, int64_t end) {
-    ops->run_dense_rows(p, begin, end, scratch.p + p.scratch_elems * task);
+    ops->run_dense_rows(p, begin, end, scratch + p.scratch_elems * task);
   });
 }
 

@@ -24,24 +24,7 @@ int64_t padded_ld(int64_t n, int64_t elem_size) {
   return ld;
 }
 
-// Thread-local scratch of the calling thread: reused across calls, so steady-state calls do not
-// allocate. Each calling thread has its own, so concurrent calls never share scratch.
-struct ScratchBuf {
-  void* p = nullptr;
-  std::size_t size = 0;
-  ~ScratchBuf() { aligned_free_bytes(p); }
-  void* get(std::size_t bytes) {
-    if (bytes > size) {
-      aligned_free_bytes(p);
-      p = nullptr;
-      size = 0;
-      p = aligned_alloc_bytes(bytes);
-      size = bytes;
-    }
-    return p;
-  }
-};
-
+// The calling thread's scratch for the plan's tables and the workers' buffers.
 thread_local ScratchBuf t_scratch;
 
 // Runs items [0, n_items) (the shared-depthwise phase's when `depthwise`, else the work items) on

@@ -30,6 +30,28 @@ constexpr std::size_t kScratchAlign = 64;
 void* aligned_alloc_bytes(std::size_t bytes);
 void aligned_free_bytes(void* p) noexcept;
 
+// A calling thread's scratch, reused across calls (kept in a thread_local): steady-state calls do
+// not allocate, and concurrent calls never share it. get() keeps the contents only while the size
+// does not grow.
+struct ScratchBuf {
+  void* p = nullptr;
+  std::size_t size = 0;
+  ScratchBuf() = default;
+  ScratchBuf(const ScratchBuf&) = delete;
+  ScratchBuf& operator=(const ScratchBuf&) = delete;
+  ~ScratchBuf() { aligned_free_bytes(p); }
+  void* get(std::size_t bytes) {
+    if (bytes > size) {
+      aligned_free_bytes(p);
+      p = nullptr;
+      size = 0;
+      p = aligned_alloc_bytes(bytes);
+      size = bytes;
+    }
+    return p;
+  }
+};
+
 // Pointwise weights packed as panels of `panel()` output channels: panel p holds
 // W[p*panel + j][k] at data()[(p * in_channels + k) * panel + j], zero for channels past c_out,
 // followed by 64 zero elements of slack (whole-vector loads from the last panel row).
