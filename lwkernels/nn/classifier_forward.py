@@ -26,6 +26,7 @@ from ..cpu.prepared_head import PreparedHead, head_modules_fit
 from ..ops.contract import output_memory_format
 from ..ops.inference import modes_active
 from .layout_sequential import LayoutSequential, layouts_apply
+from .retry_schedule import RetrySchedule
 
 
 @dataclass(frozen=True)
@@ -54,25 +55,16 @@ class HeadPattern:
 
 #: Input signatures a model keeps plans for (a few image sizes and batch sizes).
 _MAX_PLANS = 8
-#: Calls before the next try to prepare a plan after a try failed or a plan went stale within
-#: _MIN_USEFUL_REPLAYS calls, doubled each time up to _MAX_RETRY_INTERVAL (as LayoutSequential).
-_FIRST_RETRY_INTERVAL = 4
-_MAX_RETRY_INTERVAL = 1024
-_MIN_USEFUL_REPLAYS = 8
 
 
 class _Slot:
-    """One input signature's plan and when to try preparing it again."""
+    """One input signature's plan and when to try preparing it again (nn/retry_schedule.py)."""
 
-    __slots__ = ("plan", "replays", "countdown", "interval")
+    __slots__ = ("plan", "schedule")
 
     def __init__(self) -> None:
         self.plan: Optional[PreparedClassifier] = None
-        self.replays = 0
-        self.countdown, self.interval = 1, _FIRST_RETRY_INTERVAL
-
-    def back_off(self) -> None:
-        self.countdown, self.interval = self.interval, min(2 * self.interval, _MAX_RETRY_INTERVAL)
+        self.schedule = RetrySchedule()
 
 
 class ClassifierForward:
@@ -117,12 +109,11 @@ class ClassifierForward:
             if slot.plan.matches(x):
                 y = slot.plan.run(x)
                 if y is not None:
-                    slot.replays += 1
+                    slot.schedule.replayed()
                     return y
             else:
                 slot.plan = None
-                if slot.replays < _MIN_USEFUL_REPLAYS:
-                    slot.back_off()
+                slot.schedule.went_stale()
         head_modules = self._head_modules(model)
         body = model._modules.get(self._pattern.body)
         if head_modules is None or body is None:
@@ -133,19 +124,18 @@ class ClassifierForward:
             if len(self._slots) >= _MAX_PLANS:
                 self._slots.clear()
             slot = self._slots[key] = _Slot()
-        slot.countdown -= 1
-        if slot.countdown <= 0 and slot.plan is None:
+        if slot.schedule.try_due() and slot.plan is None:
             replay = self._body_replay(body, x)
-            if replay is None:  # (not yet: the body prepares its replay on its second call)
-                slot.countdown = 1
+            if replay is None:  # (the body prepares its replay on its second call)
+                slot.schedule.not_yet()
             else:
                 slot.plan = PreparedClassifier.prepare(model, (self._pattern.body, self._pattern.classifier),
                                                        replay, head_modules, x)
                 if slot.plan is None or not slot.plan.matches(x):
                     slot.plan = None
-                    slot.back_off()
+                    slot.schedule.failed()
                 else:
-                    slot.replays = 0
+                    slot.schedule.prepared()
         return y
 
     def _head_modules(self, model: nn.Module) -> Optional[Tuple]:

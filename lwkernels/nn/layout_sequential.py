@@ -23,6 +23,7 @@ from ..ops.contract import conv_output_size
 from .block import JointBlock
 from .conv_bn_act import ConvBNAct
 from .inverted_residual import InvertedResidual
+from .retry_schedule import RetrySchedule
 
 #: Inverted residuals with at most this many output pixels run channels-last when their depthwise
 #: kernel has at most 9 taps (3x3), ...
@@ -211,26 +212,17 @@ REPLAY_MEMBERS = True
 #: Input signatures a LayoutSequential keeps plans for (a few image sizes and batch sizes).
 _MAX_PLANS = 8
 
-#: Calls as modules before the next try to prepare a replay, after a try failed or a replay went
-#: stale within _MIN_USEFUL_REPLAYS calls (something changes every call: parameters updated between
-#: calls, hooks, a mode); doubled each time up to _MAX_RETRY_INTERVAL. Preparing a replay walks
-#: every member, so it must not happen on every call.
-_FIRST_RETRY_INTERVAL = 4
-_MAX_RETRY_INTERVAL = 1024
-_MIN_USEFUL_REPLAYS = 8
-
 
 class _Plan:
     """One input signature's layouts per member and, once its members have run in them, their
-    replay (cpu/prepared_sequence.py)."""
+    replay (cpu/prepared_sequence.py), prepared again on the schedule of nn/retry_schedule.py."""
 
-    __slots__ = ("members", "formats", "replay", "_replays", "_countdown", "_interval")
+    __slots__ = ("members", "formats", "replay", "_schedule")
 
     def __init__(self, members, formats) -> None:
         self.members, self.formats = members, formats
         self.replay = None
-        self._replays = 0
-        self._countdown, self._interval = 1, _FIRST_RETRY_INTERVAL
+        self._schedule = RetrySchedule()
 
     def replayable(self) -> bool:
         """True when the replay gives what calling the members would (the caller has checked that
@@ -239,29 +231,23 @@ class _Plan:
         if replay is None:
             return False
         if replay.matches(eager_checked=True):  # (forward() has just run layouts_apply)
-            self._replays += 1
+            self._schedule.replayed()
             return True
         self.replay = None
-        if self._replays < _MIN_USEFUL_REPLAYS:
-            self._back_off()
-        else:  # (it paid for itself: prepare again right after the next call as modules)
-            self._interval = _FIRST_RETRY_INTERVAL
+        self._schedule.went_stale()
         return False
 
     def ran_as_modules(self) -> None:
         """The members have just run as modules in these layouts (so their fused modules hold
         calls prepared for them): prepare the replay when a try is due."""
-        self._countdown -= 1
-        if self._countdown > 0:
+        if not self._schedule.try_due():
             return
         replay = PreparedSequence.prepare(self.members, self.formats)
         if replay is not None and replay.matches():
-            self.replay, self._replays, self._countdown = replay, 0, 1
+            self.replay = replay
+            self._schedule.prepared()
         else:
-            self._back_off()
-
-    def _back_off(self) -> None:
-        self._countdown, self._interval = self._interval, min(2 * self._interval, _MAX_RETRY_INTERVAL)
+            self._schedule.failed()
 
 
 def layouts_apply(x) -> bool:
