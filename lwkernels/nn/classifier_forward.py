@@ -57,6 +57,22 @@ class HeadPattern:
 _MAX_PLANS = 8
 
 
+def classifier_parts(module: Optional[nn.Module]) -> Optional[Tuple[Optional[nn.Module], nn.Linear]]:
+    """(dropout or None, linear) of a classifier written as an nn.Linear or an nn.Sequential of an
+    optional dropout (or nn.Identity) and an nn.Linear; None for anything else. What fuse() looks for
+    (nn/fuse_head.py) and what each call takes apart (whether the dropout is inert and nothing has
+    hooks, PreparedHead decides)."""
+    if type(module) is nn.Linear:
+        return None, module
+    if type(module) is not nn.Sequential or len(module) not in (1, 2):
+        return None
+    *rest, linear = module._modules.values()
+    dropout = rest[0] if rest else None
+    if type(linear) is not nn.Linear or (dropout is not None and type(dropout) not in (nn.Dropout, nn.Identity)):
+        return None
+    return dropout, linear
+
+
 class _Slot:
     """One input signature's plan and when to try preparing it again (nn/retry_schedule.py)."""
 
@@ -142,15 +158,10 @@ class ClassifierForward:
         """(pool, dropout or None, linear) when the head fuses now, else None."""
         p = self._pattern
         classifier = model._modules.get(p.classifier)
-        if classifier is None or classifier._forward_hooks or classifier._forward_pre_hooks:
+        parts = classifier_parts(classifier)
+        if parts is None or classifier._forward_hooks or classifier._forward_pre_hooks:
             return None
-        if type(classifier) is nn.Linear:
-            dropout, linear = None, classifier
-        elif type(classifier) is nn.Sequential and len(classifier) in (1, 2):
-            *rest, linear = classifier._modules.values()
-            dropout = rest[0] if rest else None
-        else:
-            return None
+        dropout, linear = parts
         pool = self._pool if p.pool in ("mean", "adaptive_avg_pool2d") else model._modules.get(p.pool)
         return (pool, dropout, linear) if head_modules_fit(pool, dropout, linear) else None
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from .classifier_forward import ClassifierForward, HeadPattern, installed
+from .classifier_forward import ClassifierForward, HeadPattern, classifier_parts, installed
 from .layout_sequential import LayoutSequential
 
 
@@ -33,15 +33,6 @@ def _child(model: nn.Module, node: fx.Node) -> Optional[nn.Module]:
     if node.op != "call_module" or "." in node.target:
         return None
     return model._modules.get(node.target)
-
-
-def _is_classifier(module: Optional[nn.Module]) -> bool:
-    if type(module) is nn.Linear:
-        return True
-    if type(module) is not nn.Sequential or len(module) not in (1, 2):
-        return False
-    *rest, last = module
-    return type(last) is nn.Linear and all(type(m) in (nn.Dropout, nn.Identity) for m in rest)
 
 
 def _pools_to_one(size) -> bool:
@@ -103,7 +94,7 @@ def match_head(model: nn.Module) -> Optional[HeadPattern]:
         if not rest or not _is_flatten(rest[0]) or rest[0].args[0] is not pool_node:
             return None
         pool_node, rest = rest[0], rest[1:]
-    if len(rest) != 1 or not _is_classifier(_child(model, rest[0])) or rest[0].args != (pool_node,) \
+    if len(rest) != 1 or classifier_parts(_child(model, rest[0])) is None or rest[0].args != (pool_node,) \
             or rest[0].kwargs or nodes[-1].args != (rest[0],):
         return None
     return HeadPattern(body_node.target, pool, rest[0].target, pool_args)
