@@ -429,3 +429,33 @@ def test_only_a_kxk_dense_conv_writes_nhwc():
     seq = native().CallSequence_f32()
     with pytest.raises(ValueError, match="1x1"):
         call.append_to(seq, seq.INPUT, seq.NO_SLOT, seq.OUTPUT, out_layout="nhwc")
+
+
+def test_small_outputs_are_made_ahead_but_handed_out_once():
+    """Outputs of up to SMALL_OUTPUT_BYTES come from a stock made OUTPUT_STOCK at a time
+    (cpu/outputs.py): every run must still return a tensor of its own, holding its own result."""
+    from lwkernels.cpu.outputs import OUTPUT_STOCK, SMALL_OUTPUT_BYTES
+    original, model = _plain_model(), _fused()
+    x0 = _input(batch=1)
+    with torch.no_grad():
+        _warm(model, x0)
+        native = _replay(model)._native
+        assert isinstance(native, NativeSequence)
+        first = model(x0)
+        assert first.numel() * first.element_size() <= SMALL_OUTPUT_BYTES  # (this test needs a small one)
+        inputs = [_input(batch=1, seed=100 + i) for i in range(3 * OUTPUT_STOCK)]
+        outputs = [model(x) for x in inputs]
+        assert len({y.data_ptr() for y in outputs + [first]}) == len(outputs) + 1
+        for x, y in zip(inputs, outputs):
+            torch.testing.assert_close(y, original(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 10), (4, 64, 8, 8), (1, 1, 128, 129)])
+def test_output_maker_hands_out_distinct_dense_tensors(shape):
+    from lwkernels.cpu.outputs import OUTPUT_STOCK, OutputMaker
+    fmt = torch.channels_last if len(shape) == 4 and shape[1] > 1 else torch.contiguous_format
+    maker = OutputMaker(native(), shape, torch.float32, fmt)
+    taken = [maker.take() for _ in range(2 * OUTPUT_STOCK + 1)]
+    assert len({t.data_ptr() for t in taken}) == len(taken)
+    for t in taken:
+        assert t.shape == shape and t.dtype == torch.float32 and t.is_contiguous(memory_format=fmt)

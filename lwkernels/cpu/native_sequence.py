@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .backend import selected_isa
-from .outputs import new_output
+from .outputs import OutputMaker
 from .prepared_call import _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
 from ..ops.contract import output_memory_format
@@ -140,8 +140,7 @@ class StepTiming:
 class NativeSequence(StepTiming):
     """The calls of a replay as one CallSequence for one input signature; see the module docstring."""
 
-    __slots__ = ("_seq", "_C", "_x_shape", "_dtype", "_memory_format", "_out_shape", "_out_format", "_lock",
-                 "_calls", "_steps")
+    __slots__ = ("_seq", "_x_shape", "_dtype", "_memory_format", "_lock", "_calls", "_steps", "_outputs")
 
     @classmethod
     def build(cls, items: Sequence[Item], x: torch.Tensor, _C) -> "Optional[NativeSequence]":
@@ -185,11 +184,11 @@ class NativeSequence(StepTiming):
             return None
         seq, steps = bind_steps(_C, dtype, ops)
         plan = cls.__new__(cls)
-        plan._seq, plan._C = seq, _C
+        plan._seq = seq
         plan._x_shape, plan._dtype, plan._memory_format = x.shape, x.dtype, output_memory_format(x)
-        plan._out_shape, plan._out_format = shape, fmt
         plan._calls = tuple(op[1] for op in ops if op[0] == "call")  # the operands' owners stay alive
         plan._steps = steps
+        plan._outputs = OutputMaker(_C, shape, dtype, fmt)
         plan._lock = threading.Lock()
         return plan
 
@@ -207,7 +206,7 @@ class NativeSequence(StepTiming):
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            y = new_output(self._C, self._out_shape, self._dtype, self._out_format)
+            y = self._outputs.take()
             self._seq.run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
             return y
         finally:

@@ -50,7 +50,7 @@ from ..ops.inference import dispatcher_needed
 from ..nn.folding import uses_running_stats
 from .backend import isa_env, native
 from .native_sequence import StepTiming, bind_steps
-from .outputs import new_output
+from .outputs import OutputMaker
 from .prepared_call import PreparedCall, _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
 from .prepared_head import PreparedHead
@@ -95,7 +95,7 @@ class PreparedChain(StepTiming):
     """The fused calls of one chain of JointBlocks for one input signature; see the module docstring."""
 
     __slots__ = ("_chain", "_blocks", "_calls", "_head", "_stem", "_parts", "_seq", "_steps", "_x_shape",
-                 "_dtype", "_memory_format", "_lock", "_watch", "_isa_env", "_valid", "__weakref__")
+                 "_dtype", "_memory_format", "_outputs", "_lock", "_watch", "_isa_env", "_valid", "__weakref__")
 
     @classmethod
     def prepare(cls, chain: torch.nn.Module, x: torch.Tensor,
@@ -175,6 +175,13 @@ class PreparedChain(StepTiming):
         if any(isa_env != self._isa_env for _, isa_env in states):
             return False
         self._watch = StateWatch.union([w for watches, _ in states for w in watches] + [self._structure(stem)])
+        last = self._parts[-1]
+        # (a head's output made 2-D here: a flatten after the call found PyTorch's dispatcher
+        # evicted by the kernels and cost 20-75 us)
+        if head is None:
+            self._outputs = OutputMaker(native(), last.out_shape, x.dtype, memory_format)
+        else:
+            self._outputs = OutputMaker(native(), tuple(last.out_shape)[:2], x.dtype, torch.contiguous_format)
         self._lock = threading.Lock()
         self._valid = True
         _LIVE.add(self)
@@ -232,13 +239,7 @@ class PreparedChain(StepTiming):
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            last = self._parts[-1]
-            # (a head's output made 2-D here: a flatten after the call found PyTorch's dispatcher
-            # evicted by the kernels and cost 20-75 us)
-            if self._head is None:
-                y = new_output(native(), last.out_shape, self._dtype, self._memory_format)
-            else:
-                y = new_output(native(), tuple(last.out_shape)[:2], self._dtype, torch.contiguous_format)
+            y = self._outputs.take()
             self._seq.run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
             return y
         finally:
