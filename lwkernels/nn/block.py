@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops.activation import ActivationSpec, activation_module, activation_name
 from .folding import fold_batchnorm, uses_running_stats
-from ..ops.inference import call_joint_block, direct_call_allowed
+from ..ops.inference import call_joint_block, direct_call_allowed, is_tracing
 from ..cpu.prepared_call import PreparedCall
 from ..ops.reference import JointBlockReference
 from .training import joint_block_training, uses_batch_stats
@@ -113,7 +113,7 @@ class JointBlock(JointBlockReference):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # eager CPU inference: replay
+        if not (torch.compiler.is_compiling() or is_tracing()):  # eager CPU inference: replay
             prepared = self.__dict__.get("_prepared")
             if prepared is not None and prepared.matches(self, x, residual):
                 return prepared.run(x, residual)

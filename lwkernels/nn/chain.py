@@ -7,7 +7,7 @@ from torch import nn
 from ..cpu.prepared_chain import PreparedChain, inner_format, runs_channels_last
 from ..cpu.prepared_head import PreparedHead, head_modules_fit
 from ..ops.contract import output_memory_format
-from ..ops.inference import dispatcher_needed
+from ..ops.inference import dispatcher_needed, is_tracing
 from .block import JointBlock
 from .conv_bn_act import ConvBNAct
 
@@ -33,7 +33,7 @@ class JointChain(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        if not (torch.compiler.is_compiling() or is_tracing()):
             plan = self.__dict__.get("_plan")
             if plan is not None and plan.matches(self, x):
                 y = plan.run(x)
@@ -42,7 +42,7 @@ class JointChain(nn.Sequential):
         blocks = list(self._modules.values())
         fused = all(isinstance(b, JointBlock) and type(b).forward is JointBlock.forward for b in blocks)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if not (fused and x.is_cpu and not needs_grad) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if not (fused and x.is_cpu and not needs_grad) or torch.compiler.is_compiling() or is_tracing():
             for block in blocks:
                 x = block(x)
             return x
@@ -74,7 +74,7 @@ class JointChain(nn.Sequential):
         same values, which equal PyTorch's head up to rounding. A ConvBNAct ``stem`` on its native
         path joins the same call, ahead of the blocks. Anything else runs the modules."""
         head_modules = (pool, dropout, classifier)
-        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        traced = torch.compiler.is_compiling() or is_tracing()
         # (the plan calls neither this chain nor its blocks: hooks on the chain need the modules)
         if not traced and not (self._forward_hooks or self._forward_pre_hooks):
             plan = self.__dict__.get("_head_plan")

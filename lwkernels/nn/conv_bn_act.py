@@ -9,6 +9,7 @@ from torch import nn
 
 from ..cpu.prepared_dense_conv import PreparedDenseConv, eligible
 from ..ops.activation import ActivationSpec, activation_module, activation_name
+from ..ops.inference import is_tracing
 
 
 class ConvBNAct(nn.Sequential):
@@ -59,7 +60,7 @@ class ConvBNAct(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         children = tuple(self._modules.values())
-        if len(children) == 3 and not (torch.compiler.is_compiling() or torch.jit.is_tracing()) \
+        if len(children) == 3 and not (torch.compiler.is_compiling() or is_tracing()) \
                 and not torch.onnx.is_in_onnx_export():
             prepared = self.__dict__.get("_prepared")
             if prepared is not None and prepared.matches(children, x):

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..cpu.prepared_sequence import PreparedSequence
 from ..ops.contract import conv_output_size
+from ..ops.inference import is_tracing
 from .block import JointBlock
 from .conv_bn_act import ConvBNAct
 from .inverted_residual import InvertedResidual
@@ -257,5 +258,5 @@ def layouts_apply(x) -> bool:
     every call, ~40 us once a model's kernels have evicted them.)"""
     return (isinstance(x, torch.Tensor) and x.is_cpu and x.dim() == 4
             and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled()
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+            and not (torch.compiler.is_compiling() or is_tracing())
             and (x.is_contiguous() or x.is_contiguous(memory_format=_CL)))

@@ -60,11 +60,17 @@ def _joint_block_fake(*inputs):
     return empty_output(inputs[0], check_joint_args(*inputs))
 
 
+#: torch.jit.is_tracing() without its Python frame: it returns this unless TorchScript is scripting,
+#: which never runs lwkernels' eager paths. The fast paths ask on every call, after the kernels have
+#: evicted the interpreter's objects from the caches: ~8 us there through torch.jit, ~4 us direct.
+is_tracing = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing
+
+
 def dispatcher_needed() -> bool:
     """True while something must see every op go through the dispatcher: a compiler, a tracer, a
     torch function/dispatch mode, or a torch.func transform (vmap, grad, ...: its wrapped tensors
     have no storage of their own)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch.compiler.is_compiling() or is_tracing() or torch.jit.is_scripting():
         return True
     return modes_active()
 
