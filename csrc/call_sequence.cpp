@@ -107,6 +107,9 @@ void CallSequence<T>::add_fused(const Geometry& g, Operands operands, int64_t dw
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("CallSequence: " + err);
   if (operands.dw_weight == nullptr) throw std::invalid_argument("CallSequence: dw_weight is null");
+  if (operands.y_transposed && residual != kNoSlot) {
+    throw std::invalid_argument("CallSequence: a call writing the other layout (y_transposed) takes no residual");
+  }
   place(x, residual, y, g.batch, elems(g.batch, g.in_channels, g.in_h, g.in_w),
         elems(g.batch, g.out_channels, g.out_h, g.out_w));
   auto folded = fold_once<T>(g.layout, dw_channels, g.kernel_h * g.kernel_w, operands);

@@ -132,6 +132,7 @@ Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const Packed
   plan.n_co = tl.n_co;
   plan.n_items = g.batch * tl.n_tiles * tl.n_co;
   plan.stats = t.y_sum != nullptr;
+  plan.y_transposed = t.y_transposed;
   return plan;
 }
 
@@ -185,6 +186,12 @@ void lay_out_worker_scratch(Plan<T>& plan, const JointGeometry& g, const Tiling&
   if (plan.stats) {
     plan.stats_offset = plan.scratch_bytes;
     plan.scratch_bytes += aligned_bytes(2 * g.out_channels * int64_t(sizeof(double)));
+  }
+  if (plan.y_transposed) {  // NCHW: rows for every output channel (the kernels index them by co)
+    plan.out_offset = plan.scratch_bytes;
+    plan.ldo = nhwc ? padded_ld(g.out_channels, sizeof(T)) : padded_ld(tl.tile_px, sizeof(T));
+    const int64_t rows = nhwc ? tl.tile_px : g.out_channels;
+    plan.scratch_bytes += aligned_bytes(rows * plan.ldo * int64_t(sizeof(T)));
   }
 }
 

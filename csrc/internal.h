@@ -185,9 +185,14 @@ struct Plan {
   // buffer i of each starts i * row_stride / plane_stride elements after its offset.
   // With statistics (stats true): per-worker double sums [CO] and sums of squares [CO] of y at
   // stats_offset, zeroed before the call and added up across workers after it.
+  // With y_transposed (JointTensors::y_transposed): the work item's outputs in the computing
+  // layout at out_offset, NCHW [CO][ldo], NHWC [tile_px][ldo], then transposed into y.
   int64_t ldt = 0;
   bool stats = false;
   std::size_t stats_offset = 0;
+  bool y_transposed = false;
+  std::size_t out_offset = 0;
+  int64_t ldo = 0;
   std::size_t row_offset = 0, plane_offset = 0;
   int64_t row_stride = 0, plane_stride = 0;
   std::size_t scratch_bytes = 0;   // per worker, total

@@ -128,7 +128,8 @@ BandTiling compute_band_tiling(const JointGeometry& g, int64_t block_in_channels
   };
   const int64_t budget = static_cast<int64_t>(band_budget_bytes());
   int64_t r = OH;
-  while (r > 1 && (C * rows_read(r) * g.in_w * elem_size > budget || r * OW * C * elem_size > budget)) {
+  while (r > 1 && (C * rows_read(r) * g.in_w * elem_size > budget || r * OW * C * elem_size > budget ||
+                   r * OW * (C + ts.out_px_elems) * elem_size > 2 * budget)) {
     --r;
   }
   // The height whose busiest thread has the least to do, the tallest of equals (at batch 1, 56
@@ -184,10 +185,10 @@ BandTiling compute_band_tiling(const JointGeometry& g, int64_t block_in_channels
 // choose_tiling read, the budgets and the shared-depthwise setting included.
 BandTiling choose_band_tiling(const JointGeometry& g, int64_t block_in_channels, int64_t elem_size,
                               const TileShape& ts, int threads) {
-  static thread_local RecentResults<21, BandTiling> recent;
+  static thread_local RecentResults<22, BandTiling> recent;
   return recent.get({g.out_channels, g.in_channels, block_in_channels, g.out_h, g.out_w, g.in_h, g.in_w,
                      g.batch, g.kernel_h, g.kernel_w, g.stride_h, g.dil_h, elem_size, ts.gran, ts.vw,
-                     ts.panel, int64_t(ts.nchw), int64_t(threads),
+                     ts.panel, int64_t(ts.nchw), ts.out_px_elems, int64_t(threads),
                      static_cast<int64_t>(band_budget_bytes()),
                      static_cast<int64_t>(tile_budget_bytes()), int64_t(shared_depthwise())},
                     [&] { return compute_band_tiling(g, block_in_channels, elem_size, ts, threads); });
@@ -252,6 +253,9 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
                   int num_threads) {
   const std::string err = validate(g);
   if (!err.empty()) throw std::invalid_argument("inverted_residual_forward: " + err);
+  if (t.y_transposed && (t.residual != nullptr || g.transpose_io)) {
+    throw std::invalid_argument("inverted_residual_forward: y_transposed takes neither a residual nor transpose_io");
+  }
   if (g.transpose_io) {
     if (g.layout != Layout::kNHWC) {
       throw std::invalid_argument("inverted_residual_forward: transpose_io needs layout NHWC");
@@ -283,7 +287,8 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   const JointGeometry jg = depthwise_part(g);
   const int threads = std::max(1, num_threads);
   const bool nhwc = g.layout == Layout::kNHWC;
-  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, project.panel(), !nhwc};
+  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, project.panel(), !nhwc,
+                     t.y_transposed ? g.out_channels : 0};
   const BandTiling bt = choose_band_tiling(jg, g.in_channels, sizeof(T), ts, threads);
   const Tiling& tl = bt.tiling;
   const int64_t band_rows = bt.band_rows;
@@ -300,6 +305,7 @@ void forward_impl(const PackedPointwise<T>& expand_base, const PackedPointwise<T
   jt.residual = t.residual;
   jt.out_act = t.out_act;
   jt.y = t.y;
+  jt.y_transposed = t.y_transposed;
   Plan<T> plan = plan_call(jg, jt, project, tl);
   lay_out_worker_scratch(plan, jg, tl, *ops);
 

@@ -53,6 +53,7 @@ struct InvertedResidualTensors {
   Activation out_act = Activation::kNone;
   T* y = nullptr;                   // [N, C_out, H_out, W_out]
   bool dw_folded = false;           // as JointTensors::dw_folded (folded for g.layout)
+  bool y_transposed = false;        // as JointTensors::y_transposed (not with transpose_io)
 };
 
 // Runs the block on up to `num_threads` threads. `expand` must be packed as [C_exp][C_in] and

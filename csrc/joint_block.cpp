@@ -195,6 +195,9 @@ const PackedImpl<T>& check_call(const PackedPointwise<T>& packed_base, const Joi
   if ((t.y_sum == nullptr) != (t.y_sumsq == nullptr)) {
     throw std::invalid_argument("joint_forward: y_sum and y_sumsq must be given together");
   }
+  if (t.y_transposed && (t.residual != nullptr || t.y_sum != nullptr)) {
+    throw std::invalid_argument("joint_forward: y_transposed takes neither a residual nor statistics");
+  }
   return *packed;
 }
 
@@ -222,7 +225,8 @@ void forward_impl(const PackedPointwise<T>& packed_base, const JointGeometry& g,
   const IsaOps<T>* ops = ops_for<T>(packed.isa());
   const bool nhwc = g.layout == Layout::kNHWC;
   const int threads = std::max(1, num_threads);
-  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, packed.panel(), !nhwc};
+  const TileShape ts{nhwc ? ops->mr : ops->nr, ops->vw, packed.panel(), !nhwc,
+                     t.y_transposed ? g.out_channels : 0};
   const Tiling tl = choose_tiling(g, sizeof(T), ts, threads);
 
   Plan<T> plan = plan_call(g, t, packed, tl);

@@ -60,6 +60,12 @@ struct JointTensors {
   // True: dw_weight and dw_shift are fold_depthwise()'s output for this call's layout (dw_scale is
   // then unused). A caller that runs the same block many times folds once instead of every call.
   bool dw_folded = false;
+  // True: y is laid out in the other layout than g.layout (NCHW computation writes y as
+  // [N, H_out, W_out, C_out], NHWC computation as [N, C_out, H_out, W_out]), the same values
+  // transposed. Each work item's outputs go to a buffer of the worker's and are transposed into y
+  // from there, while in cache: a model whose next layer runs in the other layout then needs no
+  // pass over the whole map. Not with a residual or statistics; y must not overlap x.
+  bool y_transposed = false;
 };
 
 // The depthwise weights and shift as the kernels read them: weight [C][taps] times scale, in the

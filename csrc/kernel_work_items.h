@@ -163,6 +163,9 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
       pl.stats ? reinterpret_cast<double*>(static_cast<char*>(scratch) + pl.stats_offset)
                : nullptr;
   double* const ch_sq = pl.stats ? ch_sum + CO : nullptr;
+  // y_transposed: the item's outputs in this layout, transposed into y afterwards (Plan).
+  T* const out_buf =
+      pl.y_transposed ? reinterpret_cast<T*>(static_cast<char*>(scratch) + pl.out_offset) : nullptr;
   auto panel_begin = [&] {
     for (int i = 0; i < kPart; ++i) part_sum[i] = part_sq[i] = 0.0;
   };
@@ -195,7 +198,8 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
     const int64_t co_b = imin(CO, co_a + pl.co_chunk);
     if (nchw) {
       const int64_t off = n * CO * npix + p0;
-      const Epi<T> e{pl.y + off, pl.residual ? pl.residual + off : nullptr, npix,
+      const Epi<T> e{out_buf ? out_buf : pl.y + off, pl.residual ? pl.residual + off : nullptr,
+                     out_buf ? pl.ldo : npix,
                      pl.pw_scale, pl.pw_shift, pl.out_act,
                      ch_sum ? part_sum : nullptr, ch_sum ? part_sq : nullptr, ch_sum, ch_sq};
       // A last column block of at most kThinCols pixels goes to the thin kernel, for each group
@@ -226,9 +230,14 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
           }
         }
       }
+      if (out_buf) {  // [co][pixel] -> y's [pixel][co]
+        transpose_matrix<V>(out_buf + co_a * pl.ldo, pl.ldo, pl.y + (n * npix + p0) * CO + co_a, CO,
+                            co_b - co_a, np);
+      }
     } else {
       const int64_t off = (n * npix + p0) * CO;
-      const Epi<T> e{pl.y + off, pl.residual ? pl.residual + off : nullptr, CO,
+      const Epi<T> e{out_buf ? out_buf : pl.y + off, pl.residual ? pl.residual + off : nullptr,
+                     out_buf ? pl.ldo : CO,
                      pl.pw_scale, pl.pw_shift, pl.out_act,
                      ch_sum ? part_sum : nullptr, ch_sum ? part_sq : nullptr, ch_sum, ch_sq};
       const EvenRowBlocks blocks(np, MR);
@@ -248,6 +257,10 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
           r0 += rows;
         }
         if (ch_sum) panel_end(co, cols, 1);
+      }
+      if (out_buf) {  // [pixel][co] -> y's [co][pixel]
+        transpose_matrix<V>(out_buf + co_a, pl.ldo, pl.y + (n * CO + co_a) * npix + p0, npix, np,
+                            co_b - co_a);
       }
     }
   }

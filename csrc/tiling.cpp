@@ -41,8 +41,10 @@ Tiling compute_tiling(const JointGeometry& g, int64_t elem_size, const TileShape
   const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t gran = ts.gran;
   const int64_t budget = static_cast<int64_t>(tile_budget_bytes());
-  // The largest tile the budget allows (at least one micro-kernel block).
-  const int64_t pmax = std::max(gran, budget / std::max<int64_t>(1, C * elem_size));
+  // The largest tile the budget allows (at least one micro-kernel block); with an output buffer,
+  // the two within twice the budget (per-core L2 holds that much on every CPU the kernels meet).
+  const int64_t pmax = std::max(gran, std::min(budget / std::max<int64_t>(1, C * elem_size),
+                                               2 * budget / std::max<int64_t>(1, (C + ts.out_px_elems) * elem_size)));
   const int64_t base_tiles = ceil_div(npix, pmax);
   const int64_t npanels = ceil_div(CO, ts.panel);
   const int workers = std::max(1, threads);
@@ -147,9 +149,9 @@ Tiling compute_tiling(const JointGeometry& g, int64_t elem_size, const TileShape
 
 Tiling choose_tiling(const JointGeometry& g, int64_t elem_size, const TileShape& ts, int threads) {
   // Everything compute_tiling reads, the settings included.
-  static thread_local RecentResults<15, Tiling> recent;
+  static thread_local RecentResults<16, Tiling> recent;
   return recent.get({g.out_channels, g.in_channels, g.out_h, g.out_w, g.batch, g.kernel_h, g.kernel_w,
-                     elem_size, ts.gran, ts.vw, ts.panel, int64_t(ts.nchw), int64_t(threads),
+                     elem_size, ts.gran, ts.vw, ts.panel, int64_t(ts.nchw), ts.out_px_elems, int64_t(threads),
                      static_cast<int64_t>(tile_budget_bytes()), int64_t(shared_depthwise())},
                     [&] { return compute_tiling(g, elem_size, ts, threads); });
 }

@@ -19,6 +19,9 @@ struct TileShape {
   int64_t vw;         // vector width (elements)
   int64_t panel;      // packed weight panel width (output channels)
   bool nchw;
+  // Elements per pixel of a worker's output buffer that shares the cache with the depthwise tile
+  // (y_transposed: the output channels; else 0, the outputs go straight to y).
+  int64_t out_px_elems = 0;
 };
 
 // Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "joint_block.h"
@@ -46,6 +47,25 @@ inline double act_ref(double v, lwk::Activation a, bool float_range = false) {
 inline int64_t offset(lwk::Layout l, int64_t C, int64_t H, int64_t W, int64_t n, int64_t c, int64_t y,
                       int64_t x) {
   return l == lwk::Layout::kNCHW ? ((n * C + c) * H + y) * W + x : ((n * H + y) * W + x) * C + c;
+}
+
+// True when `other`, laid out in the other layout than `layout`, holds exactly y's values, bit for
+// bit: a call's y_transposed output against its plain output.
+template <typename T>
+bool same_values_transposed(lwk::Layout layout, int64_t N, int64_t C, int64_t H, int64_t W, const T* y,
+                            const T* other) {
+  const lwk::Layout o = layout == lwk::Layout::kNCHW ? lwk::Layout::kNHWC : lwk::Layout::kNCHW;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t i = 0; i < H; ++i) {
+        for (int64_t j = 0; j < W; ++j) {
+          const T a = y[offset(layout, C, H, W, n, c, i, j)], b = other[offset(o, C, H, W, n, c, i, j)];
+          if (std::memcmp(&a, &b, sizeof(T)) != 0) return false;
+        }
+      }
+    }
+  }
+  return true;
 }
 
 }  // namespace lwk_test

@@ -116,6 +116,19 @@ void run_case(const Shape& sh, Layout layout, const Acts& acts, Residual res, in
   t.out_act = acts.out;
   t.y = y.data();
   lwk::inverted_residual_forward<T>(*packed_e, *packed_p, g, t, threads);
+  if (t.residual == nullptr && !transpose_io) {  // the same call writing the other layout
+    std::vector<T> yt(y.size(), std::numeric_limits<T>::quiet_NaN());
+    lwk::InvertedResidualTensors<T> tt = t;
+    tt.y = yt.data();
+    tt.y_transposed = true;
+    lwk::inverted_residual_forward<T>(*packed_e, *packed_p, g, tt, threads);
+    ++g_runs;
+    CHECK(lwk_test::same_values_transposed(layout, sh.n, sh.cout, OH, OW, y.data(), yt.data()),
+          "%s %s n=%lld cin=%lld %lldx%lld cexp=%lld cout=%lld k=%lld s=%lld threads=%d: y_transposed output "
+          "is not the plain output transposed", lwk::isa_name(isa), layout == Layout::kNCHW ? "NCHW" : "NHWC",
+          (long long)sh.n, (long long)sh.cin, (long long)sh.h, (long long)sh.w, (long long)sh.cexp,
+          (long long)sh.cout, (long long)sh.k, (long long)sh.s, threads);
+  }
 
   // Reference in double, with the magnitude of every sum for the tolerance.
   const double eps = std::numeric_limits<T>::epsilon();
@@ -300,6 +313,20 @@ void validation() {
     auto g2 = g;
     g2.transpose_io = true;
     lwk::inverted_residual_forward<float>(*pe, *pp, g2, t, 1);
+  });
+  expect_invalid<float>("y_transposed with a residual", "y_transposed", [] {
+    auto t2 = t;
+    t2.y_transposed = true;
+    t2.residual = x.data();
+    lwk::inverted_residual_forward<float>(*pe, *pp, g, t2, 1);
+  });
+  expect_invalid<float>("y_transposed with transpose_io", "y_transposed", [] {
+    auto g2 = g;
+    g2.transpose_io = true;
+    g2.layout = Layout::kNHWC;
+    auto t2 = t;
+    t2.y_transposed = true;
+    lwk::inverted_residual_forward<float>(*pe, *pp_nhwc, g2, t2, 1);
   });
   expect_invalid<float>("zero expanded channels", "expanded_channels must be >= 1", [] {
     auto g2 = g;

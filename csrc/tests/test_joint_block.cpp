@@ -204,6 +204,17 @@ void run_case(const Case& c0, Isa isa, uint64_t seed) {
   if (g_prefold) fold_for_call(g, t, folded_w, folded_b);
   auto packed = lwk::pack_pointwise<T>(isa, g.layout, pww.data(), c.cout, c.cin, c.threads);
   lwk::joint_forward<T>(*packed, g, t, c.threads);
+  if (!c.residual && !c.stats) {  // the same call writing the other layout: the same values
+    std::vector<T> yt(y.size(), std::numeric_limits<T>::quiet_NaN());
+    lwk::JointTensors<T> tt = t;
+    tt.y = yt.data();
+    tt.y_transposed = true;
+    lwk::joint_forward<T>(*packed, g, tt, c.threads);
+    ++g_cases;
+    CHECK(lwk_test::same_values_transposed(c.layout, c.n, c.cout, oh, ow, y.data(), yt.data()),
+          "[%s %s] y_transposed output is not the plain output transposed: %s", lwk::isa_name(isa),
+          sizeof(T) == 4 ? "f32" : "f64", describe(c).c_str());
+  }
 
   // Reference (double), plus a magnitude bound for the tolerance.
   const int64_t npix = oh * ow;
@@ -673,6 +684,20 @@ void test_validation() {
           u.y_sum = sums.data();
           lwk::joint_forward<float>(*p, g, u, 1);
         }, "y_sum and y_sumsq"), "joint_forward must reject y_sum without y_sumsq");
+  std::vector<float> other(180, 0.0f);
+  CHECK(throws_invalid([&] {
+          lwk::JointTensors<float> u = t;
+          u.y_transposed = true;
+          u.residual = other.data();
+          lwk::joint_forward<float>(*p, g, u, 1);
+        }, "y_transposed"), "joint_forward must reject y_transposed with a residual");
+  CHECK(throws_invalid([&] {
+          lwk::JointTensors<float> u = t;
+          u.y_transposed = true;
+          u.y_sum = sums.data();
+          u.y_sumsq = sqs.data();
+          lwk::joint_forward<float>(*p, g, u, 1);
+        }, "y_transposed"), "joint_forward must reject y_transposed with statistics");
 
   // Batch 0: nothing is read or written (null tensors are fine); statistics are all zero.
   {
