@@ -35,15 +35,16 @@ void bind_sequence(py::module_& m, const char* name) {
           [](Seq& s, std::shared_ptr<Packed> packed, const lwk::JointGeometry& g,
              std::uintptr_t dw_weight, std::uintptr_t dw_scale, std::uintptr_t dw_shift,
              const std::string& mid_act, std::uintptr_t pw_scale, std::uintptr_t pw_shift,
-             const std::string& out_act, int x, int residual, int y) {
-            s.add_joint(std::move(packed), g,
-                        lwk_bind::joint_operands<T>(dw_weight, dw_scale, dw_shift, mid_act,
-                                                    pw_scale, pw_shift, out_act),
-                        x, residual, y);
+             const std::string& out_act, int x, int residual, int y, bool y_transposed) {
+            auto operands = lwk_bind::joint_operands<T>(dw_weight, dw_scale, dw_shift, mid_act,
+                                                        pw_scale, pw_shift, out_act);
+            operands.y_transposed = y_transposed;
+            s.add_joint(std::move(packed), g, operands, x, residual, y);
           },
           py::arg("packed"), py::arg("geometry"), py::arg("dw_weight"), py::arg("dw_scale"),
           py::arg("dw_shift"), py::arg("mid_act"), py::arg("pw_scale"), py::arg("pw_shift"),
-          py::arg("out_act"), py::arg("x"), py::arg("residual"), py::arg("y"))
+          py::arg("out_act"), py::arg("x"), py::arg("residual"), py::arg("y"),
+          py::arg("y_transposed") = false)
       .def(
           "add_inverted_residual",
           [](Seq& s, std::shared_ptr<Packed> expand, std::shared_ptr<Packed> project,
@@ -51,19 +52,18 @@ void bind_sequence(py::module_& m, const char* name) {
              std::uintptr_t expand_shift, const std::string& expand_act, std::uintptr_t dw_weight,
              std::uintptr_t dw_scale, std::uintptr_t dw_shift, const std::string& mid_act,
              std::uintptr_t project_scale, std::uintptr_t project_shift, const std::string& out_act,
-             int x, int residual, int y) {
-            s.add_inverted_residual(
-                std::move(expand), std::move(project), g,
-                lwk_bind::inverted_residual_operands<T>(expand_scale, expand_shift, expand_act,
-                                                        dw_weight, dw_scale, dw_shift, mid_act,
-                                                        project_scale, project_shift, out_act),
-                x, residual, y);
+             int x, int residual, int y, bool y_transposed) {
+            auto operands = lwk_bind::inverted_residual_operands<T>(
+                expand_scale, expand_shift, expand_act, dw_weight, dw_scale, dw_shift, mid_act,
+                project_scale, project_shift, out_act);
+            operands.y_transposed = y_transposed;
+            s.add_inverted_residual(std::move(expand), std::move(project), g, operands, x, residual, y);
           },
           py::arg("expand"), py::arg("project"), py::arg("geometry"), py::arg("expand_scale"),
           py::arg("expand_shift"), py::arg("expand_act"), py::arg("dw_weight"), py::arg("dw_scale"),
           py::arg("dw_shift"), py::arg("mid_act"), py::arg("project_scale"),
           py::arg("project_shift"), py::arg("out_act"), py::arg("x"), py::arg("residual"),
-          py::arg("y"))
+          py::arg("y"), py::arg("y_transposed") = false)
       .def(
           "add_dense_conv",
           [](Seq& s, const lwk::DenseConvGeometry& g, std::uintptr_t weight, std::uintptr_t shift,

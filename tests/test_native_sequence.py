@@ -19,6 +19,7 @@ from lwkernels.cpu.backend import native
 from lwkernels.cpu.native_sequence import NativeSequence
 from lwkernels.cpu.prepared_chain import PreparedChain
 from lwkernels.cpu.prepared_sequence import PreparedSequence
+from lwkernels.models import LightweightNet, MobileNetV1
 
 CL = torch.channels_last
 
@@ -119,7 +120,11 @@ def test_all_members_run_as_one_native_sequence(dtype, channels_last, batch):
         assert isinstance(native, NativeSequence)
         calls = sum(len(step[1]) for step in _replay(model)._steps)
         assert calls == 7  # stem, 4 inverted residuals, the joint block, the 1x1 conv (the Identity: none)
-        assert len(native) > calls  # and the layout changes
+        # the layout changes: the stem writes NHWC itself; a channels-last input is transposed for
+        # the stem, the last call's output back to NCHW for an NCHW caller
+        labels = native.step_labels()
+        assert len(native) == calls + 1
+        assert labels[int(channels_last)].startswith("PreparedDenseConv") and labels[int(channels_last)].endswith("NHWC out")
         got = model(x)
         assert torch.equal(got, python_path)
         assert torch.equal(got, _modules_path(model, x))
@@ -391,44 +396,86 @@ def test_a_model_plan_times_its_stem_blocks_and_head():
     assert sum(label.startswith("PreparedCall") for label in labels) == len(model.features)
 
 
+def _ir_then_channels_last() -> nn.Sequential:
+    """An inverted residual on a 32x32 output (NCHW) before two on 16x16 (channels-last), none
+    with a residual: the first writes NHWC itself."""
+    model = nn.Sequential(_ir(8, 24, 16, 1), _ir(16, 48, 24, 2), _ir(24, 72, 20, 1))
+    return fuse(randomize_(model, seed=8).eval())[0]
+
+
+#: Models whose native sequence has calls writing the other layout: (make, input shape, the labels
+#: of those calls, by their start and end).
+TRANSPOSED_OUTPUTS = {
+    "MobileNetV1's stem": (lambda: randomize_(MobileNetV1(num_classes=10), seed=4).eval(), (3, 48, 40),
+                           [("PreparedDenseConv", "NHWC out")]),
+    "LightweightNet's RGB block": (lambda: randomize_(LightweightNet(num_classes=10), seed=6).eval(), (3, 40, 36),
+                                   [("PreparedCall", "NHWC out")]),
+    "an inverted residual": (_ir_then_channels_last, (8, 32, 32), [("PreparedInvertedResidual", "NHWC out")]),
+}
+
+
 @pytest.mark.parametrize("batch", [1, 3])
-def test_a_stem_before_channels_last_blocks_writes_nhwc_itself(batch, monkeypatch):
-    """The stem's dense convolution followed by the transpose of its output to NHWC (the chain runs
-    its 32-channel blocks channels-last) is one kernel call writing NHWC, with exactly the values of
-    the stem and the separate transpose (a copy of the model whose plan keeps them apart)."""
+@pytest.mark.parametrize("case", list(TRANSPOSED_OUTPUTS))
+def test_a_call_before_a_layout_change_writes_the_other_layout_itself(case, batch, monkeypatch):
+    """An NCHW call followed by a transpose of its output to NHWC is one kernel call writing NHWC,
+    with exactly the values of the call and the separate transpose (a copy of the model whose plan
+    keeps them apart)."""
     import copy
 
     import lwkernels.cpu.native_sequence as native_sequence
-    from lwkernels.models import MobileNetV1
+    from lwkernels.cpu.native_sequence import native_plans
 
-    model = randomize_(MobileNetV1(num_classes=10), seed=4).eval()
+    make, shape, expected = TRANSPOSED_OUTPUTS[case]
+    model = make()
     apart = copy.deepcopy(model)
-    x = torch.randn(batch, 3, 48, 40)
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+
+    def labels_of(m):  # of the plan that runs the whole model (a chain keeps one without its head too)
+        return max((plan.step_labels() for plan in native_plans(m)),
+                   key=lambda labels: (labels[-1].startswith("PreparedHead"), len(labels)))
+
     with torch.no_grad():
         merged = [model(x) for _ in range(3)]
-        labels = model.features.__dict__["_head_plan"].step_labels()
-        monkeypatch.setattr(native_sequence, "_nhwc_output_step", lambda steps, i: False)
+        labels = labels_of(model)
+        monkeypatch.setattr(native_sequence, "_transposed_output_step", lambda steps, i: False)
         separate = [apart(x) for _ in range(3)]
-        apart_labels = apart.features.__dict__["_head_plan"].step_labels()
-    assert labels[0].startswith(f"PreparedDenseConv ({batch}, 3, 48, 40)") and labels[0].endswith("NHWC out")
-    assert not any(label.startswith("transpose NCHW->NHWC") for label in labels)
-    assert apart_labels[1].startswith("transpose NCHW->NHWC") and len(apart_labels) == len(labels) + 1
+        apart_labels = labels_of(apart)
+    written = [label for label in labels if label.endswith(" out")]
+    assert [(w.split(" ")[0], w[-8:]) for w in written] == expected, labels
+    assert len(apart_labels) == len(labels) + len(written)
+    assert sum(label.startswith("transpose") for label in apart_labels) == \
+        sum(label.startswith("transpose") for label in labels) + len(written)
     for got, want in zip(merged, separate):
         assert torch.equal(got, want)
 
 
-def test_only_a_kxk_dense_conv_writes_nhwc():
+def test_dense_conv_writes_the_other_layout_only_where_its_values_agree():
+    """A 1x1 ConvBNAct runs on the joint kernel and writes either layout alike; a k x k one writes
+    NHWC through its own kernel, alike only for the activations it applies in registers."""
     from lwkernels import ConvBNAct
 
-    conv = randomize_(ConvBNAct(8, 16, 1, padding=0), seed=1).eval()
     x = torch.randn(1, 8, 5, 5)
+    pointwise = randomize_(ConvBNAct(8, 16, 1, padding=0), seed=1).eval()
+    hardswish = randomize_(ConvBNAct(4, 16, 3, padding=1, activation="hardswish"), seed=2).eval()
     with torch.no_grad():
-        conv(x)
-    call = conv.__dict__["_prepared"]
-    assert call.pointwise and not call.writes_nhwc_alike
+        pointwise(x)
+        hardswish(x[:, :4])
+    assert pointwise.__dict__["_prepared"].writes_transposed_alike
+    call = hardswish.__dict__["_prepared"]
+    assert not call.writes_transposed_alike
     seq = native().CallSequence_f32()
-    with pytest.raises(ValueError, match="1x1"):
-        call.append_to(seq, seq.INPUT, seq.NO_SLOT, seq.OUTPUT, out_layout="nhwc")
+    with pytest.raises(ValueError, match="other layout"):
+        call.append_to(seq, seq.INPUT, seq.NO_SLOT, seq.OUTPUT, transposed=True)
+
+
+def test_call_sequence_rejects_a_residual_with_the_other_layout():
+    block = randomize_(JointBlock(8, 8), seed=3).eval()
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        block(x)
+    seq = native().CallSequence_f32()
+    with pytest.raises(ValueError, match="y_transposed"):
+        block.__dict__["_prepared"].append_to(seq, seq.INPUT, seq.INPUT, seq.OUTPUT, transposed=True)
 
 
 def test_small_outputs_are_made_ahead_but_handed_out_once():

@@ -22,7 +22,6 @@ import torch
 from .backend import selected_isa
 from .outputs import OutputMaker
 from .prepared_call import _dense_layout
-from .prepared_dense_conv import PreparedDenseConv
 from ..ops.contract import output_memory_format
 
 #: Items a replay is made of, in order: ("layout", memory_format) where it converts its current
@@ -39,28 +38,31 @@ def _degenerate(shape) -> bool:
     return shape[1] == 1 or shape[2] * shape[3] == 1
 
 
-def _nhwc_output_step(steps: Sequence[Tuple], i: int) -> bool:
-    """True when steps[i] is a dense convolution whose output the next step only transposes to NHWC,
-    and which gives the same values writing NHWC itself (saving a pass over the whole map)."""
+def _transposed_output_step(steps: Sequence[Tuple], i: int) -> bool:
+    """True when steps[i] is an NCHW call without a residual whose output the next step only
+    transposes to NHWC, and which gives the same values writing NHWC itself: that saves a pass over
+    the whole map (LightweightNet's RGB block at batch 8: 1.63 -> 1.05 ms with its transpose). The
+    other way, an NHWC call writing NCHW, measured slower than the separate transpose at batch 8 (a
+    chain's last 7x7 block: 2.95 -> 3.06 ms), so sequences keep that transpose."""
     if i + 1 >= len(steps) or steps[i][0] != "call" or steps[i + 1][0] != "transpose":
         return False
     call, residual_is_input = steps[i][1], steps[i][2]
     _, shape, to_nhwc = steps[i + 1]
-    return (isinstance(call, PreparedDenseConv) and call.writes_nhwc_alike and not residual_is_input and to_nhwc
-            and tuple(shape) == tuple(call.out_shape))
+    return (not residual_is_input and to_nhwc and call.memory_format != torch.channels_last
+            and call.writes_transposed_alike and tuple(shape) == tuple(call.out_shape))
 
 
 def bind_steps(_C, dtype: torch.dtype, steps: Sequence[Tuple]):
     """(a new CallSequence of `steps` in order, the steps it runs), each reading what the one before
     wrote: the input, then the two work buffers in turn, the last writing the output. A step is
-    ("transpose", shape, to_nhwc) or ("call", prepared_call, residual_is_input); a dense
-    convolution followed by a transpose of its output to NHWC runs as one step writing NHWC,
-    ("call", prepared_dense_conv, False, "nhwc")."""
+    ("transpose", shape, to_nhwc) or ("call", prepared_call, residual_is_input); an NCHW call
+    followed by a transpose of its output to NHWC runs as one step writing NHWC,
+    ("call", prepared_call, False, "transposed")."""
     bound: List[Tuple] = []
     i = 0
     while i < len(steps):
-        if _nhwc_output_step(steps, i):
-            bound.append(tuple(steps[i]) + ("nhwc",))
+        if _transposed_output_step(steps, i):
+            bound.append(tuple(steps[i]) + ("transposed",))
             i += 2
         else:
             bound.append(tuple(steps[i]))
@@ -74,7 +76,7 @@ def bind_steps(_C, dtype: torch.dtype, steps: Sequence[Tuple]):
             n, c, h, w = step[1]
             seq.add_transpose(n, c, h * w, step[2], isa, src, dst)
         elif len(step) == 4:
-            step[1].append_to(seq, src, seq.NO_SLOT, dst, out_layout=step[3])
+            step[1].append_to(seq, src, seq.NO_SLOT, dst, transposed=True)
         else:
             step[1].append_to(seq, src, src if step[2] else seq.NO_SLOT, dst)
         src = dst

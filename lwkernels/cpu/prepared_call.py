@@ -208,12 +208,19 @@ class PreparedCall(CallSignature):
         self._kernel(self._packed, self._geometry, x.data_ptr(), a[0], a[1], a[2], self._acts[0], a[3], a[4],
                      address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads(), dw_folded=True)
 
-    def append_to(self, sequence, x: int, residual: int, y: int) -> None:
+    def append_to(self, sequence, x: int, residual: int, y: int, transposed: bool = False) -> None:
         """Adds this call to a native CallSequence (cpu/prepared_sequence.py), reading slot x (and
-        slot residual, or NO_SLOT) and writing slot y, with the operands run() passes."""
+        slot residual, or NO_SLOT) and writing slot y, with the operands run() passes; `transposed`
+        (no residual): y in the other layout, the same values (writes_transposed_alike)."""
         a = self._addresses
         sequence.add_joint(self._packed, self._geometry, a[0], a[1], a[2], self._acts[0], a[3], a[4],
-                           self._acts[1], x, residual, y)
+                           self._acts[1], x, residual, y, y_transposed=transposed)
+
+    @property
+    def writes_transposed_alike(self) -> bool:
+        """True when append_to(transposed=True) gives exactly this call's values in the other
+        layout: the kernels compute as before and transpose each tile's outputs as they store them."""
+        return True
 
     def invalidate(self) -> None:
         self._valid = False

@@ -195,31 +195,31 @@ class PreparedDenseConv(CallSignature):
                      self._isa, torch.get_num_threads())
         return y
 
-    def append_to(self, sequence, x: int, residual: int, y: int, out_layout: str = "nchw") -> None:
+    def append_to(self, sequence, x: int, residual: int, y: int, transposed: bool = False) -> None:
         """Adds this call to a native CallSequence, as PreparedCall.append_to (no residual);
-        out_layout "nhwc" (not for a 1x1 convolution, which runs on the joint kernel) writes the
-        output channels-last."""
+        `transposed` writes the output in the other layout, where writes_transposed_alike."""
+        if transposed and not self.writes_transposed_alike:
+            raise ValueError("this PreparedDenseConv cannot write the other layout with the same values")
         if self._pointwise:
-            if out_layout != "nchw":
-                raise ValueError("a 1x1 PreparedDenseConv writes its caller's layout only")
             packed, ones, scale, shift = self._operands
             sequence.add_joint(packed, self._geometry, ones.data_ptr(), 0, 0, "none", scale.data_ptr(),
-                               shift.data_ptr(), self._act, x, residual, y)
+                               shift.data_ptr(), self._act, x, residual, y, y_transposed=transposed)
             return
         weight, shift = self._operands
         sequence.add_dense_conv(self._geometry, weight.data_ptr(), shift.data_ptr(), self._act, self._isa, x, y,
-                                out_layout)
+                                "nhwc" if transposed else "nchw")
 
     def replay_state(self) -> Tuple[Tuple[StateWatch, ...], Optional[str]]:
         """As PreparedCall.replay_state (cpu/prepared_call.py)."""
         return (self._watch,), self._isa_env
 
     @property
-    def writes_nhwc_alike(self) -> bool:
-        """True when append_to(out_layout="nhwc") gives exactly the NCHW call's values, transposed: a
-        k x k convolution whose activation is applied in registers (none, relu, relu6; hardswish
-        and silu may round differently in the kernels' scalar tails)."""
-        return not self._pointwise and self._act in ("none", "relu", "relu6")
+    def writes_transposed_alike(self) -> bool:
+        """True when append_to(transposed=True) gives exactly this call's values in the other
+        layout: a 1x1 convolution (the joint kernel, as PreparedCall's), or a k x k one (always
+        NCHW, its own NHWC-output kernel) whose activation is applied in registers (none, relu,
+        relu6; hardswish and silu may round differently in the kernels' scalar tails)."""
+        return self._pointwise or self._act in ("none", "relu", "relu6")
 
     # What a call composed of this one (cpu/prepared_inverted_residual.py) reuses.
     @property

@@ -123,12 +123,18 @@ class PreparedInvertedResidual:
             dw_folded=True)
         return y
 
-    def append_to(self, sequence, x: int, residual: int, y: int) -> None:
+    def append_to(self, sequence, x: int, residual: int, y: int, transposed: bool = False) -> None:
         """Adds this call to a native CallSequence, as PreparedCall.append_to."""
         packed, e_scale, e_shift = self._expand_operands
         a = self._block_call.addresses
         sequence.add_inverted_residual(packed, self._project, self._geometry, e_scale, e_shift, self._acts[0], a[0],
-                                       a[1], a[2], self._acts[1], a[3], a[4], self._acts[2], x, residual, y)
+                                       a[1], a[2], self._acts[1], a[3], a[4], self._acts[2], x, residual, y,
+                                       y_transposed=transposed)
+
+    @property
+    def writes_transposed_alike(self) -> bool:
+        """As PreparedCall's, except for NCHW tensors through the NHWC kernels (transposes)."""
+        return not self.transposes
 
     def replay_state(self) -> Tuple[Tuple[StateWatch, ...], Optional[str]]:
         """As PreparedCall.replay_state (cpu/prepared_call.py)."""
