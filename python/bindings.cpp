@@ -128,7 +128,9 @@ PYBIND11_MODULE(_C, m) {
       [](const py::str& name) -> py::object {
         const char* value = std::getenv(std::string(name).c_str());
         if (value == nullptr) return py::none();
-        return py::reinterpret_steal<py::object>(PyUnicode_DecodeFSDefault(value));
+        PyObject* decoded = PyUnicode_DecodeFSDefault(value);
+        if (decoded == nullptr) throw py::error_already_set();  // (out of memory: the decoder escapes bad bytes)
+        return py::reinterpret_steal<py::object>(decoded);
       },
       py::arg("name"), "The environment variable's value, None when it is unset.");
   m.def("set_parallel_backend", [](const std::string& name) {

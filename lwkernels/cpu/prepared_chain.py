@@ -178,10 +178,9 @@ class PreparedChain(StepTiming):
         last = self._parts[-1]
         # (a head's output made 2-D here: a flatten after the call found PyTorch's dispatcher
         # evicted by the kernels and cost 20-75 us)
-        if head is None:
-            self._outputs = OutputMaker(native(), last.out_shape, x.dtype, memory_format)
-        else:
-            self._outputs = OutputMaker(native(), tuple(last.out_shape)[:2], x.dtype, torch.contiguous_format)
+        out_shape, out_format = (last.out_shape, memory_format) if head is None else \
+            (tuple(last.out_shape)[:2], torch.contiguous_format)
+        self._outputs = OutputMaker(native(), out_shape, x.dtype, out_format)
         self._lock = threading.Lock()
         self._valid = True
         _LIVE.add(self)
