@@ -128,8 +128,8 @@ BandTiling compute_band_tiling(const JointGeometry& g, int64_t block_in_channels
   };
   const int64_t budget = static_cast<int64_t>(band_budget_bytes());
   int64_t r = OH;
-  while (r > 1 && (C * rows_read(r) * g.in_w * elem_size > budget || r * OW * C * elem_size > budget ||
-                   r * OW * (C + ts.out_px_elems) * elem_size > 2 * budget)) {
+  const int64_t tile_px_max = tile_pixels_within(budget, C, ts, elem_size);
+  while (r > 1 && (C * rows_read(r) * g.in_w * elem_size > budget || r * OW > tile_px_max)) {
     --r;
   }
   // The height whose busiest thread has the least to do, the tallest of equals (at batch 1, 56

@@ -41,10 +41,8 @@ Tiling compute_tiling(const JointGeometry& g, int64_t elem_size, const TileShape
   const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t gran = ts.gran;
   const int64_t budget = static_cast<int64_t>(tile_budget_bytes());
-  // The largest tile the budget allows (at least one micro-kernel block); with an output buffer,
-  // the two within twice the budget (per-core L2 holds that much on every CPU the kernels meet).
-  const int64_t pmax = std::max(gran, std::min(budget / std::max<int64_t>(1, C * elem_size),
-                                               2 * budget / std::max<int64_t>(1, (C + ts.out_px_elems) * elem_size)));
+  // The largest tile the budget allows (at least one micro-kernel block).
+  const int64_t pmax = std::max(gran, tile_pixels_within(budget, C, ts, elem_size));
   const int64_t base_tiles = ceil_div(npix, pmax);
   const int64_t npanels = ceil_div(CO, ts.panel);
   const int workers = std::max(1, threads);

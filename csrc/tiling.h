@@ -2,6 +2,7 @@
 // (Plan's work decomposition), chosen per call by a small cost model. Not part of the public API.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "joint_block.h"
@@ -23,6 +24,15 @@ struct TileShape {
   // (y_transposed: the output channels; else 0, the outputs go straight to y).
   int64_t out_px_elems = 0;
 };
+
+// The most pixels a worker's tile may have within the cache budget (bytes): its depthwise output
+// (C channels) within the budget, and with other buffers (ts.out_px_elems per pixel) all of it within
+// twice the budget (per-core L2 holds that much on every CPU the kernels meet).
+inline int64_t tile_pixels_within(int64_t budget, int64_t C, const TileShape& ts, int64_t elem_size) {
+  const int64_t alone = budget / std::max<int64_t>(1, C * elem_size);
+  const int64_t with_buffers = 2 * budget / std::max<int64_t>(1, (C + ts.out_px_elems) * elem_size);
+  return alone < with_buffers ? alone : with_buffers;
+}
 
 // Chooses the pixel tile and the output-channel split for `threads` workers by a small cost model:
 // depthwise work (once per tile and worker), pointwise work on the columns the micro-kernels
