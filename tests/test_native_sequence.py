@@ -437,7 +437,7 @@ def test_a_call_before_a_layout_change_writes_the_other_layout_itself(case, batc
     with torch.no_grad():
         merged = [model(x) for _ in range(3)]
         labels = labels_of(model)
-        monkeypatch.setattr(native_sequence, "_transposed_output_step", lambda steps, i: False)
+        monkeypatch.setattr(native_sequence, "_writes_transposed_alike", lambda steps, i: False)
         separate = [apart(x) for _ in range(3)]
         apart_labels = labels_of(apart)
     written = [label for label in labels if label.endswith(" out")]

@@ -15,7 +15,7 @@ another thread runs this sequence (its work buffers are its own), goes the Pytho
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,47 +38,65 @@ def _degenerate(shape) -> bool:
     return shape[1] == 1 or shape[2] * shape[3] == 1
 
 
-def _transposed_output_step(steps: Sequence[Tuple], i: int) -> bool:
+class TransposeStep(NamedTuple):
+    """A layout transpose of the current tensor: `shape` its NCHW sizes, to NHWC or back."""
+
+    shape: Tuple[int, ...]
+    to_nhwc: bool
+
+
+class CallStep(NamedTuple):
+    """A prepared call (`residual_is_input`: it adds its own input to its output). bind_steps() sets
+    `writes_transposed` where the call writes its output in the other layout itself, in place of the
+    transpose that followed it."""
+
+    call: object
+    residual_is_input: bool
+    writes_transposed: bool = False
+
+
+Step = Union[TransposeStep, CallStep]
+
+
+def _writes_transposed_alike(steps: Sequence[Step], i: int) -> bool:
     """True when steps[i] is an NCHW call without a residual whose output the next step only
     transposes to NHWC, and which gives the same values writing NHWC itself: that saves a pass over
     the whole map (LightweightNet's RGB block at batch 8: 1.63 -> 1.05 ms with its transpose). The
     other way, an NHWC call writing NCHW, measured slower than the separate transpose at batch 8 (a
     chain's last 7x7 block: 2.95 -> 3.06 ms), so sequences keep that transpose."""
-    if i + 1 >= len(steps) or steps[i][0] != "call" or steps[i + 1][0] != "transpose":
+    if i + 1 >= len(steps) or not isinstance(steps[i], CallStep) or not isinstance(steps[i + 1], TransposeStep):
         return False
-    call, residual_is_input = steps[i][1], steps[i][2]
-    _, shape, to_nhwc = steps[i + 1]
-    return (not residual_is_input and to_nhwc and call.memory_format != torch.channels_last
-            and call.writes_transposed_alike and tuple(shape) == tuple(call.out_shape))
+    call, after = steps[i].call, steps[i + 1]
+    return (not steps[i].residual_is_input and after.to_nhwc and call.memory_format != torch.channels_last
+            and call.writes_transposed_alike and tuple(after.shape) == tuple(call.out_shape))
 
 
-def bind_steps(_C, dtype: torch.dtype, steps: Sequence[Tuple]):
+def bind_steps(_C, dtype: torch.dtype, steps: Sequence[Step]):
     """(a new CallSequence of `steps` in order, the steps it runs), each reading what the one before
-    wrote: the input, then the two work buffers in turn, the last writing the output. A step is
-    ("transpose", shape, to_nhwc) or ("call", prepared_call, residual_is_input); an NCHW call
-    followed by a transpose of its output to NHWC runs as one step writing NHWC,
-    ("call", prepared_call, False, "transposed")."""
-    bound: List[Tuple] = []
+    wrote: the input, then the two work buffers in turn, the last writing the output. An NCHW call
+    followed by a transpose of its output to NHWC runs as one step writing NHWC (a CallStep with
+    writes_transposed)."""
+    bound: List[Step] = []
     i = 0
     while i < len(steps):
-        if _transposed_output_step(steps, i):
-            bound.append(tuple(steps[i]) + ("transposed",))
+        if _writes_transposed_alike(steps, i):
+            bound.append(steps[i]._replace(writes_transposed=True))
             i += 2
         else:
-            bound.append(tuple(steps[i]))
+            bound.append(steps[i])
             i += 1
     seq = (_C.CallSequence_f32 if dtype == torch.float32 else _C.CallSequence_f64)()
     isa = selected_isa()
     src = seq.INPUT
     for i, step in enumerate(bound):
         dst = seq.OUTPUT if i == len(bound) - 1 else (seq.WORK_B if src == seq.WORK_A else seq.WORK_A)
-        if step[0] == "transpose":
-            n, c, h, w = step[1]
-            seq.add_transpose(n, c, h * w, step[2], isa, src, dst)
-        elif len(step) == 4:
-            step[1].append_to(seq, src, seq.NO_SLOT, dst, transposed=True)
+        if isinstance(step, TransposeStep):
+            n, c, h, w = step.shape
+            seq.add_transpose(n, c, h * w, step.to_nhwc, isa, src, dst)
+        elif step.writes_transposed:
+            step.call.append_to(seq, src, seq.NO_SLOT, dst, transposed=True)
         else:
-            step[1].append_to(seq, src, src if step[2] else seq.NO_SLOT, dst)
+            step.call.append_to(seq, src, src if step.residual_is_input else seq.NO_SLOT, dst)
         src = dst
     return seq, tuple(bound)
 
@@ -95,13 +113,13 @@ def items_output(items: Sequence[Item], x: torch.Tensor) -> Tuple[Tuple[int, ...
     return shape, fmt
 
 
-def step_label(step: Tuple) -> str:
+def step_label(step: Step) -> str:
     """What a bind_steps() step is, for profiles: the prepared call's kind and shapes, or a transpose."""
-    if step[0] == "transpose":
-        return f"transpose {'NCHW->NHWC' if step[2] else 'NHWC->NCHW'} {tuple(step[1])}"
-    call = step[1]
+    if isinstance(step, TransposeStep):
+        return f"transpose {'NCHW->NHWC' if step.to_nhwc else 'NHWC->NCHW'} {tuple(step.shape)}"
+    call = step.call
     label = f"{type(call).__name__} {tuple(call.x_shape)} -> {tuple(call.out_shape)}"
-    return label + " NHWC out" if len(step) == 4 else label
+    return label + " NHWC out" if step.writes_transposed else label
 
 
 class StepTiming:
@@ -153,7 +171,7 @@ class NativeSequence(StepTiming):
         fmt = output_memory_format(x)
         if not _dense_layout(x, fmt) or _degenerate(x.shape):
             return None
-        ops: List[Tuple] = []
+        ops: List[Step] = []
         shape, dtype = tuple(x.shape), x.dtype
         for item in items:
             kind = item[0]
@@ -161,7 +179,7 @@ class NativeSequence(StepTiming):
                 if item[1] != fmt:
                     if _degenerate(shape):
                         return None
-                    ops.append(("transpose", shape, item[1] == torch.channels_last))
+                    ops.append(TransposeStep(shape, item[1] == torch.channels_last))
                     fmt = item[1]
             elif kind == "input":
                 want_shape, want_dtype, want_fmt = item[1]
@@ -172,23 +190,23 @@ class NativeSequence(StepTiming):
                 if item is not items[-1] or tuple(head.x_shape) != shape or head.dtype != dtype \
                         or head.memory_format != fmt:
                     return None
-                ops.append(("call", head, False))
+                ops.append(CallStep(head, False))
                 shape, fmt = tuple(head.out_shape)[:2], torch.contiguous_format
             else:
                 _, call, residual_is_input = item
                 if tuple(call.x_shape) != shape or call.dtype != dtype or call.memory_format != fmt:
                     return None
-                ops.append(("call", call, residual_is_input))
+                ops.append(CallStep(call, residual_is_input))
                 shape, fmt = tuple(call.out_shape), call.memory_format
                 if _degenerate(shape):
                     return None
-        if not any(op[0] == "call" for op in ops):
+        if not any(isinstance(op, CallStep) for op in ops):
             return None
         seq, steps = bind_steps(_C, dtype, ops)
         plan = cls.__new__(cls)
         plan._seq = seq
         plan._x_shape, plan._dtype, plan._memory_format = x.shape, x.dtype, output_memory_format(x)
-        plan._calls = tuple(op[1] for op in ops if op[0] == "call")  # the operands' owners stay alive
+        plan._calls = tuple(op.call for op in ops if isinstance(op, CallStep))  # the operands' owners stay alive
         plan._steps = steps
         plan._outputs = OutputMaker(_C, shape, dtype, fmt)
         plan._lock = threading.Lock()

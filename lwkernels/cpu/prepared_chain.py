@@ -49,7 +49,7 @@ from ..ops.contract import output_memory_format
 from ..ops.inference import dispatcher_needed
 from ..nn.folding import uses_running_stats
 from .backend import isa_env, native
-from .native_sequence import StepTiming, bind_steps
+from .native_sequence import CallStep, Step, StepTiming, TransposeStep, bind_steps
 from .outputs import OutputMaker
 from .prepared_call import PreparedCall, _dense_layout
 from .prepared_dense_conv import PreparedDenseConv
@@ -144,26 +144,26 @@ class PreparedChain(StepTiming):
             self._calls.append(call)
         # The same calls, bound in order: input -> work buffers, alternately -> output, with a
         # transpose wherever the layout changes and one back to the caller's at the end.
-        steps: List[Tuple] = []
+        steps: List[Step] = []
         if stem is not None:
             stem_call = stem[1]
             if tuple(stem_call.out_shape) != tuple(x.shape) or stem_call.dtype != x.dtype \
                     or stem_call.memory_format != memory_format:
                 return False
-            steps.append(("call", stem_call, False))
+            steps.append(CallStep(stem_call, False))
         fmt = memory_format
         for call, shape, want in zip(self._calls, in_shapes, formats):
             if want != fmt:
-                steps.append(("transpose", shape, want == torch.channels_last))
+                steps.append(TransposeStep(shape, want == torch.channels_last))
                 fmt = want
-            steps.append(("call", call, False))
+            steps.append(CallStep(call, False))
         end_format = memory_format if head is None else head.memory_format
         if fmt != end_format:
-            steps.append(("transpose", tuple(out_shapes[-1]), end_format == torch.channels_last))
+            steps.append(TransposeStep(tuple(out_shapes[-1]), end_format == torch.channels_last))
         if head is not None:
             if tuple(head.x_shape) != tuple(out_shapes[-1]) or head.dtype != x.dtype:
                 return False
-            steps.append(("call", head, False))
+            steps.append(CallStep(head, False))
         self._seq, self._steps = bind_steps(native(), x.dtype, steps)
         # Every prepared call the sequence runs, in order (the watch, validity and grad checks).
         self._parts = tuple(([] if stem is None else [stem[1]]) + self._calls + ([] if head is None else [head]))
