@@ -3,6 +3,8 @@ write them, replaces them by JointBlocks sharing their parameters, and changes n
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -263,6 +265,29 @@ def test_mobilenet_v1_library_style_fuses_every_block():
     with torch.no_grad():
         torch.testing.assert_close(to_reference(fused)(x), model(x), rtol=0, atol=0)  # same function, unfused
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [MobileNetV1Like, MobileNetV2Like], ids=["v1", "v2"])
+def test_fused_model_is_freed_without_the_garbage_collector(make):
+    """fuse() traces with torch.fx, whose tracers are left in a reference cycle; they must not keep
+    the model (or the fused one, holding its kernels' buffers once called) alive after the last
+    reference is dropped. (A fused model that is itself a traced GraphModule is in torch.fx's own
+    GraphModule <-> Graph cycle; these two are not.)"""
+    model = randomize(make()).eval()
+    fused, report = fuse(model)
+    assert not isinstance(fused, torch.fx.GraphModule)
+    with torch.no_grad():
+        for _ in range(3):  # (prepared native plans included)
+            fused(torch.randn(1, 3, 32, 32))
+    refs = [weakref.ref(model), weakref.ref(fused)]
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model, fused, report
+        assert [r() is None for r in refs] == [True, True]
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def test_mobilenet_v2_inverted_residuals():

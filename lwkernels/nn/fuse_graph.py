@@ -43,6 +43,18 @@ class ChainTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def trace_graph(tracer: fx.Tracer, module: nn.Module) -> fx.Graph:
+    """tracer.trace(module), leaving the tracer holding nothing. torch.fx's tracing leaves a
+    reference cycle through the tracer (closures of its patched functions refer to it), which only
+    the garbage collector frees; while the tracer held the module, fuse() kept the model it traced
+    (and the fused model made from it, with its kernels' buffers) alive after the last user
+    reference was gone."""
+    try:
+        return tracer.trace(module)
+    finally:
+        tracer.__dict__.clear()
+
+
 @dataclass
 class Traced:
     """A module's graph and the tensor constants the tracer had to attach to it."""
@@ -56,7 +68,7 @@ def trace(module: nn.Module) -> Traced:
     would leave on `module` as attributes are taken off again and returned."""
     before = set(module.__dict__)
     try:
-        graph = ChainTracer().trace(module)
+        graph = trace_graph(ChainTracer(), module)
     finally:
         added = {name: module.__dict__.pop(name) for name in set(module.__dict__) - before}
     return Traced(graph, {k: v for k, v in added.items() if isinstance(v, torch.Tensor)})

@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from .classifier_forward import ClassifierForward, HeadPattern, classifier_parts, installed
+from .fuse_graph import trace_graph
 from .layout_sequential import LayoutSequential
 
 
@@ -66,7 +67,7 @@ def _is_flatten(node: fx.Node) -> bool:
 def match_head(model: nn.Module) -> Optional[HeadPattern]:
     """The pattern of `model`'s forward (see the module docstring), or None."""
     try:
-        graph = _ChildrenAsLeaves().trace(model)
+        graph = trace_graph(_ChildrenAsLeaves(), model)
     except Exception:  # noqa: BLE001 - a forward torch.fx cannot trace is not this pattern
         return None
     nodes = list(graph.nodes)
