@@ -290,6 +290,41 @@ def test_fused_model_is_freed_without_the_garbage_collector(make):
             gc.enable()
 
 
+class _VersionChecked(MobileNetV2Like):
+    """Checks its version while loading a state_dict, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2, got {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_a_checkpoint_of_the_unfused_model_loads_with_map_state_dict():
+    """FuseReport.map_state_dict renames a checkpoint's keys for the fused model and moves the
+    per-module versions (state_dict's _metadata) with them: a plain dict of renamed keys drops them,
+    which a model that checks its version refuses."""
+    torch.manual_seed(0)
+    model = randomize(_VersionChecked()).eval()
+    fused, report = fuse(model)
+    assert report.inverted_residuals and report.key_map()
+    checkpoint = randomize(_VersionChecked(), seed=3).eval()
+    sd = checkpoint.state_dict()
+    with pytest.raises(ValueError, match="version should be 2"):
+        fused.load_state_dict({report.key_map().get(k, k): v for k, v in sd.items()})
+    mapped = report.map_state_dict(sd)
+    assert list(mapped) == [report.key_map().get(k, k) for k in sd]
+    old, new = next((k, v) for k, v in report.key_map().items() if k.endswith(".running_var") and k != v)
+    assert mapped._metadata[new.rpartition(".")[0]] == sd._metadata[old.rpartition(".")[0]]
+    fused.load_state_dict(mapped)
+    x = torch.randn(2, 3, 33, 35)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(fused(x), checkpoint(x), rtol=1e-4, atol=1e-5)
+    assert report.map_state_dict(dict(sd)) == dict(mapped)  # (a dict without _metadata maps its keys alone)
+
+
 def test_mobilenet_v2_inverted_residuals():
     model = randomize(MobileNetV2Like(), seed=1).eval()
     fused, report = fuse(model)

@@ -383,6 +383,10 @@ def test_real_torchvision_models(name):
                 got = fused(x)
         assert head.plans()
         assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+    # A checkpoint of the unfused model (torchvision's MNASNet checks the version it carries).
+    checkpoint = randomize(getattr(models, name)(weights=None), seed=13).eval()
+    fused.load_state_dict(report.map_state_dict(checkpoint.state_dict()))
+    assert_matches_relative(checkpoint, fused, 128)
 
 
 # -- ONNX export of fused models (swapped modules and traced GraphModules alike) --------------------------

@@ -1,8 +1,9 @@
 """What fuse() did: the chains it fused, the near-misses with the reason, and where it could not trace."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 if TYPE_CHECKING:
     from .classifier_forward import HeadPattern
@@ -86,6 +87,23 @@ class FuseReport:
         for chain in self.fused:
             out.update(chain.key_map)
         out.update(self.moved_keys)
+        return out
+
+    def map_state_dict(self, state_dict: Mapping[str, object]) -> "OrderedDict[str, object]":
+        """A state_dict of the unfused model (a checkpoint) under the fused model's keys, ready for
+        ``fused.load_state_dict()``. It also carries the per-module versions that ``state_dict()``
+        keeps in its ``_metadata`` (moved with their modules): some modules check them while loading
+        (torchvision's MNASNet refuses a checkpoint without its version, BatchNorm2d reads it), and a
+        plain dict of renamed keys would drop them."""
+        key_map = self.key_map()
+        out: "OrderedDict[str, object]" = OrderedDict((key_map.get(k, k), v) for k, v in state_dict.items())
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None:
+            # A module's keys all move with it: "<old module>.<name>" -> "<new module>.<name>".
+            moved = {old.rpartition(".")[0]: new.rpartition(".")[0] for old, new in key_map.items()
+                     if old.rpartition(".")[2] == new.rpartition(".")[2]}
+            out._metadata = OrderedDict((moved.get(prefix, prefix), info)  # type: ignore[attr-defined]
+                                        for prefix, info in metadata.items())
         return out
 
     def __str__(self) -> str:
