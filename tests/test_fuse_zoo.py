@@ -19,7 +19,7 @@ from lwkernels.nn.classifier_forward import installed
 from lwkernels.nn.fuse import fuse, to_reference
 from lwkernels.ops.activation import ACTIVATIONS
 from test_fuse import Plain, assert_nothing_else_changed, randomize
-from zoo_modules import (BatchNormAct2d, Conv2dNormActivation, Conv2dSame, DataDependent, DepthwiseSeparableConv,
+from zoo_modules import (Conv2dNormActivation, Conv2dSame, DataDependent, DepthwiseSeparableConv,
                          FunctionalReluBlock, InvertedResidual, MixedConv2d, ScaledNorm, SharedNormBlock,
                          SharedReluBlock, SqueezeExcite, TimmLikeNet, TorchvisionV3Block, TrainingBranchBlock)
 
