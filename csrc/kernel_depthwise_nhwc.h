@@ -25,12 +25,14 @@ namespace {
 
 // NP_ x NV_ accumulators: NP_ horizontally adjacent output pixels whose taps are all inside the
 // image, NV_ channel vectors from c (the last one masked to `tail` lanes when tail > 0). Tap t of
-// pixel p reads base + p*pstep + off[t]; each weight load serves the NP_ pixels. kTaps: the tap
-// count when known at compile time (9: 3x3, unrolled), else 0 and `taps` says.
+// pixel p reads base + p*pstep + off[t] and weight row wt + t*C; each weight load serves the NP_
+// pixels. kTaps: the tap count when known at compile time (9: 3x3, unrolled), else 0 and `taps`
+// says.
 template <class V, int NP_, int NV_, int kTaps>
 LWK_INLINE void dw_nhwc_inside_block(const typename V::T* base, int64_t pstep, const int64_t* off,
-                                     int64_t taps_rt, const Plan<typename V::T>& pl, int64_t c,
-                                     int tail, typename V::T* out, int64_t ldt) {
+                                     const typename V::T* wt, int64_t taps_rt,
+                                     const Plan<typename V::T>& pl, int64_t c, int tail,
+                                     typename V::T* out, int64_t ldt) {
   using R = typename V::reg;
   constexpr int W = V::W;
   const int64_t C = pl.C;
@@ -45,7 +47,7 @@ LWK_INLINE void dw_nhwc_inside_block(const typename V::T* base, int64_t pstep, c
   }
   for (int64_t t = 0; t < taps; ++t) {
     const typename V::T* xp = base + off[t] + c;
-    const typename V::T* wp = pl.dw_w + t * C + c;
+    const typename V::T* wp = wt + t * C + c;
     LWK_UNROLL for (int u = 0; u < NV_; ++u) {
       const R wv = load(wp, u);
       LWK_UNROLL for (int q = 0; q < NP_; ++q) {
@@ -69,98 +71,108 @@ LWK_INLINE void dw_nhwc_inside_block(const typename V::T* base, int64_t pstep, c
 // the rest one by one.
 template <class V, int NP_, int NV_, int kTaps>
 LWK_INLINE void dw_nhwc_inside_group(const typename V::T* base, int64_t pstep, const int64_t* off,
-                                     int64_t taps, const Plan<typename V::T>& pl, int64_t c,
-                                     int tail, typename V::T* out, int64_t ldt, int64_t count) {
+                                     const typename V::T* wt, int64_t taps,
+                                     const Plan<typename V::T>& pl, int64_t c, int tail,
+                                     typename V::T* out, int64_t ldt, int64_t count) {
   int64_t q = 0;
   for (; q + NP_ <= count; q += NP_) {
-    dw_nhwc_inside_block<V, NP_, NV_, kTaps>(base + q * pstep, pstep, off, taps, pl, c, tail,
+    dw_nhwc_inside_block<V, NP_, NV_, kTaps>(base + q * pstep, pstep, off, wt, taps, pl, c, tail,
                                              out + q * ldt, ldt);
   }
   for (; q < count; ++q) {
-    dw_nhwc_inside_block<V, 1, NV_, kTaps>(base + q * pstep, pstep, off, taps, pl, c, tail,
+    dw_nhwc_inside_block<V, 1, NV_, kTaps>(base + q * pstep, pstep, off, wt, taps, pl, c, tail,
                                            out + q * ldt, ldt);
   }
 }
 
-// A run of `count` horizontally adjacent output pixels whose taps are all inside the image,
-// channels [c_lo, c_hi). Each tap's FMA chain is 4+ cycles long, so a core needs about 8
+// A run of `count` horizontally adjacent output pixels whose taps (off, wt: all of them, or the
+// rows of them inside the image) read inside the image, channels [c_lo, c_hi). Each tap's FMA chain is 4+ cycles long, so a core needs about 8
 // independent accumulators to keep its FMA units busy: groups of 4 channel vectors take pixels in
 // pairs, 2 vectors in fours, a single or masked last vector in eights (a 32-channel image at
 // 112 x 112 ran its depthwise ~3x slower as pairs of single vectors: latency-bound).
 template <class V, int kTaps>
 void dw_nhwc_inside_run(const typename V::T* base, int64_t pstep, const int64_t* off,
-                        int64_t taps, const Plan<typename V::T>& pl, int64_t c_lo, int64_t c_hi,
-                        typename V::T* out, int64_t ldt, int64_t count) {
+                        const typename V::T* wt, int64_t taps, const Plan<typename V::T>& pl,
+                        int64_t c_lo, int64_t c_hi, typename V::T* out, int64_t ldt,
+                        int64_t count) {
   constexpr int W = V::W;
   int64_t c = c_lo;
   for (; c + 4 * W <= c_hi; c += 4 * W) {
-    dw_nhwc_inside_group<V, 2, 4, kTaps>(base, pstep, off, taps, pl, c, 0, out, ldt, count);
+    dw_nhwc_inside_group<V, 2, 4, kTaps>(base, pstep, off, wt, taps, pl, c, 0, out, ldt, count);
   }
   for (; c + 2 * W <= c_hi; c += 2 * W) {
-    dw_nhwc_inside_group<V, 4, 2, kTaps>(base, pstep, off, taps, pl, c, 0, out, ldt, count);
+    dw_nhwc_inside_group<V, 4, 2, kTaps>(base, pstep, off, wt, taps, pl, c, 0, out, ldt, count);
   }
   for (; c + W <= c_hi; c += W) {
-    dw_nhwc_inside_group<V, 8, 1, kTaps>(base, pstep, off, taps, pl, c, 0, out, ldt, count);
+    dw_nhwc_inside_group<V, 8, 1, kTaps>(base, pstep, off, wt, taps, pl, c, 0, out, ldt, count);
   }
   if (c < c_hi) {  // the last C mod W channels: one masked vector
-    dw_nhwc_inside_group<V, 8, 1, kTaps>(base, pstep, off, taps, pl, c, static_cast<int>(c_hi - c),
+    dw_nhwc_inside_group<V, 8, 1, kTaps>(base, pstep, off, wt, taps, pl, c, static_cast<int>(c_hi - c),
                                          out, ldt, count);
   }
 }
 
-// Any pixel: valid taps from the border tables.
-template <class V>
-void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64_t oy,
-                   int64_t ox, int64_t c_lo, int64_t c_hi, typename V::T* out) {
+// U_ channel vectors from c of one border pixel (the last one masked to `tail` lanes when
+// tail > 0), its valid taps rows [kyl, kyh) x columns [kxl, kxh); tap (ky, kx) reads row
+// iy0 + ky*dil_h, column ix0 + kx*dil_w of image xn.
+template <class V, int U_>
+LWK_INLINE void dw_nhwc_pixel_group(const Plan<typename V::T>& pl, const typename V::T* xn,
+                                    int64_t iy0, int64_t ix0, int64_t kyl, int64_t kyh,
+                                    int64_t kxl, int64_t kxh, int64_t c, int tail,
+                                    typename V::T* out) {
   using T = typename V::T;
   using R = typename V::reg;
   constexpr int W = V::W;
-  constexpr int U = 4;
   const int64_t C = pl.C;
-  const Activation act = pl.mid_act;
+  auto load = [tail](const T* p, int u) {
+    return u == U_ - 1 && tail > 0 ? V::load_first(p + u * W, tail) : V::load(p + u * W);
+  };
+  R acc[U_];
+  LWK_UNROLL for (int u = 0; u < U_; ++u) acc[u] = load(pl.dw_b + c, u);
+  for (int64_t ky = kyl; ky < kyh; ++ky) {
+    const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
+    const T* wr = pl.dw_w + ky * pl.KW * C + c;
+    for (int64_t kx = kxl; kx < kxh; ++kx) {
+      const T* xp = xr + kx * pl.dil_w * C;
+      const T* wp = wr + kx * C;
+      LWK_UNROLL for (int u = 0; u < U_; ++u) acc[u] = V::fma(load(wp, u), load(xp, u), acc[u]);
+    }
+  }
+  LWK_UNROLL for (int u = 0; u < U_; ++u) {
+    const R v = activate_vec_clamping<V>(acc[u], pl.mid_act);
+    if (u == U_ - 1 && tail > 0) {
+      V::store_first(out + c + u * W, v, tail);
+    } else {
+      V::store(out + c + u * W, v);
+    }
+  }
+}
+
+// Any pixel: valid taps from the border tables. Each tap's FMA waits for the one before on the
+// same accumulator, so channels go 4 or 2 vectors at a time where they can (a 32-channel border
+// pixel as two single vectors ran ~3x slower per pixel than the inside path).
+template <class V>
+void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64_t oy,
+                   int64_t ox, int64_t c_lo, int64_t c_hi, typename V::T* out) {
+  constexpr int W = V::W;
   const int64_t kyl = pl.ky_lo[oy], kyh = pl.ky_hi[oy];
   const int64_t kxl = pl.kx_lo[ox], kxh = pl.kx_hi[ox];
   // (iy0: a row of x, see Plan::x_row0)
   const int64_t iy0 = oy * pl.stride_h - pl.pad_h - pl.x_row0, ix0 = ox * pl.stride_w - pl.pad_w;
   int64_t c = c_lo;
-  for (; c + U * W <= c_hi; c += U * W) {
-    R acc[U];
-    LWK_UNROLL for (int u = 0; u < U; ++u) acc[u] = V::load(pl.dw_b + c + u * W);
-    for (int64_t ky = kyl; ky < kyh; ++ky) {
-      const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
-      const T* wr = pl.dw_w + ky * pl.KW * C + c;
-      for (int64_t kx = kxl; kx < kxh; ++kx) {
-        const T* xp = xr + kx * pl.dil_w * C;
-        const T* wp = wr + kx * C;
-        LWK_UNROLL for (int u = 0; u < U; ++u) {
-          acc[u] = V::fma(V::load(wp + u * W), V::load(xp + u * W), acc[u]);
-        }
-      }
-    }
-    LWK_UNROLL for (int u = 0; u < U; ++u) V::store(out + c + u * W, activate_vec_clamping<V>(acc[u], act));
+  for (; c + 4 * W <= c_hi; c += 4 * W) {
+    dw_nhwc_pixel_group<V, 4>(pl, xn, iy0, ix0, kyl, kyh, kxl, kxh, c, 0, out);
   }
-  for (; c + W <= c_hi; c += W) {
-    R acc = V::load(pl.dw_b + c);
-    for (int64_t ky = kyl; ky < kyh; ++ky) {
-      const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
-      const T* wr = pl.dw_w + ky * pl.KW * C + c;
-      for (int64_t kx = kxl; kx < kxh; ++kx) {
-        acc = V::fma(V::load(wr + kx * C), V::load(xr + kx * pl.dil_w * C), acc);
-      }
-    }
-    V::store(out + c, activate_vec_clamping<V>(acc, act));
+  if (c + 2 * W <= c_hi) {
+    dw_nhwc_pixel_group<V, 2>(pl, xn, iy0, ix0, kyl, kyh, kxl, kxh, c, 0, out);
+    c += 2 * W;
+  }
+  if (c + W <= c_hi) {
+    dw_nhwc_pixel_group<V, 1>(pl, xn, iy0, ix0, kyl, kyh, kxl, kxh, c, 0, out);
+    c += W;
   }
   if (c < c_hi) {  // the last C mod W channels: one masked vector
-    const int n = static_cast<int>(c_hi - c);
-    R acc = V::load_first(pl.dw_b + c, n);
-    for (int64_t ky = kyl; ky < kyh; ++ky) {
-      const T* xr = xn + ((iy0 + ky * pl.dil_h) * pl.W + ix0) * C + c;
-      const T* wr = pl.dw_w + ky * pl.KW * C + c;
-      for (int64_t kx = kxl; kx < kxh; ++kx) {
-        acc = V::fma(V::load_first(wr + kx * C, n), V::load_first(xr + kx * pl.dil_w * C, n), acc);
-      }
-    }
-    V::store_first(out + c, activate_vec_clamping<V>(acc, act), n);
+    dw_nhwc_pixel_group<V, 1>(pl, xn, iy0, ix0, kyl, kyh, kxl, kxh, c, static_cast<int>(c_hi - c), out);
   }
 }
 
@@ -211,15 +223,28 @@ void dw_tile_nhwc_channels(const Plan<typename V::T>& pl, int64_t n, int64_t p0,
       ++oy;
     }
     T* out = tile + j * pl.ldt;
-    const bool rows_inside = pl.ky_hi[oy] - pl.ky_lo[oy] == pl.KH;
-    if (inside_path && rows_inside && ox >= pl.ox_in_lo && ox < pl.ox_in_hi) {
+    const int64_t kyl = pl.ky_lo[oy], kyh = pl.ky_hi[oy];
+    if (inside_path && kyh > kyl && ox >= pl.ox_in_lo && ox < pl.ox_in_hi) {
+      // Every column tap inside: the rest of the row inside takes the multi-pixel path, with the
+      // taps of the rows kyl .. kyh-1 (tap-major: a contiguous run of off and of the weights) in
+      // the image's first and last rows.
       const T* base =
-          xn + ((oy * pl.stride_h - pl.pad_h - pl.x_row0) * pl.W + ox * pl.stride_w - pl.pad_w) * C;
-      const int64_t count = imin(pl.ox_in_hi - ox, np - j);  // the rest of the row inside
-      if (k3) {
-        dw_nhwc_inside_run<V, 9>(base, pstep, off, 9, pl, c_lo, c_hi, out, pl.ldt, count);
+          xn + ((oy * pl.stride_h - pl.pad_h - pl.x_row0 + kyl * pl.dil_h) * pl.W + ox * pl.stride_w -
+                pl.pad_w) * C;
+      const int64_t count = imin(pl.ox_in_hi - ox, np - j);
+      if (kyh - kyl == pl.KH) {
+        if (k3) {
+          dw_nhwc_inside_run<V, 9>(base, pstep, off, pl.dw_w, 9, pl, c_lo, c_hi, out, pl.ldt, count);
+        } else {
+          dw_nhwc_inside_run<V, 0>(base, pstep, off, pl.dw_w, taps, pl, c_lo, c_hi, out, pl.ldt,
+                                   count);
+        }
       } else {
-        dw_nhwc_inside_run<V, 0>(base, pstep, off, taps, pl, c_lo, c_hi, out, pl.ldt, count);
+        const int64_t first = kyl * pl.KW, row_off = kyl * pl.dil_h * pl.W * C;
+        int64_t part[kInsideMaxTaps];
+        for (int64_t t = first; t < kyh * pl.KW; ++t) part[t - first] = off[t] - row_off;
+        dw_nhwc_inside_run<V, 0>(base, pstep, part, pl.dw_w + first * C, (kyh - kyl) * pl.KW, pl,
+                                 c_lo, c_hi, out, pl.ldt, count);
       }
       j += count;
       ox += count;
