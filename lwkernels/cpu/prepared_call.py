@@ -205,8 +205,10 @@ class PreparedCall(CallSignature):
         """The fused call writing into `y`, which the caller has laid out as this call's output (shape,
         dtype, dense memory format) and which must not overlap x."""
         a = self._run_addresses
+        # (y_sum, y_sumsq and dw_folded by position: pybind11's keyword matching took ~10 us of a
+        # call whose caller the previous call's kernels left cold)
         self._kernel(self._packed, self._geometry, x.data_ptr(), a[0], a[1], a[2], self._acts[0], a[3], a[4],
-                     address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads(), dw_folded=True)
+                     address(residual), self._acts[1], y.data_ptr(), torch.get_num_threads(), 0, 0, True)
 
     def append_to(self, sequence, x: int, residual: int, y: int, transposed: bool = False) -> None:
         """Adds this call to a native CallSequence (cpu/prepared_sequence.py), reading slot x (and

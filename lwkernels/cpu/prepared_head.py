@@ -128,9 +128,10 @@ class PreparedHead(CallSignature):
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The head's [N, classes] output for `x` (which matches())."""
         y = new_output(self._C, self._out_shape[:2], self._dtype, torch.contiguous_format)
+        # (y_sum, y_sumsq and dw_folded by position: see PreparedCall.run_into)
         self._C.joint_forward(self._packed, self._geometry, x.data_ptr(), address(self._folded[0]), 0,
                               address(self._folded[1]), "none", 0, self._addresses[1], 0, "none", y.data_ptr(),
-                              torch.get_num_threads(), dw_folded=True)
+                              torch.get_num_threads(), 0, 0, True)
         return y
 
     def append_to(self, sequence, x: int, residual: int, y: int) -> None:

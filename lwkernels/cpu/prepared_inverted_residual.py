@@ -117,10 +117,10 @@ class PreparedInvertedResidual:
         y = new_output(self._C, bc.out_shape, x.dtype, bc.memory_format)
         packed, e_scale, e_shift = self._expand_operands
         a, dw = bc.addresses, self._dw_addresses
+        # (dw_folded by position: see PreparedCall.run_into)
         self._C.inverted_residual_forward(
             packed, self._project, self._geometry, x.data_ptr(), e_scale, e_shift, self._acts[0], dw[0], dw[1], dw[2],
-            self._acts[1], a[3], a[4], address(residual), self._acts[2], y.data_ptr(), torch.get_num_threads(),
-            dw_folded=True)
+            self._acts[1], a[3], a[4], address(residual), self._acts[2], y.data_ptr(), torch.get_num_threads(), True)
         return y
 
     def append_to(self, sequence, x: int, residual: int, y: int, transposed: bool = False) -> None:
