@@ -497,6 +497,23 @@ def test_small_outputs_are_made_ahead_but_handed_out_once():
             torch.testing.assert_close(y, original(x), rtol=1e-4, atol=1e-5)
 
 
+def test_outputs_made_ahead_follow_inference_mode():
+    """A small output made under inference_mode is an inference tensor for good: the stock made
+    there must not serve a call outside it (whose output could not be saved for backward)."""
+    model, x = _fused(), _input(batch=1)
+    w = torch.ones(1, requires_grad=True)
+    with torch.inference_mode():
+        _warm(model, x)
+        assert isinstance(_replay(model)._native, NativeSequence)
+        assert model(x).is_inference()
+    with torch.no_grad():
+        y = model(x)
+    assert not y.is_inference()
+    (y * w).sum().backward()  # raises for an inference tensor
+    with torch.inference_mode():
+        assert model(x).is_inference()
+
+
 @pytest.mark.parametrize("shape", [(2, 10), (4, 64, 8, 8), (1, 1, 128, 129)])
 def test_output_maker_hands_out_distinct_dense_tensors(shape):
     from lwkernels.cpu.outputs import OUTPUT_STOCK, OutputMaker

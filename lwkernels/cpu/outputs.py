@@ -21,6 +21,7 @@ DEFAULT_OUTPUT_CACHE_MB = 1024
 
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8}
 _from_dlpack = getattr(torch._C, "_from_dlpack", None) or torch.from_dlpack
+_inference_mode = torch.is_inference_mode_enabled
 
 
 def apply_cache_limit_from_env(_C) -> None:
@@ -70,22 +71,25 @@ class OutputMaker:
     holds the call's lock). Made after the previous run's kernels have evicted PyTorch's and the
     pool's code and objects from the caches, one tensor cost 22 us at batch 1 and 75 us at batch 8
     (mnasnet1_0's [N, 10], Intel Xeon); the ones made right after it, about 1 us each. Small outputs
-    are therefore made OUTPUT_STOCK at a time and handed out one by one; each is handed out once."""
+    are therefore made OUTPUT_STOCK at a time and handed out one by one; each is handed out once.
+    A tensor made under torch.inference_mode() is an inference tensor and one made outside is not,
+    for good (an inference tensor cannot be saved for backward later): the stocks are kept per mode."""
 
-    __slots__ = ("_C", "_shape", "_dtype", "_memory_format", "_stock")
+    __slots__ = ("_C", "_shape", "_dtype", "_memory_format", "_stocks")
 
     def __init__(self, _C, shape: Tuple[int, ...], dtype: torch.dtype, memory_format: torch.memory_format) -> None:
         self._C, self._shape, self._dtype, self._memory_format = _C, tuple(shape), dtype, memory_format
         size = _ITEMSIZE[dtype]
         for n in self._shape:
             size *= n
-        self._stock = [] if size <= SMALL_OUTPUT_BYTES else None  # (None: a new one per run)
+        # (outside, inside inference mode); None: a new one per run
+        self._stocks = ([], []) if size <= SMALL_OUTPUT_BYTES else None
 
     def take(self) -> torch.Tensor:
         """An output no one else holds, uninitialised."""
-        stock = self._stock
-        if stock is None:
+        if self._stocks is None:
             return new_output(self._C, self._shape, self._dtype, self._memory_format)
+        stock = self._stocks[_inference_mode()]
         if not stock:
             stock += [new_output(self._C, self._shape, self._dtype, self._memory_format) for _ in range(OUTPUT_STOCK)]
         return stock.pop()
