@@ -23,6 +23,22 @@ namespace {
 // folded weights stored tap-major ([KH*KW][C]). Each pixel's valid taps come from the tables, so
 // the loops carry no bounds checks.
 
+// Vector u of a group of N_ channel vectors from p: the last one masked to `tail` lanes when
+// tail > 0 (the inside and the border paths both end a row of channels this way).
+template <class V, int N_>
+LWK_INLINE typename V::reg load_group_vec(const typename V::T* p, int u, int tail) {
+  return u == N_ - 1 && tail > 0 ? V::load_first(p + u * V::W, tail) : V::load(p + u * V::W);
+}
+
+template <class V, int N_>
+LWK_INLINE void store_group_vec(typename V::T* p, int u, int tail, typename V::reg v) {
+  if (u == N_ - 1 && tail > 0) {
+    V::store_first(p + u * V::W, v, tail);
+  } else {
+    V::store(p + u * V::W, v);
+  }
+}
+
 // NP_ x NV_ accumulators: NP_ horizontally adjacent output pixels whose taps are all inside the
 // image, NV_ channel vectors from c (the last one masked to `tail` lanes when tail > 0). Tap t of
 // pixel p reads base + p*pstep + off[t] and weight row wt + t*C; each weight load serves the NP_
@@ -34,12 +50,9 @@ LWK_INLINE void dw_nhwc_inside_block(const typename V::T* base, int64_t pstep, c
                                      const Plan<typename V::T>& pl, int64_t c, int tail,
                                      typename V::T* out, int64_t ldt) {
   using R = typename V::reg;
-  constexpr int W = V::W;
   const int64_t C = pl.C;
   const int64_t taps = kTaps > 0 ? kTaps : taps_rt;
-  auto load = [tail](const typename V::T* p, int u) {
-    return u == NV_ - 1 && tail > 0 ? V::load_first(p + u * W, tail) : V::load(p + u * W);
-  };
+  auto load = [tail](const typename V::T* p, int u) { return load_group_vec<V, NV_>(p, u, tail); };
   R acc[NP_][NV_];
   LWK_UNROLL for (int u = 0; u < NV_; ++u) {
     const R b = load(pl.dw_b + c, u);
@@ -57,12 +70,8 @@ LWK_INLINE void dw_nhwc_inside_block(const typename V::T* base, int64_t pstep, c
   }
   LWK_UNROLL for (int q = 0; q < NP_; ++q) {
     LWK_UNROLL for (int u = 0; u < NV_; ++u) {
-      const R v = activate_vec_clamping<V>(acc[q][u], pl.mid_act);
-      if (u == NV_ - 1 && tail > 0) {
-        V::store_first(out + q * ldt + c + u * W, v, tail);
-      } else {
-        V::store(out + q * ldt + c + u * W, v);
-      }
+      const typename V::reg v = activate_vec_clamping<V>(acc[q][u], pl.mid_act);
+      store_group_vec<V, NV_>(out + q * ldt + c, u, tail, v);
     }
   }
 }
@@ -86,10 +95,11 @@ LWK_INLINE void dw_nhwc_inside_group(const typename V::T* base, int64_t pstep, c
 }
 
 // A run of `count` horizontally adjacent output pixels whose taps (off, wt: all of them, or the
-// rows of them inside the image) read inside the image, channels [c_lo, c_hi). Each tap's FMA chain is 4+ cycles long, so a core needs about 8
-// independent accumulators to keep its FMA units busy: groups of 4 channel vectors take pixels in
-// pairs, 2 vectors in fours, a single or masked last vector in eights (a 32-channel image at
-// 112 x 112 ran its depthwise ~3x slower as pairs of single vectors: latency-bound).
+// rows of them inside the image) read inside the image, channels [c_lo, c_hi). Each tap's FMA
+// chain is 4+ cycles long, so a core needs about 8 independent accumulators to keep its FMA
+// units busy: groups of 4 channel vectors take pixels in pairs, 2 vectors in fours, a single or
+// masked last vector in eights (a 32-channel image at 112 x 112 ran its depthwise ~3x slower as
+// pairs of single vectors: latency-bound).
 template <class V, int kTaps>
 void dw_nhwc_inside_run(const typename V::T* base, int64_t pstep, const int64_t* off,
                         const typename V::T* wt, int64_t taps, const Plan<typename V::T>& pl,
@@ -107,8 +117,8 @@ void dw_nhwc_inside_run(const typename V::T* base, int64_t pstep, const int64_t*
     dw_nhwc_inside_group<V, 8, 1, kTaps>(base, pstep, off, wt, taps, pl, c, 0, out, ldt, count);
   }
   if (c < c_hi) {  // the last C mod W channels: one masked vector
-    dw_nhwc_inside_group<V, 8, 1, kTaps>(base, pstep, off, wt, taps, pl, c, static_cast<int>(c_hi - c),
-                                         out, ldt, count);
+    dw_nhwc_inside_group<V, 8, 1, kTaps>(base, pstep, off, wt, taps, pl, c,
+                                         static_cast<int>(c_hi - c), out, ldt, count);
   }
 }
 
@@ -122,11 +132,8 @@ LWK_INLINE void dw_nhwc_pixel_group(const Plan<typename V::T>& pl, const typenam
                                     typename V::T* out) {
   using T = typename V::T;
   using R = typename V::reg;
-  constexpr int W = V::W;
   const int64_t C = pl.C;
-  auto load = [tail](const T* p, int u) {
-    return u == U_ - 1 && tail > 0 ? V::load_first(p + u * W, tail) : V::load(p + u * W);
-  };
+  auto load = [tail](const T* p, int u) { return load_group_vec<V, U_>(p, u, tail); };
   R acc[U_];
   LWK_UNROLL for (int u = 0; u < U_; ++u) acc[u] = load(pl.dw_b + c, u);
   for (int64_t ky = kyl; ky < kyh; ++ky) {
@@ -139,12 +146,7 @@ LWK_INLINE void dw_nhwc_pixel_group(const Plan<typename V::T>& pl, const typenam
     }
   }
   LWK_UNROLL for (int u = 0; u < U_; ++u) {
-    const R v = activate_vec_clamping<V>(acc[u], pl.mid_act);
-    if (u == U_ - 1 && tail > 0) {
-      V::store_first(out + c + u * W, v, tail);
-    } else {
-      V::store(out + c + u * W, v);
-    }
+    store_group_vec<V, U_>(out + c, u, tail, activate_vec_clamping<V>(acc[u], pl.mid_act));
   }
 }
 
@@ -172,7 +174,8 @@ void dw_nhwc_pixel(const Plan<typename V::T>& pl, const typename V::T* xn, int64
     c += W;
   }
   if (c < c_hi) {  // the last C mod W channels: one masked vector
-    dw_nhwc_pixel_group<V, 1>(pl, xn, iy0, ix0, kyl, kyh, kxl, kxh, c, static_cast<int>(c_hi - c), out);
+    dw_nhwc_pixel_group<V, 1>(pl, xn, iy0, ix0, kyl, kyh, kxl, kxh, c, static_cast<int>(c_hi - c),
+                              out);
   }
 }
 
@@ -228,13 +231,13 @@ void dw_tile_nhwc_channels(const Plan<typename V::T>& pl, int64_t n, int64_t p0,
       // Every column tap inside: the rest of the row inside takes the multi-pixel path, with the
       // taps of the rows kyl .. kyh-1 (tap-major: a contiguous run of off and of the weights) in
       // the image's first and last rows.
-      const T* base =
-          xn + ((oy * pl.stride_h - pl.pad_h - pl.x_row0 + kyl * pl.dil_h) * pl.W + ox * pl.stride_w -
-                pl.pad_w) * C;
+      const int64_t iy = oy * pl.stride_h - pl.pad_h - pl.x_row0 + kyl * pl.dil_h;
+      const T* base = xn + (iy * pl.W + ox * pl.stride_w - pl.pad_w) * C;
       const int64_t count = imin(pl.ox_in_hi - ox, np - j);
       if (kyh - kyl == pl.KH) {
         if (k3) {
-          dw_nhwc_inside_run<V, 9>(base, pstep, off, pl.dw_w, 9, pl, c_lo, c_hi, out, pl.ldt, count);
+          dw_nhwc_inside_run<V, 9>(base, pstep, off, pl.dw_w, 9, pl, c_lo, c_hi, out, pl.ldt,
+                                   count);
         } else {
           dw_nhwc_inside_run<V, 0>(base, pstep, off, pl.dw_w, taps, pl, c_lo, c_hi, out, pl.ldt,
                                    count);
