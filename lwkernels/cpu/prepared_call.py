@@ -138,7 +138,7 @@ class PreparedCall(CallSignature):
                 or residual.dtype != self._dtype or not residual.is_cpu \
                 or not _dense_layout(residual, self._memory_format):
             return False
-        if not self.state_unchanged():
+        if not self.state_unchanged_here():  # (the ISA setting: below, once)
             return False
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
                                         or self.parameters_require_grad()):
