@@ -133,6 +133,12 @@ Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const Packed
   plan.n_items = g.batch * tl.n_tiles * tl.n_co;
   plan.stats = t.y_sum != nullptr;
   plan.y_transposed = t.y_transposed;
+  // 32 -> 64 at 112x112, 2 threads: 1.79 -> 1.72 ms at batch 8 (25.7 MB of output), but 0.194 ->
+  // 0.206 at batch 1 (3.2 MB, much of it still in L2 from the call before).
+  constexpr int64_t kPrefetchOutputBytes = int64_t(8) << 20;
+  plan.prefetch_output = g.layout == Layout::kNHWC && !t.y_transposed &&
+                         g.batch * g.out_h * g.out_w * g.out_channels * int64_t(sizeof(T)) >
+                             kPrefetchOutputBytes;
   return plan;
 }
 

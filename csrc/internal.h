@@ -191,6 +191,9 @@ struct Plan {
   bool stats = false;
   std::size_t stats_offset = 0;
   bool y_transposed = false;
+  // NHWC rows-first items (nhwc_rows_first) ask for the next row block's output lines ahead: set
+  // when the call's output is too large to still be in the cores' L2 when written.
+  bool prefetch_output = false;
   std::size_t out_offset = 0;
   int64_t ldo = 0;
   std::size_t row_offset = 0, plane_offset = 0;

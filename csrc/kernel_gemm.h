@@ -23,7 +23,8 @@ namespace {
 // first block of a panel finds it in L3 when the weights are larger than L2 (the late blocks of
 // a model at batch 1, where a panel serves only 49 or 196 pixels), and at NR values per k step
 // it outruns the hardware prefetchers. So each call also asks for `lines` cache lines from `next`
-// on (a share of the next panel), one per k step. Empty: nothing to ask for.
+// on (a share of the next panel, or of the next row block's output: nhwc_rows_first), one per k
+// step. Empty: nothing to ask for.
 struct PanelPrefetch {
   const char* next = nullptr;
   int64_t lines = 0;
@@ -270,8 +271,8 @@ LWK_NOINLINE void store_then_activate(const typename V::T* spilled, const Epi<ty
 //   kNCHW: A is a packed pointwise panel, A(i, k) = A[k * V::MR + i] (ld unused).
 //   NHWC:  A(i, k) = A[i * ld + k] (depthwise tile rows).
 //
-// NHWC only: `pf` asks for cache lines the caller will read next (the next weight panel's share),
-// one per k step, while the FMAs run (see PanelPrefetch).
+// NHWC only: `pf` asks for cache lines the caller will touch next (see PanelPrefetch), one per k
+// step, while the FMAs run.
 template <class V, int MR_, int NV_, bool kNCHW>
 void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T* LWK_RESTRICT B,
              int64_t ld, const Epi<typename V::T>& e, int64_t r0, int64_t c0, int cols,
