@@ -133,9 +133,12 @@ Plan<T> plan_call(const JointGeometry& g, const JointTensors<T>& t, const Packed
   plan.n_items = g.batch * tl.n_tiles * tl.n_co;
   plan.stats = t.y_sum != nullptr;
   plan.y_transposed = t.y_transposed;
-  // 32 -> 64 at 112x112, 2 threads: 1.79 -> 1.72 ms at batch 8 (25.7 MB of output), but 0.194 ->
-  // 0.206 at batch 1 (3.2 MB, much of it still in L2 from the call before).
-  constexpr int64_t kPrefetchOutputBytes = int64_t(8) << 20;
+  // Inside a model the output buffer was last written a call or two before and, past ~1 MiB, has
+  // left L2: MobileNetV1 at batch 1, 2 threads, its 32 -> 64 (3.2 MB out) and 64 -> 128 s2 (1.6
+  // MB) blocks in the native sequence 0.292 -> 0.264 and 0.238 -> 0.222 ms (an 8 MiB gate against
+  // this one, three alternating processes). Only a benchmark that repeats one call back to back
+  // finds such an output still cached: there the prefetch cost batch 1 3-6%.
+  constexpr int64_t kPrefetchOutputBytes = int64_t(1) << 20;
   plan.prefetch_output = g.layout == Layout::kNHWC && !t.y_transposed &&
                          g.batch * g.out_h * g.out_w * g.out_channels * int64_t(sizeof(T)) >
                              kPrefetchOutputBytes;
