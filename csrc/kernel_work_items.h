@@ -158,7 +158,9 @@ void nhwc_rows_first(const KernelFn<typename V::T> (&kern)[V::MR][V::NV], int64_
     if (prefetch_output && b + 1 < blocks.count) {
       const int64_t r1 = r0 + rows;
       const char* lo = reinterpret_cast<const char*>(e.y + r1 * e.ldy + co_a);
-      const char* hi = reinterpret_cast<const char*>(e.y + (r1 + blocks.rows(b + 1) - 1) * e.ldy + co_b);
+      // (with a channel chunk, co_b - co_a < ldy, the span also covers other chunks' lines)
+      const char* hi =
+          reinterpret_cast<const char*>(e.y + (r1 + blocks.rows(b + 1) - 1) * e.ldy + co_b);
       next = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(lo) & ~uintptr_t(63));
       lines = (hi - next + 63) / 64;
       per_call = iceil_div(lines, panels);
@@ -185,7 +187,6 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
   // Up to this many trailing NCHW pixel columns go to ukernel_thin (worth it when a full-width
   // kernel would leave at least three quarters of its lanes idle).
   constexpr int kThinCols = W / 4;
-  // NHWC items whose weight panels take at most this many bytes run row blocks outermost.
   // NHWC items whose weight panels take at most this many bytes in all run rows first (L1d is
   // 32-48 KiB on the x86 cores measured; 64 KiB measured slower on 128 -> 128).
   constexpr int64_t kRowsFirstBytes = 32 * 1024;
@@ -289,7 +290,8 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
       const EvenRowBlocks blocks(np, MR);
       const int64_t panel_bytes = C * NR * int64_t(sizeof(T));
       if (!ch_sum && (co_b - co_a) * C * int64_t(sizeof(T)) <= kRowsFirstBytes) {
-        nhwc_rows_first<V>(kern, C, tile, pl.ldt, packed, e, blocks, co_a, co_b, pl.prefetch_output);
+        nhwc_rows_first<V>(kern, C, tile, pl.ldt, packed, e, blocks, co_a, co_b,
+                           pl.prefetch_output);
       } else {
         // Each panel in turn over all row blocks, while it stays in cache; the next panel's
         // lines are requested along the way.
