@@ -256,8 +256,13 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
       const int tc = static_cast<int>(np - wide_np);
       const T* B_thin = tile + (wide_np / NR) * C * NR;
       const int64_t group = MR * thin_group_of<V>(tc);
+      // A single last pixel after whole column blocks (7x7 images) rides along with the last
+      // block of each full panel (inference with a clamping activation).
+      const bool plus_one = has_nchw_plus_one<V>() && tc == 1 && wide_np > 0 && wide_np % NR == 0 &&
+                            !ch_sum && is_clamping(e.act);
       for (int64_t cg = co_a; cg < co_b; cg += group) {
         const int64_t cg_end = imin(co_b, cg + group);
+        const bool tail_inline = plus_one && (cg_end - cg) % MR == 0;
         for (int64_t co = cg; co < cg_end; co += MR) {
           const int rows = static_cast<int>(imin(MR, co_b - co));
           const T* A = packed + (co / MR) * C * MR;
@@ -265,11 +270,17 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
           for (int64_t c0 = 0; c0 < wide_np; c0 += NR) {
             const int cols = static_cast<int>(imin(NR, wide_np - c0));
             const T* B = tile + (c0 / NR) * C * NR;
+            if constexpr (has_nchw_plus_one<V>()) {
+              if (tail_inline && c0 + NR == wide_np) {
+                ukernel_nchw_plus_one<V>(C, A, B, B_thin, e, co, c0);
+                continue;
+              }
+            }
             kern[rows - 1][(cols + W - 1) / W - 1](C, A, B, 0, e, co, c0, cols, PanelPrefetch{});
           }
           if (ch_sum) panel_end(co, rows, W);
         }
-        if (tc > 0) {  // (hardswish and silu: activated and counted afterwards)
+        if (tc > 0 && !tail_inline) {  // (hardswish and silu: activated and counted afterwards)
           thin_dispatch<V>(tc, C, packed, B_thin, clamping_part(e), cg, cg_end, wide_np);
           if (!is_clamping(e.act)) {
             activate_stored(e, cg, cg_end - cg, wide_np, wide_np + tc, ch_sum ? ch_sum + cg : nullptr,
