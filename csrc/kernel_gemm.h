@@ -1,7 +1,7 @@
 // The pointwise side of a work item: register-blocked GEMM micro-kernels that multiply the
-// depthwise tile with the packed pointwise panels (ukernel; ukernel_thin for the last few NCHW
-// pixel columns, ukernel_nchw_plus_one for a single one), and their fused epilogue (scale, shift, residual, output activation and the
-// optional per-channel statistics of y) while storing y.
+// depthwise tile with the packed pointwise panels (ukernel; for the last few NCHW pixel columns
+// ukernel_nchw_plus_one or ukernel_thin), and their fused epilogue (scale, shift, residual, output
+// activation and the optional per-channel statistics of y) while storing y.
 //
 // In an anonymous namespace like every kernel header: each ISA translation unit compiles its own
 // copy with its own flags (kernel_work_items.h says why).
@@ -326,7 +326,8 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
 }
 
 // NCHW thin micro-kernel for the last few pixel columns of a tile (7x7 images leave a single
-// one, which AVX-512 fp32 takes in ukernel_nchw_plus_one instead; 14x14 four), where a full-width kernel would waste most of its lanes: the output channels
+// one, 14x14 four; where it can, AVX-512 fp32 takes them in ukernel_nchw_plus_one instead), where
+// a full-width kernel would waste most of its lanes: the output channels
 // run along vectors instead, y(i, j) = sum_k A_g[k*MR + i] * B[k*NR + j] for G consecutive packed
 // panels A_g and TC consecutive columns j at once. Each load of A feeds TC FMAs and each
 // broadcast of B feeds G*RV, and the G*RV*TC independent accumulator chains cover the FMA
@@ -428,18 +429,20 @@ constexpr bool has_nchw_plus_one() {
   return V::W == 2 * V::MR;
 }
 
-// NCHW: a full panel times a full column block B (ukernel<V, MR, NV, true>'s sums) plus one more
-// pixel column, column 0 of the next column block Bt (pixel c0 + NR): the single pixel a 7x7
-// image leaves after 48. Here it costs one FMA per two k steps on panel values just loaded
-// into L1, where ukernel_thin, afterwards, streams the panels again from L2 (6% of a 1024 -> 1024
-// block at 7x7, batch 1, for 2% of its FMAs). Both columns' sums run in the same order as in
-// ukernel and ukernel_thin (the extra one: even k in lanes [0, MR), odd k in [MR, 2 MR)), so the
-// results are theirs, bit for bit. Clamping activations and no statistics (the caller checks).
+// NCHW: a full panel times a full column block B (ukernel<V, MR, NV, true>'s sums) plus one of
+// the tile's last few pixel columns, column Bt[k * NR] of the last column block (pixel ct): the
+// single pixel a 7x7 image leaves after 48, or one of the four a 14x14 image leaves after four
+// blocks. Here a column costs one FMA per two k steps on panel values just loaded into L1, where
+// ukernel_thin, afterwards, streams the panels again from L2 (6% of a 1024 -> 1024 block at 7x7,
+// batch 1, for 2% of its FMAs). Both parts' sums run in the same order as in ukernel and
+// ukernel_thin (the extra column: even k in lanes [0, MR), odd k in [MR, 2 MR)), so the results
+// are theirs, bit for bit. Clamping activations and no statistics (the caller checks).
 template <class V>
 LWK_NOINLINE void ukernel_nchw_plus_one(int64_t K, const typename V::T* LWK_RESTRICT A,
                                         const typename V::T* LWK_RESTRICT B,
                                         const typename V::T* LWK_RESTRICT Bt,
-                                        const Epi<typename V::T>& e, int64_t r0, int64_t c0) {
+                                        const Epi<typename V::T>& e, int64_t r0, int64_t c0,
+                                        int64_t ct) {
   static_assert(has_nchw_plus_one<V>(), "needs two panel rows per vector");
   using T = typename V::T;
   using R = typename V::reg;
@@ -472,7 +475,7 @@ LWK_NOINLINE void ukernel_nchw_plus_one(int64_t K, const typename V::T* LWK_REST
   V::store(tmp, extra);
   for (int i = 0; i < MR; ++i) {
     const int64_t ch = r0 + i;
-    store_scalar(e, tmp[i] + tmp[i + MR], ch, ch * e.ldy + c0 + NR);
+    store_scalar(e, tmp[i] + tmp[i + MR], ch, ch * e.ldy + ct);
   }
 }
 

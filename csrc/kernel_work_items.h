@@ -256,10 +256,12 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
       const int tc = static_cast<int>(np - wide_np);
       const T* B_thin = tile + (wide_np / NR) * C * NR;
       const int64_t group = MR * thin_group_of<V>(tc);
-      // A single last pixel after whole column blocks (7x7 images) rides along with the last
-      // block of each full panel (inference with a clamping activation).
-      const bool plus_one = has_nchw_plus_one<V>() && tc == 1 && wide_np > 0 && wide_np % NR == 0 &&
-                            !ch_sum && is_clamping(e.act);
+      // The last tc pixels, when there are at most as many as whole column blocks before them
+      // (7x7 and 14x14 images), ride along with those blocks' full panels, one pixel per block
+      // (inference with a clamping activation).
+      const int64_t wide_blocks = wide_np / NR;
+      const bool plus_one = has_nchw_plus_one<V>() && tc > 0 && wide_np % NR == 0 &&
+                            tc <= wide_blocks && !ch_sum && is_clamping(e.act);
       for (int64_t cg = co_a; cg < co_b; cg += group) {
         const int64_t cg_end = imin(co_b, cg + group);
         const bool tail_inline = plus_one && (cg_end - cg) % MR == 0;
@@ -271,8 +273,9 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
             const int cols = static_cast<int>(imin(NR, wide_np - c0));
             const T* B = tile + (c0 / NR) * C * NR;
             if constexpr (has_nchw_plus_one<V>()) {
-              if (tail_inline && c0 + NR == wide_np) {
-                ukernel_nchw_plus_one<V>(C, A, B, B_thin, e, co, c0);
+              const int64_t t = c0 / NR - (wide_blocks - tc);  // the tail column this block takes
+              if (tail_inline && t >= 0) {
+                ukernel_nchw_plus_one<V>(C, A, B, B_thin + t, e, co, c0, wide_np + t);
                 continue;
               }
             }
