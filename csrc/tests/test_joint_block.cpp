@@ -432,14 +432,17 @@ void test_tiling(bool quick) {
 }
 
 // NCHW images whose tiles end in one to four pixel columns (the thin kernel's work), alone or
-// after a 48-wide block, for every output-channel count up to 130: every remainder of the thin
-// kernel's panel groups on every ISA. A group whose last panel is partial once lost all but its
-// first panel.
+// after one to four 48-wide blocks, for every output-channel count up to 130: every remainder of
+// the thin kernel's panel groups on every ISA, and on AVX-512 (fp32) the blocks that take those
+// columns along themselves (ukernel_nchw_plus_one: 7x7, 2x49, 1x147 and 14x14, one column per
+// block) next to tiles with more columns than blocks (1x51, 1x52). A group whose last panel is
+// partial once lost all but its first panel.
 void test_thin_columns(bool quick) {
   const Activation acts[5] = {Activation::kNone, Activation::kRelu, Activation::kRelu6,
                               Activation::kHardswish, Activation::kSilu};
   struct HW { int64_t h, w; };
-  const HW images[] = {{1, 1}, {2, 1}, {1, 3}, {2, 2}, {7, 7}, {2, 25}, {1, 51}, {1, 52}};
+  const HW images[] = {{1, 1}, {2, 1}, {1, 3}, {2, 2}, {7, 7}, {2, 25}, {1, 51}, {1, 52},
+                       {2, 49}, {1, 147}, {14, 14}};
   for (int64_t cout = 1; cout <= 130; cout += quick ? 7 : 1) {
     int v = 0;
     for (const HW& hw : images) {
