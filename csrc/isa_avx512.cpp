@@ -21,8 +21,8 @@ struct Avx512F32 {
   using reg = __m512;
   static constexpr int W = 16;
   // 8 x 48 micro-kernel: 24 accumulators + 3 B + 1 broadcast of the 32 registers. 48 pixel
-  // columns rather than 32 because the small late-network images fit it better: 7 x 7 = 48 + 1
-  // (the one rides along in ukernel_nchw_plus_one), 14 x 14 = 4 * 48 + 4.
+  // columns rather than 32 because the small late-network images fit it better: 7 x 7 = 48 + 1,
+  // 14 x 14 = 4 * 48 + 4 (the last pixels ride along in ukernel_nchw_plus_one, one per block).
   static constexpr int MR = 8;
   static constexpr int NV = 3;
   static constexpr int NR = NV * W;

@@ -327,8 +327,8 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
 
 // NCHW thin micro-kernel for the last few pixel columns of a tile (7x7 images leave a single
 // one, 14x14 four; where it can, AVX-512 fp32 takes them in ukernel_nchw_plus_one instead), where
-// a full-width kernel would waste most of its lanes: the output channels
-// run along vectors instead, y(i, j) = sum_k A_g[k*MR + i] * B[k*NR + j] for G consecutive packed
+// a full-width kernel would waste most of its lanes: the output channels run along vectors
+// instead, y(i, j) = sum_k A_g[k*MR + i] * B[k*NR + j] for G consecutive packed
 // panels A_g and TC consecutive columns j at once. Each load of A feeds TC FMAs and each
 // broadcast of B feeds G*RV, and the G*RV*TC independent accumulator chains cover the FMA
 // latency. run_items calls it for a group of panels right after their wide blocks, while those

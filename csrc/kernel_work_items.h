@@ -260,8 +260,8 @@ void run_items(const Plan<typename V::T>& pl, int64_t begin, int64_t end, void* 
       // (7x7 and 14x14 images), ride along with those blocks' full panels, one pixel per block
       // (inference with a clamping activation).
       const int64_t wide_blocks = wide_np / NR;
-      const bool plus_one = has_nchw_plus_one<V>() && tc > 0 && wide_np % NR == 0 &&
-                            tc <= wide_blocks && !ch_sum && is_clamping(e.act);
+      const bool plus_one =
+          has_nchw_plus_one<V>() && tc > 0 && tc <= wide_blocks && !ch_sum && is_clamping(e.act);
       for (int64_t cg = co_a; cg < co_b; cg += group) {
         const int64_t cg_end = imin(co_b, cg + group);
         const bool tail_inline = plus_one && (cg_end - cg) % MR == 0;
