@@ -264,6 +264,21 @@ LWK_NOINLINE void store_then_activate(const typename V::T* spilled, const Epi<ty
   }
 }
 
+// One k step of the NCHW micro-kernel: acc[i][j] += A(i, k) * B(k, j) for A = the packed panel's
+// row k (MR_ values) and B = the column block's row k (NV_ vectors). Shared by ukernel and
+// ukernel_nchw_plus_one, whose wide sums must match bit for bit.
+template <class V, int MR_, int NV_>
+LWK_INLINE void nchw_k_step(typename V::reg (&acc)[MR_][NV_], const typename V::T* LWK_RESTRICT A,
+                            const typename V::T* LWK_RESTRICT B) {
+  using R = typename V::reg;
+  R b[NV_];
+  LWK_UNROLL for (int j = 0; j < NV_; ++j) b[j] = V::load(B + j * V::W);
+  LWK_UNROLL for (int i = 0; i < MR_; ++i) {
+    const R a = V::set1(A[i]);
+    LWK_UNROLL for (int j = 0; j < NV_; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
+  }
+}
+
 // The micro-kernel: acc[MR_ x NV_*W] = sum_k A(i, k) * B(k, j), then the epilogue for `cols` valid
 // columns (rows are always all valid: callers pick MR_ = remaining rows).
 // B is always a packed panel, B(k, j) = B[k * V::NR + j] (NHWC: pointwise weights; NCHW: a column
@@ -288,12 +303,7 @@ void ukernel(int64_t K, const typename V::T* LWK_RESTRICT A, const typename V::T
     (void)pf;  // (no gain measured: a weight panel streams 8 values per k step, which the
                // hardware prefetchers keep up with)
     for (int64_t k = 0; k < K; ++k) {
-      R b[NV_];
-      LWK_UNROLL for (int j = 0; j < NV_; ++j) b[j] = V::load(B + j * W);
-      LWK_UNROLL for (int i = 0; i < MR_; ++i) {
-        const R a = V::set1(A[i]);
-        LWK_UNROLL for (int j = 0; j < NV_; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
-      }
+      nchw_k_step<V, MR_, NV_>(acc, A, B);
       A += V::MR;
       B += V::NR;
     }
@@ -452,14 +462,7 @@ LWK_NOINLINE void ukernel_nchw_plus_one(int64_t K, const typename V::T* LWK_REST
     LWK_UNROLL for (int j = 0; j < NV; ++j) acc[i][j] = V::zero();
   }
   R extra = V::zero();
-  auto step = [&](int64_t k) {
-    R b[NV];
-    LWK_UNROLL for (int j = 0; j < NV; ++j) b[j] = V::load(B + k * NR + j * W);
-    LWK_UNROLL for (int i = 0; i < MR; ++i) {
-      const R a = V::set1(A[k * MR + i]);
-      LWK_UNROLL for (int j = 0; j < NV; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
-    }
-  };
+  auto step = [&](int64_t k) { nchw_k_step<V, MR, NV>(acc, A + k * MR, B + k * NR); };
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
     extra = V::fma(V::set_halves(Bt[k * NR], Bt[(k + 1) * NR]), V::load(A + k * MR), extra);
