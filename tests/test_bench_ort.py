@@ -165,3 +165,38 @@ def test_torchvision_workload_needs_torchvision_or_says_so():
     with torch.inference_mode():
         expected = w.reference(w.x)
         torch.testing.assert_close(w.fused(w.x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def _load_benchmark_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ceiling_gemm_is_the_blocks_pointwise_product_and_rows_compare_with_ort():
+    ceiling = _load_benchmark_script("cpu_ceiling")
+    run = ceiling.gemm_provider(SHAPE, 2)
+    y = run()
+    w, x = run.operands
+    assert w.shape == (SHAPE.out_channels, SHAPE.in_channels) and x.shape == (SHAPE.in_channels, 2 * SHAPE.out_size ** 2)
+    torch.testing.assert_close(y, w @ x)
+    seconds = {"lwkernels": 1e-3, "onnxruntime": 2e-3, "gemm": 4e-3}
+    r = ceiling.row(SHAPE, 2, seconds, fma_peak=100.0)
+    assert r["lwkernels_vs_ort"] == pytest.approx(2.0) and r["gemm_vs_ort"] == pytest.approx(0.5)
+    assert r["lwkernels_gflops"] == pytest.approx(SHAPE.flops(2) / 1e-3 / 1e9)
+    assert r["gemm_gflops"] == pytest.approx(SHAPE.pointwise_flops(2) / 4e-3 / 1e9)
+    assert r["onnxruntime_of_peak"] == pytest.approx(r["onnxruntime_gflops"] / 100.0)
+    table = ceiling.markdown([r], 100.0)
+    assert "2.00x" in table and "0.50x" in table and table.count("\n") == 2
+
+
+@needs_ort
+def test_ceiling_measures_all_three_on_a_block():
+    ceiling = _load_benchmark_script("cpu_ceiling")
+    seconds = ceiling.measure(SHAPE, 1, rounds=1, min_time=0.01)
+    assert set(seconds) == {"lwkernels", "onnxruntime", "gemm"} and all(s > 0 for s in seconds.values())
