@@ -16,6 +16,19 @@ needs_ort = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime 
 SHAPE = BlockShape(8, 16, 2, 12)
 
 
+def _load_benchmark_script(name):
+    """benchmarks/<name>.py as a module (the scripts are not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+
 @needs_ort
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnxruntime_matches_the_reference(batch):
@@ -133,13 +146,7 @@ def test_workloads_pair_the_fused_module_with_its_reference(name):
 
 
 def test_profile_attributes_ort_nodes_to_the_fused_layer_they_belong_to():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ort_profile.py"
-    spec = importlib.util.spec_from_file_location("ort_profile", path)
-    ort_profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ort_profile)
+    ort_profile = _load_benchmark_script("ort_profile")
     layers = ["layers.0", "layers.3", "layers.8", "layers.14", "classifier"]
     cases = {
         "/layers/layers.8/layers.8.0/Conv_kernel_time": "layers.8",   # by module path
@@ -165,17 +172,6 @@ def test_torchvision_workload_needs_torchvision_or_says_so():
     with torch.inference_mode():
         expected = w.reference(w.x)
         torch.testing.assert_close(w.fused(w.x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-
-
-def _load_benchmark_script(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_ceiling_gemm_is_the_blocks_pointwise_product_and_rows_compare_with_ort():
